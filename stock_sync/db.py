@@ -1,0 +1,121 @@
+"""Engines and sessions, built once per process (never at import time).
+
+A Celery prefork worker forks after importing this module, so the engine is keyed by the
+process id: a forked child builds its own pool instead of sharing its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from stock_sync.domain.errors import ConfigurationError
+from stock_sync.settings import Settings, get_settings
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalise_database_url(url: str) -> str:
+    """Pin PostgreSQL URLs to psycopg2, the driver we ship.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not installed.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigurationError(f"STOCK_SYNC_DATABASE_URL: not a database URL: {url!r}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _enable_sqlite_concurrency(engine: Engine) -> None:
+    """WAL + busy timeout + BEGIN IMMEDIATE, so two worker processes queue instead of failing.
+
+    pysqlite's own lazy BEGIN lets a reader upgrade to a writer mid-transaction and fail at once
+    with 'database is locked'; taking the write lock up front makes writers wait their turn.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def build_engine(url: str) -> Engine:
+    """An engine for ``url`` with the pool and dialect settings stock-sync relies on."""
+    url = normalise_database_url(url)
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _enable_sqlite_concurrency(engine)
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+class Database:
+    """One engine and its session factory."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_database_url(url)
+        self.engine = build_engine(self.url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_databases: dict[tuple[int, str], Database] = {}
+_databases_lock = threading.Lock()
+
+
+def get_database(settings: Settings | None = None) -> Database:
+    """The process's Database for the configured URL, built on first use in this process."""
+    url = (settings or get_settings()).effective_database_url
+    key = (os.getpid(), url)
+    with _databases_lock:
+        database = _databases.get(key)
+        if database is None:
+            database = _databases[key] = Database(url)
+        return database
+
+
+def reset_databases() -> None:
+    """Forget every cached engine (after a fork, or between tests)."""
+    with _databases_lock:
+        for database in _databases.values():
+            database.dispose()
+        _databases.clear()

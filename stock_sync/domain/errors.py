@@ -1,0 +1,170 @@
+"""Every error stock-sync raises on purpose, under one root.
+
+Each class carries the data a caller needs to act on it, and says whether retrying
+can help (``retryable``); the Celery tasks map that flag to retry or fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+
+class StockSyncError(Exception):
+    """Root of every error stock-sync raises on purpose."""
+
+    retryable: bool = False
+
+
+class ConfigurationError(StockSyncError):
+    """A setting is malformed; the message names the environment variable."""
+
+
+class InvalidInput(StockSyncError):
+    """A caller passed a malformed value; the message names the argument."""
+
+
+class InvalidTransition(StockSyncError):
+    """A status change the lifecycle table does not allow."""
+
+    def __init__(self, from_status: str, to_status: str) -> None:
+        self.from_status = from_status
+        self.to_status = to_status
+        super().__init__(f"invalid status transition {from_status} -> {to_status}")
+
+
+class OperationNotFound(StockSyncError):
+    """No stock operation has this id."""
+
+    def __init__(self, operation_id: UUID | str) -> None:
+        self.operation_id = operation_id
+        super().__init__(f"operation not found: {operation_id}")
+
+
+class CancellationRefused(StockSyncError):
+    """The operation is in a status that cannot be cancelled."""
+
+    def __init__(self, operation_id: UUID | str, status: str) -> None:
+        self.operation_id = operation_id
+        self.status = status
+        super().__init__(f"operation {operation_id} cannot be cancelled: it is {status}")
+
+
+@dataclass(frozen=True)
+class StockShortage:
+    """One line that cannot be served: how much was asked for and how much there is."""
+
+    sku: str
+    requested: int
+    available: int
+
+
+class InsufficientStock(StockSyncError):
+    """At least one line asks for more than the warehouse holds; stock may still arrive."""
+
+    retryable = True
+
+    def __init__(self, shortages: Sequence[StockShortage]) -> None:
+        self.shortages = tuple(shortages)
+        listed = ", ".join(
+            f"{s.sku} (requested {s.requested}, available {s.available})" for s in self.shortages
+        )
+        super().__init__(f"insufficient stock: {listed}")
+
+
+class UnknownSku(StockSyncError):
+    """A line names a SKU the warehouse has never stocked; it may be added later."""
+
+    retryable = True
+
+    def __init__(self, skus: Sequence[str]) -> None:
+        self.skus = tuple(skus)
+        super().__init__(f"unknown SKU: {', '.join(self.skus)}")
+
+
+class OrderNotReady(StockSyncError):
+    """The marketplace order is not paid yet (BOUGHT or FILLED_IN)."""
+
+    retryable = True
+
+    def __init__(self, order_id: str, order_status: str) -> None:
+        self.order_id = order_id
+        self.order_status = order_status
+        super().__init__(f"order {order_id} is not ready for processing: {order_status}")
+
+
+class StageRetryLimitReached(StockSyncError):
+    """A stage used up its retry budget; the operation goes to FAILED."""
+
+    def __init__(self, stage: str, retries: int) -> None:
+        self.stage = stage
+        self.retries = retries
+        super().__init__(f"retry limit of stage {stage} reached after {retries} retries")
+
+
+# --- the Allegro microservice -------------------------------------------------------------
+
+
+class MicroserviceError(StockSyncError):
+    """The microservice call did not give a usable answer."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class TransientMicroserviceError(MicroserviceError):
+    """Retrying later may succeed (network, timeout, 429, 5xx, revision conflict)."""
+
+    retryable = True
+
+
+class MicroserviceUnavailable(TransientMicroserviceError):
+    """The connection failed: refused, reset or DNS."""
+
+
+class MicroserviceTimeout(TransientMicroserviceError):
+    """The microservice did not answer within the configured timeout."""
+
+
+class MicroserviceRateLimited(TransientMicroserviceError):
+    """429: wait at least ``retry_after_s`` seconds before the next call."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, status_code=429)
+
+
+class MicroserviceServerError(TransientMicroserviceError):
+    """5xx from the microservice; ``retry_after_s`` is set when it sent Retry-After."""
+
+    def __init__(
+        self, message: str, *, status_code: int, retry_after_s: float | None = None
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, status_code=status_code)
+
+
+class OrderNotFound(TransientMicroserviceError):
+    """404 ORDER_NOT_FOUND: Allegro can 404 right after an order event, so it is retried."""
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        super().__init__(f"order not found in the microservice: {order_id}", status_code=404)
+
+
+class RevisionConflict(TransientMicroserviceError):
+    """409 REVISION_CONFLICT: reload the order and try again."""
+
+
+class PermanentMicroserviceError(MicroserviceError):
+    """Retrying cannot help: the request or the answer is wrong."""
+
+
+class UnprocessableRequest(PermanentMicroserviceError):
+    """422: the microservice refused the request for good."""
+
+
+class ContractViolation(PermanentMicroserviceError):
+    """The answer is not valid JSON or breaks the contract; the message names the field."""

@@ -1,0 +1,197 @@
+"""SQLAlchemy 2 typed models: operations, stock levels, the stock ledger and the audit trail."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from stock_sync.domain.statuses import OperationStatus, OperationType
+
+ORDER_ID_MAX_LENGTH = 128
+ACCOUNT_NAME_MAX_LENGTH = 128
+SKU_MAX_LENGTH = 128
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite's INTEGER PRIMARY KEY is its autoincrementing rowid; PostgreSQL gets a BIGINT identity.
+BigIntegerKey = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both databases (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; stock-sync stores UTC-aware datetimes")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class PendingStockOperation(Base):
+    """A stock operation: an order's deduction, or an adjustment created by a rollback."""
+
+    __tablename__ = "pending_stock_operations"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    order_id: Mapped[str] = mapped_column(String(ORDER_ID_MAX_LENGTH))
+    account_name: Mapped[str | None] = mapped_column(String(ACCOUNT_NAME_MAX_LENGTH))
+    operation_type: Mapped[str] = mapped_column(
+        String(32), default=OperationType.ORDER_DEDUCTION.value
+    )
+    parent_operation_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("pending_stock_operations.id")
+    )
+    status: Mapped[str] = mapped_column(String(20), default=OperationStatus.PENDING.value)
+    line_items: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    order_revision: Mapped[int | None] = mapped_column(Integer)
+    # Retries used in the current stage; reset when a stage moves the operation on.
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    next_retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_type: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    line_items_loaded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    stock_deducted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    microservice_synced_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancelled_by: Mapped[str | None] = mapped_column(String(128))
+    cancellation_reason: Mapped[str | None] = mapped_column(Text)
+    rollback_operations: Mapped[list[str] | None] = mapped_column(JSON)
+    # The fulfillment status the microservice had before our sync: what a rollback restores.
+    fulfillment_status_before_sync: Mapped[str | None] = mapped_column(String(32))
+    # For a microservice rollback adjustment: the fulfillment status to put back.
+    target_fulfillment_status: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (
+        Index("ix_pending_stock_operations_status_updated_at", "status", "updated_at"),
+        Index("ix_pending_stock_operations_parent_operation_id", "parent_operation_id"),
+        Index("ix_pending_stock_operations_created_at", "created_at"),
+        Index("ix_pending_stock_operations_completed_at", "completed_at"),
+        Index("ix_pending_stock_operations_cancelled_at", "cancelled_at"),
+        Index(
+            "uq_order_deduction_account_order",
+            "account_name",
+            "order_id",
+            unique=True,
+            postgresql_where=text("operation_type = 'order_deduction'"),
+            sqlite_where=text("operation_type = 'order_deduction'"),
+        ),
+        # NULLs are distinct in a unique index: this one stops two account-less duplicates.
+        Index(
+            "uq_order_deduction_order_without_account",
+            "order_id",
+            unique=True,
+            postgresql_where=text("operation_type = 'order_deduction' AND account_name IS NULL"),
+            sqlite_where=text("operation_type = 'order_deduction' AND account_name IS NULL"),
+        ),
+        Index("ix_pending_stock_operations_order_id", "order_id"),
+    )
+
+    @property
+    def status_enum(self) -> OperationStatus:
+        return OperationStatus(self.status)
+
+    @property
+    def type_enum(self) -> OperationType:
+        return OperationType(self.operation_type)
+
+
+class StockLevel(Base):
+    """How many units of a SKU the warehouse holds; never negative."""
+
+    __tablename__ = "stock_levels"
+
+    sku: Mapped[str] = mapped_column(String(SKU_MAX_LENGTH), primary_key=True)
+    quantity: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (CheckConstraint("quantity >= 0", name="quantity_not_negative"),)
+
+
+class StockMovement(Base):
+    """One change of a stock level. Append-only: the level always equals the sum of these."""
+
+    __tablename__ = "stock_movements"
+
+    id: Mapped[int] = mapped_column(BigIntegerKey, primary_key=True, autoincrement=True)
+    sku: Mapped[str] = mapped_column(String(SKU_MAX_LENGTH), ForeignKey("stock_levels.sku"))
+    delta: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(32))
+    operation_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("pending_stock_operations.id")
+    )
+    line_item_id: Mapped[str | None] = mapped_column(String(128))
+    # A restoration names the deduction it negates; each deduction is negated at most once.
+    reverses_movement_id: Mapped[int | None] = mapped_column(
+        BigIntegerKey, ForeignKey("stock_movements.id"), unique=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("operation_id", "line_item_id", "reason"),
+        Index("ix_stock_movements_sku", "sku"),
+        CheckConstraint("delta <> 0", name="delta_not_zero"),
+    )
+
+
+class OperationEvent(Base):
+    """The audit trail: one row per LogAction that matters, written with the change it records."""
+
+    __tablename__ = "operation_events"
+
+    id: Mapped[int] = mapped_column(BigIntegerKey, primary_key=True, autoincrement=True)
+    operation_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("pending_stock_operations.id"))
+    action: Mapped[str] = mapped_column(String(48))
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str | None] = mapped_column(String(20))
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_operation_events_operation_id_id", "operation_id", "id"),
+        Index("ix_operation_events_action_at", "action", "at"),
+    )

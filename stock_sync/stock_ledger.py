@@ -1,0 +1,221 @@
+"""Stock primitives on the database: every change of a level writes a ledger row with it.
+
+All functions run inside the caller's transaction and never commit. Arithmetic happens in SQL
+(``quantity = quantity - :n WHERE quantity >= :n``), and stock rows are always touched in SKU
+order (:func:`stock_sync.domain.stock.in_lock_order`), the one lock order of the codebase.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, aliased
+
+from stock_sync.domain.errors import InvalidInput
+from stock_sync.domain.stock import (
+    LineItem,
+    MovementReason,
+    correction_delta,
+    in_lock_order,
+    validate_stock_levels,
+)
+from stock_sync.models import SKU_MAX_LENGTH, StockLevel, StockMovement, utcnow
+
+
+@dataclass(frozen=True)
+class Movement:
+    """A ledger row as callers see it."""
+
+    sku: str
+    delta: int
+    line_item_id: str | None
+
+
+@dataclass(frozen=True)
+class StockChange:
+    sku: str
+    previous: int
+    quantity: int
+
+
+@dataclass(frozen=True)
+class LedgerOutcome:
+    """What a deduction or restoration wrote; ``already_done`` when an earlier call had."""
+
+    movements: tuple[Movement, ...]
+    already_done: bool
+
+
+class _ShortLine(Exception):
+    """Internal: a conditional UPDATE matched no row; the savepoint is rolled back."""
+
+
+def validate_sku(sku: str) -> str:
+    """A stripped, non-empty SKU of allowed length, or InvalidInput naming the problem."""
+    cleaned = sku.strip()
+    if not cleaned:
+        raise InvalidInput("SKU must not be empty")
+    if len(cleaned) > SKU_MAX_LENGTH:
+        raise InvalidInput(f"SKU is longer than {SKU_MAX_LENGTH} characters")
+    return cleaned
+
+
+def _insert_missing_level(session: Session, sku: str) -> None:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(StockLevel).values(sku=sku, quantity=0, updated_at=utcnow())
+    session.execute(statement.on_conflict_do_nothing(index_elements=["sku"]))
+
+
+def get_stock(session: Session, sku: str) -> int | None:
+    """The quantity of ``sku``, or None when it was never stocked."""
+    return session.scalar(select(StockLevel.quantity).where(StockLevel.sku == sku))
+
+
+def get_levels(session: Session, skus: Iterable[str]) -> dict[str, int]:
+    """Quantities of the SKUs that exist; unknown ones are absent from the result."""
+    rows = session.execute(
+        select(StockLevel.sku, StockLevel.quantity).where(StockLevel.sku.in_(set(skus)))
+    )
+    return {sku: quantity for sku, quantity in rows}
+
+
+def set_stock(session: Session, sku: str, quantity: int) -> StockChange:
+    """Set a level to ``quantity``; the difference is recorded as a correction movement."""
+    sku = validate_sku(sku)
+    if quantity < 0:
+        raise InvalidInput(f"quantity must be >= 0, got {quantity}")
+    _insert_missing_level(session, sku)
+    previous = session.scalar(
+        select(StockLevel.quantity).where(StockLevel.sku == sku).with_for_update()
+    )
+    assert previous is not None  # inserted just above
+    delta = correction_delta(previous, quantity)
+    if delta:
+        session.execute(
+            update(StockLevel)
+            .where(StockLevel.sku == sku)
+            .values(quantity=StockLevel.quantity + delta, updated_at=utcnow())
+        )
+        session.add(StockMovement(sku=sku, delta=delta, reason=MovementReason.CORRECTION.value))
+        session.flush()
+    return StockChange(sku=sku, previous=previous, quantity=quantity)
+
+
+def _movements_of(
+    session: Session, operation_id: uuid.UUID, reason: MovementReason
+) -> list[Movement]:
+    rows = session.scalars(
+        select(StockMovement)
+        .where(StockMovement.operation_id == operation_id, StockMovement.reason == reason.value)
+        .order_by(StockMovement.sku, StockMovement.line_item_id)
+    )
+    return [Movement(row.sku, row.delta, row.line_item_id) for row in rows]
+
+
+def deduction_movements(session: Session, operation_id: uuid.UUID) -> list[Movement]:
+    """The deduction rows recorded for an operation (empty when nothing was deducted)."""
+    return _movements_of(session, operation_id, MovementReason.DEDUCTION)
+
+
+def deduct_for_operation(
+    session: Session, operation_id: uuid.UUID, line_items: Sequence[LineItem]
+) -> LedgerOutcome:
+    """Take every line out of stock, or none; record one deduction row per line.
+
+    Raises InsufficientStock / UnknownSku (with per-line details) and changes nothing when any
+    line cannot be served. A second call for the same operation changes nothing.
+    """
+    recorded = deduction_movements(session, operation_id)
+    if recorded:
+        return LedgerOutcome(movements=tuple(recorded), already_done=True)
+    if not line_items:
+        raise InvalidInput(f"operation {operation_id} has no line items to deduct")
+    try:
+        with session.begin_nested():
+            movements = [
+                _deduct_line(session, operation_id, line) for line in in_lock_order(line_items)
+            ]
+    except _ShortLine:
+        # The savepoint undid the lines already taken; report against untouched levels.
+        levels = get_levels(session, (line.sku for line in line_items))
+        raise validate_stock_levels(line_items, levels).to_error() from None
+    return LedgerOutcome(movements=tuple(movements), already_done=False)
+
+
+def _deduct_line(session: Session, operation_id: uuid.UUID, line: LineItem) -> Movement:
+    result = session.execute(
+        update(StockLevel)
+        .where(StockLevel.sku == line.sku, StockLevel.quantity >= line.quantity)
+        .values(quantity=StockLevel.quantity - line.quantity, updated_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise _ShortLine(line.sku)
+    session.add(
+        StockMovement(
+            sku=line.sku,
+            delta=-line.quantity,
+            reason=MovementReason.DEDUCTION.value,
+            operation_id=operation_id,
+            line_item_id=line.id,
+        )
+    )
+    session.flush()
+    return Movement(line.sku, -line.quantity, line.id)
+
+
+def restore_for_operation(
+    session: Session, operation_id: uuid.UUID, adjustment_operation_id: uuid.UUID
+) -> LedgerOutcome:
+    """Negate exactly the deduction rows of ``operation_id`` not negated yet.
+
+    The restoration rows belong to the adjustment operation and name the deduction they
+    reverse (unique), so no deduction is ever restored twice.
+    """
+    restoration = aliased(StockMovement)
+    outstanding = session.scalars(
+        select(StockMovement)
+        .where(
+            StockMovement.operation_id == operation_id,
+            StockMovement.reason == MovementReason.DEDUCTION.value,
+            ~exists().where(restoration.reverses_movement_id == StockMovement.id),
+        )
+        .order_by(StockMovement.sku, StockMovement.line_item_id)
+    ).all()
+    movements = [_restore(session, deduction, adjustment_operation_id) for deduction in outstanding]
+    return LedgerOutcome(movements=tuple(movements), already_done=not movements)
+
+
+def _restore(
+    session: Session, deduction: StockMovement, adjustment_operation_id: uuid.UUID
+) -> Movement:
+    quantity = -deduction.delta
+    session.execute(
+        update(StockLevel)
+        .where(StockLevel.sku == deduction.sku)
+        .values(quantity=StockLevel.quantity + quantity, updated_at=utcnow())
+    )
+    session.add(
+        StockMovement(
+            sku=deduction.sku,
+            delta=quantity,
+            reason=MovementReason.RESTORATION.value,
+            operation_id=adjustment_operation_id,
+            line_item_id=deduction.line_item_id,
+            reverses_movement_id=deduction.id,
+        )
+    )
+    session.flush()
+    return Movement(deduction.sku, quantity, deduction.line_item_id)
+
+
+def ledger_sum(session: Session, sku: str) -> int:
+    """Sum of every movement of ``sku``: equals its level when the ledger is whole."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(StockMovement.delta), 0)).where(StockMovement.sku == sku)
+    )
+    return int(total or 0)
