@@ -1,0 +1,75 @@
+"""Celery configuration, read from stock-sync's settings (``app.config_from_object``).
+
+The database row is the truth, so results are ignored; messages are acknowledged late and
+re-queued when a worker dies; every countdown stays far below the Redis visibility timeout,
+or Redis would hand a waiting retry to a second worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stock_sync.settings import Settings, get_settings
+
+MIN_VISIBILITY_TIMEOUT_S = 3600
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """Longer than the longest countdown plus the hard time limit, with room to spare."""
+    longest = settings.retry_backoff_max_s + settings.task_time_limit_s
+    return int(max(MIN_VISIBILITY_TIMEOUT_S, 2 * longest))
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting stock-sync relies on, for ``settings``."""
+    transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s(settings)}
+    config: dict[str, Any] = {
+        "broker_url": settings.effective_broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": dict(transport_options),
+        "task_ignore_result": True,
+        "result_expires": 3600,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_default_queue": settings.queue_name,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A producer must not hang when the broker is down: fail fast, the sweep re-drives.
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "broker_connection_timeout": 3,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": {},
+    }
+    if settings.uses_filesystem_broker:
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options.update(
+            data_folder_in=str(folder / "queue"),
+            data_folder_out=str(folder / "queue"),
+            processed_folder=str(folder / "processed"),
+            store_processed=False,
+        )
+    else:
+        transport_options.update(socket_timeout=5, socket_connect_timeout=3)
+    return config
+
+
+globals().update(build(get_settings()))

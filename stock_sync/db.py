@@ -113,9 +113,10 @@ def get_database(settings: Settings | None = None) -> Database:
         return database
 
 
-def reset_databases() -> None:
-    """Forget every cached engine (after a fork, or between tests)."""
+def reset_databases(*, close: bool = True) -> None:
+    """Forget every cached engine; after a fork pass ``close=False`` so the parent's
+    connections are left alone rather than closed under it."""
     with _databases_lock:
         for database in _databases.values():
-            database.dispose()
+            database.engine.dispose(close=close)
         _databases.clear()

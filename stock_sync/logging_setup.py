@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import IO
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import IO, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -35,3 +38,37 @@ def configure_json_logging(level: str = "INFO", stream: IO[str] | None = None) -
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+_operation_context: ContextVar[dict[str, Any] | None] = ContextVar(
+    "operation_context", default=None
+)
+
+
+@contextmanager
+def operation_log_context(**fields: Any) -> Iterator[None]:
+    """Every record logged inside the block (this thread or task) carries ``fields``."""
+    token = _operation_context.set({**(_operation_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _operation_context.reset(token)
+
+
+class TaskContextFilter(logging.Filter):
+    """Handler-level filter: adds task_id/task_name of the running Celery task, and the bound
+    operation context, to every record that does not carry them already."""
+
+    def __init__(self, current_task: Callable[[], Any] | None = None) -> None:
+        super().__init__()
+        self._current_task = current_task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        task = self._current_task() if self._current_task else None
+        task_id = getattr(getattr(task, "request", None), "id", None)
+        if task is not None and task_id:
+            record.__dict__.setdefault("task_id", task_id)
+            record.__dict__.setdefault("task_name", task.name)
+        for key, value in (_operation_context.get() or {}).items():
+            record.__dict__.setdefault(key, value)
+        return True

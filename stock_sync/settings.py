@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     stuck_after_s: float = Field(default=900.0, gt=0)
     sweep_batch_size: int = Field(default=200, ge=1)
     log_level: str = "INFO"
+    queue_name: str = "stock_sync"
+    notification_sender: str = ""
 
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
     task_time_limit_s: float = Field(default=90.0, gt=0)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from stock_sync import schema
+from stock_sync.composition import reset_services
 from stock_sync.db import Database, normalise_database_url, reset_databases
+from stock_sync.fake_microservice import FakeMicroservice
 from stock_sync.settings import get_settings
+from tests.support import Pipeline, capture_operation_logs
 
 ADMIN_URL = os.environ.get(
     "STOCK_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
@@ -71,3 +74,101 @@ def clean_database(database: Database) -> Database:
     with database.transaction() as session:
         session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
     return database
+
+
+# --- the pipeline: a fake microservice over HTTP, Redis, a real in-process worker ----------
+
+PIPELINE_ENVIRONMENT = {
+    "STOCK_SYNC_MAX_RETRIES_PENDING": "3",
+    "STOCK_SYNC_MAX_RETRIES_PROCESSING": "3",
+    "STOCK_SYNC_MAX_RETRIES_STOCK_DEDUCTED": "3",
+    "STOCK_SYNC_MAX_RETRIES_ROLLBACK": "3",
+    "STOCK_SYNC_RETRY_BACKOFF_BASE_S": "0.02",
+    "STOCK_SYNC_RETRY_BACKOFF_MAX_S": "0.1",
+    "STOCK_SYNC_MICROSERVICE_TIMEOUT_S": "1.0",
+    "STOCK_SYNC_LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture(scope="session")
+def fake_microservice() -> Iterator[FakeMicroservice]:
+    with FakeMicroservice() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice) -> Iterator[str]:
+    """Configure this process for the pipeline tests; yields the run's queue name."""
+    queue = f"stock-sync-test-{uuid.uuid4().hex[:8]}"
+    environment = {
+        **PIPELINE_ENVIRONMENT,
+        "STOCK_SYNC_DATABASE_URL": postgres_url,
+        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
+        "STOCK_SYNC_QUEUE_NAME": queue,
+    }
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    get_settings.cache_clear()
+    reset_services()
+    yield queue
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    get_settings.cache_clear()
+    reset_services()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(pipeline_environment: str) -> Iterator[object]:
+    """A real Celery worker (threads pool) consuming the run's queue on the real Redis."""
+    from celery.contrib.testing.worker import start_worker
+
+    import celeryconfig
+    from tasks import app
+
+    app.conf.update(celeryconfig.build(get_settings()))
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    ) as worker:
+        yield worker
+
+
+@pytest.fixture
+def pipeline(
+    celery_worker: object, clean_database: Database, fake_microservice: FakeMicroservice
+) -> Iterator[Pipeline]:
+    """Everything an end-to-end test needs, reset: empty tables, a fresh fake."""
+    fake_microservice.reset()
+    with capture_operation_logs() as records:
+        yield Pipeline(clean_database, fake_microservice, records)
+
+
+@pytest.fixture
+def retry_limits(pipeline_environment: str) -> Iterator[Callable[..., None]]:
+    """Change retry settings for one test; the in-process worker picks them up at once."""
+    saved: dict[str, str | None] = {}
+
+    def apply(**limits: object) -> None:
+        for name, value in limits.items():
+            variable = f"STOCK_SYNC_{name.upper()}"
+            saved.setdefault(variable, os.environ.get(variable))
+            os.environ[variable] = str(value)
+        get_settings.cache_clear()
+        reset_services()
+
+    yield apply
+    for variable, value in saved.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
+    get_settings.cache_clear()
+    reset_services()

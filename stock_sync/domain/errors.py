@@ -65,8 +65,11 @@ class InsufficientStock(StockSyncError):
 
     retryable = True
 
-    def __init__(self, shortages: Sequence[StockShortage]) -> None:
+    def __init__(
+        self, shortages: Sequence[StockShortage], *, validation_result: object = None
+    ) -> None:
         self.shortages = tuple(shortages)
+        self.validation_result = validation_result
         listed = ", ".join(
             f"{s.sku} (requested {s.requested}, available {s.available})" for s in self.shortages
         )
@@ -78,8 +81,9 @@ class UnknownSku(StockSyncError):
 
     retryable = True
 
-    def __init__(self, skus: Sequence[str]) -> None:
+    def __init__(self, skus: Sequence[str], *, validation_result: object = None) -> None:
         self.skus = tuple(skus)
+        self.validation_result = validation_result
         super().__init__(f"unknown SKU: {', '.join(self.skus)}")
 
 
@@ -94,13 +98,18 @@ class OrderNotReady(StockSyncError):
         super().__init__(f"order {order_id} is not ready for processing: {order_status}")
 
 
-class StageRetryLimitReached(StockSyncError):
-    """A stage used up its retry budget; the operation goes to FAILED."""
+class EnqueueFailed(StockSyncError):
+    """The operation is saved as PENDING but its first task could not be enqueued.
 
-    def __init__(self, stage: str, retries: int) -> None:
-        self.stage = stage
-        self.retries = retries
-        super().__init__(f"retry limit of stage {stage} reached after {retries} retries")
+    Nothing is lost: the stuck-operation sweep re-drives it once the broker is back.
+    """
+
+    def __init__(self, operation_id: UUID, cause: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(
+            f"operation {operation_id} saved as pending but not enqueued ({cause}); "
+            "the sweep will re-drive it"
+        )
 
 
 # --- the Allegro microservice -------------------------------------------------------------

@@ -61,8 +61,8 @@ class ValidationResult:
     def to_error(self) -> UnknownSku | InsufficientStock:
         """The error to raise for a failed validation (unknown SKUs are named first)."""
         if self.unknown_skus:
-            return UnknownSku(self.unknown_skus)
-        return InsufficientStock(self.shortages)
+            return UnknownSku(self.unknown_skus, validation_result=self)
+        return InsufficientStock(self.shortages, validation_result=self)
 
 
 def in_lock_order(line_items: Iterable[LineItem]) -> list[LineItem]:

@@ -1,0 +1,93 @@
+"""The composition root: builds the real collaborators once per process.
+
+Celery's prefork children call :func:`reset_services` (``worker_process_init``) so each child
+builds its own engine and HTTP pool instead of sharing its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from stock_sync.db import Database, get_database
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.microservice_client import MicroserviceClient
+from stock_sync.notifications import LoggingNotifier, load_sender
+from stock_sync.operation_cancellation_service import OperationCancellationService
+from stock_sync.settings import Settings, get_settings
+from stock_sync.standardized_logger import StandardizedLogger
+from stock_sync.stock_synchronization_service import StockSynchronizationService
+
+
+class Dispatcher(Protocol):
+    """Puts work on the broker; the Celery implementation lives in ``tasks``."""
+
+    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None: ...
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None: ...
+
+
+@dataclass
+class Services:
+    settings: Settings
+    database: Database
+    client: MicroserviceClient
+    logger: StandardizedLogger
+    dispatcher: Dispatcher
+    synchronization: StockSynchronizationService
+    cancellation: OperationCancellationService
+
+
+def build_services(
+    settings: Settings | None = None,
+    *,
+    dispatcher: Dispatcher | None = None,
+    database: Database | None = None,
+) -> Services:
+    """Wire the real services for ``settings`` (defaults: the environment, Celery dispatch)."""
+    settings = settings or get_settings()
+    database = database or get_database(settings)
+    if dispatcher is None:
+        from tasks.dispatch import CeleryDispatcher  # the Celery side plugs in here
+
+        dispatcher = CeleryDispatcher()
+    client = MicroserviceClient(
+        settings.microservice_url,
+        timeout_s=settings.microservice_timeout_s,
+        connect_timeout_s=min(settings.microservice_timeout_s, 3.0),
+    )
+    logger = StandardizedLogger()
+    cancellation = OperationCancellationService(
+        database=database, client=client, logger=logger, dispatcher=dispatcher
+    )
+    synchronization = StockSynchronizationService(
+        database=database,
+        client=client,
+        logger=logger,
+        notifier=LoggingNotifier(load_sender(settings.notification_sender)),
+        settings=settings,
+        cancellation=cancellation,
+    )
+    return Services(settings, database, client, logger, dispatcher, synchronization, cancellation)
+
+
+_services: dict[int, Services] = {}
+_lock = threading.Lock()
+
+
+def get_services() -> Services:
+    """This process's services, built on first use."""
+    with _lock:
+        services = _services.get(os.getpid())
+        if services is None:
+            services = _services[os.getpid()] = build_services()
+        return services
+
+
+def reset_services() -> None:
+    """Forget the built services (after a fork, or when tests change the settings)."""
+    with _lock:
+        _services.clear()

@@ -1,0 +1,66 @@
+"""The pipeline's stages as data: which status each works on and how it reports failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import FINAL_STATUSES, OperationStatus
+
+S = OperationStatus
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Celery task of the chain: it acts on operations in ``status``."""
+
+    name: str
+    status: OperationStatus
+    failure_action: LogAction
+
+    @property
+    def retry_budget(self) -> str:
+        """The settings key of this stage's retry limit (per status, as the seed has it)."""
+        return self.status.value
+
+
+LOAD_LINE_ITEMS = Stage("load_line_items", S.PENDING, LogAction.LINE_ITEMS_LOAD_FAILED)
+VALIDATE_STOCK = Stage("validate_stock", S.PROCESSING, LogAction.STOCK_VALIDATION_FAILED)
+DEDUCT_STOCK = Stage("deduct_stock", S.PROCESSING, LogAction.STOCK_DEDUCTION_FAILED)
+SYNC_MICROSERVICE = Stage("sync_microservice", S.STOCK_DEDUCTED, LogAction.MICROSERVICE_SYNC_FAILED)
+ROLLBACK = Stage("rollback", S.PENDING, LogAction.MICROSERVICE_SYNC_FAILED)
+
+PIPELINE: tuple[Stage, ...] = (LOAD_LINE_ITEMS, VALIDATE_STOCK, DEDUCT_STOCK, SYNC_MICROSERVICE)
+STAGES_BY_NAME = {stage.name: stage for stage in (*PIPELINE, ROLLBACK)}
+
+# How far along the happy path a status is; a stage skips operations already past it.
+_PROGRESS = {S.PENDING: 0, S.PROCESSING: 1, S.STOCK_DEDUCTED: 2, S.COMPLETED: 3}
+
+
+class StageOutcome(str, Enum):
+    """What a stage found and did; the task continues the chain unless STOPPED."""
+
+    DONE = "done"
+    ALREADY_PAST = "already_past"
+    STOPPED = "stopped"
+
+    @property
+    def continues_chain(self) -> bool:
+        return self is not StageOutcome.STOPPED
+
+
+def stage_outcome_for(status: OperationStatus, stage: Stage) -> StageOutcome | None:
+    """None when the stage should run; otherwise why it must not (past it, or final)."""
+    if status in FINAL_STATUSES:
+        return StageOutcome.STOPPED
+    if _PROGRESS[status] > _PROGRESS[stage.status]:
+        return StageOutcome.ALREADY_PAST
+    return None
+
+
+def remaining_pipeline(status: OperationStatus) -> tuple[Stage, ...]:
+    """The stages still to run for an operation in ``status`` (for re-driving it)."""
+    if status in FINAL_STATUSES or status is S.COMPLETED:
+        return ()
+    return tuple(stage for stage in PIPELINE if _PROGRESS[stage.status] >= _PROGRESS[status])

@@ -1,0 +1,851 @@
+"""An in-memory fake of the Allegro microservice contract, served over real HTTP.
+
+Used by the integration tests, the embedded demo and the benchmarks. It speaks the contract of
+DESIGN.md ("The microservice contract") and adds fault knobs and an admin API.
+
+Contract endpoints (faults apply to these only):
+
+- ``GET /v1/orders/{id}`` -> 200 order, or 404 ``ORDER_NOT_FOUND``.
+- ``PUT /v1/orders/{id}/fulfillment`` with ``Idempotency-Key`` and ``{"status",
+  "expected_revision"}`` -> 204; a key already applied -> 204 with no second effect; a wrong
+  revision -> 409 ``REVISION_CONFLICT``; no key or a bad body -> 422. Only applied keys are
+  remembered, so a request refused with 409/422/503 can be retried with the same key.
+
+Per-order knobs (``ORDER_KNOBS``; given with the order, as keyword arguments or extra keys):
+
+- ``ready_after_reads``: the first N answered GETs show BOUGHT, later ones READY_FOR_PROCESSING.
+- ``not_found_reads``: the first N GETs answer 404.
+- ``fail_gets`` / ``fail_puts``: the next N GETs / PUTs answer 503 (retryable).
+- ``malformed``: ``"json"`` (GET answers invalid JSON) or ``"contract"`` (a line with quantity 0).
+- ``put_latency_s``: an applied PUT sleeps this long after taking effect, before answering.
+
+Global faults (``FAULT_KNOBS``, ``set_faults``): ``error_rate`` (share answered 503),
+``latency_s`` (added to every request), ``timeout_rate`` + ``timeout_s`` (share that sleeps
+``timeout_s`` before being handled), ``rate_limit_rate`` + ``retry_after_s`` (share answered 429
+with ``Retry-After``; ``retry_after_s=None`` sends none). Draws come from ``random.Random(seed)``.
+
+Admin API (JSON): ``POST /_admin/orders`` (an order or ``{"orders": [...]}``, knobs as extra
+keys), ``GET /_admin/orders/{id}``, ``POST /_admin/orders/{id}/cancel``, ``GET|POST
+/_admin/faults``, ``GET /_admin/fulfillments``, ``POST /_admin/reset``, ``GET /_admin/health``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import unquote, urlsplit
+
+from stock_sync.domain.errors import InvalidInput
+
+ORDER_STATUSES = ("BOUGHT", "FILLED_IN", "READY_FOR_PROCESSING", "CANCELLED")
+# Allegro's fulfillment statuses; a PUT with anything else is refused with 422
+FULFILLMENT_STATUSES = frozenset(
+    {
+        "NEW",
+        "PROCESSING",
+        "READY_FOR_SHIPMENT",
+        "READY_FOR_PICKUP",
+        "SENT",
+        "PICKED_UP",
+        "CANCELLED",
+        "SUSPENDED",
+        "RETURNED",
+    }
+)
+_ORDER_FIELDS = frozenset(
+    {"id", "account_name", "revision", "status", "fulfillment_status", "line_items"}
+)
+_LINE_FIELDS = frozenset({"id", "offer_id", "sku", "quantity"})
+_NOT_PAID = ("BOUGHT", "FILLED_IN")
+_MAX_BODY_BYTES = 10 * 1024 * 1024
+_TRUNCATED_ORDER_JSON = b'{"id": "truncated", "line_items": ['
+
+MalformedMode = Literal["json", "contract"]
+
+
+@dataclass
+class _OrderKnobs:
+    ready_after_reads: int = 0
+    not_found_reads: int = 0
+    fail_gets: int = 0
+    fail_puts: int = 0
+    malformed: MalformedMode | None = None
+    put_latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Faults:
+    error_rate: float = 0.0
+    latency_s: float = 0.0
+    timeout_rate: float = 0.0
+    timeout_s: float = 10.0
+    rate_limit_rate: float = 0.0
+    retry_after_s: float | None = 1.0
+
+
+ORDER_KNOBS = tuple(knob.name for knob in fields(_OrderKnobs))
+FAULT_KNOBS = tuple(knob.name for knob in fields(_Faults))
+
+
+@dataclass
+class _StoredOrder:
+    body: dict[str, Any]
+    knobs: _OrderKnobs
+    answered_reads: int = 0
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One HTTP answer; ``delay_s`` is slept (without the lock) before it is sent."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _FaultDraw:
+    delay_s: float
+    reply: _Reply | None = None
+
+
+@dataclass(frozen=True)
+class _PutBody:
+    status: str | None = None
+    expected_revision: int | None = None
+    problem: str | None = None
+
+
+# --- input validation (orders, knobs, faults) ---------------------------------------------
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _seconds(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+        raise InvalidInput(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _rate(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidInput(f"{name} must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _one_of(value: object, allowed: Iterable[str], name: str) -> str:
+    choices = sorted(allowed)
+    if value not in choices:
+        raise InvalidInput(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _reject_unknown(keys: Iterable[str], known: Iterable[str], where: str) -> None:
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown keys {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def _malformed_mode(value: object, name: str) -> MalformedMode | None:
+    if value is None or value == "json" or value == "contract":
+        return value
+    raise InvalidInput(f"{name} must be 'json', 'contract' or null, got {value!r}")
+
+
+def _order_knobs(values: Mapping[str, Any], where: str) -> _OrderKnobs:
+    _reject_unknown(values, ORDER_KNOBS, where)
+    malformed = _malformed_mode(values.get("malformed"), f"{where}: malformed")
+    return _OrderKnobs(
+        ready_after_reads=_count(values.get("ready_after_reads", 0), f"{where}: ready_after_reads"),
+        not_found_reads=_count(values.get("not_found_reads", 0), f"{where}: not_found_reads"),
+        fail_gets=_count(values.get("fail_gets", 0), f"{where}: fail_gets"),
+        fail_puts=_count(values.get("fail_puts", 0), f"{where}: fail_puts"),
+        malformed=malformed,
+        put_latency_s=_seconds(values.get("put_latency_s", 0.0), f"{where}: put_latency_s"),
+    )
+
+
+def _line_item(raw: object, order_id: str, index: int) -> dict[str, Any]:
+    where = f"order {order_id}: line_items.{index}"
+    if not isinstance(raw, Mapping):
+        raise InvalidInput(f"{where} must be an object, got {raw!r}")
+    _reject_unknown(raw, sorted(_LINE_FIELDS), where)
+    sku = _text(raw.get("sku"), f"{where}.sku")
+    quantity = raw.get("quantity")
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
+        raise InvalidInput(f"{where}.quantity must be an integer >= 1, got {quantity!r}")
+    return {
+        "id": _text(raw.get("id", f"{order_id}-line-{index + 1}"), f"{where}.id"),
+        "offer_id": _text(raw.get("offer_id", f"offer-{sku}"), f"{where}.offer_id"),
+        "sku": sku,
+        "quantity": quantity,
+    }
+
+
+def _parse_order(raw: object, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], _OrderKnobs]:
+    """A contract order body with defaults filled in, and its knobs; InvalidInput names the field.
+
+    Defaults: revision 1, status READY_FOR_PROCESSING, fulfillment_status NEW, account_name
+    null, line ids ``{order}-line-{n}``, offer ids ``offer-{sku}``.
+    """
+    if not isinstance(raw, Mapping):
+        raise InvalidInput(f"an order must be a JSON object, got {type(raw).__name__}")
+    order_id = _text(raw.get("id"), "order id")
+    where = f"order {order_id}"
+    _reject_unknown(raw, sorted(_ORDER_FIELDS | set(ORDER_KNOBS)), where)
+    knobs = _order_knobs({**{k: raw[k] for k in ORDER_KNOBS if k in raw}, **overrides}, where)
+    account_name = raw.get("account_name")
+    if account_name is not None:
+        _text(account_name, f"{where}: account_name")
+    line_items = raw.get("line_items")
+    if not isinstance(line_items, list):
+        raise InvalidInput(f"{where}: line_items must be a list, got {line_items!r}")
+    status = _one_of(raw.get("status", "READY_FOR_PROCESSING"), ORDER_STATUSES, f"{where}: status")
+    if knobs.ready_after_reads and status == "READY_FOR_PROCESSING":
+        status = "BOUGHT"  # it becomes ready once the reads have happened
+    body = {
+        "id": order_id,
+        "account_name": account_name,
+        "revision": _count(raw.get("revision", 1), f"{where}: revision"),
+        "status": status,
+        "fulfillment_status": _one_of(
+            raw.get("fulfillment_status", "NEW"),
+            FULFILLMENT_STATUSES,
+            f"{where}: fulfillment_status",
+        ),
+        "line_items": [_line_item(line, order_id, i) for i, line in enumerate(line_items)],
+    }
+    return body, knobs
+
+
+def _updated_faults(current: _Faults, changes: Mapping[str, Any]) -> _Faults:
+    _reject_unknown(changes, FAULT_KNOBS, "faults")
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name.endswith("_rate"):
+            checked[name] = _rate(value, f"faults: {name}")
+        elif name == "retry_after_s" and value is None:
+            checked[name] = None
+        else:
+            checked[name] = _seconds(value, f"faults: {name}")
+    return replace(current, **checked)
+
+
+def _parse_put_body(raw: bytes) -> _PutBody:
+    """The PUT body's fields, with ``problem`` set when it breaks the contract."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _PutBody(problem="body is not valid JSON")
+    if not isinstance(body, dict):
+        return _PutBody(problem="body must be a JSON object")
+    status, revision = body.get("status"), body.get("expected_revision")
+    recorded = _PutBody(
+        status=status if isinstance(status, str) else None,
+        expected_revision=revision
+        if isinstance(revision, int) and not isinstance(revision, bool)
+        else None,
+    )
+    if recorded.status not in FULFILLMENT_STATUSES:
+        return replace(recorded, problem=f"status must be a fulfillment status, got {status!r}")
+    if recorded.expected_revision is None:
+        return replace(recorded, problem=f"expected_revision must be an integer, got {revision!r}")
+    return recorded
+
+
+def load_orders_file(path: str) -> list[dict[str, Any]]:
+    """The orders of a JSON file (a list, or ``{"orders": [...]}``), each checked.
+
+    Raises InvalidInput with a one-line message naming the file and the problem.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise InvalidInput(f"orders file {path}: cannot read it: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise InvalidInput(f"orders file {path}: not valid JSON: {exc}") from exc
+    orders = data.get("orders") if isinstance(data, dict) else data
+    if not isinstance(orders, list):
+        raise InvalidInput(
+            f'orders file {path}: expected a JSON list of orders or {{"orders": [...]}}'
+        )
+    try:
+        for order in orders:
+            _parse_order(order, {})
+    except InvalidInput as exc:
+        raise InvalidInput(f"orders file {path}: {exc}") from exc
+    return orders
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+def _json_reply(status: int, payload: object, **extra: Any) -> _Reply:
+    return _Reply(status, json.dumps(payload, separators=(",", ":")).encode(), **extra)
+
+
+def _error_reply(
+    status: int, code: str, message: str, *, retryable: bool = False, **extra: Any
+) -> _Reply:
+    error = {"code": code, "message": message, "retryable": retryable}
+    return _json_reply(status, {"error": error}, **extra)
+
+
+def _not_found(order_id: str) -> _Reply:
+    return _error_reply(404, "ORDER_NOT_FOUND", f"order {order_id} not found")
+
+
+def _unavailable(reason: str) -> _Reply:
+    return _error_reply(503, "SERVICE_UNAVAILABLE", reason, retryable=True)
+
+
+def _rate_limited(retry_after_s: float | None) -> _Reply:
+    headers = () if retry_after_s is None else (("Retry-After", f"{retry_after_s:g}"),)
+    return _error_reply(429, "RATE_LIMITED", "too many requests", retryable=True, headers=headers)
+
+
+def _order_reply(body: Mapping[str, Any], malformed: MalformedMode | None) -> _Reply:
+    if malformed == "json":
+        return _Reply(200, _TRUNCATED_ORDER_JSON)
+    if malformed == "contract":
+        broken = copy.deepcopy(dict(body))
+        lines = broken["line_items"] or [{"id": "x", "offer_id": "x", "sku": "X", "quantity": 1}]
+        broken["line_items"] = [{**lines[0], "quantity": 0}, *lines[1:]]
+        return _json_reply(200, broken)
+    return _json_reply(200, body)
+
+
+def _encode_response(reply: _Reply, *, close: bool) -> bytes:
+    """Status line, headers and body in one buffer, so the answer leaves in one write."""
+    phrase = HTTPStatus(reply.status).phrase
+    head = [f"HTTP/1.1 {reply.status} {phrase}"]
+    if reply.status != 204:  # a 204 carries neither a body nor a Content-Length
+        head += ["Content-Type: application/json", f"Content-Length: {len(reply.body)}"]
+    head += [f"{name}: {value}" for name, value in reply.headers]
+    if close:
+        head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body
+
+
+# --- state ------------------------------------------------------------------------------------
+
+
+class _FakeState:
+    """Orders, faults and recorded PUTs behind one lock; never sleeps while holding it."""
+
+    def __init__(self, seed: int) -> None:
+        self._lock = threading.Lock()
+        self._seed = seed
+        self._orders: dict[str, _StoredOrder] = {}
+        self._faults = _Faults()
+        self._applied_keys: dict[str, str] = {}
+        self._fulfillments: list[dict[str, Any]] = []
+        self._random = random.Random(seed)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._orders.clear()
+            self._faults = _Faults()
+            self._applied_keys.clear()
+            self._fulfillments.clear()
+            self._random = random.Random(self._seed)
+
+    def add_orders(self, raw_orders: Iterable[object], overrides: Mapping[str, Any]) -> list[str]:
+        parsed = [_parse_order(raw, overrides) for raw in raw_orders]  # all or nothing
+        with self._lock:
+            for body, knobs in parsed:
+                self._orders[body["id"]] = _StoredOrder(body, knobs)
+        return [body["id"] for body, _ in parsed]
+
+    def set_faults(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self._faults = _updated_faults(self._faults, changes)
+            return asdict(self._faults)
+
+    def faults(self) -> dict[str, Any]:
+        with self._lock:
+            return asdict(self._faults)
+
+    def order(self, order_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            stored = self._orders.get(order_id)
+            return None if stored is None else copy.deepcopy(stored.body)
+
+    def cancel(self, order_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None:
+                return None
+            if stored.body["status"] != "CANCELLED":
+                stored.body["status"] = "CANCELLED"
+                stored.body["revision"] += 1
+            return copy.deepcopy(stored.body)
+
+    def fulfillment_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._fulfillments)
+
+    def order_count(self) -> int:
+        with self._lock:
+            return len(self._orders)
+
+    def draw_fault(self) -> _FaultDraw:
+        """The global faults for one contract request: a delay, and maybe a canned answer."""
+        with self._lock:
+            faults = self._faults
+            if self._chance(faults.rate_limit_rate):
+                return _FaultDraw(faults.latency_s, _rate_limited(faults.retry_after_s))
+            if self._chance(faults.error_rate):
+                return _FaultDraw(faults.latency_s, _unavailable("injected fault"))
+            timeout = faults.timeout_s if self._chance(faults.timeout_rate) else 0.0
+            return _FaultDraw(faults.latency_s + timeout)
+
+    def get_order(self, order_id: str) -> _Reply:
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None:
+                return _not_found(order_id)
+            knobs = stored.knobs
+            if knobs.not_found_reads:
+                knobs.not_found_reads -= 1
+                return _not_found(order_id)
+            if knobs.fail_gets:
+                knobs.fail_gets -= 1
+                return _unavailable("injected GET failure")
+            self._advance_readiness(stored)
+            stored.answered_reads += 1
+            return _order_reply(stored.body, knobs.malformed)
+
+    def put_fulfillment(self, order_id: str, idempotency_key: str | None, raw: bytes) -> _Reply:
+        body = _parse_put_body(raw)
+        with self._lock:
+            reply, outcome = self._apply_put(order_id, idempotency_key, body)
+            self._record_put(order_id, idempotency_key, body, outcome, reply.status)
+        return reply
+
+    def record_faulted_put(
+        self, order_id: str, idempotency_key: str | None, raw: bytes, status: int
+    ) -> None:
+        with self._lock:
+            self._record_put(order_id, idempotency_key, _parse_put_body(raw), "fault", status)
+
+    def _chance(self, rate: float) -> bool:
+        return rate > 0 and self._random.random() < rate
+
+    @staticmethod
+    def _advance_readiness(stored: _StoredOrder) -> None:
+        """Flip a not-yet-paid order to READY once ``ready_after_reads`` answers were given."""
+        knobs, body = stored.knobs, stored.body
+        if knobs.ready_after_reads and stored.answered_reads >= knobs.ready_after_reads:
+            knobs.ready_after_reads = 0
+            if body["status"] in _NOT_PAID:
+                body["status"] = "READY_FOR_PROCESSING"
+                body["revision"] += 1
+
+    def _apply_put(
+        self, order_id: str, idempotency_key: str | None, body: _PutBody
+    ) -> tuple[_Reply, str]:
+        stored = self._orders.get(order_id)
+        if stored is None:
+            return _not_found(order_id), "error"
+        if stored.knobs.fail_puts:
+            stored.knobs.fail_puts -= 1
+            return _unavailable("injected PUT failure"), "fault"
+        if not idempotency_key:
+            return _error_reply(422, "MISSING_IDEMPOTENCY_KEY", "Idempotency-Key required"), "error"
+        if body.problem is not None:
+            return _error_reply(422, "INVALID_BODY", body.problem), "error"
+        if idempotency_key in self._applied_keys:
+            return _Reply(204), "replayed"
+        revision = stored.body["revision"]
+        if body.expected_revision != revision:
+            message = f"expected revision {body.expected_revision}, order is at {revision}"
+            return _error_reply(409, "REVISION_CONFLICT", message, retryable=True), "conflict"
+        stored.body["fulfillment_status"] = body.status
+        stored.body["revision"] = revision + 1
+        self._applied_keys[idempotency_key] = order_id
+        return _Reply(204, delay_s=stored.knobs.put_latency_s), "applied"
+
+    def _record_put(
+        self,
+        order_id: str,
+        idempotency_key: str | None,
+        body: _PutBody,
+        outcome: str,
+        http_status: int,
+    ) -> None:
+        self._fulfillments.append(
+            {
+                "order_id": order_id,
+                "idempotency_key": idempotency_key,
+                "status": body.status,
+                "expected_revision": body.expected_revision,
+                "outcome": outcome,
+                "http_status": http_status,
+                "at": datetime.now(UTC).isoformat(),
+            }
+        )
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+class _FakeHTTPServer(ThreadingHTTPServer):
+    """Threaded server that knows its open connections, so ``stop()`` can close idle ones."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # benchmarks open many connections at once
+
+    def __init__(self, address: tuple[str, int], state: _FakeState) -> None:
+        self.state = state
+        self.stopping = False
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # skip HTTPServer.server_bind: its socket.getfqdn() can wait seconds on reverse DNS
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut down every open connection; handler threads then see EOF and end."""
+        self.stopping = True
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # already closed by the peer
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        # a client that hung up, or a connection closed by stop(), is not a fault of the fake
+        if isinstance(error, ConnectionError) or (self.stopping and isinstance(error, OSError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class _FakeHTTPServerV6(_FakeHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes contract and admin requests; each answer leaves in a single write."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a pooled client expects
+    disable_nagle_algorithm = True  # with one write per answer: no delayed-ACK stalls
+    server: _FakeHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silenced: one stderr line per request drowns test and demo output."""
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_PUT = do_POST = do_DELETE = do_PATCH = do_GET
+
+    def _dispatch(self) -> None:
+        body = self._read_body()
+        path = urlsplit(self.path).path
+        segments = [unquote(segment) for segment in path.split("/")[1:]]
+        try:
+            if body is None:
+                self.close_connection = True  # the rest of the stream cannot be trusted
+                self._send(_error_reply(400, "BAD_REQUEST", "unreadable or chunked body"))
+            elif segments[:1] == ["v1"]:
+                self._contract(segments[1:], body)
+            elif segments[:1] == ["_admin"]:
+                self._send(self._admin(segments[1:], body))
+            else:
+                self._send(_error_reply(404, "NOT_FOUND", f"no route {self.command} {path}"))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (e.g. its read timeout)
+
+    def _read_body(self) -> bytes | None:
+        """The request body; None when it cannot be read safely (chunked, bad length)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return None
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        try:
+            size = int(length)
+        except ValueError:
+            return None
+        if not 0 <= size <= _MAX_BODY_BYTES:
+            return None
+        return self.rfile.read(size)
+
+    def _send(self, reply: _Reply) -> None:
+        if reply.delay_s > 0:
+            time.sleep(reply.delay_s)
+        self.wfile.write(_encode_response(reply, close=self.close_connection))
+
+    def _contract(self, segments: list[str], body: bytes) -> None:
+        match segments:
+            case ["orders", order_id] if order_id:
+                expected_method = "GET"
+            case ["orders", order_id, "fulfillment"] if order_id:
+                expected_method = "PUT"
+            case _:
+                self._send(_error_reply(404, "NOT_FOUND", f"no route {self.command} {self.path}"))
+                return
+        if self.command != expected_method:
+            message = f"{self.command} not allowed here"
+            allow = (("Allow", expected_method),)
+            self._send(_error_reply(405, "METHOD_NOT_ALLOWED", message, headers=allow))
+            return
+        self._send(self._answer_contract(order_id, body))
+
+    def _answer_contract(self, order_id: str, body: bytes) -> _Reply:
+        state = self.server.state
+        fault = state.draw_fault()
+        if fault.delay_s > 0:
+            time.sleep(fault.delay_s)
+        idempotency_key = (self.headers.get("Idempotency-Key") or "").strip() or None
+        if fault.reply is not None:
+            if self.command == "PUT":
+                state.record_faulted_put(order_id, idempotency_key, body, fault.reply.status)
+            return fault.reply
+        if self.command == "GET":
+            return state.get_order(order_id)
+        return state.put_fulfillment(order_id, idempotency_key, body)
+
+    def _admin(self, segments: list[str], body: bytes) -> _Reply:
+        try:
+            return self._admin_route(segments, body)
+        except InvalidInput as exc:
+            return _error_reply(422, "INVALID_REQUEST", str(exc))
+
+    def _admin_route(self, segments: list[str], body: bytes) -> _Reply:
+        state = self.server.state
+        match (self.command, segments):
+            case ("GET", ["health"]):
+                return _json_reply(200, {"status": "ok", "orders": state.order_count()})
+            case ("POST", ["orders"]):
+                return _json_reply(201, {"added": _add_from_json(state, _json_body(body))})
+            case ("GET", ["orders", order_id]):
+                return _order_or_404(order_id, state.order(order_id))
+            case ("POST", ["orders", order_id, "cancel"]):
+                return _order_or_404(order_id, state.cancel(order_id))
+            case ("GET", ["faults"]):
+                return _json_reply(200, state.faults())
+            case ("POST", ["faults"]):
+                return _json_reply(200, state.set_faults(_json_object(_json_body(body))))
+            case ("GET", ["fulfillments"]):
+                return _json_reply(200, {"fulfillments": state.fulfillment_requests()})
+            case ("POST", ["reset"]):
+                state.reset()
+                return _json_reply(200, {"status": "reset"})
+        return _error_reply(404, "NOT_FOUND", f"no admin route {self.command} {self.path}")
+
+
+def _json_body(body: bytes) -> object:
+    try:
+        return json.loads(body) if body else None
+    except ValueError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return value
+
+
+def _add_from_json(state: _FakeState, payload: object) -> list[str]:
+    """POST /_admin/orders: one order, or ``{"orders": [...]}``."""
+    if isinstance(payload, dict) and "orders" in payload and "id" not in payload:
+        orders = payload["orders"]
+        if not isinstance(orders, list):
+            raise InvalidInput("orders must be a list")
+        return state.add_orders(orders, {})
+    return state.add_orders([payload], {})
+
+
+def _order_or_404(order_id: str, order: dict[str, Any] | None) -> _Reply:
+    return _not_found(order_id) if order is None else _json_reply(200, order)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+class FakeMicroservice:
+    """The fake served on ``host:port`` (port 0: any free port) from a daemon thread.
+
+    Helpers mirror the admin API and act on the same state, so a test can mix both. Invalid
+    orders or knobs raise InvalidInput naming the field; nothing is stored then.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        orders: Iterable[Mapping[str, Any]] = (),
+        seed: int = 0,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._state = _FakeState(seed)
+        self._state.add_orders(list(orders), {})
+        self._server: _FakeHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Bind and serve; returns self so ``with FakeMicroservice().start() as fake`` works."""
+        if self._server is not None:
+            raise RuntimeError("FakeMicroservice is already running")
+        server_class = _FakeHTTPServerV6 if ":" in self._host else _FakeHTTPServer
+        self._server = server_class((self._host, self._port), self._state)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # stop() returns within this
+            name=f"fake-microservice:{self._server.server_port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close open connections; a no-op when not running."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        self._server, self._thread = None, None
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        thread.join()
+
+    def wait(self) -> None:
+        """Block until stopped (Ctrl-C raises KeyboardInterrupt here)."""
+        thread = self._thread
+        while thread is not None and thread.is_alive():
+            thread.join(0.5)
+
+    @property
+    def url(self) -> str:
+        """Base URL such as ``http://127.0.0.1:54321``; only while running."""
+        if self._server is None:
+            raise RuntimeError("FakeMicroservice is not running; call start() first")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._server.server_port}"
+
+    def __enter__(self) -> Self:
+        return self if self._server is not None else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def add_order(self, order: Mapping[str, Any], **knobs: Any) -> None:
+        """Store (or replace) an order; knobs as keyword arguments override keys in the order."""
+        self._state.add_orders([order], knobs)
+
+    def set_faults(self, **knobs: Any) -> None:
+        """Change the named global fault knobs; the others keep their values."""
+        self._state.set_faults(knobs)
+
+    def faults(self) -> dict[str, Any]:
+        """The current global fault knobs."""
+        return self._state.faults()
+
+    def fulfillment_requests(self) -> list[dict[str, Any]]:
+        """Every PUT received, oldest first: order_id, idempotency_key, status,
+        expected_revision, outcome (applied/replayed/conflict/error/fault), http_status, at."""
+        return self._state.fulfillment_requests()
+
+    def order(self, order_id: str) -> dict[str, Any]:
+        """A copy of the order as stored now (its contract body)."""
+        return self._existing(order_id, self._state.order(order_id))
+
+    def cancel_order(self, order_id: str) -> None:
+        """Cancel the order upstream: status CANCELLED, revision + 1."""
+        self._existing(order_id, self._state.cancel(order_id))
+
+    def reset(self) -> None:
+        """Forget orders, recorded PUTs and applied keys; faults and the random draws restart."""
+        self._state.reset()
+
+    @staticmethod
+    def _existing(order_id: str, order: dict[str, Any] | None) -> dict[str, Any]:
+        if order is None:
+            raise InvalidInput(f"order_id: no order {order_id!r} in the fake microservice")
+        return order
+
+
+def serve(
+    *,
+    host: str,
+    port: int,
+    orders_file: str | None,
+    faults: Mapping[str, Any],
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the fake in the foreground until interrupted (the ``fake-microservice`` command).
+
+    Raises InvalidInput (one line) for a bad orders file, bad faults or an unusable address.
+    ``on_ready`` gets the URL once listening; by default it is printed to stderr.
+    """
+    orders = load_orders_file(orders_file) if orders_file else []
+    fake = FakeMicroservice(host, port, orders=orders)
+    fake.set_faults(**faults)
+    try:
+        fake.start()
+    except OSError as exc:
+        raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    announce = on_ready or _print_url
+    announce(fake.url)
+    try:
+        fake.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+
+
+def _print_url(url: str) -> None:
+    print(f"fake microservice listening on {url}", file=sys.stderr, flush=True)

@@ -1,0 +1,382 @@
+"""OperationCancellationService: cancel an operation at any stage and undo what it did.
+
+A rollback reverses exactly what was recorded: the operation's own deduction rows are negated
+in the ledger, and the microservice is put back to the fulfillment status recorded before the
+sync. Each undo step is an adjustment operation (its own row, ledger rows and status). The
+stock part happens in the same transaction as the move to CANCELLED; the microservice part
+is HTTP, so it runs afterwards as the ``rollback`` task, with the usual retries.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from stock_sync.db import Database
+from stock_sync.domain.errors import CancellationRefused, InvalidInput
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.stages import StageOutcome
+from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.microservice_client import MicroserviceClient
+from stock_sync.models import PendingStockOperation, StockMovement
+from stock_sync.operation_events import timeline
+from stock_sync.operations import load_operation, new_adjustment, operation_logger, transition
+from stock_sync.standardized_logger import StandardizedLogger, measure_execution_time
+from stock_sync.stock_ledger import Movement, restore_for_operation
+
+S = OperationStatus
+CANCELLED_BY_MAX_LENGTH = 128
+REASON_MAX_LENGTH = 2000
+
+
+class RollbackDispatcher(Protocol):
+    """Enqueues the microservice rollback task (the Celery side implements it)."""
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None: ...
+
+
+def rollback_idempotency_key(adjustment_operation_id: uuid.UUID) -> str:
+    return f"stock-sync:{adjustment_operation_id}:rollback"
+
+
+@dataclass(frozen=True)
+class CancellationResult:
+    """What a cancellation did, as the caller (CLI, shop backend) reports it."""
+
+    operation_id: uuid.UUID
+    cancelled_from: OperationStatus
+    final_status: OperationStatus
+    stock_restored: bool
+    restored_movements: tuple[Movement, ...]
+    # not_needed | pending | completed | failed
+    microservice_rollback: str
+    adjustment_operation_ids: tuple[uuid.UUID, ...]
+    message: str
+    cancelled_by: str | None = None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation_id": str(self.operation_id),
+            "cancelled_from": self.cancelled_from.value,
+            "final_status": self.final_status.value,
+            "stock_restored": self.stock_restored,
+            "restored_movements": [
+                {"sku": m.sku, "quantity": m.delta, "line_item_id": m.line_item_id}
+                for m in self.restored_movements
+            ],
+            "microservice_rollback": self.microservice_rollback,
+            "adjustment_operation_ids": [str(i) for i in self.adjustment_operation_ids],
+            "cancelled_by": self.cancelled_by,
+            "reason": self.reason,
+            "message": self.message,
+        }
+
+
+class OperationCancellationService:
+    """Cancels operations (the seed's interface) and runs the microservice rollback step."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        client: MicroserviceClient,
+        logger: StandardizedLogger,
+        dispatcher: RollbackDispatcher,
+    ) -> None:
+        self._database = database
+        self._client = client
+        self._logger = logger
+        self._dispatcher = dispatcher
+
+    # --- cancel ------------------------------------------------------------------------
+
+    def cancel_operation(
+        self, operation_id: uuid.UUID, cancelled_by: str = "operator", reason: str | None = None
+    ) -> CancellationResult:
+        """Cancel ``operation_id`` and roll back what it changed.
+
+        Cancelling an already cancelled operation returns its first result and changes
+        nothing; FAILED is final and refused; an unknown id raises OperationNotFound.
+        """
+        cancelled_by = _checked_text("cancelled_by", cancelled_by, CANCELLED_BY_MAX_LENGTH)
+        reason = _checked_text("reason", reason or "cancelled", REASON_MAX_LENGTH)
+        rollback_to_enqueue: uuid.UUID | None = None
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=True)
+            if operation.type_enum is not OperationType.ORDER_DEDUCTION:
+                raise CancellationRefused(
+                    operation_id, f"an adjustment ({operation.operation_type})"
+                )
+            if operation.status_enum is S.CANCELLED:
+                return self._result_of(session, operation)
+            if operation.status_enum is S.FAILED:
+                raise CancellationRefused(operation_id, operation.status)
+            log = operation_logger(session, operation, self._logger)
+            cancelled_from = operation.status_enum
+            log.log_action_with_timing(
+                operation_id,
+                LogAction.CANCELLATION_REQUESTED,
+                f"cancellation requested by {cancelled_by}: {reason}",
+            )
+            adjustments: list[uuid.UUID] = []
+            if cancelled_from in (S.STOCK_DEDUCTED, S.COMPLETED):
+                restoration = self._rollback_stock_changes(session, operation, log)
+                if restoration is not None:
+                    adjustments.append(restoration)
+            if cancelled_from is S.COMPLETED:
+                rollback_to_enqueue = self._create_adjustment_operation(
+                    session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
+                )
+                if rollback_to_enqueue is not None:
+                    adjustments.append(rollback_to_enqueue)
+            operation.cancelled_by = cancelled_by
+            operation.cancellation_reason = reason
+            operation.rollback_operations = [str(i) for i in adjustments]
+            transition(operation, S.CANCELLED, f"cancelled by {cancelled_by}: {reason}", log)
+            if rollback_to_enqueue is None:
+                log.log_action_with_timing(
+                    operation_id, LogAction.CANCELLATION_COMPLETED, "cancellation completed"
+                )
+        if rollback_to_enqueue is not None:
+            self._rollback_microservice_status(rollback_to_enqueue)
+        with self._database.transaction() as session:
+            return self._result_of(session, load_operation(session, operation_id))
+
+    def _rollback_stock_changes(
+        self, session: Session, operation: PendingStockOperation, log: StandardizedLogger
+    ) -> uuid.UUID | None:
+        """Negate the operation's deduction rows under a restoration adjustment (same
+        transaction as the cancel); None when nothing had been deducted."""
+        adjustment = new_adjustment(operation, OperationType.STOCK_RESTORATION)
+        session.add(adjustment)
+        session.flush()
+        log.log_action_with_timing(
+            operation.id, LogAction.STOCK_ROLLBACK_STARTED, "restoring deducted stock"
+        )
+        with measure_execution_time() as timer:
+            outcome = restore_for_operation(session, operation.id, adjustment.id)
+        if not outcome.movements:
+            session.delete(adjustment)
+            log.log_action_with_timing(
+                operation.id,
+                LogAction.STOCK_ROLLBACK_COMPLETED,
+                "nothing was deducted",
+                timer.elapsed_ms,
+            )
+            return None
+        adjustment_log = operation_logger(session, adjustment, self._logger)
+        transition(adjustment, S.COMPLETED, f"restored stock of {operation.id}", adjustment_log)
+        log.log_action_with_timing(
+            operation.id,
+            LogAction.STOCK_ROLLBACK_COMPLETED,
+            "restored " + ", ".join(f"{m.sku} +{m.delta}" for m in outcome.movements),
+            timer.elapsed_ms,
+        )
+        return adjustment.id
+
+    def _create_adjustment_operation(
+        self,
+        session: Session,
+        operation: PendingStockOperation,
+        adjustment_type: str,
+        log: StandardizedLogger,
+    ) -> uuid.UUID | None:
+        """A microservice rollback adjustment putting back the pre-sync fulfillment status;
+        None when the sync never recorded one (nothing was sent) or one exists already."""
+        if operation.fulfillment_status_before_sync is None:
+            return None
+        if self._microservice_rollback_of(session, operation) is not None:
+            return None
+        adjustment = new_adjustment(operation, OperationType(adjustment_type))
+        adjustment.target_fulfillment_status = operation.fulfillment_status_before_sync
+        session.add(adjustment)
+        session.flush()
+        log.log_action_with_timing(
+            operation.id,
+            LogAction.MICROSERVICE_ROLLBACK_STARTED,
+            f"fulfillment status to be put back to {adjustment.target_fulfillment_status}",
+        )
+        return adjustment.id
+
+    def _rollback_microservice_status(self, adjustment_operation_id: uuid.UUID) -> bool:
+        """Enqueue the rollback task; False when the broker refused (the sweep re-drives)."""
+        try:
+            self._dispatcher.enqueue_rollback(adjustment_operation_id)
+        except Exception:
+            return False
+        return True
+
+    def compensate_if_cancelled(self, operation_id: uuid.UUID) -> bool:
+        """Called by a sync whose PUT raced a cancellation: schedule the microservice rollback.
+
+        Returns True when the operation is CANCELLED (the caller must stop)."""
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=True)
+            if operation.status_enum is not S.CANCELLED:
+                return False
+            log = operation_logger(session, operation, self._logger)
+            adjustment_id = self._create_adjustment_operation(
+                session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
+            )
+            if adjustment_id is not None:
+                operation.rollback_operations = [
+                    *(operation.rollback_operations or []),
+                    str(adjustment_id),
+                ]
+        if adjustment_id is not None:
+            self._rollback_microservice_status(adjustment_id)
+        return True
+
+    # --- the rollback task's work ----------------------------------------------------------
+
+    def rollback_microservice(self, adjustment_operation_id: uuid.UUID) -> StageOutcome:
+        """Put the microservice back to the recorded status; raises for the task to retry."""
+        with self._database.transaction() as session:
+            adjustment = load_operation(session, adjustment_operation_id)
+            if adjustment.status_enum is not S.PENDING:
+                return StageOutcome.ALREADY_PAST
+            order_id, target = adjustment.order_id, adjustment.target_fulfillment_status
+            parent_id = adjustment.parent_operation_id
+        assert target is not None and parent_id is not None
+        with measure_execution_time() as timer:
+            order = self._client.get_order(order_id)
+            self._client.set_fulfillment_status(
+                order_id,
+                status=target,
+                expected_revision=order.revision,
+                idempotency_key=rollback_idempotency_key(adjustment_operation_id),
+            )
+        with self._database.transaction() as session:
+            parent = load_operation(session, parent_id, for_update=True)  # parent first: lock order
+            adjustment = load_operation(session, adjustment_operation_id, for_update=True)
+            if adjustment.status_enum is not S.PENDING:
+                return StageOutcome.ALREADY_PAST
+            transition(
+                adjustment,
+                S.COMPLETED,
+                f"fulfillment put back to {target}",
+                operation_logger(session, adjustment, self._logger),
+            )
+            log = operation_logger(session, parent, self._logger)
+            log.log_action_with_timing(
+                parent_id,
+                LogAction.MICROSERVICE_ROLLBACK_COMPLETED,
+                f"fulfillment status put back to {target}",
+                timer.elapsed_ms,
+            )
+            log.log_action_with_timing(
+                parent_id, LogAction.CANCELLATION_COMPLETED, "cancellation completed"
+            )
+        return StageOutcome.DONE
+
+    def report_rollback_failed(self, session: Session, adjustment: PendingStockOperation) -> None:
+        """Note on the parent that its microservice rollback gave up (stock stays restored)."""
+        if adjustment.parent_operation_id is None:
+            return
+        parent = load_operation(session, adjustment.parent_operation_id)
+        operation_logger(session, parent, self._logger).log_action_with_timing(
+            parent.id,
+            LogAction.CANCELLATION_COMPLETED,
+            f"stock restored, but the microservice rollback {adjustment.id} failed: "
+            f"fulfillment was not put back to {adjustment.target_fulfillment_status}",
+            status="error",
+        )
+
+    # --- results ---------------------------------------------------------------------------
+
+    def _microservice_rollback_of(
+        self, session: Session, operation: PendingStockOperation
+    ) -> PendingStockOperation | None:
+        return session.scalar(
+            select(PendingStockOperation).where(
+                PendingStockOperation.parent_operation_id == operation.id,
+                PendingStockOperation.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
+            )
+        )
+
+    def result_of(self, operation_id: uuid.UUID) -> CancellationResult:
+        """The CancellationResult of a cancelled operation, read back from the database."""
+        with self._database.transaction() as session:
+            return self._result_of(session, load_operation(session, operation_id))
+
+    def _result_of(self, session: Session, operation: PendingStockOperation) -> CancellationResult:
+        adjustment_ids = tuple(uuid.UUID(i) for i in operation.rollback_operations or [])
+        restored = (
+            tuple(
+                Movement(row.sku, row.delta, row.line_item_id)
+                for row in session.scalars(
+                    select(StockMovement)
+                    .where(StockMovement.operation_id.in_(adjustment_ids))
+                    .order_by(StockMovement.sku, StockMovement.line_item_id)
+                )
+            )
+            if adjustment_ids
+            else ()
+        )
+        rollback = self._microservice_rollback_of(session, operation)
+        microservice = _ROLLBACK_STATE.get(rollback.status, "pending") if rollback else "not_needed"
+        cancelled_from = _cancelled_from(session, operation)
+        message = _message(cancelled_from, restored, microservice)
+        return CancellationResult(
+            operation_id=operation.id,
+            cancelled_from=cancelled_from,
+            final_status=operation.status_enum,
+            stock_restored=bool(restored),
+            restored_movements=restored,
+            microservice_rollback=microservice,
+            adjustment_operation_ids=adjustment_ids,
+            message=message,
+            cancelled_by=operation.cancelled_by,
+            reason=operation.cancellation_reason,
+        )
+
+
+_ROLLBACK_STATE = {
+    S.PENDING.value: "pending",
+    S.COMPLETED.value: "completed",
+    S.FAILED.value: "failed",
+}
+
+
+def _cancelled_from(session: Session, operation: PendingStockOperation) -> OperationStatus:
+    for event in reversed(timeline(session, operation.id)):
+        if (
+            event.action == LogAction.STATUS_TRANSITION.value
+            and event.to_status == S.CANCELLED.value
+        ):
+            return OperationStatus(event.from_status)
+    return operation.status_enum
+
+
+def _message(
+    cancelled_from: OperationStatus, restored: tuple[Movement, ...], microservice: str
+) -> str:
+    parts = [f"cancelled from {cancelled_from.value}"]
+    if restored:
+        parts.append("stock restored (" + ", ".join(f"{m.sku} +{m.delta}" for m in restored) + ")")
+    else:
+        parts.append("no stock to restore")
+    parts.append(
+        {
+            "not_needed": "microservice untouched",
+            "pending": "microservice rollback pending",
+            "completed": "microservice status rolled back",
+            "failed": "microservice rollback FAILED (needs an operator)",
+        }[microservice]
+    )
+    return "; ".join(parts)
+
+
+def _checked_text(name: str, value: str, max_length: int) -> str:
+    cleaned = (value or "").strip()
+    if not cleaned:
+        raise InvalidInput(f"{name} must not be empty")
+    if len(cleaned) > max_length:
+        raise InvalidInput(f"{name} is longer than {max_length} characters")
+    return cleaned

@@ -1,0 +1,110 @@
+"""Loading, locking and moving operation rows: every status change goes through here."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from stock_sync.domain.errors import OperationNotFound
+from stock_sync.domain.statuses import (
+    FINAL_STATUSES,
+    OperationStatus,
+    OperationType,
+    ensure_transition,
+)
+from stock_sync.domain.stock import LineItem
+from stock_sync.models import PendingStockOperation, utcnow
+from stock_sync.operation_events import SqlEventStore
+from stock_sync.standardized_logger import StandardizedLogger
+
+S = OperationStatus
+
+# Stamp set when an operation enters a status.
+_STAMPS = {
+    S.COMPLETED: "completed_at",
+    S.FAILED: "failed_at",
+    S.CANCELLED: "cancelled_at",
+    S.STOCK_DEDUCTED: "stock_deducted_at",
+    S.PROCESSING: "line_items_loaded_at",
+}
+
+
+def load_operation(
+    session: Session, operation_id: uuid.UUID, *, for_update: bool = False
+) -> PendingStockOperation:
+    """The operation row; with ``for_update`` it stays locked until the transaction ends.
+
+    Lock order of the codebase: operation rows first, then stock rows in SKU order.
+    """
+    statement = select(PendingStockOperation).where(PendingStockOperation.id == operation_id)
+    if for_update:
+        statement = statement.with_for_update()
+    operation = session.scalar(statement)
+    if operation is None:
+        raise OperationNotFound(operation_id)
+    return operation
+
+
+def operation_logger(
+    session: Session | None, operation: PendingStockOperation, base: StandardizedLogger
+) -> StandardizedLogger:
+    """A StandardizedLogger bound to ``operation`` that writes events into ``session``."""
+    log = base.with_events(SqlEventStore(session) if session is not None else None)
+    log.bind(
+        operation.id,
+        order_id=operation.order_id,
+        status=operation.status,
+        attempt=operation.retry_count + 1,
+        operation_type=operation.operation_type,
+    )
+    return log
+
+
+def transition(
+    operation: PendingStockOperation,
+    to_status: OperationStatus,
+    reason: str,
+    log: StandardizedLogger,
+    additional_context: dict[str, Any] | None = None,
+) -> None:
+    """Move ``operation`` to ``to_status`` if the table allows it, stamp it, log it.
+
+    The caller holds the row lock and commits. A new stage starts with a fresh retry budget;
+    a final status keeps the count of the stage that ended there.
+    """
+    from_status = operation.status_enum
+    ensure_transition(from_status, to_status, operation.type_enum)
+    now = utcnow()
+    operation.status = to_status.value
+    if to_status not in FINAL_STATUSES:
+        operation.retry_count = 0
+    operation.next_retry_at = None
+    operation.updated_at = now
+    stamp = _STAMPS.get(to_status)
+    if stamp and getattr(operation, stamp) is None:
+        setattr(operation, stamp, now)
+    log.log_status_transition(operation.id, from_status, to_status, reason, additional_context)
+
+
+def line_items_of(operation: PendingStockOperation) -> list[LineItem]:
+    return [LineItem.from_dict(item) for item in operation.line_items or []]
+
+
+def new_adjustment(
+    parent: PendingStockOperation, operation_type: OperationType
+) -> PendingStockOperation:
+    """An adjustment operation recording one rollback step of ``parent``."""
+    return PendingStockOperation(
+        id=uuid.uuid4(),
+        order_id=parent.order_id,
+        account_name=parent.account_name,
+        operation_type=operation_type.value,
+        parent_operation_id=parent.id,
+        status=S.PENDING.value,
+        line_items=parent.line_items,
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )

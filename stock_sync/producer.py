@@ -1,0 +1,143 @@
+"""The producer API the shop backend calls: submit an order's operation, request a cancel.
+
+The operation row is committed before anything is enqueued (the broker is only a trigger): if
+enqueueing fails the row stays PENDING and the stuck-operation sweep re-drives it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from stock_sync.composition import Services, get_services
+from stock_sync.domain.errors import EnqueueFailed, InvalidInput
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.models import (
+    ACCOUNT_NAME_MAX_LENGTH,
+    ORDER_ID_MAX_LENGTH,
+    PendingStockOperation,
+    utcnow,
+)
+from stock_sync.operation_cancellation_service import CancellationResult
+from stock_sync.operations import operation_logger
+
+
+def _checked_order_id(order_id: str) -> str:
+    if not isinstance(order_id, str) or not order_id.strip():
+        raise InvalidInput("order_id must not be empty")
+    order_id = order_id.strip()
+    if len(order_id) > ORDER_ID_MAX_LENGTH:
+        raise InvalidInput(f"order_id is longer than {ORDER_ID_MAX_LENGTH} characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in order_id):
+        raise InvalidInput(
+            f"order_id must not contain whitespace or control characters: {order_id!r}"
+        )
+    return order_id
+
+
+def _checked_account_name(account_name: str | None) -> str | None:
+    if account_name is None:
+        return None
+    cleaned = account_name.strip()
+    if not cleaned:
+        raise InvalidInput("account_name must not be empty when given")
+    if len(cleaned) > ACCOUNT_NAME_MAX_LENGTH:
+        raise InvalidInput(f"account_name is longer than {ACCOUNT_NAME_MAX_LENGTH} characters")
+    return cleaned
+
+
+def _existing(session: Session, order_id: str, account_name: str | None) -> uuid.UUID | None:
+    """The order's deduction, if any; an operation without an account matches any account."""
+    statement = select(PendingStockOperation.id).where(
+        PendingStockOperation.order_id == order_id,
+        PendingStockOperation.operation_type == OperationType.ORDER_DEDUCTION.value,
+    )
+    if account_name is not None:
+        statement = statement.where(
+            or_(
+                PendingStockOperation.account_name == account_name,
+                PendingStockOperation.account_name.is_(None),
+            )
+        )
+    return session.scalars(statement.limit(1)).first()
+
+
+def _create(services: Services, order_id: str, account_name: str | None) -> tuple[uuid.UUID, bool]:
+    with services.database.transaction() as session:
+        existing = _existing(session, order_id, account_name)
+        if existing is not None:
+            return existing, False
+        now = utcnow()
+        operation = PendingStockOperation(
+            id=uuid.uuid4(),
+            order_id=order_id,
+            account_name=account_name,
+            operation_type=OperationType.ORDER_DEDUCTION.value,
+            status=OperationStatus.PENDING.value,
+            retry_count=0,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(operation)
+        session.flush()
+        operation_logger(session, operation, services.logger).log_action_with_timing(
+            operation.id, LogAction.OPERATION_CREATED, f"operation created for order {order_id}"
+        )
+        return operation.id, True
+
+
+def submit_operation(
+    order_id: str, account_name: str | None = None, *, services: Services | None = None
+) -> uuid.UUID:
+    """Record the order's stock operation (PENDING) and enqueue its pipeline.
+
+    Submitting the same order again returns the same id and enqueues nothing. Raises
+    InvalidInput for a malformed argument (nothing written) and EnqueueFailed (carrying the
+    saved operation's id) when the broker could not take the message.
+    """
+    order_id = _checked_order_id(order_id)
+    account_name = _checked_account_name(account_name)
+    services = services or get_services()
+    try:
+        operation_id, created = _create(services, order_id, account_name)
+    except IntegrityError:
+        # A concurrent submit of the same order won the unique index: return its operation.
+        with services.database.transaction() as session:
+            found = _existing(session, order_id, account_name)
+        if found is None:
+            raise
+        return found
+    if created:
+        try:
+            services.dispatcher.enqueue_pipeline(operation_id, OperationStatus.PENDING)
+        except Exception as error:
+            raise EnqueueFailed(operation_id, f"{type(error).__name__}: {error}") from error
+    return operation_id
+
+
+def request_cancellation(
+    operation_id: uuid.UUID | str,
+    cancelled_by: str,
+    reason: str,
+    *,
+    services: Services | None = None,
+) -> CancellationResult:
+    """Cancel an operation now (stock restored in the same transaction); the microservice
+    rollback, when one is needed, runs as a task (its state is in the result)."""
+    services = services or get_services()
+    return services.cancellation.cancel_operation(
+        parse_operation_id(operation_id), cancelled_by, reason
+    )
+
+
+def parse_operation_id(value: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value).strip())
+    except ValueError:
+        raise InvalidInput(f"not an operation id (a UUID): {value!r}") from None

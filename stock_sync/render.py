@@ -1,0 +1,89 @@
+"""Human renderings of what the CLI prints (``--json`` prints the data itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [
+        ["" if c is None else str(c) for c in row] for row in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _short_time(value: str | None) -> str:
+    return value[11:23] if value else ""
+
+
+def operation(details: dict[str, Any]) -> str:
+    lines = [
+        f"operation {details['id']}  ({details['operation_type']})",
+        f"  order:        {details['order_id']}  account: {details['account_name'] or '-'}",
+        f"  status:       {details['status']}  retries in stage: {details['retry_count']}",
+    ]
+    if details.get("parent_operation_id"):
+        lines.append(f"  parent:       {details['parent_operation_id']}")
+    if details.get("last_error"):
+        lines.append(f"  last error:   {details['last_error_type']}: {details['last_error']}")
+    if details.get("cancelled_by"):
+        lines.append(
+            f"  cancelled by: {details['cancelled_by']} ({details['cancellation_reason']})"
+        )
+    if details.get("rollback_operations"):
+        lines.append(f"  adjustments:  {', '.join(details['rollback_operations'])}")
+    lines.append("  line items:")
+    lines += [
+        f"    {item['id']}: {item['sku']} x {item['quantity']}" for item in details["line_items"]
+    ] or ["    (not loaded yet)"]
+    lines.append("  timeline:")
+    for event in details["events"]:
+        move = f" {event['from_status']} -> {event['to_status']}" if event["to_status"] else ""
+        note = event["details"].get("details") or event["details"].get("reason") or ""
+        error = event["details"].get("error_type")
+        lines.append(
+            f"    {_short_time(event['at'])}  {event['action']}{move}"
+            + (f"  [{error}]" if error else "")
+            + (f"  {note}" if note else "")
+        )
+    return "\n".join(lines)
+
+
+def operation_table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "no operations"
+    return table(
+        ("id", "order", "account", "type", "status", "retries", "created"),
+        [
+            (
+                r["id"],
+                r["order_id"],
+                r["account_name"],
+                r["operation_type"],
+                r["status"],
+                r["retry_count"],
+                r["created_at"][:19],
+            )
+            for r in rows
+        ],
+    )
+
+
+def cancellation(result: dict[str, Any]) -> str:
+    lines = [
+        f"operation {result['operation_id']}: {result['final_status']}",
+        f"  {result['message']}",
+        f"  cancelled from: {result['cancelled_from']}  by: {result['cancelled_by']}",
+        f"  microservice rollback: {result['microservice_rollback']}",
+    ]
+    if result["adjustment_operation_ids"]:
+        lines.append(f"  adjustments: {', '.join(result['adjustment_operation_ids'])}")
+    return "\n".join(lines)

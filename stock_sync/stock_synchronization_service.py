@@ -1,0 +1,481 @@
+"""StockSynchronizationService: the work of each pipeline stage, and its retry bookkeeping.
+
+Every stage has the same shape: a short transaction reads (and locks) the operation row and
+checks the stage still applies; the HTTP call, if any, happens with no transaction open; a
+second short transaction re-checks the row under its lock, applies the change, transitions
+and writes its audit events. Nothing here knows about Celery: a stage returns a
+:class:`StageResult` and the task turns ``retry_in_s`` into ``Task.retry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from stock_sync.db import Database
+from stock_sync.domain.errors import (
+    InvalidInput,
+    MicroserviceError,
+    OperationNotFound,
+    OrderNotReady,
+    StockSyncError,
+)
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.stages import (
+    DEDUCT_STOCK,
+    LOAD_LINE_ITEMS,
+    ROLLBACK,
+    SYNC_MICROSERVICE,
+    VALIDATE_STOCK,
+    Stage,
+    StageOutcome,
+    stage_outcome_for,
+)
+from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.domain.stock import LineItem, ValidationResult, validate_stock_levels
+from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.models import PendingStockOperation, utcnow
+from stock_sync.notifications import Notification, Notifier
+from stock_sync.operations import line_items_of, load_operation, operation_logger, transition
+from stock_sync.settings import Settings
+from stock_sync.standardized_logger import StandardizedLogger, Timer, measure_execution_time
+from stock_sync.stock_ledger import deduct_for_operation, get_levels
+
+if TYPE_CHECKING:
+    from stock_sync.operation_cancellation_service import OperationCancellationService
+
+S = OperationStatus
+MARKETPLACE = "marketplace"
+NOT_PAID_YET = ("BOUGHT", "FILLED_IN")
+SYNCED_FULFILLMENT_STATUS = "PROCESSING"
+stage_logger = logging.getLogger("stock_sync.stages")
+
+
+def sync_idempotency_key(operation_id: uuid.UUID) -> str:
+    """The Idempotency-Key of an operation's sync PUT: the same on every attempt."""
+    return f"stock-sync:{operation_id}:sync"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage did; ``retry_in_s`` asks the caller to run the stage again later."""
+
+    outcome: StageOutcome
+    retry_in_s: float | None = None
+
+    @property
+    def continues_chain(self) -> bool:
+        return self.retry_in_s is None and self.outcome.continues_chain
+
+
+class StockSynchronizationService:
+    """Stage logic of the order pipeline; collaborators are passed in (see composition)."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        client: MicroserviceClient,
+        logger: StandardizedLogger,
+        notifier: Notifier,
+        settings: Settings,
+        cancellation: OperationCancellationService,
+    ) -> None:
+        self._database = database
+        self._client = client
+        self._logger = logger
+        self._notifier = notifier
+        self._settings = settings
+        self._cancellation = cancellation
+        self._stages: dict[str, Callable[[uuid.UUID], StageOutcome]] = {
+            LOAD_LINE_ITEMS.name: self.load_line_items,
+            VALIDATE_STOCK.name: self.validate_stock,
+            DEDUCT_STOCK.name: self.deduct_stock,
+            SYNC_MICROSERVICE.name: self.sync_microservice,
+            ROLLBACK.name: cancellation.rollback_microservice,
+        }
+
+    # --- entry point for the tasks --------------------------------------------------------
+
+    def execute(self, stage: Stage, operation_id: uuid.UUID) -> StageResult:
+        """Run one stage; a failure becomes a scheduled retry or, past the limit, FAILED."""
+        try:
+            return StageResult(self._stages[stage.name](operation_id))
+        except OperationNotFound:
+            stage_logger.error(
+                "stage %s: operation not found",
+                stage.name,
+                extra={"operation_id": str(operation_id)},
+            )
+            return StageResult(StageOutcome.STOPPED)
+        except StockSyncError as error:
+            if not error.retryable:
+                self.fail_operation(operation_id, stage, error)
+                return StageResult(StageOutcome.STOPPED)
+            return self.record_retry(operation_id, stage, error)
+        except Exception as error:  # an unexpected fault: retried, so a bug ends FAILED, not lost
+            stage_logger.exception(
+                "unexpected error in stage %s",
+                stage.name,
+                extra={"operation_id": str(operation_id)},
+            )
+            return self.record_retry(operation_id, stage, error)
+
+    # --- stage 1: PENDING -> PROCESSING ------------------------------------------------------
+
+    def load_line_items(self, operation_id: uuid.UUID) -> StageOutcome:
+        """Load the order's lines from the microservice once it is paid."""
+        with self._stage_transaction(operation_id, LOAD_LINE_ITEMS) as stage:
+            if stage.skip:
+                return stage.skip
+            operation, log = stage.operation, stage.log
+            log.log_action_with_timing(
+                operation_id, LogAction.LINE_ITEMS_LOADING, f"loading order {operation.order_id}"
+            )
+            order_id = operation.order_id
+        with self._measure_execution_time() as timer:
+            order = self._client.get_order(order_id)
+        if order.status == "CANCELLED":
+            self._cancellation.cancel_operation(
+                operation_id, cancelled_by=MARKETPLACE, reason="order cancelled upstream"
+            )
+            return StageOutcome.STOPPED
+        if order.status in NOT_PAID_YET:
+            raise OrderNotReady(order_id, order.status)
+        if not order.line_items:
+            raise InvalidInput(f"order {order_id} has no line items")
+        return self._store_line_items(operation_id, order, timer)
+
+    def _store_line_items(
+        self, operation_id: uuid.UUID, order: MicroserviceOrder, timer: Timer
+    ) -> StageOutcome:
+        with self._stage_transaction(operation_id, LOAD_LINE_ITEMS, lock=True) as stage:
+            if stage.skip:
+                return stage.skip
+            operation, log = stage.operation, stage.log
+            operation.line_items = [
+                LineItem(line.id, line.offer_id, line.sku, line.quantity).to_dict()
+                for line in order.line_items
+            ]
+            operation.order_revision = order.revision
+            if not operation.account_name and order.account_name:
+                operation.account_name = order.account_name
+                log.log_action_with_timing(
+                    operation_id,
+                    LogAction.ACCOUNT_NAME_UPDATED,
+                    f"account name set to {order.account_name}",
+                )
+            log.log_action_with_timing(
+                operation_id,
+                LogAction.LINE_ITEMS_LOADED,
+                f"{len(order.line_items)} line items loaded",
+                timer.elapsed_ms,
+            )
+            transition(operation, S.PROCESSING, "line items loaded", log)
+            return StageOutcome.DONE
+
+    # --- stage 2: PROCESSING, validation -------------------------------------------------
+
+    def validate_stock(self, operation_id: uuid.UUID) -> StageOutcome:
+        """Check every SKU exists and has enough stock; advisory, the deduction decides."""
+        with self._stage_transaction(operation_id, VALIDATE_STOCK) as stage:
+            if stage.skip:
+                return stage.skip
+            operation, log = stage.operation, stage.log
+            with self._measure_execution_time() as timer:
+                log.log_action_with_timing(
+                    operation_id, LogAction.STOCK_VALIDATION_STARTED, "validating stock"
+                )
+                lines = line_items_of(operation)
+                result = validate_stock_levels(
+                    lines, get_levels(stage.session, (line.sku for line in lines))
+                )
+            if not result.ok:
+                raise result.to_error()
+            log.log_action_with_timing(
+                operation_id,
+                LogAction.STOCK_VALIDATION_PASSED,
+                f"{len(lines)} lines can be served",
+                timer.elapsed_ms,
+            )
+            return StageOutcome.DONE
+
+    # --- stage 3: PROCESSING -> STOCK_DEDUCTED -------------------------------------------
+
+    def deduct_stock(self, operation_id: uuid.UUID) -> StageOutcome:
+        """Take the lines out of stock in one short transaction (authoritative)."""
+        with self._stage_transaction(operation_id, DEDUCT_STOCK, lock=True) as stage:
+            if stage.skip:
+                return stage.skip
+            operation, log = stage.operation, stage.log
+            log.log_action_with_timing(
+                operation_id, LogAction.STOCK_DEDUCTION_STARTED, "deducting stock"
+            )
+            with self._measure_execution_time() as timer:
+                outcome = deduct_for_operation(
+                    stage.session, operation_id, line_items_of(operation)
+                )
+            log.log_action_with_timing(
+                operation_id,
+                LogAction.STOCK_DEDUCTION_COMPLETED,
+                ", ".join(f"{m.sku} {m.delta}" for m in outcome.movements),
+                timer.elapsed_ms,
+            )
+            transition(operation, S.STOCK_DEDUCTED, "stock deducted", log)
+            return StageOutcome.DONE
+
+    # --- stage 4: STOCK_DEDUCTED -> COMPLETED --------------------------------------------
+
+    def sync_microservice(self, operation_id: uuid.UUID) -> StageOutcome:
+        """Tell the microservice the stock is taken (fulfillment PROCESSING)."""
+        with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
+            if stage.skip:
+                return stage.skip
+            operation, log = stage.operation, stage.log
+            log.log_action_with_timing(
+                operation_id, LogAction.MICROSERVICE_SYNC_STARTED, "syncing fulfillment status"
+            )
+            order_id = operation.order_id
+        with self._measure_execution_time() as timer:
+            order = self._client.get_order(order_id)
+            if not self._remember_status_before_sync(operation_id, order.fulfillment_status):
+                return StageOutcome.STOPPED
+            try:
+                self._client.set_fulfillment_status(
+                    order_id,
+                    status=SYNCED_FULFILLMENT_STATUS,
+                    expected_revision=order.revision,
+                    idempotency_key=sync_idempotency_key(operation_id),
+                )
+            except MicroserviceError:
+                # The PUT may have landed anyway; if a cancel won meanwhile, undo it.
+                if self._cancellation.compensate_if_cancelled(operation_id):
+                    return StageOutcome.STOPPED
+                raise
+        return self._complete(operation_id, timer)
+
+    def _remember_status_before_sync(self, operation_id: uuid.UUID, seen: str) -> bool:
+        """Record the fulfillment status a rollback must restore (first sight wins)."""
+        with self._stage_transaction(operation_id, SYNC_MICROSERVICE, lock=True) as stage:
+            if stage.skip:
+                return False
+            operation = stage.operation
+            if operation.fulfillment_status_before_sync is None:
+                operation.fulfillment_status_before_sync = seen
+            return True
+
+    def _complete(self, operation_id: uuid.UUID, timer: Timer) -> StageOutcome:
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=True)
+            if operation.status_enum is S.CANCELLED:
+                cancelled_meanwhile = True
+            else:
+                cancelled_meanwhile = False
+                if operation.status_enum is not S.STOCK_DEDUCTED:
+                    return StageOutcome.ALREADY_PAST  # a duplicate delivery finished first
+                log = operation_logger(session, operation, self._logger)
+                operation.microservice_synced_at = utcnow()
+                log.log_action_with_timing(
+                    operation_id,
+                    LogAction.MICROSERVICE_SYNC_SUCCESS,
+                    f"fulfillment set to {SYNCED_FULFILLMENT_STATUS}",
+                    timer.elapsed_ms,
+                )
+                transition(operation, S.COMPLETED, "status synced to the microservice", log)
+        if cancelled_meanwhile:
+            # Our PUT landed after a cancellation: put the microservice back.
+            self._cancellation.compensate_if_cancelled(operation_id)
+            return StageOutcome.STOPPED
+        return StageOutcome.DONE
+
+    # --- retries and failure ---------------------------------------------------------------
+
+    def record_retry(self, operation_id: uuid.UUID, stage: Stage, error: Exception) -> StageResult:
+        """Count a retry in the row (the truth), or fail the operation past its limit."""
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=True)
+            if operation.status_enum is not stage.status:
+                return StageResult(StageOutcome.STOPPED)  # cancelled or moved on meanwhile
+            log = operation_logger(session, operation, self._logger)
+            policy = self._settings.retry_policy(stage.retry_budget)
+            if policy.exhausted(operation.retry_count):
+                self._log_failure(log, operation, stage, error, next_retry_at=None)
+                log.log_action_with_timing(
+                    operation_id,
+                    LogAction.MAX_RETRIES_REACHED,
+                    f"stage {stage.name} gave up after {operation.retry_count} retries",
+                    status="error",
+                )
+                self._fail(session, operation, log, error, f"retry limit of {stage.name} reached")
+                return StageResult(StageOutcome.STOPPED)
+            operation.retry_count += 1
+            delay = policy.delay_for(
+                operation.retry_count, at_least_s=getattr(error, "retry_after_s", None)
+            )
+            operation.next_retry_at = utcnow() + timedelta(seconds=delay)
+            operation.last_error = _one_line(error)
+            operation.last_error_type = type(error).__name__
+            operation.updated_at = utcnow()
+            log.bind(
+                operation_id,
+                order_id=operation.order_id,
+                status=operation.status,
+                attempt=operation.retry_count,
+                next_retry_at=operation.next_retry_at,
+                max_retries=policy.max_retries,
+                stage=stage.name,
+            )
+            self._log_failure(log, operation, stage, error, next_retry_at=operation.next_retry_at)
+            log.log_action_with_timing(
+                operation_id,
+                LogAction.RETRY_SCHEDULED,
+                f"retry {operation.retry_count} of {policy.max_retries} of {stage.name} "
+                f"in {delay:.3f}s",
+                status="warning",
+            )
+            return StageResult(StageOutcome.STOPPED, retry_in_s=delay)
+
+    def fail_operation(self, operation_id: uuid.UUID, stage: Stage, error: Exception) -> None:
+        """A permanent error: the operation goes to FAILED at once, if still in the stage."""
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=True)
+            if operation.status_enum is not stage.status:
+                return
+            log = operation_logger(session, operation, self._logger)
+            self._log_failure(log, operation, stage, error, next_retry_at=None)
+            self._fail(session, operation, log, error, f"permanent error in {stage.name}")
+
+    def fail_exhausted(self, operation_id: uuid.UUID, stage: Stage) -> bool:
+        """FAILED for an operation whose stage used its budget but never failed (a killed
+        worker); False when it has budget left or moved on."""
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=True)
+            policy = self._settings.retry_policy(stage.retry_budget)
+            if operation.status_enum is not stage.status or not policy.exhausted(
+                operation.retry_count
+            ):
+                return False
+            log = operation_logger(session, operation, self._logger)
+            log.log_action_with_timing(
+                operation_id,
+                LogAction.MAX_RETRIES_REACHED,
+                f"stage {stage.name} used its {policy.max_retries} retries (found by the sweep)",
+                status="error",
+            )
+            error = StockSyncError(operation.last_error or "retry limit reached")
+            self._fail(session, operation, log, error, f"retry limit of {stage.name} reached")
+            return True
+
+    def _fail(
+        self,
+        session: Session,
+        operation: PendingStockOperation,
+        log: StandardizedLogger,
+        error: Exception,
+        reason: str,
+    ) -> None:
+        operation.last_error = _one_line(error)
+        operation.last_error_type = type(error).__name__
+        log.log_action_with_timing(
+            operation.id,
+            LogAction.OPERATION_FAILED,
+            f"{reason}: {_one_line(error)}",
+            status="error",
+        )
+        kept = " (stock stays deducted)" if operation.status_enum is S.STOCK_DEDUCTED else ""
+        transition(operation, S.FAILED, reason + kept, log)
+        if operation.type_enum is OperationType.MICROSERVICE_ROLLBACK:
+            self._cancellation.report_rollback_failed(session, operation)
+        self._notifier.notify(
+            Notification(
+                kind="operation_failed",
+                operation_id=operation.id,
+                order_id=operation.order_id,
+                message=f"operation failed: {reason}{kept}",
+                details={"error_type": type(error).__name__, "error": _one_line(error)},
+            )
+        )
+
+    def _log_failure(
+        self,
+        log: StandardizedLogger,
+        operation: PendingStockOperation,
+        stage: Stage,
+        error: Exception,
+        *,
+        next_retry_at: Any,
+    ) -> None:
+        result = getattr(error, "validation_result", None)
+        if stage is VALIDATE_STOCK and isinstance(result, ValidationResult):
+            log.log_validation_failure(operation.id, result)
+            self._notifier.notify(
+                Notification(
+                    kind="stock_validation_failed",
+                    operation_id=operation.id,
+                    order_id=operation.order_id,
+                    message=str(error),
+                    details={"next_retry_at": str(next_retry_at) if next_retry_at else None},
+                )
+            )
+            return
+        log.log_error_with_context(
+            operation.id,
+            error,
+            {"action": stage.failure_action, "stage": stage.name, "next_retry_at": next_retry_at},
+        )
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @contextmanager
+    def _stage_transaction(
+        self, operation_id: uuid.UUID, stage: Stage, *, lock: bool = False
+    ) -> Iterator[StageContext]:
+        """A transaction holding the operation row, with the verdict on whether ``stage``
+        still applies (None: go ahead; otherwise the outcome to return at once)."""
+        with self._database.transaction() as session:
+            operation = load_operation(session, operation_id, for_update=lock)
+            verdict = stage_outcome_for(operation.status_enum, stage)
+            if verdict is not None:
+                _log_skip(operation, stage, verdict)
+            yield StageContext(
+                session, operation, operation_logger(session, operation, self._logger), verdict
+            )
+
+    @staticmethod
+    def _measure_execution_time() -> AbstractContextManager[Timer]:
+        return measure_execution_time()
+
+
+@dataclass(frozen=True)
+class StageContext:
+    session: Session
+    operation: PendingStockOperation
+    log: StandardizedLogger
+    skip: StageOutcome | None
+
+
+def _log_skip(operation: PendingStockOperation, stage: Stage, verdict: StageOutcome) -> None:
+    stage_logger.info(
+        "stage %s skipped: operation is %s",
+        stage.name,
+        operation.status,
+        extra={
+            "operation_id": str(operation.id),
+            "order_id": operation.order_id,
+            "status": operation.status,
+            "stage": stage.name,
+            "chain": "continues" if verdict.continues_chain else "stops",
+        },
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().replace("\n", " ")
+    return text[:500] if text else type(error).__name__

@@ -1,0 +1,31 @@
+"""The Celery application and its process-level signal handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery._state import get_current_task
+from celery.signals import setup_logging, worker_process_init
+
+from stock_sync.composition import reset_services
+from stock_sync.db import reset_databases
+from stock_sync.logging_setup import TaskContextFilter, configure_json_logging
+from stock_sync.settings import get_settings
+
+app = Celery("stock_sync")
+app.config_from_object("celeryconfig")
+
+
+@setup_logging.connect
+def configure_worker_logging(**_: Any) -> None:
+    """JSON lines for every record, each carrying the task and the operation it works on."""
+    handler = configure_json_logging(get_settings().log_level)
+    handler.addFilter(TaskContextFilter(get_current_task))
+
+
+@worker_process_init.connect
+def build_fresh_connections(**_: Any) -> None:
+    """A forked child must not reuse its parent's database or HTTP connections."""
+    reset_databases(close=False)
+    reset_services()

@@ -1,0 +1,167 @@
+"""Helpers for the end-to-end tests: submit orders, wait for statuses, read what happened."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from stock_sync.db import Database
+from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
+from stock_sync.fake_microservice import FakeMicroservice
+from stock_sync.models import OperationEvent, PendingStockOperation, StockMovement
+from stock_sync.standardized_logger import OPERATIONS_LOGGER
+from stock_sync.stock_ledger import get_stock, ledger_sum, set_stock
+
+TERMINAL = {status.value for status in TERMINAL_STATUSES}
+WAIT_S = 60.0
+
+
+class RecordingHandler(logging.Handler):
+    """Keeps every record of the operations logger, as the dict the JSON formatter prints."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def capture_operation_logs() -> Iterator[list[logging.LogRecord]]:
+    handler = RecordingHandler()
+    logger = logging.getLogger(OPERATIONS_LOGGER)
+    previous_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
+def order(
+    order_id: str, *lines: tuple[str, int], account_name: str | None = "shop-1", **extra: Any
+) -> dict[str, Any]:
+    """An order for the fake microservice: (sku, quantity) per line."""
+    return {
+        "id": order_id,
+        "account_name": account_name,
+        "status": "READY_FOR_PROCESSING",
+        "fulfillment_status": "NEW",
+        "line_items": [
+            {
+                "id": f"{order_id}-line-{index}",
+                "offer_id": f"offer-{sku}",
+                "sku": sku,
+                "quantity": quantity,
+            }
+            for index, (sku, quantity) in enumerate(lines, start=1)
+        ],
+        **extra,
+    }
+
+
+@dataclass
+class Pipeline:
+    database: Database
+    fake: FakeMicroservice
+    log_records: list[logging.LogRecord] = field(default_factory=list)
+
+    def set_stock(self, **levels: int) -> None:
+        with self.database.transaction() as session:
+            for sku, quantity in levels.items():
+                set_stock(session, sku, quantity)
+
+    def stock(self, sku: str) -> int | None:
+        with self.database.transaction() as session:
+            return get_stock(session, sku)
+
+    def ledger_matches_stock(self, sku: str) -> bool:
+        with self.database.transaction() as session:
+            return ledger_sum(session, sku) == get_stock(session, sku)
+
+    def operation(self, operation_id: uuid.UUID) -> PendingStockOperation:
+        with self.database.transaction() as session:
+            row = session.get(PendingStockOperation, operation_id)
+            assert row is not None
+            return row
+
+    def wait_for(
+        self,
+        operation_ids: Iterable[uuid.UUID],
+        condition: Callable[[PendingStockOperation], bool] = lambda op: op.status in TERMINAL,
+        timeout_s: float = WAIT_S,
+    ) -> list[PendingStockOperation]:
+        """Poll until every operation meets ``condition``; fail with their states if not."""
+        ids = list(operation_ids)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = [self.operation(i) for i in ids]
+            if all(condition(row) for row in rows):
+                return rows
+            if time.monotonic() > deadline:
+                states = {str(r.id)[:8]: (r.status, r.retry_count, r.last_error) for r in rows}
+                raise AssertionError(f"operations did not settle in {timeout_s}s: {states}")
+            time.sleep(0.05)
+
+    def wait_for_status(
+        self, operation_id: uuid.UUID, status: OperationStatus
+    ) -> PendingStockOperation:
+        (row,) = self.wait_for([operation_id], lambda op: op.status == status.value)
+        return row
+
+    def events(self, operation_id: uuid.UUID) -> list[OperationEvent]:
+        with self.database.transaction() as session:
+            return list(
+                session.scalars(
+                    select(OperationEvent)
+                    .where(OperationEvent.operation_id == operation_id)
+                    .order_by(OperationEvent.id)
+                )
+            )
+
+    def actions(self, operation_id: uuid.UUID) -> list[str]:
+        return [event.action for event in self.events(operation_id)]
+
+    def logged_actions(self, operation_id: uuid.UUID) -> list[str]:
+        return [
+            r.action
+            for r in self.log_records
+            if getattr(r, "operation_id", None) == str(operation_id)
+        ]  # type: ignore[attr-defined]
+
+    def movements(self, operation_id: uuid.UUID) -> list[tuple[str, int, str]]:
+        with self.database.transaction() as session:
+            rows = session.scalars(
+                select(StockMovement)
+                .where(StockMovement.operation_id == operation_id)
+                .order_by(StockMovement.id)
+            )
+            return [(row.sku, row.delta, row.reason) for row in rows]
+
+    def count_operations(self, status: OperationStatus) -> int:
+        with self.database.transaction() as session:
+            return (
+                session.scalar(
+                    select(func.count())
+                    .select_from(PendingStockOperation)
+                    .where(PendingStockOperation.status == status.value)
+                )
+                or 0
+            )
+
+    def applied_puts(self, order_id: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.fake.fulfillment_requests()
+            if r["order_id"] == order_id and r["outcome"] == "applied"
+        ]

@@ -1,0 +1,449 @@
+"""Integration tests: the real MicroserviceClient against a started FakeMicroservice, over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from stock_sync.domain.errors import (
+    ContractViolation,
+    InvalidInput,
+    MicroserviceRateLimited,
+    MicroserviceServerError,
+    MicroserviceTimeout,
+    MicroserviceUnavailable,
+    OrderNotFound,
+    RevisionConflict,
+)
+from stock_sync.fake_microservice import FakeMicroservice, load_orders_file, serve
+from stock_sync.microservice_client import MicroserviceClient
+
+
+def an_order(order_id: str = "o-1", **changes: Any) -> dict[str, Any]:
+    order: dict[str, Any] = {
+        "id": order_id,
+        "account_name": "shop-a",
+        "revision": 1,
+        "status": "READY_FOR_PROCESSING",
+        "fulfillment_status": "NEW",
+        "line_items": [{"id": "li-1", "offer_id": "off-1", "sku": "SKU-1", "quantity": 2}],
+    }
+    order.update(changes)
+    return order
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeMicroservice]:
+    with FakeMicroservice(orders=[an_order()]) as started:
+        yield started
+
+
+@pytest.fixture
+def client(fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
+    with MicroserviceClient(fake.url, timeout_s=2.0) as microservice:
+        yield microservice
+
+
+@pytest.fixture
+def impatient_client(fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
+    with MicroserviceClient(fake.url, timeout_s=0.2) as microservice:
+        yield microservice
+
+
+def sync(client: MicroserviceClient, *, revision: int, key: str = "op-1:sync") -> None:
+    client.set_fulfillment_status(
+        "o-1", status="PROCESSING", expected_revision=revision, idempotency_key=key
+    )
+
+
+def outcomes(fake: FakeMicroservice) -> list[str]:
+    return [request["outcome"] for request in fake.fulfillment_requests()]
+
+
+# --- the contract ---------------------------------------------------------------------------
+
+
+def test_serves_an_order_the_client_parses(client: MicroserviceClient) -> None:
+    order = client.get_order("o-1")
+
+    assert (order.id, order.revision, order.status) == ("o-1", 1, "READY_FOR_PROCESSING")
+    assert [(line.sku, line.quantity) for line in order.line_items] == [("SKU-1", 2)]
+
+
+def test_answers_404_for_an_unknown_order(client: MicroserviceClient) -> None:
+    with pytest.raises(OrderNotFound):
+        client.get_order("nope")
+
+
+def test_put_then_replay_with_the_same_key_has_one_effect(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    sync(client, revision=1)
+    sync(client, revision=1)
+
+    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
+    assert fake.order("o-1")["revision"] == 2
+    assert outcomes(fake) == ["applied", "replayed"]
+
+
+def test_records_what_each_put_sent(fake: FakeMicroservice, client: MicroserviceClient) -> None:
+    sync(client, revision=1, key="k-1")
+
+    [recorded] = fake.fulfillment_requests()
+    assert {k: v for k, v in recorded.items() if k != "at"} == {
+        "order_id": "o-1",
+        "idempotency_key": "k-1",
+        "status": "PROCESSING",
+        "expected_revision": 1,
+        "outcome": "applied",
+        "http_status": 204,
+    }
+
+
+def test_put_with_a_stale_revision_is_a_conflict_without_effect(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    with pytest.raises(RevisionConflict, match="REVISION_CONFLICT"):
+        sync(client, revision=7)
+
+    assert fake.order("o-1")["fulfillment_status"] == "NEW"
+    assert outcomes(fake) == ["conflict"]
+
+
+def test_a_key_refused_with_a_conflict_applies_once_the_revision_matches(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    with pytest.raises(RevisionConflict):
+        sync(client, revision=7)
+
+    sync(client, revision=client.get_order("o-1").revision)
+
+    assert outcomes(fake) == ["conflict", "applied"]
+
+
+def test_put_without_an_idempotency_key_is_refused_with_422(fake: FakeMicroservice) -> None:
+    response = requests.put(
+        f"{fake.url}/v1/orders/o-1/fulfillment",
+        json={"status": "PROCESSING", "expected_revision": 1},
+        timeout=2,
+    )
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "MISSING_IDEMPOTENCY_KEY"
+    assert outcomes(fake) == ["error"]
+
+
+def test_cancelled_order_reports_cancelled_with_a_new_revision(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.cancel_order("o-1")
+
+    order = client.get_order("o-1")
+
+    assert (order.status, order.revision) == ("CANCELLED", 2)
+
+
+# --- per-order knobs ------------------------------------------------------------------------
+
+
+def test_order_shows_bought_until_ready_after_reads_gets_happened(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order("o-2"), ready_after_reads=2)
+
+    statuses = [client.get_order("o-2").status for _ in range(3)]
+
+    assert statuses == ["BOUGHT", "BOUGHT", "READY_FOR_PROCESSING"]
+
+
+def test_not_found_reads_answer_404_before_the_order_appears(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order("o-2"), not_found_reads=2)
+
+    for _ in range(2):
+        with pytest.raises(OrderNotFound):
+            client.get_order("o-2")
+
+    assert client.get_order("o-2").id == "o-2"
+
+
+def test_fail_gets_answer_a_retryable_503_then_the_order(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order("o-2"), fail_gets=1)
+
+    with pytest.raises(MicroserviceServerError) as caught:
+        client.get_order("o-2")
+
+    assert (caught.value.status_code, caught.value.retryable) == (503, True)
+    assert client.get_order("o-2").id == "o-2"
+
+
+def test_fail_puts_answer_503_without_effect(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order(), fail_puts=1)
+
+    with pytest.raises(MicroserviceServerError):
+        sync(client, revision=1)
+    sync(client, revision=1)
+
+    assert outcomes(fake) == ["fault", "applied"]
+    assert fake.order("o-1")["revision"] == 2
+
+
+def test_put_latency_past_the_timeout_applies_once_and_the_replay_succeeds(
+    fake: FakeMicroservice, impatient_client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order(), put_latency_s=1.0)
+
+    with pytest.raises(MicroserviceTimeout):
+        sync(impatient_client, revision=1)
+    sync(impatient_client, revision=1)
+
+    assert outcomes(fake) == ["applied", "replayed"]
+    assert fake.order("o-1")["revision"] == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [("json", "not valid JSON"), ("contract", r"line_items\.0\.quantity")],
+)
+def test_malformed_answers_are_contract_violations(
+    fake: FakeMicroservice, client: MicroserviceClient, mode: str, message: str
+) -> None:
+    fake.add_order(an_order(), malformed=mode)
+
+    with pytest.raises(ContractViolation, match=message):
+        client.get_order("o-1")
+
+
+# --- global faults --------------------------------------------------------------------------
+
+
+def test_a_closed_port_is_microservice_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+
+    with (
+        MicroserviceClient(f"http://127.0.0.1:{closed_port}", timeout_s=1.0) as microservice,
+        pytest.raises(MicroserviceUnavailable),
+    ):
+        microservice.get_order("o-1")
+
+
+def test_an_answer_slower_than_the_read_timeout_is_a_microservice_timeout(
+    fake: FakeMicroservice, impatient_client: MicroserviceClient
+) -> None:
+    fake.set_faults(timeout_rate=1.0, timeout_s=1.0)
+
+    with pytest.raises(MicroserviceTimeout):
+        impatient_client.get_order("o-1")
+
+
+def test_slow_answers_within_the_timeout_succeed(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.set_faults(latency_s=0.05)
+
+    assert client.get_order("o-1").id == "o-1"
+
+
+def test_rate_limited_answers_carry_retry_after(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.set_faults(rate_limit_rate=1.0, retry_after_s=3)
+
+    with pytest.raises(MicroserviceRateLimited) as caught:
+        client.get_order("o-1")
+
+    assert caught.value.retry_after_s == 3.0
+
+
+def test_rate_limited_answers_can_omit_retry_after(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.set_faults(rate_limit_rate=1.0, retry_after_s=None)
+
+    with pytest.raises(MicroserviceRateLimited) as caught:
+        client.get_order("o-1")
+
+    assert caught.value.retry_after_s is None
+
+
+def test_faulted_puts_are_recorded_too(fake: FakeMicroservice, client: MicroserviceClient) -> None:
+    fake.set_faults(error_rate=1.0)
+
+    with pytest.raises(MicroserviceServerError):
+        sync(client, revision=1)
+
+    assert [(r["outcome"], r["http_status"]) for r in fake.fulfillment_requests()] == [
+        ("fault", 503)
+    ]
+
+
+def test_the_same_seed_draws_the_same_faults() -> None:
+    def failure_pattern() -> list[bool]:
+        with (
+            FakeMicroservice(orders=[an_order()], seed=7) as seeded,
+            MicroserviceClient(seeded.url) as microservice,
+        ):
+            seeded.set_faults(error_rate=0.5)
+            return [_fails(microservice) for _ in range(20)]
+
+    first = failure_pattern()
+
+    assert first == failure_pattern()
+    assert any(first) and not all(first)
+
+
+def _fails(microservice: MicroserviceClient) -> bool:
+    try:
+        microservice.get_order("o-1")
+    except MicroserviceServerError:
+        return True
+    return False
+
+
+def test_keeps_one_connection_alive_across_sequential_requests(
+    fake: FakeMicroservice,
+) -> None:
+    with requests.Session() as session:
+        for _ in range(50):
+            assert session.get(f"{fake.url}/v1/orders/o-1", timeout=2).status_code == 200
+        adapter = session.get_adapter(fake.url)
+        assert isinstance(adapter, HTTPAdapter)
+        pools = adapter.poolmanager.pools
+        opened = [pools[key].num_connections for key in pools.keys()]  # noqa: SIM118 - the container refuses iteration
+
+    assert opened == [1]
+
+
+# --- the admin API --------------------------------------------------------------------------
+
+
+def test_admin_adds_orders_with_knobs_and_shows_them(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    added = requests.post(
+        f"{fake.url}/_admin/orders",
+        json={"orders": [an_order("o-2"), {**an_order("o-3"), "not_found_reads": 1}]},
+        timeout=2,
+    )
+
+    assert added.status_code == 201
+    assert added.json() == {"added": ["o-2", "o-3"]}
+    assert requests.get(f"{fake.url}/_admin/orders/o-2", timeout=2).json()["id"] == "o-2"
+    with pytest.raises(OrderNotFound):
+        client.get_order("o-3")
+
+
+def test_admin_refuses_an_invalid_order_naming_the_field(fake: FakeMicroservice) -> None:
+    order = an_order("o-2")
+    order["line_items"][0]["quantity"] = 0
+
+    response = requests.post(f"{fake.url}/_admin/orders", json=order, timeout=2)
+
+    assert response.status_code == 422
+    assert "line_items.0.quantity" in response.json()["error"]["message"]
+
+
+def test_admin_cancels_an_order(fake: FakeMicroservice) -> None:
+    response = requests.post(f"{fake.url}/_admin/orders/o-1/cancel", timeout=2)
+
+    assert response.json()["status"] == "CANCELLED"
+    assert fake.order("o-1")["status"] == "CANCELLED"
+
+
+def test_admin_sets_faults(fake: FakeMicroservice, client: MicroserviceClient) -> None:
+    response = requests.post(f"{fake.url}/_admin/faults", json={"error_rate": 1.0}, timeout=2)
+
+    assert response.json()["error_rate"] == 1.0
+    with pytest.raises(MicroserviceServerError):
+        client.get_order("o-1")
+
+
+def test_admin_lists_the_recorded_fulfillments(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    sync(client, revision=1)
+
+    response = requests.get(f"{fake.url}/_admin/fulfillments", timeout=2)
+
+    [recorded] = response.json()["fulfillments"]
+    assert (recorded["idempotency_key"], recorded["outcome"]) == ("op-1:sync", "applied")
+
+
+def test_admin_reset_forgets_everything(fake: FakeMicroservice) -> None:
+    fake.set_faults(error_rate=1.0)
+
+    requests.post(f"{fake.url}/_admin/reset", timeout=2)
+
+    health = requests.get(f"{fake.url}/_admin/health", timeout=2).json()
+    assert health == {"status": "ok", "orders": 0}
+    assert fake.faults()["error_rate"] == 0.0
+
+
+def test_admin_answers_404_for_an_unknown_route(fake: FakeMicroservice) -> None:
+    assert requests.get(f"{fake.url}/_admin/nothing", timeout=2).status_code == 404
+
+
+# --- in-process helpers and the orders file -------------------------------------------------
+
+
+def test_add_order_refuses_an_unknown_knob(fake: FakeMicroservice) -> None:
+    with pytest.raises(InvalidInput, match="unknown keys ready_after"):
+        fake.add_order(an_order(), ready_after=1)
+
+
+def test_set_faults_refuses_a_rate_above_one(fake: FakeMicroservice) -> None:
+    with pytest.raises(InvalidInput, match="error_rate must be a number between 0 and 1"):
+        fake.set_faults(error_rate=2)
+
+
+def test_loads_an_orders_file_in_either_shape(tmp_path: Path) -> None:
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps([an_order()]))
+    as_object = tmp_path / "object.json"
+    as_object.write_text(json.dumps({"orders": [an_order(), an_order("o-2")]}))
+
+    assert [o["id"] for o in load_orders_file(str(as_list))] == ["o-1"]
+    assert [o["id"] for o in load_orders_file(str(as_object))] == ["o-1", "o-2"]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[{", "not valid JSON"),
+        ('{"order": []}', "expected a JSON list of orders"),
+        ('[{"id": "o-1", "line_items": [{"sku": ""}]}]', "line_items.0.sku"),
+    ],
+)
+def test_serve_refuses_a_bad_orders_file_naming_it(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    orders_file = tmp_path / "orders.json"
+    orders_file.write_text(content)
+
+    with pytest.raises(InvalidInput) as caught:
+        serve(host="127.0.0.1", port=0, orders_file=str(orders_file), faults={})
+
+    assert str(orders_file) in str(caught.value)
+    assert problem in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_serve_refuses_a_missing_orders_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+
+    with pytest.raises(InvalidInput, match="cannot read it"):
+        serve(host="127.0.0.1", port=0, orders_file=str(missing), faults={})
