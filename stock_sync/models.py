@@ -194,4 +194,12 @@ class OperationEvent(Base):
     __table_args__ = (
         Index("ix_operation_events_operation_id_id", "operation_id", "id"),
         Index("ix_operation_events_action_at", "action", "at"),
+        # Error metrics read only the error events of a recent window.
+        Index(
+            "ix_operation_events_errors_at",
+            "at",
+            "error_type",
+            postgresql_where=text("error_type IS NOT NULL"),
+            sqlite_where=text("error_type IS NOT NULL"),
+        ),
     )

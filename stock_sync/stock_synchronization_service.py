@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from stock_sync.db import Database
 from stock_sync.domain.errors import (
     InvalidInput,
-    MicroserviceError,
+    MicroserviceTimeout,
     OperationNotFound,
     OrderNotReady,
     StockSyncError,
@@ -156,7 +156,7 @@ class StockSynchronizationService:
     def _store_line_items(
         self, operation_id: uuid.UUID, order: MicroserviceOrder, timer: Timer
     ) -> StageOutcome:
-        with self._stage_transaction(operation_id, LOAD_LINE_ITEMS, lock=True) as stage:
+        with self._stage_transaction(operation_id, LOAD_LINE_ITEMS) as stage:
             if stage.skip:
                 return stage.skip
             operation, log = stage.operation, stage.log
@@ -211,7 +211,7 @@ class StockSynchronizationService:
 
     def deduct_stock(self, operation_id: uuid.UUID) -> StageOutcome:
         """Take the lines out of stock in one short transaction (authoritative)."""
-        with self._stage_transaction(operation_id, DEDUCT_STOCK, lock=True) as stage:
+        with self._stage_transaction(operation_id, DEDUCT_STOCK) as stage:
             if stage.skip:
                 return stage.skip
             operation, log = stage.operation, stage.log
@@ -254,8 +254,8 @@ class StockSynchronizationService:
                     expected_revision=order.revision,
                     idempotency_key=sync_idempotency_key(operation_id),
                 )
-            except MicroserviceError:
-                # The PUT may have landed anyway; if a cancel won meanwhile, undo it.
+            except MicroserviceTimeout:
+                # A timed-out PUT may have landed: if a cancel won meanwhile, undo it.
                 if self._cancellation.compensate_if_cancelled(operation_id):
                     return StageOutcome.STOPPED
                 raise
@@ -263,7 +263,7 @@ class StockSynchronizationService:
 
     def _remember_status_before_sync(self, operation_id: uuid.UUID, seen: str) -> bool:
         """Record the fulfillment status a rollback must restore (first sight wins)."""
-        with self._stage_transaction(operation_id, SYNC_MICROSERVICE, lock=True) as stage:
+        with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
             if stage.skip:
                 return False
             operation = stage.operation
@@ -434,13 +434,15 @@ class StockSynchronizationService:
     # --- plumbing ------------------------------------------------------------------------
 
     @contextmanager
-    def _stage_transaction(
-        self, operation_id: uuid.UUID, stage: Stage, *, lock: bool = False
-    ) -> Iterator[StageContext]:
-        """A transaction holding the operation row, with the verdict on whether ``stage``
-        still applies (None: go ahead; otherwise the outcome to return at once)."""
+    def _stage_transaction(self, operation_id: uuid.UUID, stage: Stage) -> Iterator[StageContext]:
+        """A transaction holding the locked operation row, with the verdict on whether
+        ``stage`` still applies (None: go ahead; otherwise the outcome to return at once).
+
+        The row lock serialises every stage step with a concurrent cancellation, so neither
+        acts on a status the other is changing and the audit trail never interleaves.
+        """
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=lock)
+            operation = load_operation(session, operation_id, for_update=True)
             verdict = stage_outcome_for(operation.status_enum, stage)
             if verdict is not None:
                 _log_skip(operation, stage, verdict)

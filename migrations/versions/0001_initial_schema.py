@@ -122,6 +122,13 @@ def upgrade() -> None:
     with op.batch_alter_table("operation_events", schema=None) as batch_op:
         batch_op.create_index("ix_operation_events_action_at", ["action", "at"], unique=False)
         batch_op.create_index(
+            "ix_operation_events_errors_at",
+            ["at", "error_type"],
+            unique=False,
+            postgresql_where=sa.text("error_type IS NOT NULL"),
+            sqlite_where=sa.text("error_type IS NOT NULL"),
+        )
+        batch_op.create_index(
             "ix_operation_events_operation_id_id", ["operation_id", "id"], unique=False
         )
 
@@ -180,6 +187,11 @@ def downgrade() -> None:
     op.drop_table("stock_movements")
     with op.batch_alter_table("operation_events", schema=None) as batch_op:
         batch_op.drop_index("ix_operation_events_operation_id_id")
+        batch_op.drop_index(
+            "ix_operation_events_errors_at",
+            postgresql_where=sa.text("error_type IS NOT NULL"),
+            sqlite_where=sa.text("error_type IS NOT NULL"),
+        )
         batch_op.drop_index("ix_operation_events_action_at")
 
     op.drop_table("operation_events")

@@ -1,0 +1,347 @@
+"""Cancellation at every stage through the real worker, the refusals, and the races."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import create_engine, select, text
+
+from stock_sync.composition import get_services
+from stock_sync.domain.errors import CancellationRefused, OperationNotFound
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.models import PendingStockOperation
+from stock_sync.operation_cancellation_service import CancellationResult
+from stock_sync.producer import request_cancellation, submit_operation
+from tasks.stages import deduct_stock, load_line_items, sync_microservice
+from tests.support import Pipeline, order
+
+S = OperationStatus
+
+
+def cancel(operation_id: uuid.UUID, by: str = "tester", reason: str = "test") -> CancellationResult:
+    return request_cancellation(operation_id, by, reason)
+
+
+def adjustments_of(pipeline: Pipeline, operation_id: uuid.UUID) -> list[PendingStockOperation]:
+    with pipeline.database.transaction() as session:
+        return list(
+            session.scalars(
+                select(PendingStockOperation)
+                .where(PendingStockOperation.parent_operation_id == operation_id)
+                .order_by(PendingStockOperation.created_at)
+            )
+        )
+
+
+def completed_order(pipeline: Pipeline, order_id: str, **stock: int) -> uuid.UUID:
+    pipeline.set_stock(**stock)
+    pipeline.fake.add_order(order(order_id, *((sku, 1) for sku in stock)))
+    operation_id = submit_operation(order_id)
+    assert pipeline.wait_for([operation_id])[0].status == "completed"
+    return operation_id
+
+
+def test_cancel_while_pending_stops_the_pipeline(
+    pipeline: Pipeline, retry_limits: Callable[..., None]
+) -> None:
+    retry_limits(max_retries_pending=500, retry_backoff_max_s=0.05)
+    pipeline.set_stock(**{"SKU-A": 5})
+    pipeline.fake.add_order(order("unpaid", ("SKU-A", 1)), ready_after_reads=100_000)
+    operation_id = submit_operation("unpaid")
+    pipeline.wait_for([operation_id], lambda op: op.retry_count >= 1)
+    result = cancel(operation_id)
+    assert (result.cancelled_from, result.final_status) == (S.PENDING, S.CANCELLED)
+    assert not result.stock_restored and result.microservice_rollback == "not_needed"
+    time.sleep(0.3)  # let the retry already scheduled come and find CANCELLED
+    row = pipeline.operation(operation_id)
+    assert (
+        row.status == "cancelled"
+        and row.cancelled_by == "tester"
+        and row.cancellation_reason == "test"
+    )
+    assert pipeline.stock("SKU-A") == 5
+    assert pipeline.actions(operation_id)[-3:] == [
+        "cancellation_requested",
+        "status_transition",
+        "cancellation_completed",
+    ]
+
+
+def test_cancel_while_processing_leaves_stock_alone(
+    pipeline: Pipeline, retry_limits: Callable[..., None]
+) -> None:
+    retry_limits(max_retries_processing=500, retry_backoff_max_s=0.05)
+    pipeline.set_stock(**{"SKU-A": 0})
+    pipeline.fake.add_order(order("waiting", ("SKU-A", 1)))
+    operation_id = submit_operation("waiting")
+    pipeline.wait_for([operation_id], lambda op: op.status == "processing" and op.retry_count >= 1)
+    result = cancel(operation_id)
+    assert result.cancelled_from is S.PROCESSING and not result.stock_restored
+    pipeline.set_stock(**{"SKU-A": 3})  # stock arrives: the cancelled order must not take it
+    time.sleep(0.3)
+    assert pipeline.stock("SKU-A") == 3
+    assert pipeline.movements(operation_id) == []
+
+
+def test_cancel_after_deduction_restores_stock_in_an_adjustment(
+    pipeline: Pipeline, retry_limits: Callable[..., None]
+) -> None:
+    retry_limits(max_retries_stock_deducted=500, retry_backoff_max_s=0.05)
+    pipeline.set_stock(**{"SKU-A": 5, "SKU-B": 5})
+    pipeline.fake.add_order(order("deducted", ("SKU-A", 2), ("SKU-B", 1)), fail_puts=100_000)
+    operation_id = submit_operation("deducted")
+    pipeline.wait_for(
+        [operation_id], lambda op: op.status == "stock_deducted" and op.retry_count >= 1
+    )
+    assert (pipeline.stock("SKU-A"), pipeline.stock("SKU-B")) == (3, 4)
+    result = cancel(operation_id, "support", "customer asked")
+    assert result.cancelled_from is S.STOCK_DEDUCTED and result.stock_restored
+    assert sorted((m.sku, m.delta) for m in result.restored_movements) == [
+        ("SKU-A", 2),
+        ("SKU-B", 1),
+    ]
+    assert result.microservice_rollback == "not_needed"
+    assert (pipeline.stock("SKU-A"), pipeline.stock("SKU-B")) == (5, 5)
+    (restoration,) = adjustments_of(pipeline, operation_id)
+    assert (restoration.operation_type, restoration.status) == ("stock_restoration", "completed")
+    assert sorted(pipeline.movements(restoration.id)) == [
+        ("SKU-A", 2, "restoration"),
+        ("SKU-B", 1, "restoration"),
+    ]
+    assert pipeline.operation(operation_id).rollback_operations == [str(restoration.id)]
+    assert pipeline.ledger_matches_stock("SKU-A") and pipeline.ledger_matches_stock("SKU-B")
+    assert pipeline.actions(operation_id)[-5:] == [
+        "cancellation_requested",
+        "stock_rollback_started",
+        "stock_rollback_completed",
+        "status_transition",
+        "cancellation_completed",
+    ]
+
+
+def test_cancel_after_completion_restores_stock_and_the_microservice(pipeline: Pipeline) -> None:
+    operation_id = completed_order(pipeline, "done-then-cancelled", **{"SKU-A": 4})
+    assert pipeline.fake.order("done-then-cancelled")["fulfillment_status"] == "PROCESSING"
+    result = cancel(operation_id)
+    assert result.cancelled_from is S.COMPLETED and result.stock_restored
+    assert pipeline.stock("SKU-A") == 4
+    restoration, rollback = adjustments_of(pipeline, operation_id)
+    assert restoration.operation_type == "stock_restoration"
+    assert rollback.operation_type == "microservice_rollback"
+    pipeline.wait_for([rollback.id], lambda op: op.status == "completed")
+    assert pipeline.fake.order("done-then-cancelled")["fulfillment_status"] == "NEW"
+    (put,) = [p for p in pipeline.applied_puts("done-then-cancelled") if p["status"] == "NEW"]
+    assert put["idempotency_key"] == f"stock-sync:{rollback.id}:rollback"
+    final = get_services().cancellation.result_of(operation_id)
+    assert final.microservice_rollback == "completed"
+    assert set(final.adjustment_operation_ids) == {restoration.id, rollback.id}
+    tail = pipeline.actions(operation_id)[-7:]
+    assert tail == [
+        "cancellation_requested",
+        "stock_rollback_started",
+        "stock_rollback_completed",
+        "microservice_rollback_started",
+        "status_transition",
+        "microservice_rollback_completed",
+        "cancellation_completed",
+    ]
+
+
+def test_a_microservice_rollback_that_fails_twice_then_succeeds(pipeline: Pipeline) -> None:
+    operation_id = completed_order(pipeline, "flaky-rollback", **{"SKU-A": 1})
+    pipeline.fake.add_order({**pipeline.fake.order("flaky-rollback"), "fail_puts": 2})
+    cancel(operation_id)
+    (_, rollback) = adjustments_of(pipeline, operation_id)
+    (done,) = pipeline.wait_for([rollback.id])
+    assert done.status == "completed"
+    assert pipeline.actions(rollback.id).count("retry_scheduled") == 2
+    assert pipeline.fake.order("flaky-rollback")["fulfillment_status"] == "NEW"
+
+
+def test_a_microservice_rollback_that_never_succeeds_fails_alone(pipeline: Pipeline) -> None:
+    operation_id = completed_order(pipeline, "dead-rollback", **{"SKU-A": 1})
+    pipeline.fake.add_order({**pipeline.fake.order("dead-rollback"), "fail_puts": 100_000})
+    cancel(operation_id)
+    (_, rollback) = adjustments_of(pipeline, operation_id)
+    (failed,) = pipeline.wait_for([rollback.id])
+    assert failed.status == "failed"
+    assert "max_retries_reached" in pipeline.actions(rollback.id)
+    parent = pipeline.operation(operation_id)
+    assert parent.status == "cancelled" and pipeline.stock("SKU-A") == 1
+    assert get_services().cancellation.result_of(operation_id).microservice_rollback == "failed"
+    last = pipeline.events(operation_id)[-1]
+    assert last.action == "cancellation_completed" and last.details["outcome"] == "error"
+
+
+def test_failed_and_unknown_operations_are_refused(pipeline: Pipeline) -> None:
+    pipeline.fake.add_order(order("will-fail", ("NOWHERE", 1)), malformed="json")
+    operation_id = submit_operation("will-fail")
+    assert pipeline.wait_for([operation_id])[0].status == "failed"
+    with pytest.raises(CancellationRefused, match="it is failed"):
+        cancel(operation_id)
+    with pytest.raises(OperationNotFound, match="operation not found"):
+        cancel(uuid.uuid4())
+
+
+def test_cancelling_twice_returns_the_first_result_and_changes_nothing(pipeline: Pipeline) -> None:
+    operation_id = completed_order(pipeline, "cancel-twice", **{"SKU-A": 2})
+    first = cancel(operation_id, "alice", "first")
+    second = cancel(operation_id, "bob", "second")
+    assert second.cancelled_from is S.COMPLETED and second.cancelled_by == "alice"
+    assert second.adjustment_operation_ids == first.adjustment_operation_ids
+    assert second.restored_movements == first.restored_movements
+    assert pipeline.stock("SKU-A") == 2
+    assert pipeline.actions(operation_id).count("cancellation_requested") == 1
+
+
+# --- races --------------------------------------------------------------------------------
+
+
+def insert_operation(
+    pipeline: Pipeline, order_id: str, status: S, lines: list[tuple[str, int]]
+) -> uuid.UUID:
+    """An operation row as a stage would have left it, with no message on the broker."""
+    operation_id = uuid.uuid4()
+    with pipeline.database.transaction() as session:
+        session.add(
+            PendingStockOperation(
+                id=operation_id,
+                order_id=order_id,
+                account_name="shop-1",
+                status=status.value,
+                line_items=[
+                    {"id": f"{order_id}-{i}", "offer_id": "o", "sku": sku, "quantity": qty}
+                    for i, (sku, qty) in enumerate(lines)
+                ],
+            )
+        )
+    return operation_id
+
+
+def wait_until_blocked_on_a_lock(postgres_url: str, count: int = 1) -> None:
+    engine = create_engine(postgres_url)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                waiting = connection.execute(
+                    text(
+                        "select count(*) from pg_stat_activity"
+                        " where datname = current_database() and wait_event_type = 'Lock'"
+                    )
+                ).scalar()
+            if waiting and waiting >= count:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} sessions waiting on a lock")
+    finally:
+        engine.dispose()
+
+
+def test_cancel_arriving_while_deduct_stock_runs_restores_exactly_once(
+    pipeline: Pipeline, postgres_url: str
+) -> None:
+    pipeline.set_stock(**{"SKU-R": 5})
+    operation_id = insert_operation(pipeline, "race-deduct", S.PROCESSING, [("SKU-R", 2)])
+    # Hold the stock row: deduct_stock takes the operation lock, then waits here mid-transaction.
+    blocker = create_engine(postgres_url).connect()
+    blocker_tx = blocker.begin()
+    blocker.execute(text("select quantity from stock_levels where sku = 'SKU-R' for update"))
+    deduct_stock.apply_async((str(operation_id),))
+    wait_until_blocked_on_a_lock(postgres_url, 1)
+    results: list[CancellationResult] = []
+    canceller = threading.Thread(target=lambda: results.append(cancel(operation_id)))
+    canceller.start()
+    wait_until_blocked_on_a_lock(postgres_url, 2)  # the cancel now queues on the operation row
+    blocker_tx.rollback()
+    blocker.close()
+    canceller.join(30)
+    (result,) = results
+    assert result.cancelled_from is S.STOCK_DEDUCTED and result.stock_restored
+    assert pipeline.stock("SKU-R") == 5
+    assert pipeline.movements(operation_id) == [("SKU-R", -2, "deduction")]
+    assert pipeline.ledger_matches_stock("SKU-R")
+    deduct_stock.apply_async((str(operation_id),))  # a redelivery afterwards moves nothing
+    time.sleep(0.3)
+    assert pipeline.stock("SKU-R") == 5 and pipeline.operation(operation_id).status == "cancelled"
+
+
+def test_cancel_arriving_before_deduct_stock_means_no_deduction(pipeline: Pipeline) -> None:
+    pipeline.set_stock(**{"SKU-R": 5})
+    operation_id = insert_operation(pipeline, "race-deduct-2", S.PROCESSING, [("SKU-R", 2)])
+    result = cancel(operation_id)
+    assert result.cancelled_from is S.PROCESSING
+    deduct_stock.apply_async((str(operation_id),))
+    time.sleep(0.3)
+    assert pipeline.stock("SKU-R") == 5 and pipeline.movements(operation_id) == []
+
+
+def test_cancel_while_the_sync_put_is_in_flight_is_compensated(pipeline: Pipeline) -> None:
+    pipeline.set_stock(**{"SKU-S": 3})
+    pipeline.fake.add_order(order("race-sync", ("SKU-S", 1)), put_latency_s=0.6)
+    operation_id = submit_operation("race-sync")
+    deadline = time.monotonic() + 30
+    while not pipeline.applied_puts("race-sync"):  # the PUT has landed, its answer is still coming
+        assert time.monotonic() < deadline, "the sync PUT never arrived"
+        time.sleep(0.01)
+    result = cancel(operation_id)
+    assert result.cancelled_from is S.STOCK_DEDUCTED and pipeline.stock("SKU-S") == 3
+    rollback = pipeline.wait_for(
+        [operation_id],
+        lambda op: any(
+            a.operation_type == "microservice_rollback" for a in adjustments_of(pipeline, op.id)
+        ),
+    )
+    assert rollback[0].status == "cancelled"
+    microservice_rollback = next(
+        a
+        for a in adjustments_of(pipeline, operation_id)
+        if a.operation_type == "microservice_rollback"
+    )
+    pipeline.wait_for([microservice_rollback.id], lambda op: op.status == "completed")
+    assert pipeline.fake.order("race-sync")["fulfillment_status"] == "NEW"
+    assert pipeline.operation(operation_id).status == "cancelled"
+    assert [p["status"] for p in pipeline.applied_puts("race-sync")] == ["PROCESSING", "NEW"]
+
+
+def test_two_cancels_at_once_have_one_effect(pipeline: Pipeline) -> None:
+    pipeline.set_stock(**{"SKU-T": 1})
+    operation_id = insert_operation(pipeline, "race-cancel", S.PROCESSING, [("SKU-T", 1)])
+    deduct_stock.apply_async((str(operation_id),))
+    pipeline.wait_for_status(operation_id, S.STOCK_DEDUCTED)
+    results: list[CancellationResult] = []
+    barrier = threading.Barrier(2)
+
+    def cancel_now(who: str) -> None:
+        barrier.wait()
+        results.append(cancel(operation_id, who, "race"))
+
+    threads = [threading.Thread(target=cancel_now, args=(who,)) for who in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert (
+        len(results) == 2
+        and results[0].adjustment_operation_ids == results[1].adjustment_operation_ids
+    )
+    assert pipeline.stock("SKU-T") == 1
+    assert len(adjustments_of(pipeline, operation_id)) == 1
+    assert pipeline.ledger_matches_stock("SKU-T")
+
+
+def test_a_stage_redelivered_after_a_cancel_moves_nothing(pipeline: Pipeline) -> None:
+    pipeline.set_stock(**{"SKU-U": 4})
+    pipeline.fake.add_order(order("redelivered", ("SKU-U", 1)))
+    operation_id = insert_operation(pipeline, "redelivered", S.PENDING, [])
+    cancel(operation_id)
+    for task in (load_line_items, deduct_stock, sync_microservice):
+        task.apply_async((str(operation_id),))
+    time.sleep(0.4)
+    row = pipeline.operation(operation_id)
+    assert row.status == "cancelled" and row.line_items == []
+    assert pipeline.stock("SKU-U") == 4 and pipeline.fake.fulfillment_requests() == []
