@@ -199,6 +199,41 @@ def cancel(
         sys.exit(EXIT_ROLLBACK_UNSETTLED)
 
 
+@cli.command("sweep")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sweep(as_json: bool) -> None:
+    """Re-drive stuck operations now (what the beat entry does)."""
+    from stock_sync.composition import get_services
+    from stock_sync.sweeps import sweeper_for
+
+    report = sweeper_for(get_services()).sweep()
+    payload = report.to_dict()
+    emit(
+        as_json,
+        payload,
+        lambda: (
+            "another sweep is running: skipped"
+            if not report.ran
+            else f"re-driven: {len(report.redriven)}, failed: {len(report.failed)}, "
+            f"not enqueued: {len(report.not_enqueued)}"
+        ),
+    )
+
+
+@cli.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def check(as_json: bool) -> None:
+    """Reconcile stock levels, the ledger and the operations; exit 1 on any mismatch."""
+    from stock_sync.reconciliation import reconcile
+
+    with get_database().transaction() as session:
+        report = reconcile(session)
+    payload = report.to_dict()
+    emit(as_json, payload, lambda: render.reconciliation(payload))
+    if not report.ok:
+        sys.exit(1)
+
+
 # --- processes --------------------------------------------------------------------------
 
 

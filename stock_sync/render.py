@@ -87,3 +87,14 @@ def cancellation(result: dict[str, Any]) -> str:
     if result["adjustment_operation_ids"]:
         lines.append(f"  adjustments: {', '.join(result['adjustment_operation_ids'])}")
     return "\n".join(lines)
+
+
+def reconciliation(report: dict[str, Any]) -> str:
+    head = (
+        f"checked {report['stock_levels_checked']} stock levels and "
+        f"{report['operations_checked']} operations: "
+    )
+    if report["ok"]:
+        return head + "everything reconciles"
+    rows = [(m["check"], m["subject"], m["message"]) for m in report["mismatches"]]
+    return head + f"{len(rows)} mismatches\n" + table(("check", "subject", "problem"), rows)

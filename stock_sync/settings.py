@@ -40,6 +40,8 @@ class Settings(BaseSettings):
 
     stuck_after_s: float = Field(default=900.0, gt=0)
     sweep_batch_size: int = Field(default=200, ge=1)
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+    alert_interval_s: float = Field(default=60.0, gt=0)
     log_level: str = "INFO"
     queue_name: str = "stock_sync"
     notification_sender: str = ""

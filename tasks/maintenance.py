@@ -1,0 +1,44 @@
+"""Beat-driven maintenance: the stuck-operation sweep and the daily reconciliation."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from stock_sync.composition import get_services
+from stock_sync.reconciliation import reconcile
+from stock_sync.sweeps import sweeper_for
+from tasks.app import app
+
+logger = logging.getLogger("stock_sync.tasks")
+
+
+@app.task(name="stock_sync.sweep_stuck_operations", ignore_result=True, acks_late=False)
+def sweep_stuck_operations_task() -> dict[str, Any]:
+    """Re-drive stuck operations (acks early: a lost sweep is simply the next one)."""
+    return sweeper_for(get_services()).sweep().to_dict()
+
+
+@app.task(name="stock_sync.reconcile", ignore_result=True, acks_late=False)
+def reconcile_task() -> dict[str, Any]:
+    """Check ledger against stock and operations; a mismatch raises an ALERT."""
+    from stock_sync.alerts import Alert, publish_alerts
+
+    services = get_services()
+    with services.database.transaction() as session:
+        report = reconcile(session)
+    if not report.ok:
+        publish_alerts(
+            [
+                Alert(
+                    rule="reconciliation_mismatch",
+                    value=float(len(report.mismatches)),
+                    threshold=0.0,
+                    window_s=0.0,
+                    sample_operation_ids=[m.subject for m in report.mismatches[:10]],
+                    message="; ".join(m.message for m in report.mismatches[:5]),
+                )
+            ],
+            webhook_url=services.settings.alert_webhook_url,
+        )
+    return report.to_dict()

@@ -1,0 +1,185 @@
+"""The stuck-operation sweep on real PostgreSQL: re-drive, no fresh budget, one sweeper."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import text
+
+from stock_sync.composition import build_services, get_services
+from stock_sync.db import Database
+from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.models import PendingStockOperation, utcnow
+from stock_sync.settings import load_settings
+from stock_sync.sweeps import StuckOperationSweeper, sweeper_for
+from tests.support import Pipeline, order
+
+S = OperationStatus
+
+
+class RecordingDispatcher:
+    """A fake dispatcher: remembers what it was asked to enqueue."""
+
+    def __init__(self) -> None:
+        self.pipelines: list[tuple[uuid.UUID, OperationStatus]] = []
+        self.rollbacks: list[uuid.UUID] = []
+        self._lock = threading.Lock()
+
+    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+        with self._lock:
+            self.pipelines.append((operation_id, status))
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
+        with self._lock:
+            self.rollbacks.append(adjustment_operation_id)
+
+
+def stuck_operation(
+    database: Database,
+    order_id: str,
+    status: S = S.PENDING,
+    *,
+    idle_s: float = 3600,
+    retry_count: int = 0,
+    operation_type: OperationType = OperationType.ORDER_DEDUCTION,
+    **fields: Any,
+) -> uuid.UUID:
+    operation_id = uuid.uuid4()
+    long_ago = utcnow() - timedelta(seconds=idle_s)
+    with database.transaction() as session:
+        session.add(
+            PendingStockOperation(
+                id=operation_id,
+                order_id=order_id,
+                status=status.value,
+                operation_type=operation_type.value,
+                retry_count=retry_count,
+                created_at=long_ago,
+                updated_at=long_ago,
+                **fields,
+            )
+        )
+    return operation_id
+
+
+def recording_sweeper(
+    database: Database, **environment: str
+) -> tuple[StuckOperationSweeper, RecordingDispatcher]:
+    dispatcher = RecordingDispatcher()
+    services = build_services(load_settings(), dispatcher=dispatcher, database=database)
+    return sweeper_for(services), dispatcher
+
+
+def test_a_pending_row_with_no_message_is_completed_after_a_sweep(pipeline: Pipeline) -> None:
+    pipeline.set_stock(**{"SKU-W": 2})
+    pipeline.fake.add_order(order("lost-message", ("SKU-W", 1)))
+    operation_id = stuck_operation(pipeline.database, "lost-message")
+    report = sweeper_for(get_services()).sweep()
+    assert report.redriven == [operation_id]
+    (done,) = pipeline.wait_for([operation_id])
+    assert done.status == "completed" and pipeline.stock("SKU-W") == 1
+    assert pipeline.actions(operation_id)[0] == "retry_scheduled"  # the sweep's re-drive
+
+
+def test_only_stuck_operations_are_redriven(clean_database: Database) -> None:
+    stuck = stuck_operation(clean_database, "old")
+    stuck_operation(clean_database, "fresh", idle_s=1)
+    stuck_operation(clean_database, "finished", S.COMPLETED)
+    stuck_operation(clean_database, "retry-planned", next_retry_at=utcnow() + timedelta(seconds=60))
+    deducted = stuck_operation(clean_database, "mid-way", S.STOCK_DEDUCTED)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    sweeper.sweep()
+    assert sorted(dispatcher.pipelines) == sorted(
+        [(stuck, S.PENDING), (deducted, S.STOCK_DEDUCTED)]
+    )
+
+
+def test_a_redriven_operation_keeps_its_retry_count(clean_database: Database) -> None:
+    operation_id = stuck_operation(clean_database, "half-used", retry_count=2)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    sweeper.sweep()
+    assert dispatcher.pipelines == [(operation_id, S.PENDING)]
+    with clean_database.transaction() as session:
+        assert session.get(PendingStockOperation, operation_id).retry_count == 2  # type: ignore[union-attr]
+
+
+def test_an_operation_that_used_its_budget_but_never_failed_is_failed(
+    clean_database: Database,
+) -> None:
+    budget = load_settings().max_retries_processing
+    operation_id = stuck_operation(
+        clean_database, "killed-at-limit", S.PROCESSING, retry_count=budget
+    )
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    report = sweeper.sweep()
+    assert report.failed == [operation_id] and dispatcher.pipelines == []
+    with clean_database.transaction() as session:
+        row = session.get(PendingStockOperation, operation_id)
+        assert row is not None and row.status == "failed"
+
+
+def test_a_stuck_microservice_rollback_is_enqueued_again(clean_database: Database) -> None:
+    parent = stuck_operation(clean_database, "parent", S.CANCELLED)
+    rollback = stuck_operation(
+        clean_database,
+        "parent",
+        operation_type=OperationType.MICROSERVICE_ROLLBACK,
+        parent_operation_id=parent,
+        target_fulfillment_status="NEW",
+    )
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    sweeper.sweep()
+    assert dispatcher.rollbacks == [rollback] and dispatcher.pipelines == []
+
+
+def test_two_concurrent_sweeps_redrive_an_operation_once(clean_database: Database) -> None:
+    ids = {stuck_operation(clean_database, f"stuck-{i}") for i in range(30)}
+    sweepers = [recording_sweeper(clean_database) for _ in range(2)]
+    barrier = threading.Barrier(2)
+
+    def run(sweeper: StuckOperationSweeper) -> None:
+        barrier.wait()
+        sweeper.sweep()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s, _ in sweepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    redriven = [op for _, dispatcher in sweepers for op, _ in dispatcher.pipelines]
+    assert sorted(redriven) == sorted(ids)  # each exactly once
+
+
+def test_a_sweep_holding_the_lock_makes_another_skip(
+    clean_database: Database, postgres_url: str
+) -> None:
+    from sqlalchemy import create_engine
+
+    from stock_sync.sweeps import SWEEP_ADVISORY_LOCK_KEY
+
+    stuck_operation(clean_database, "waiting")
+    holder = create_engine(postgres_url).connect()
+    holder.execute(text("select pg_advisory_lock(:k)"), {"k": SWEEP_ADVISORY_LOCK_KEY})
+    try:
+        sweeper, dispatcher = recording_sweeper(clean_database)
+        assert sweeper.sweep().ran is False and dispatcher.pipelines == []
+    finally:
+        holder.execute(text("select pg_advisory_unlock(:k)"), {"k": SWEEP_ADVISORY_LOCK_KEY})
+        holder.close()
+    assert sweeper.sweep().ran is True and len(dispatcher.pipelines) == 1
+
+
+def test_the_sweep_query_uses_the_status_updated_at_index(clean_database: Database) -> None:
+    from sqlalchemy import select
+
+    from stock_sync.stuck import is_stuck
+
+    with clean_database.transaction() as session:
+        session.execute(text("set local enable_seqscan = off"))
+        statement = select(PendingStockOperation.id).where(is_stuck(utcnow(), 900))
+        compiled = statement.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
+        plan = "\n".join(row[0] for row in session.execute(text(f"explain {compiled}")))
+    assert "ix_pending_stock_operations_status_updated_at" in plan

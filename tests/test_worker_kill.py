@@ -1,0 +1,185 @@
+"""A real worker process killed with SIGKILL mid-stage: after a restart and a sweep the
+operation completes and its stock is deducted exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from stock_sync.db import Database
+from stock_sync.fake_microservice import FakeMicroservice
+from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL
+from tests.support import Pipeline, order
+
+BIN = Path(sys.executable).parent
+REPOSITORY = Path(__file__).resolve().parent.parent
+STUCK_AFTER_S = 0.5
+
+
+@pytest.fixture
+def worker_environment(
+    clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
+) -> dict[str, str]:
+    fake_microservice.reset()
+    return {
+        **os.environ,
+        **PIPELINE_ENVIRONMENT,
+        "STOCK_SYNC_DATABASE_URL": postgres_url,
+        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
+        "STOCK_SYNC_MICROSERVICE_TIMEOUT_S": "5",
+        "STOCK_SYNC_QUEUE_NAME": f"stock-sync-kill-{uuid.uuid4().hex[:8]}",
+        "STOCK_SYNC_STUCK_AFTER_S": str(STUCK_AFTER_S),
+    }
+
+
+class WorkerProcess:
+    """``celery -A tasks worker`` in its own process group, its log in a file."""
+
+    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "tasks", "worker", "--pool", "threads",
+             "--concurrency", "2", "--loglevel", "INFO",
+             "--without-heartbeat", "--without-mingle", "--without-gossip"],
+            cwd=REPOSITORY,
+            env=environment,
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while "ready." not in self.log_path.read_text(errors="replace"):
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, worker_environment: dict[str, str]) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def cli(environment: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [str(BIN / "stock-sync"), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def wait_for_lock_waiter(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                if connection.execute(
+                    text(
+                        "select count(*) from pg_stat_activity"
+                        " where datname = current_database() and wait_event_type = 'Lock'"
+                    )
+                ).scalar():
+                    return
+            time.sleep(0.02)
+        raise AssertionError("deduct_stock never reached the locked stock row")
+    finally:
+        engine.dispose()
+
+
+def sweep_after_stuck_window(environment: dict[str, str]) -> dict[str, object]:
+    time.sleep(STUCK_AFTER_S + 0.2)
+    report: dict[str, object] = json.loads(cli(environment, "sweep", "--json"))
+    return report
+
+
+def test_a_worker_killed_inside_deduct_stock(
+    pipeline: Pipeline, workers: list[WorkerProcess], worker_environment: dict[str, str],
+    postgres_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    pipeline.set_stock(**{"SKU-K": 5})
+    pipeline.fake.add_order(order("kill-deduct", ("SKU-K", 2)))
+    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-1.log"))
+    blocker = create_engine(postgres_url).connect()
+    blocker_tx = blocker.begin()
+    blocker.execute(text("select quantity from stock_levels where sku = 'SKU-K' for update"))
+    operation_id = uuid.UUID(cli(worker_environment, "submit", "kill-deduct"))
+    wait_for_lock_waiter(postgres_url)  # the worker is inside deduct_stock's transaction
+    workers[0].kill()
+    blocker_tx.rollback()
+    blocker.close()
+    time.sleep(0.3)  # the orphaned transaction is rolled back when its client is gone
+    assert pipeline.operation(operation_id).status == "processing"
+    assert pipeline.stock("SKU-K") == 5
+
+    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-2.log"))
+    report = sweep_after_stuck_window(worker_environment)
+    assert report["redriven"] == [str(operation_id)]
+    (done,) = pipeline.wait_for([operation_id])
+    assert done.status == "completed"
+    assert pipeline.stock("SKU-K") == 3
+    assert pipeline.movements(operation_id) == [("SKU-K", -2, "deduction")]
+    assert pipeline.ledger_matches_stock("SKU-K")
+
+
+def test_a_worker_killed_while_the_sync_put_is_in_flight(
+    pipeline: Pipeline,
+    workers: list[WorkerProcess],
+    worker_environment: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    pipeline.set_stock(**{"SKU-K": 5})
+    pipeline.fake.add_order(order("kill-sync", ("SKU-K", 1)), put_latency_s=3.0)
+    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-1.log"))
+    operation_id = uuid.UUID(cli(worker_environment, "submit", "kill-sync"))
+    deadline = time.monotonic() + 30
+    while not pipeline.applied_puts("kill-sync"):
+        assert time.monotonic() < deadline, "the sync PUT never arrived"
+        time.sleep(0.01)
+    workers[0].kill()  # the PUT landed; its answer never reaches the worker
+    assert pipeline.operation(operation_id).status == "stock_deducted"
+
+    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-2.log"))
+    report = sweep_after_stuck_window(worker_environment)
+    assert report["redriven"] == [str(operation_id)]
+    (done,) = pipeline.wait_for([operation_id])
+    assert done.status == "completed"
+    assert done.fulfillment_status_before_sync == "NEW"  # recorded before the first PUT
+    assert pipeline.stock("SKU-K") == 4
+    assert pipeline.movements(operation_id) == [("SKU-K", -1, "deduction")]
+    outcomes = [
+        p["outcome"] for p in pipeline.fake.fulfillment_requests() if p["order_id"] == "kill-sync"
+    ]
+    assert outcomes == ["applied", "replayed"]  # the retry replays the same Idempotency-Key
