@@ -1,0 +1,90 @@
+"""`stock-sync check`: the ledger, the stock levels and the operations agree, or it says where."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from sqlalchemy import delete, text
+
+from stock_sync.db import Database
+from stock_sync.models import PendingStockOperation, StockMovement
+from stock_sync.producer import request_cancellation, submit_operation
+from stock_sync.reconciliation import reconcile
+from tests.support import Pipeline, order
+
+CLI = str(Path(sys.executable).with_name("stock-sync"))
+
+
+def check(database: Database) -> list[tuple[str, str]]:
+    with database.transaction() as session:
+        return [(m.check, m.subject) for m in reconcile(session).mismatches]
+
+
+def run_check() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, "check", "--json"], capture_output=True, text=True, env=dict(os.environ), timeout=60
+    )
+
+
+def settled_operations(pipeline: Pipeline) -> tuple[uuid.UUID, uuid.UUID]:
+    pipeline.set_stock(**{"SKU-Q": 10})
+    pipeline.fake.add_order(order("kept", ("SKU-Q", 2)))
+    pipeline.fake.add_order(order("returned", ("SKU-Q", 3)))
+    kept, returned = submit_operation("kept"), submit_operation("returned")
+    pipeline.wait_for([kept, returned])
+    request_cancellation(returned, "tester", "return")
+    return kept, returned
+
+
+def test_a_healthy_ledger_reconciles(pipeline: Pipeline) -> None:
+    settled_operations(pipeline)
+    assert check(pipeline.database) == []
+    result = run_check()
+    assert result.returncode == 0
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is True and payload["operations_checked"] == 2
+
+
+def test_a_level_changed_behind_the_ledgers_back_is_reported(pipeline: Pipeline) -> None:
+    settled_operations(pipeline)
+    with pipeline.database.transaction() as session:
+        session.execute(text("update stock_levels set quantity = quantity + 1 where sku = 'SKU-Q'"))
+    assert check(pipeline.database) == [("ledger_sum", "SKU-Q")]
+    result = run_check()
+    assert result.returncode == 1
+    assert (
+        json.loads(result.stdout)["mismatches"][0]["message"]
+        == "SKU-Q is at 9 but its ledger sums to 8"
+    )
+
+
+def test_a_completed_operation_without_its_deduction_is_reported(pipeline: Pipeline) -> None:
+    kept, _ = settled_operations(pipeline)
+    with pipeline.database.transaction() as session:
+        session.execute(delete(StockMovement).where(StockMovement.operation_id == kept))
+        session.execute(text("update stock_levels set quantity = quantity + 2 where sku = 'SKU-Q'"))
+    assert check(pipeline.database) == [("deduction_per_line", str(kept))]
+
+
+def test_a_cancelled_operation_whose_stock_never_came_back_is_reported(pipeline: Pipeline) -> None:
+    _, returned = settled_operations(pipeline)
+    with pipeline.database.transaction() as session:
+        session.execute(delete(StockMovement).where(StockMovement.reason == "restoration"))
+        session.execute(text("update stock_levels set quantity = quantity - 3 where sku = 'SKU-Q'"))
+    assert check(pipeline.database) == [("cancelled_not_restored", str(returned))]
+    human = subprocess.run(
+        [CLI, "check"], capture_output=True, text=True, env=dict(os.environ), timeout=60
+    )
+    assert human.returncode == 1 and "cancelled_not_restored" in human.stdout
+
+
+def test_an_operation_deducted_before_its_time_is_reported(pipeline: Pipeline) -> None:
+    kept, _ = settled_operations(pipeline)
+    with pipeline.database.transaction() as session:
+        session.get(PendingStockOperation, kept).status = "processing"  # type: ignore[union-attr]
+    assert check(pipeline.database) == [("early_deduction", str(kept))]
