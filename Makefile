@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 services:
 	@bash tests/ensure_services.sh
+	@bash tests/ensure_docker_compose.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,442 @@
+"""The Docker deployment files, checked without a Docker engine.
+
+`docker-compose config` must resolve docker/compose.yaml (install it with
+tests/ensure_docker_compose.sh); the Dockerfile and the Prometheus files are read as text and
+YAML. No image is built and no container started here: this machine has no Docker engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKER = REPO / "docker"
+COMPOSE_FILE = DOCKER / "compose.yaml"
+DOCKERFILE = DOCKER / "Dockerfile"
+ALERTS_FILE = DOCKER / "prometheus-alerts.yml"
+PROMETHEUS_FILE = DOCKER / "prometheus.yml"
+FLOWER_AUTH = "admin:test-secret"
+
+APP_SERVICES = {"migrate", "worker", "beat", "flower", "metrics", "fake-microservice"}
+ALL_SERVICES = APP_SERVICES | {"postgres", "redis", "prometheus"}
+DATABASE_READERS = {"worker", "beat", "metrics"}
+DEFAULT_ENV = {
+    "STOCK_SYNC_DATABASE_URL": "postgresql://stock_sync:stock_sync@postgres:5432/stock_sync",
+    "STOCK_SYNC_BROKER_URL": "redis://redis:6379/0",
+    "STOCK_SYNC_MICROSERVICE_URL": "http://fake-microservice:8765",
+    "STOCK_SYNC_LOG_LEVEL": "INFO",
+    "STOCK_SYNC_ALERT_WEBHOOK_URL": "",
+}
+COMMANDS = {
+    "migrate": "stock-sync db upgrade",
+    "worker": "celery -A tasks worker --loglevel=INFO",
+    "beat": "celery -A tasks beat --loglevel=INFO",
+    "flower": "celery -A tasks flower --port=5555",
+    "metrics": "stock-sync metrics-server --host 0.0.0.0 --port 9808",
+    "fake-microservice": "stock-sync fake-microservice --host 0.0.0.0 --port 8765",
+}
+# alert name -> (metric, comparison, threshold, for)
+ALERTS = {
+    "StockSyncStuckOperations": ("stock_sync_stuck_operations", ">=", 1.0, "5m"),
+    "StockSyncHighErrorRate": ("stock_sync_error_ratio", ">=", 0.2, "10m"),
+    "StockSyncSlowProcessing": ("stock_sync_processing_seconds_p95", ">", 300.0, "10m"),
+    "StockSyncFrequentCancellations": ("stock_sync_cancellation_ratio", ">=", 0.1, "30m"),
+}
+
+
+def docker_compose() -> str:
+    path = shutil.which("docker-compose")
+    if path is None:
+        pytest.fail(
+            "docker-compose is not installed: run `bash tests/ensure_docker_compose.sh` "
+            "(installs Debian's docker-compose package) and re-run the tests",
+            pytrace=False,
+        )
+    return path
+
+
+def compose_env(**overrides: str) -> dict[str, str]:
+    """The caller's environment without settings that would change the resolved file."""
+    prefixes = ("STOCK_SYNC_", "FLOWER_", "COMPOSE_", "DOCKER_", "POSTGRES_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["FLOWER_BASIC_AUTH"] = FLOWER_AUTH
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """Runs `docker-compose config` from the repo root; an empty --env-file keeps a local
+    docker/.env out of the result."""
+    env_file = tmp_path_factory.mktemp("compose") / "empty.env"
+    env_file.write_text("")
+    executable = docker_compose()
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        argv = [executable, "--env-file", str(env_file), "-f", "docker/compose.yaml", "config"]
+        return subprocess.run(
+            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    return run
+
+
+def resolved(run_config: Callable[..., Any], **overrides: str) -> dict[str, Any]:
+    result = run_config(compose_env(**overrides))
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+@pytest.fixture(scope="module")
+def config(run_config: Callable[..., Any]) -> dict[str, Any]:
+    return resolved(run_config)
+
+
+@pytest.fixture(scope="module")
+def services(config: dict[str, Any]) -> dict[str, Any]:
+    services: dict[str, Any] = config["services"]
+    return services
+
+
+def command_of(service: dict[str, Any]) -> str:
+    command = service["command"]
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+def healthcheck_of(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return test if isinstance(test, str) else " ".join(test)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, arguments = line.partition(" ")
+            pairs.append((instruction.upper(), arguments.strip()))
+    return pairs
+
+
+def dockerfile_values(instruction: str) -> list[str]:
+    return [args for name, args in dockerfile_instructions() if name == instruction]
+
+
+def has_patch_version(image: str, parts: int = 3) -> bool:
+    """True for name:MAJOR.MINOR.PATCH[-variant] (a 'v' prefix allowed), never 'latest'.
+
+    PostgreSQL numbers its bug-fix releases MAJOR.MINOR (16.9): pass parts=2 for it.
+    """
+    name, _, tag = image.rpartition(":")
+    version = r"\.".join([r"\d+"] * parts)
+    return bool(name) and "latest" not in tag and re.match(rf"v?{version}(-|$)", tag) is not None
+
+
+# --- docker/compose.yaml ------------------------------------------------------------------
+
+
+def test_docker_compose_resolves_the_file_with_every_service(services: dict[str, Any]) -> None:
+    assert set(services) == ALL_SERVICES
+
+
+def test_every_stock_sync_process_runs_the_image_built_from_the_repo_root(
+    services: dict[str, Any],
+) -> None:
+    images = {services[name]["image"] for name in APP_SERVICES}
+    assert len(images) == 1
+    for name in APP_SERVICES:
+        build = services[name]["build"]
+        assert Path(build["context"]) == REPO, name
+        assert build["dockerfile"] == "docker/Dockerfile", name
+
+
+def test_each_service_runs_its_process(services: dict[str, Any]) -> None:
+    for name, command in COMMANDS.items():
+        assert command_of(services[name]).startswith(command), name
+
+
+def test_third_party_images_are_pinned_to_a_patch_release(services: dict[str, Any]) -> None:
+    images = {name: services[name]["image"] for name in ALL_SERVICES - APP_SERVICES}
+    assert images["postgres"].startswith("postgres:16.")
+    assert images["redis"].startswith("redis:7.")
+    assert images["prometheus"].startswith("prom/prometheus:v")
+    for name, image in images.items():
+        parts = 2 if name == "postgres" else 3
+        assert has_patch_version(image, parts), f"{name}: {image} is not pinned to a patch release"
+
+
+def test_migrations_run_once_after_postgres_and_before_every_database_reader(
+    services: dict[str, Any],
+) -> None:
+    migrate = services["migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate["restart"] == "no"
+    for name in DATABASE_READERS:
+        depends_on = services[name]["depends_on"]
+        assert depends_on["migrate"]["condition"] == "service_completed_successfully", name
+        assert depends_on["redis"]["condition"] == "service_healthy", name
+
+
+def test_the_long_running_services_have_healthchecks(services: dict[str, Any]) -> None:
+    assert "pg_isready" in healthcheck_of(services["postgres"])
+    assert "redis-cli ping" in healthcheck_of(services["redis"])
+    worker = healthcheck_of(services["worker"])
+    assert "celery -A tasks inspect ping" in worker
+    assert "celery@$" in worker
+    assert "HOSTNAME" in worker
+    assert "http://127.0.0.1:9808/healthz" in healthcheck_of(services["metrics"])
+    assert "http://127.0.0.1:8765/_admin/health" in healthcheck_of(services["fake-microservice"])
+    assert "/healthcheck" in healthcheck_of(services["flower"])
+
+
+def test_every_process_gets_the_shared_environment_with_its_defaults(
+    services: dict[str, Any],
+) -> None:
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert {k: environment.get(k) for k in DEFAULT_ENV} == DEFAULT_ENV, name
+
+
+def test_an_operator_overrides_the_environment_from_the_shell(
+    run_config: Callable[..., Any],
+) -> None:
+    overrides = {
+        "STOCK_SYNC_BROKER_URL": "redis://broker.internal:6379/3",
+        "STOCK_SYNC_LOG_LEVEL": "DEBUG",
+        "STOCK_SYNC_ALERT_WEBHOOK_URL": "https://hooks.example.com/stock-sync",
+    }
+    services = resolved(run_config, **overrides)["services"]
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert {k: environment[k] for k in overrides} == overrides, name
+
+
+def test_flower_refuses_to_start_without_basic_auth(
+    run_config: Callable[..., Any], services: dict[str, Any]
+) -> None:
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == FLOWER_AUTH
+    env = compose_env()
+    del env["FLOWER_BASIC_AUTH"]
+    result = run_config(env)
+    assert result.returncode != 0
+    assert "FLOWER_BASIC_AUTH" in result.stderr
+
+
+def test_flower_and_metrics_publish_their_ports(services: dict[str, Any]) -> None:
+    def published(name: str) -> set[int]:
+        ports = set()
+        for port in services[name]["ports"]:
+            text = str(port["target"] if isinstance(port, dict) else port)
+            ports.add(int(text.split("/")[0].rsplit(":", 1)[-1]))
+        return ports
+
+    assert published("flower") == {5555}
+    assert published("metrics") == {9808}
+
+
+def test_there_is_exactly_one_beat(services: dict[str, Any]) -> None:
+    assert services["beat"].get("deploy", {}).get("replicas", 1) == 1
+    assert "/app/data/" in command_of(services["beat"])  # the non-root user's writable folder
+
+
+def test_prometheus_loads_the_scrape_config_and_the_alert_rules(
+    services: dict[str, Any],
+) -> None:
+    mounts = {}
+    for volume in services["prometheus"]["volumes"]:
+        source, target = (
+            (volume["source"], volume["target"])
+            if isinstance(volume, dict)
+            else volume.split(":")[:2]
+        )
+        mounts[target] = source
+    assert Path(mounts["/etc/prometheus/prometheus.yml"]) == PROMETHEUS_FILE
+    assert Path(mounts["/etc/prometheus/prometheus-alerts.yml"]) == ALERTS_FILE
+
+
+def test_ensure_script_succeeds_at_once_when_docker_compose_is_installed() -> None:
+    docker_compose()
+    result = subprocess.run(
+        ["bash", str(REPO / "tests" / "ensure_docker_compose.sh")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+
+
+# --- docker/Dockerfile --------------------------------------------------------------------
+
+
+def test_the_base_image_is_python_3_11_slim_pinned_to_a_patch_release() -> None:
+    bases = [args.split()[0] for args in dockerfile_values("FROM")]
+    assert bases, "no FROM"
+    for base in bases:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
+        assert has_patch_version(base), base
+
+
+def test_the_processes_run_as_a_non_root_user() -> None:
+    users = dockerfile_values("USER")
+    assert users, "no USER: the image would run as root"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    instructions = [name for name, _ in dockerfile_instructions()]
+    last_user = len(instructions) - 1 - instructions[::-1].index("USER")
+    assert "RUN" not in instructions[last_user:], "a RUN after USER would need root"
+
+
+def test_the_image_installs_the_project_without_dev_extras() -> None:
+    assert dockerfile_values("WORKDIR") == ["/app"]
+    env = " ".join(dockerfile_values("ENV"))
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    assert "PYTHONUNBUFFERED=1" in env
+    copied = {src.rstrip("/") for args in dockerfile_values("COPY") for src in args.split()[:-1]}
+    for needed in ("pyproject.toml", "stock_sync", "tasks", "migrations", "celeryconfig.py"):
+        assert needed in copied, needed
+    runs = " ".join(dockerfile_values("RUN"))
+    # Editable: stock_sync/schema.py finds <repo>/migrations beside the package.
+    assert "pip install -e ." in runs
+    assert "[test]" not in runs
+    assert "[dev]" not in runs
+
+
+def test_the_default_command_is_the_worker() -> None:
+    assert dockerfile_values("CMD") == ['["celery", "-A", "tasks", "worker", "--loglevel=INFO"]']
+
+
+def test_dockerignore_keeps_local_state_out_but_lets_the_sources_in() -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    ignored = [p for p in patterns if not p.startswith("!")]
+    for local in (".git", ".venv", "data", ".env"):
+        assert local in ignored, local
+    for source in ("pyproject.toml", "README.md", "celeryconfig.py", "stock_sync", "tasks"):
+        assert (REPO / source).exists(), source
+        assert not any(fnmatch(source, pattern) for pattern in ignored), source
+    assert (REPO / "migrations").is_dir()
+    assert not any(fnmatch("migrations", pattern) for pattern in ignored)
+
+
+# --- docker/prometheus*.yml ---------------------------------------------------------------
+
+
+def alert_rules() -> dict[str, dict[str, Any]]:
+    document = yaml.safe_load(ALERTS_FILE.read_text())
+    return {
+        rule["alert"]: rule
+        for group in document["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def test_the_four_alerts_watch_the_metrics_server_at_the_default_thresholds() -> None:
+    rules = alert_rules()
+    for name, (metric, comparison, threshold, duration) in ALERTS.items():
+        rule = rules[name]
+        match = re.fullmatch(r"(\w+)\s*(>=|>)\s*([0-9.]+)", rule["expr"].strip())
+        assert match, f"{name}: unexpected expression {rule['expr']!r}"
+        assert match.group(1) == metric, name
+        assert match.group(2) == comparison, name
+        assert float(match.group(3)) == threshold, name
+        assert rule["for"] == duration, name
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert rule["annotations"]["summary"], name
+        assert rule["annotations"]["description"], name
+
+
+def test_prometheus_scrapes_the_metrics_server_and_flower() -> None:
+    document = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    targets = {
+        target
+        for job in document["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    assert {"metrics:9808", "flower:5555"} <= targets
+    assert all(
+        job.get("metrics_path", "/metrics") == "/metrics" for job in document["scrape_configs"]
+    )
+    assert document["rule_files"] == ["/etc/prometheus/prometheus-alerts.yml"]
+
+
+PROMTOOL_TESTS = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - {series: 'stock_sync_stuck_operations{case="at"}', values: '1x60'}
+      - {series: 'stock_sync_stuck_operations{case="below"}', values: '0x60'}
+      - {series: 'stock_sync_error_ratio{case="at"}', values: '0.2x60'}
+      - {series: 'stock_sync_error_ratio{case="below"}', values: '0.19x60'}
+      - {series: 'stock_sync_processing_seconds_p95{case="above"}', values: '301x60'}
+      - {series: 'stock_sync_processing_seconds_p95{case="at"}', values: '300x60'}
+      - {series: 'stock_sync_cancellation_ratio{case="at"}', values: '0.1x60'}
+      - {series: 'stock_sync_cancellation_ratio{case="below"}', values: '0.09x60'}
+    alert_rule_test:
+"""
+PROMTOOL_CASES = {
+    # alert name: (minutes before it may fire, minutes after, the series that fires)
+    "StockSyncStuckOperations": (4, 6, "at"),
+    "StockSyncHighErrorRate": (9, 11, "at"),
+    "StockSyncSlowProcessing": (9, 11, "above"),
+    "StockSyncFrequentCancellations": (29, 31, "at"),
+}
+
+
+def test_promtool_accepts_the_rules_when_it_is_installed(tmp_path: Path) -> None:
+    """Not required (no promtool on the CI machine); where it is, the rules must pass
+    `promtool check rules` and fire exactly at their thresholds after their `for:`."""
+    assert set(PROMTOOL_CASES) == set(ALERTS)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        return
+    check = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS_FILE)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    # promtool compares annotations too; the thresholds are what is tested here.
+    document = yaml.safe_load(ALERTS_FILE.read_text())
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(document))
+    cases = []
+    rules = alert_rules()
+    for name, (before, after, firing) in PROMTOOL_CASES.items():
+        labels = {**rules[name]["labels"], "case": firing}
+        cases.append({"eval_time": f"{before}m", "alertname": name, "exp_alerts": []})
+        cases.append(
+            {"eval_time": f"{after}m", "alertname": name, "exp_alerts": [{"exp_labels": labels}]}
+        )
+    tests = yaml.safe_load(PROMTOOL_TESTS)
+    tests["tests"][0]["alert_rule_test"] = cases
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [promtool, "test", "rules", "tests.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
