@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.schedules import crontab
+
 from stock_sync.settings import Settings, get_settings
 
 MIN_VISIBILITY_TIMEOUT_S = 3600
@@ -18,6 +20,28 @@ def visibility_timeout_s(settings: Settings) -> int:
     """Longer than the longest countdown plus the hard time limit, with room to spare."""
     longest = settings.retry_backoff_max_s + settings.task_time_limit_s
     return int(max(MIN_VISIBILITY_TIMEOUT_S, 2 * longest))
+
+
+def maintenance_schedule(settings: Settings) -> dict[str, Any]:
+    """Sweeps, alerts and the daily reconciliation; each expires before its next run so a
+    backlog never piles up copies of the same maintenance job."""
+    return {
+        "sweep-stuck-operations": {
+            "task": "stock_sync.sweep_stuck_operations",
+            "schedule": settings.sweep_interval_s,
+            "options": {"expires": settings.sweep_interval_s},
+        },
+        "evaluate-alerts": {
+            "task": "stock_sync.evaluate_alerts",
+            "schedule": settings.alert_interval_s,
+            "options": {"expires": settings.alert_interval_s},
+        },
+        "reconcile-daily": {
+            "task": "stock_sync.reconcile",
+            "schedule": crontab(hour=3, minute=17),
+            "options": {"expires": 3600},
+        },
+    }
 
 
 def build(settings: Settings) -> dict[str, Any]:
@@ -55,7 +79,8 @@ def build(settings: Settings) -> dict[str, Any]:
         "broker_connection_timeout": 3,
         "timezone": "UTC",
         "enable_utc": True,
-        "beat_schedule": {},
+        "beat_schedule": maintenance_schedule(settings),
+        "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
     }
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder
@@ -66,6 +91,10 @@ def build(settings: Settings) -> dict[str, Any]:
             data_folder_out=str(folder / "queue"),
             processed_folder=str(folder / "processed"),
             store_processed=False,
+            # kombu's default is "control" relative to the working directory
+            control_folder=str(folder / "control"),
+            # an idle worker re-lists the queue folder this often (kombu's default: 1 s)
+            polling_interval=0.1,
         )
     else:
         transport_options.update(socket_timeout=5, socket_connect_timeout=3)
