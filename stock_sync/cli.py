@@ -276,5 +276,15 @@ def fake_microservice(
         serve(host=host, port=port, orders_file=orders_file, faults=faults)
 
 
+def _register_monitoring_commands() -> None:
+    from stock_sync.cli_monitoring import metrics_server, stats
+
+    cli.add_command(stats)
+    cli.add_command(metrics_server)
+
+
+_register_monitoring_commands()
+
+
 def main() -> None:
     cli(prog_name="stock-sync")

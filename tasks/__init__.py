@@ -3,7 +3,7 @@
 from tasks.app import app
 
 # Importing the task modules registers them on the app.
-from tasks import stages  # noqa: F401  isort: skip
+from tasks import maintenance, monitoring, stages  # noqa: F401  isort: skip
 
 celery = app
 __all__ = ["app", "celery"]

@@ -1,0 +1,179 @@
+"""Monitoring commands: ``stock-sync stats`` and ``stock-sync metrics-server``.
+
+cli.py registers them (``cli.add_command``); they import it lazily to keep the import acyclic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from stock_sync import render
+from stock_sync.db import Database, get_database
+from stock_sync.metrics import (
+    FINISHED_STATUSES,
+    LIVE_STATUSES,
+    PROMETHEUS_CONTENT_TYPE,
+    MetricsCache,
+    MetricsSnapshot,
+    queue_length,
+    read_metrics,
+    render_prometheus,
+)
+from stock_sync.settings import Settings, get_settings
+
+logger = logging.getLogger("stock_sync.metrics_server")
+
+QueueLengthFn = Callable[[], int | None]
+
+
+def _broker_queue_length(settings: Settings) -> QueueLengthFn:
+    """Asks the configured broker; importing tasks reads the Celery configuration."""
+    from tasks.app import app
+
+    return lambda: queue_length(app, settings.queue_name)
+
+
+def snapshot_now(
+    database: Database, settings: Settings, queue_length_fn: QueueLengthFn | None = None
+) -> MetricsSnapshot:
+    """The metrics at this moment; the broker is asked before the database transaction."""
+    queue = queue_length_fn() if queue_length_fn is not None else None
+    return read_metrics(database, settings, now=datetime.now(UTC), queue_length=queue)
+
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+def _ids(ids: tuple[str, ...]) -> str:
+    return ", ".join(ids) if ids else "-"
+
+
+def render_stats(snapshot: MetricsSnapshot) -> str:
+    """The human rendering of ``stock-sync stats``."""
+    rows: list[tuple[str, Any]] = [
+        *((f"operations {status}", snapshot.live(status)) for status in LIVE_STATUSES),
+        *((f"finished {status}", snapshot.finished(status)) for status in FINISHED_STATUSES),
+        ("created", snapshot.created_in_window),
+        ("processing seconds avg", f"{snapshot.processing_seconds_avg:.3f}"),
+        ("processing seconds p95", f"{snapshot.processing_seconds_p95:.3f}"),
+        ("error ratio", f"{snapshot.error_ratio:.3f}"),
+        ("cancellations", snapshot.cancellations),
+        ("cancellation ratio", f"{snapshot.cancellation_ratio:.3f}"),
+        ("stuck operations", snapshot.stuck_count),
+        *((f"errors {kind}", count) for kind, count in sorted(snapshot.errors_by_type.items())),
+    ]
+    if snapshot.queue_length is not None:
+        rows.append((f"queue {snapshot.queue_name}", snapshot.queue_length))
+    return "\n".join(
+        [
+            f"stock-sync metrics over the last {snapshot.window_s:g}s"
+            f" (at {snapshot.generated_at.isoformat(timespec='seconds')})",
+            render.table(("metric", "value"), rows),
+            f"stuck: {_ids(snapshot.stuck_sample_ids)}",
+            f"slowest completed: {_ids(snapshot.slowest_operation_ids)}",
+        ]
+    )
+
+
+@click.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(as_json: bool) -> None:
+    """Print the monitoring metrics: statuses, processing times, errors, cancellations."""
+    from stock_sync.cli import emit  # cli.py imports this module to register the command
+
+    settings = get_settings()
+    snapshot = snapshot_now(get_database(settings), settings, _broker_queue_length(settings))
+    emit(as_json, snapshot.to_dict(), lambda: render_stats(snapshot))
+
+
+# --- metrics-server -------------------------------------------------------------------------
+
+
+class MetricsHandler(BaseHTTPRequestHandler):
+    """GET /metrics (Prometheus text 0.0.4) and GET /healthz; nothing else."""
+
+    protocol_version = "HTTP/1.1"
+    # One write per answer: keep-alive answers in two writes stall on delayed ACKs.
+    disable_nagle_algorithm = True
+    wbufsize = -1
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._metrics()
+        elif path == "/healthz":
+            self._answer(200, "ok\n", "text/plain; charset=utf-8")
+        else:
+            self._answer(404, "not found: try /metrics\n", "text/plain; charset=utf-8")
+
+    def _metrics(self) -> None:
+        try:
+            snapshot = self.server.cache.get()
+        except SQLAlchemyError as error:
+            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            logger.error("metrics unavailable: %s", reason, extra={"action": "metrics_failed"})
+            self._answer(503, "metrics unavailable: database error\n", "text/plain")
+            return
+        self._answer(200, render_prometheus(snapshot), PROMETHEUS_CONTENT_TYPE)
+
+    def _answer(self, status: int, body: str, content_type: str) -> None:
+        payload = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug(format, *args)  # a scrape every few seconds is not worth a line each
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """A threaded HTTP server that answers scrapes from one shared :class:`MetricsCache`."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], cache: MetricsCache) -> None:
+        super().__init__(address, MetricsHandler)
+        self.cache = cache
+
+
+def make_metrics_server(
+    database: Database,
+    settings: Settings,
+    host: str,
+    port: int,
+    queue_length_fn: QueueLengthFn | None = None,
+) -> ThreadingHTTPServer:
+    """A bound, not yet serving, metrics server (port 0 picks a free port: see server_port).
+
+    Scrapes within ``settings.metrics_cache_s`` of each other share one computation.
+    """
+    cache = MetricsCache(
+        lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
+    )
+    return MetricsServer((host, port), cache)
+
+
+@click.command("metrics-server")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
+def metrics_server(host: str, port: int) -> None:
+    """Serve Prometheus metrics on /metrics (and /healthz) until Ctrl-C."""
+    settings = get_settings()
+    server = make_metrics_server(
+        get_database(settings), settings, host, port, _broker_queue_length(settings)
+    )
+    click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics")
+    with contextlib.suppress(KeyboardInterrupt), server:  # Ctrl-C is the way to stop it
+        server.serve_forever()

@@ -1,0 +1,502 @@
+"""The monitoring metrics on a known set of operations: the query, the Prometheus exposition,
+the metrics server over real HTTP, the scrape cache and ``stock-sync stats``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from stock_sync import schema
+from stock_sync.cli_monitoring import make_metrics_server
+from stock_sync.db import Database
+from stock_sync.domain.statuses import OperationType
+from stock_sync.metrics import (
+    MetricsCache,
+    MetricsSnapshot,
+    collect_metrics,
+    percentile_cont,
+    queue_length,
+    read_metrics,
+    render_prometheus,
+)
+from stock_sync.models import OperationEvent, PendingStockOperation
+from stock_sync.settings import Settings
+from tests.conftest import REDIS_URL
+
+CLI = str(Path(sys.executable).with_name("stock-sync"))
+WINDOW_S = 3600.0
+STUCK_AFTER_S = 900.0
+SETTINGS = Settings(alert_window_s=WINDOW_S, stuck_after_s=STUCK_AFTER_S, metrics_cache_s=60)
+ORDER_DEDUCTION = OperationType.ORDER_DEDUCTION.value
+STOCK_RESTORATION = OperationType.STOCK_RESTORATION.value
+
+
+def ago(now: datetime, seconds: float) -> datetime:
+    return now - timedelta(seconds=seconds)
+
+
+@dataclass
+class KnownOperations:
+    """The dataset below and the ids the figures must name."""
+
+    database: Database
+    now: datetime
+    slowest_first: list[str]
+    stuck_oldest_first: list[str]
+    failed: list[str]
+    cancelled_newest_first: list[str]
+
+
+def add_operation(
+    database: Database,
+    status: str,
+    *,
+    created: datetime,
+    updated: datetime,
+    completed: datetime | None = None,
+    next_retry_at: datetime | None = None,
+    operation_type: str = ORDER_DEDUCTION,
+) -> str:
+    operation_id = uuid.uuid4()
+    with database.transaction() as session:
+        session.add(
+            PendingStockOperation(
+                id=operation_id,
+                order_id=f"order-{operation_id.hex[:12]}",
+                account_name="shop-1",
+                operation_type=operation_type,
+                status=status,
+                created_at=created,
+                updated_at=updated,
+                completed_at=completed,
+                next_retry_at=next_retry_at,
+            )
+        )
+    return str(operation_id)
+
+
+def add_error_events(
+    database: Database, operation_id: str, *events: tuple[str | None, datetime]
+) -> None:
+    with database.transaction() as session:
+        for error_type, at in events:
+            session.add(
+                OperationEvent(
+                    operation_id=uuid.UUID(operation_id),
+                    action="STOCK_DEDUCTION_FAILED" if error_type else "STATUS_CHANGED",
+                    error_type=error_type,
+                    details={},
+                    at=at,
+                )
+            )
+
+
+def insert_known_operations(database: Database, now: datetime) -> KnownOperations:
+    """Every figure of this set is worked out below it (window 3600 s, stuck after 900 s)."""
+
+    def add(status: str, created_ago: float, updated_ago: float, **extra: object) -> str:
+        return add_operation(
+            database,
+            status,
+            created=ago(now, created_ago),
+            updated=ago(now, updated_ago),
+            **extra,  # type: ignore[arg-type]
+        )
+
+    # live: pending 4 (one an adjustment), processing 1, stock_deducted 0
+    add("pending", 60, 60)  # fresh
+    stuck_pending = add("pending", 2000, 2000)
+    add("pending", 3000, 2000, next_retry_at=ago(now, -60))  # silent, but a retry is planned
+    stuck_processing = add("processing", 1100, 1000)
+    stuck_adjustment = add("pending", 5000, 5000, operation_type=STOCK_RESTORATION)
+
+    # completed in the window after 10, 20, 30 and 100 s; one long before; one adjustment
+    completed = [
+        add("completed", 600 + seconds, 600, completed=ago(now, 600)) for seconds in (10, 20, 30)
+    ]
+    slowest = add("completed", 700, 600, completed=ago(now, 600))
+    add("completed", 12200, 7200, completed=ago(now, 7200))
+    add("completed", 20000, 10, completed=ago(now, 10), operation_type=STOCK_RESTORATION)
+
+    failed = add("failed", 400, 300)
+    add("failed", 4100, 4000)  # before the window
+    cancelled = add("cancelled", 200, 100)
+    cancelled_older = add("cancelled", 5000, 50)  # created before the window, cancelled in it
+
+    add_error_events(
+        database,
+        failed,
+        ("MicroserviceUnavailable", ago(now, 100)),
+        ("MicroserviceUnavailable", ago(now, 150)),
+        ("InsufficientStock", ago(now, 200)),
+        ("MicroserviceUnavailable", ago(now, 4000)),  # before the window
+        (None, ago(now, 100)),  # not an error
+    )
+    return KnownOperations(
+        database=database,
+        now=now,
+        slowest_first=[slowest, *reversed(completed)],
+        stuck_oldest_first=[stuck_adjustment, stuck_pending, stuck_processing],
+        failed=[failed],
+        cancelled_newest_first=[cancelled_older, cancelled],
+    )
+
+
+# The figures of the set above, worked out by hand (window 3600 s, stuck after 900 s).
+LIVE = {"pending": 4, "processing": 1, "stock_deducted": 0}
+FINISHED = {"completed": 4, "failed": 1, "cancelled": 2}
+CREATED = 10  # 4 live + 4 completed + 1 failed + 1 cancelled order deductions in the window
+PROCESSING_AVG_S = 40.0  # (10 + 20 + 30 + 100) / 4
+PROCESSING_P95_S = 89.5  # rank 0.95 * 3 = 2.85: 30 + 0.85 * (100 - 30)
+ERRORS = {"InsufficientStock": 1, "MicroserviceUnavailable": 2}
+ERROR_RATIO = 0.2  # 1 failed / (4 completed + 1 failed)
+CANCELLATIONS = 2
+CANCELLATION_RATIO = 0.2  # 2 cancelled / 10 created
+STUCK = 3
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The same figures must come out of PostgreSQL and of the embedded SQLite default."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("clean_database")
+        return
+    url = f"sqlite:///{tmp_path / 'metrics.sqlite3'}"
+    schema.upgrade(url)
+    database = Database(url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def known(clean_database: Database) -> KnownOperations:
+    return insert_known_operations(clean_database, datetime.now(UTC))
+
+
+def assert_known_figures(figures: dict[str, Any]) -> None:
+    """``figures`` is MetricsSnapshot.to_dict() of the known set, or its JSON."""
+    assert figures["operations"] == LIVE
+    assert figures["finished"] == FINISHED
+    assert figures["created"] == CREATED
+    assert figures["processing_seconds"]["count"] == 4
+    assert figures["processing_seconds"]["avg"] == pytest.approx(PROCESSING_AVG_S)
+    assert figures["processing_seconds"]["p95"] == pytest.approx(PROCESSING_P95_S)
+    assert figures["errors"] == ERRORS
+    assert figures["error_ratio"] == pytest.approx(ERROR_RATIO)
+    assert figures["cancellations"] == CANCELLATIONS
+    assert figures["cancellation_ratio"] == pytest.approx(CANCELLATION_RATIO)
+    assert figures["stuck"]["count"] == STUCK
+    assert figures["window_s"] == WINDOW_S
+
+
+# --- the figures ------------------------------------------------------------------------------
+
+
+def test_the_figures_match_a_known_set_of_operations(any_database: Database) -> None:
+    known = insert_known_operations(any_database, datetime.now(UTC))
+
+    snapshot = read_metrics(any_database, SETTINGS, now=known.now)
+
+    assert_known_figures(snapshot.to_dict())
+    assert list(snapshot.slowest_operation_ids) == known.slowest_first
+    assert list(snapshot.stuck_sample_ids) == known.stuck_oldest_first
+    assert list(snapshot.failed_sample_ids) == known.failed
+    assert list(snapshot.cancelled_sample_ids) == known.cancelled_newest_first
+    assert snapshot.queue_length is None and snapshot.to_dict()["queue"] is None
+
+
+def test_an_empty_database_gives_zeros_and_every_status(clean_database: Database) -> None:
+    snapshot = read_metrics(clean_database, SETTINGS, now=datetime.now(UTC))
+
+    figures = snapshot.to_dict()
+    assert figures["operations"] == {"pending": 0, "processing": 0, "stock_deducted": 0}
+    assert figures["finished"] == {"completed": 0, "failed": 0, "cancelled": 0}
+    assert figures["processing_seconds"] == {
+        "count": 0,
+        "avg": 0.0,
+        "p95": 0.0,
+        "slowest_operation_ids": [],
+    }
+    assert figures["error_ratio"] == 0.0 and figures["cancellation_ratio"] == 0.0
+    assert figures["errors"] == {} and figures["stuck"] == {"count": 0, "sample_operation_ids": []}
+
+
+def test_a_known_queue_length_is_reported_under_the_queue_name(clean_database: Database) -> None:
+    with clean_database.transaction() as session:
+        snapshot = collect_metrics(session, SETTINGS, now=datetime.now(UTC), queue_length=7)
+
+    assert snapshot.to_dict()["queue"] == {"name": SETTINGS.queue_name, "length": 7}
+
+
+def test_stuck_samples_stop_at_ten(clean_database: Database) -> None:
+    now = datetime.now(UTC)
+    for _ in range(12):
+        add_operation(clean_database, "processing", created=ago(now, 2000), updated=ago(now, 2000))
+
+    snapshot = read_metrics(clean_database, SETTINGS, now=now)
+
+    assert snapshot.stuck_count == 12 and len(snapshot.stuck_sample_ids) == 10
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([], 0.0), ([5.0], 5.0), ([1.0, 2.0], 1.95), ([10.0, 100.0, 20.0, 30.0], 89.5)],
+)
+def test_the_python_percentile_interpolates_like_postgresql(
+    values: list[float], expected: float
+) -> None:
+    assert percentile_cont(values, 0.95) == pytest.approx(expected)
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def assert_known_exposition(text: str) -> None:
+    samples = parse_exposition(text)
+    for status, count in LIVE.items():
+        assert samples[("stock_sync_operations", (("status", status),))] == count
+    for status, count in FINISHED.items():
+        assert samples[("stock_sync_operations_finished", (("status", status),))] == count
+    for error_type, count in ERRORS.items():
+        assert samples[("stock_sync_errors", (("error_type", error_type),))] == count
+    assert samples[("stock_sync_operations_created", ())] == CREATED
+    assert samples[("stock_sync_processing_seconds_avg", ())] == pytest.approx(PROCESSING_AVG_S)
+    assert samples[("stock_sync_processing_seconds_p95", ())] == pytest.approx(PROCESSING_P95_S)
+    assert samples[("stock_sync_cancellations", ())] == CANCELLATIONS
+    assert samples[("stock_sync_cancellation_ratio", ())] == pytest.approx(CANCELLATION_RATIO)
+    assert samples[("stock_sync_error_ratio", ())] == pytest.approx(ERROR_RATIO)
+    assert samples[("stock_sync_stuck_operations", ())] == STUCK
+    assert samples[("stock_sync_metrics_window_seconds", ())] == WINDOW_S
+
+
+def test_the_exposition_parses_and_carries_the_figures(known: KnownOperations) -> None:
+    text = render_prometheus(read_metrics(known.database, SETTINGS, now=known.now, queue_length=5))
+
+    assert_known_exposition(text)
+    samples = parse_exposition(text)
+    assert samples[("stock_sync_queue_length", (("queue", SETTINGS.queue_name),))] == 5
+    assert "# HELP stock_sync_operations " in text
+    assert "# TYPE stock_sync_stuck_operations gauge" in text
+
+
+def test_the_queue_length_is_left_out_when_unknown() -> None:
+    text = render_prometheus(MetricsSnapshot(generated_at=datetime.now(UTC), window_s=60))
+
+    families = {family.name for family in text_string_to_metric_families(text)}
+    assert "stock_sync_queue_length" not in families
+    assert parse_exposition(text)[("stock_sync_operations", (("status", "stock_deducted"),))] == 0
+
+
+# --- the metrics server -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve_metrics(known: KnownOperations) -> Iterator[tuple[str, list[int]]]:
+    """The metrics server on a free port over the known set; yields its URL and a list that
+    grows by one each time the metrics are computed (the broker is asked once per computation)."""
+    computations: list[int] = []
+
+    def fake_queue_length() -> int:
+        computations.append(1)
+        return 3
+
+    server = make_metrics_server(known.database, SETTINGS, "127.0.0.1", 0, fake_queue_length)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", computations
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def test_the_server_answers_metrics_that_parse(serve_metrics: tuple[str, list[int]]) -> None:
+    url, _ = serve_metrics
+
+    status, content_type, body = get(f"{url}/metrics")
+
+    assert status == 200
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert_known_exposition(body)
+    queue = ("stock_sync_queue_length", (("queue", SETTINGS.queue_name),))
+    assert parse_exposition(body)[queue] == 3
+
+
+def test_the_server_answers_healthz_and_refuses_other_paths(
+    serve_metrics: tuple[str, list[int]],
+) -> None:
+    url, _ = serve_metrics
+
+    assert get(f"{url}/healthz")[::2] == (200, "ok\n")
+    assert get(f"{url}/nothing-here")[0] == 404
+
+
+def test_scrapes_within_the_cache_time_share_one_computation(
+    serve_metrics: tuple[str, list[int]],
+) -> None:
+    url, computations = serve_metrics
+
+    first, second = get(f"{url}/metrics")[2], get(f"{url}/metrics")[2]
+
+    assert first == second
+    assert len(computations) == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_cache(max_age_s: float) -> tuple[MetricsCache, FakeClock, list[int]]:
+    clock, computations = FakeClock(), []
+
+    def compute() -> MetricsSnapshot:
+        computations.append(1)
+        return MetricsSnapshot(generated_at=datetime.now(UTC), window_s=len(computations))
+
+    return MetricsCache(compute, max_age_s, clock), clock, computations
+
+
+def test_the_cache_reuses_a_computation_until_it_is_too_old() -> None:
+    cache, clock, computations = counting_cache(max_age_s=5)
+
+    first = cache.get()
+    clock.now += 4.9
+    assert cache.get() is first and len(computations) == 1
+    clock.now += 0.1
+    assert cache.get() is not first and len(computations) == 2
+
+
+def test_concurrent_callers_share_one_computation() -> None:
+    cache, _, computations = counting_cache(max_age_s=5)
+    threads = [threading.Thread(target=cache.get) for _ in range(8)]
+
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(computations) == 1
+
+
+def test_a_zero_cache_time_computes_every_time() -> None:
+    cache, _, computations = counting_cache(max_age_s=0)
+
+    cache.get()
+    cache.get()
+
+    assert len(computations) == 2
+
+
+# --- the broker's queue length ------------------------------------------------------------------
+
+
+def test_the_queue_length_counts_waiting_messages_on_redis() -> None:
+    app = Celery("queue-length-test", broker=REDIS_URL)
+    queue_name = f"stock-sync-metrics-test-{uuid.uuid4().hex[:8]}"
+    assert queue_length(app, queue_name) == 0  # Redis holds no key for an empty queue
+    with app.connection_for_write() as connection:
+        producer = connection.Producer()
+        for number in range(3):
+            producer.publish({"n": number}, routing_key=queue_name)  # the default exchange
+        try:
+            assert queue_length(app, queue_name) == 3
+        finally:
+            connection.default_channel.queue_purge(queue_name)
+
+
+def test_an_unreachable_broker_gives_no_queue_length() -> None:
+    app = Celery("queue-length-test", broker="redis://127.0.0.1:1/0")
+
+    assert queue_length(app, "anything") is None
+
+
+# --- stock-sync stats ---------------------------------------------------------------------------
+
+
+def run_stats(postgres_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **os.environ,
+        "STOCK_SYNC_DATABASE_URL": postgres_url,
+        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_QUEUE_NAME": f"stock-sync-stats-test-{uuid.uuid4().hex[:8]}",
+        "STOCK_SYNC_ALERT_WINDOW_S": str(WINDOW_S),
+        "STOCK_SYNC_STUCK_AFTER_S": str(STUCK_AFTER_S),
+    }
+    return subprocess.run(
+        [CLI, "stats", *args], capture_output=True, text=True, env=environment, timeout=60
+    )
+
+
+def test_stats_json_prints_the_figures(known: KnownOperations, postgres_url: str) -> None:
+    result = run_stats(postgres_url, "--json")
+
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert_known_figures(figures)
+    assert figures["stuck"]["sample_operation_ids"] == known.stuck_oldest_first
+    assert figures["queue"]["length"] == 0
+
+
+def table_rows(output: str) -> dict[str, str]:
+    """The metric/value rows of the human table: after the dashes, up to the sample lines."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+    rows = [re.split(r"\s{2,}", line) for line in lines[start:] if re.search(r"\s{2,}", line)]
+    return {metric: value for metric, value in rows}
+
+
+def test_stats_prints_a_table_for_people(known: KnownOperations, postgres_url: str) -> None:
+    result = run_stats(postgres_url)
+
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    for status, count in LIVE.items():
+        assert rows[f"operations {status}"] == str(count)
+    for status, count in FINISHED.items():
+        assert rows[f"finished {status}"] == str(count)
+    assert rows["created"] == str(CREATED)
+    assert float(rows["processing seconds avg"]) == pytest.approx(PROCESSING_AVG_S)
+    assert float(rows["processing seconds p95"]) == pytest.approx(PROCESSING_P95_S)
+    assert float(rows["error ratio"]) == pytest.approx(ERROR_RATIO)
+    assert rows["cancellations"] == str(CANCELLATIONS)
+    assert float(rows["cancellation ratio"]) == pytest.approx(CANCELLATION_RATIO)
+    assert rows["stuck operations"] == str(STUCK)
+    assert rows["errors MicroserviceUnavailable"] == "2"
+    assert f"stuck: {', '.join(known.stuck_oldest_first)}" in result.stdout
