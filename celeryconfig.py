@@ -47,6 +47,8 @@ def maintenance_schedule(settings: Settings) -> dict[str, Any]:
 def build(settings: Settings) -> dict[str, Any]:
     """Every Celery setting stock-sync relies on, for ``settings``."""
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s(settings)}
+    # Beat's schedule file lives here; beat opens it before any signal could make the folder.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,

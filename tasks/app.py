@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 from celery._state import get_current_task
-from celery.signals import beat_init, setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from stock_sync.composition import reset_services
 from stock_sync.db import reset_databases
@@ -30,8 +30,3 @@ def build_fresh_connections(**_: Any) -> None:
     reset_databases(close=False)
     reset_services()
 
-
-@beat_init.connect
-def make_room_for_the_schedule_file(**_: Any) -> None:
-    """Beat keeps its schedule file under the data folder, which may not exist yet."""
-    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
