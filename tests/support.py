@@ -165,3 +165,34 @@ class Pipeline:
             for r in self.fake.fulfillment_requests()
             if r["order_id"] == order_id and r["outcome"] == "applied"
         ]
+
+
+def insert_operation(
+    database: Database,
+    *,
+    order_id: str | None = None,
+    status: OperationStatus | str = OperationStatus.PENDING,
+    lines: Iterable[tuple[str, int]] = (),
+    **fields: Any,
+) -> uuid.UUID:
+    """An operation row as a stage (or time) would have left it, with no message on the broker.
+
+    ``lines`` are (sku, quantity); ``fields`` set any other column (timestamps, retry_count...).
+    """
+    operation_id = uuid.uuid4()
+    order_id = order_id or f"order-{operation_id.hex[:12]}"
+    with database.transaction() as session:
+        session.add(
+            PendingStockOperation(
+                id=operation_id,
+                order_id=order_id,
+                account_name=fields.pop("account_name", "shop-1"),
+                status=OperationStatus(status).value,
+                line_items=[
+                    {"id": f"{order_id}-{i}", "offer_id": "o", "sku": sku, "quantity": qty}
+                    for i, (sku, qty) in enumerate(lines)
+                ],
+                **fields,
+            )
+        )
+    return operation_id

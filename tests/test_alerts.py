@@ -7,7 +7,6 @@ import json
 import logging
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -31,8 +30,8 @@ from stock_sync.alerts import (
 from stock_sync.db import Database
 from stock_sync.logging_setup import json_formatter
 from stock_sync.metrics import MetricsSnapshot
-from stock_sync.models import PendingStockOperation
 from stock_sync.settings import Settings
+from tests.support import insert_operation
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 WINDOW_S = 3600.0
@@ -296,23 +295,14 @@ def add_operation(
     completed_ago_s: float | None = None,
     now: datetime = NOW,
 ) -> str:
-    operation_id = uuid.uuid4()
-    with database.transaction() as session:
-        session.add(
-            PendingStockOperation(
-                id=operation_id,
-                order_id=f"order-{operation_id.hex[:12]}",
-                account_name="shop-1",
-                status=status,
-                created_at=now - timedelta(seconds=created_ago_s),
-                updated_at=now - timedelta(seconds=updated_ago_s),
-                completed_at=(
-                    now - timedelta(seconds=completed_ago_s)
-                    if completed_ago_s is not None
-                    else None
-                ),
-            )
-        )
+    completed_at = now - timedelta(seconds=completed_ago_s) if completed_ago_s is not None else None
+    operation_id = insert_operation(
+        database,
+        status=status,
+        created_at=now - timedelta(seconds=created_ago_s),
+        updated_at=now - timedelta(seconds=updated_ago_s),
+        completed_at=completed_at,
+    )
     return str(operation_id)
 
 

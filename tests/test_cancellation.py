@@ -17,7 +17,7 @@ from stock_sync.models import PendingStockOperation
 from stock_sync.operation_cancellation_service import CancellationResult
 from stock_sync.producer import request_cancellation, submit_operation
 from tasks.stages import deduct_stock, load_line_items, sync_microservice
-from tests.support import Pipeline, order
+from tests.support import Pipeline, insert_operation, order
 
 S = OperationStatus
 
@@ -201,27 +201,6 @@ def test_cancelling_twice_returns_the_first_result_and_changes_nothing(pipeline:
 # --- races --------------------------------------------------------------------------------
 
 
-def insert_operation(
-    pipeline: Pipeline, order_id: str, status: S, lines: list[tuple[str, int]]
-) -> uuid.UUID:
-    """An operation row as a stage would have left it, with no message on the broker."""
-    operation_id = uuid.uuid4()
-    with pipeline.database.transaction() as session:
-        session.add(
-            PendingStockOperation(
-                id=operation_id,
-                order_id=order_id,
-                account_name="shop-1",
-                status=status.value,
-                line_items=[
-                    {"id": f"{order_id}-{i}", "offer_id": "o", "sku": sku, "quantity": qty}
-                    for i, (sku, qty) in enumerate(lines)
-                ],
-            )
-        )
-    return operation_id
-
-
 def wait_until_blocked_on_a_lock(postgres_url: str, count: int = 1) -> None:
     engine = create_engine(postgres_url)
     deadline = time.monotonic() + 30
@@ -246,7 +225,9 @@ def test_cancel_arriving_while_deduct_stock_runs_restores_exactly_once(
     pipeline: Pipeline, postgres_url: str
 ) -> None:
     pipeline.set_stock(**{"SKU-R": 5})
-    operation_id = insert_operation(pipeline, "race-deduct", S.PROCESSING, [("SKU-R", 2)])
+    operation_id = insert_operation(
+        pipeline.database, order_id="race-deduct", status=S.PROCESSING, lines=[("SKU-R", 2)]
+    )
     # Hold the stock row: deduct_stock takes the operation lock, then waits here mid-transaction.
     blocker = create_engine(postgres_url).connect()
     blocker_tx = blocker.begin()
@@ -272,7 +253,9 @@ def test_cancel_arriving_while_deduct_stock_runs_restores_exactly_once(
 
 def test_cancel_arriving_before_deduct_stock_means_no_deduction(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-R": 5})
-    operation_id = insert_operation(pipeline, "race-deduct-2", S.PROCESSING, [("SKU-R", 2)])
+    operation_id = insert_operation(
+        pipeline.database, order_id="race-deduct-2", status=S.PROCESSING, lines=[("SKU-R", 2)]
+    )
     result = cancel(operation_id)
     assert result.cancelled_from is S.PROCESSING
     deduct_stock.apply_async((str(operation_id),))
@@ -310,7 +293,9 @@ def test_cancel_while_the_sync_put_is_in_flight_is_compensated(pipeline: Pipelin
 
 def test_two_cancels_at_once_have_one_effect(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-T": 1})
-    operation_id = insert_operation(pipeline, "race-cancel", S.PROCESSING, [("SKU-T", 1)])
+    operation_id = insert_operation(
+        pipeline.database, order_id="race-cancel", status=S.PROCESSING, lines=[("SKU-T", 1)]
+    )
     deduct_stock.apply_async((str(operation_id),))
     pipeline.wait_for_status(operation_id, S.STOCK_DEDUCTED)
     results: list[CancellationResult] = []
@@ -337,7 +322,9 @@ def test_two_cancels_at_once_have_one_effect(pipeline: Pipeline) -> None:
 def test_a_stage_redelivered_after_a_cancel_moves_nothing(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-U": 4})
     pipeline.fake.add_order(order("redelivered", ("SKU-U", 1)))
-    operation_id = insert_operation(pipeline, "redelivered", S.PENDING, [])
+    operation_id = insert_operation(
+        pipeline.database, order_id="redelivered", status=S.PENDING, lines=[]
+    )
     cancel(operation_id)
     for task in (load_line_items, deduct_stock, sync_microservice):
         task.apply_async((str(operation_id),))

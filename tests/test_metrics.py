@@ -35,9 +35,10 @@ from stock_sync.metrics import (
     read_metrics,
     render_prometheus,
 )
-from stock_sync.models import OperationEvent, PendingStockOperation
+from stock_sync.models import OperationEvent
 from stock_sync.settings import Settings
 from tests.conftest import REDIS_URL
+from tests.support import insert_operation
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 WINDOW_S = 3600.0
@@ -73,21 +74,15 @@ def add_operation(
     next_retry_at: datetime | None = None,
     operation_type: str = ORDER_DEDUCTION,
 ) -> str:
-    operation_id = uuid.uuid4()
-    with database.transaction() as session:
-        session.add(
-            PendingStockOperation(
-                id=operation_id,
-                order_id=f"order-{operation_id.hex[:12]}",
-                account_name="shop-1",
-                operation_type=operation_type,
-                status=status,
-                created_at=created,
-                updated_at=updated,
-                completed_at=completed,
-                next_retry_at=next_retry_at,
-            )
-        )
+    operation_id = insert_operation(
+        database,
+        status=status,
+        operation_type=operation_type,
+        created_at=created,
+        updated_at=updated,
+        completed_at=completed,
+        next_retry_at=next_retry_at,
+    )
     return str(operation_id)
 
 

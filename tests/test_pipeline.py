@@ -10,11 +10,10 @@ from collections.abc import Callable
 import pytest
 
 from stock_sync.domain.statuses import OperationStatus
-from stock_sync.models import PendingStockOperation
 from stock_sync.producer import submit_operation
 from tasks.dispatch import CeleryDispatcher
 from tasks.stages import deduct_stock, sync_microservice
-from tests.support import Pipeline, order
+from tests.support import Pipeline, insert_operation, order
 
 S = OperationStatus
 
@@ -245,32 +244,12 @@ def test_submitting_the_same_order_twice_returns_the_same_operation(pipeline: Pi
     assert pipeline.actions(first).count("operation_created") == 1
 
 
-def insert_operation(
-    pipeline: Pipeline, order_id: str, status: S, lines: list[tuple[str, int]], **fields: object
-) -> uuid.UUID:
-    """An operation row as a stage would have left it, with no message on the broker."""
-    operation_id = uuid.uuid4()
-    with pipeline.database.transaction() as session:
-        session.add(
-            PendingStockOperation(
-                id=operation_id,
-                order_id=order_id,
-                account_name="shop-1",
-                status=status.value,
-                line_items=[
-                    {"id": f"{order_id}-{i}", "offer_id": "o", "sku": sku, "quantity": qty}
-                    for i, (sku, qty) in enumerate(lines)
-                ],
-                **fields,
-            )
-        )
-    return operation_id
-
-
 def test_the_same_stage_delivered_twice_deducts_once_and_puts_once(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-D": 5})
     pipeline.fake.add_order(order("dup", ("SKU-D", 2)))
-    operation_id = insert_operation(pipeline, "dup", S.PROCESSING, [("SKU-D", 2)])
+    operation_id = insert_operation(
+        pipeline.database, order_id="dup", status=S.PROCESSING, lines=[("SKU-D", 2)]
+    )
     for _ in range(2):
         deduct_stock.apply_async((str(operation_id),))
     pipeline.wait_for_status(operation_id, S.STOCK_DEDUCTED)
@@ -287,7 +266,9 @@ def test_the_same_stage_delivered_twice_deducts_once_and_puts_once(pipeline: Pip
 
 def test_a_re_enqueued_operation_gets_no_fresh_retry_budget(pipeline: Pipeline) -> None:
     pipeline.fake.add_order(order("spent", ("SKU-A", 1)), ready_after_reads=10_000)
-    operation_id = insert_operation(pipeline, "spent", S.PENDING, [], retry_count=3)
+    operation_id = insert_operation(
+        pipeline.database, order_id="spent", status=S.PENDING, lines=[], retry_count=3
+    )
     CeleryDispatcher().enqueue_pipeline(operation_id, S.PENDING)
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "failed" and done.retry_count == 3
