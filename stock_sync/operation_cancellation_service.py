@@ -25,7 +25,7 @@ from stock_sync.microservice_client import MicroserviceClient
 from stock_sync.models import PendingStockOperation, StockMovement
 from stock_sync.operation_events import timeline
 from stock_sync.operations import load_operation, new_adjustment, operation_logger, transition
-from stock_sync.standardized_logger import StandardizedLogger, measure_execution_time
+from stock_sync.standardized_logger import StandardizedLogger, Timer, measure_execution_time
 from stock_sync.stock_ledger import Movement, restore_for_operation
 
 S = OperationStatus
@@ -107,6 +107,7 @@ class OperationCancellationService:
         cancelled_by = _checked_text("cancelled_by", cancelled_by, CANCELLED_BY_MAX_LENGTH)
         reason = _checked_text("reason", reason or "cancelled", REASON_MAX_LENGTH)
         rollback_to_enqueue: uuid.UUID | None = None
+        timer = Timer()
         with self._database.transaction() as session:
             operation = load_operation(session, operation_id, for_update=True)
             if operation.type_enum is not OperationType.ORDER_DEDUCTION:
@@ -141,7 +142,10 @@ class OperationCancellationService:
             transition(operation, S.CANCELLED, f"cancelled by {cancelled_by}: {reason}", log)
             if rollback_to_enqueue is None:
                 log.log_action_with_timing(
-                    operation_id, LogAction.CANCELLATION_COMPLETED, "cancellation completed"
+                    operation_id,
+                    LogAction.CANCELLATION_COMPLETED,
+                    "cancellation completed",
+                    timer.elapsed_ms,
                 )
         if rollback_to_enqueue is not None:
             self._rollback_microservice_status(rollback_to_enqueue)
