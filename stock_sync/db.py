@@ -67,9 +67,13 @@ def build_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _enable_sqlite_concurrency(engine)
         return engine
+    # No pre-ping: it costs a round trip on every checkout (about a fifth of the pipeline's
+    # throughput, measured). A connection broken by a server restart fails one statement and
+    # SQLAlchemy then invalidates the whole pool; the stage's retry runs on fresh connections.
     return create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
+        pool_recycle=1800,
         pool_size=5,
         max_overflow=10,
         connect_args={"connect_timeout": 5},

@@ -6,8 +6,10 @@ import itertools
 
 import pytest
 
+from stock_sync.domain import stages
 from stock_sync.domain.errors import InvalidTransition
 from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import (
     CANCELLABLE_STATUSES,
     FINAL_STATUSES,
@@ -111,3 +113,32 @@ def test_log_actions_are_exactly_the_seeds() -> None:
     ]  # fmt: skip
     assert [action.value for action in LogAction] == expected
     assert all(action.name == action.value.upper() for action in LogAction)
+
+
+@pytest.mark.parametrize(
+    ("status", "stage", "expected"),
+    [
+        (S.PENDING, stages.LOAD_LINE_ITEMS, None),
+        (S.PROCESSING, stages.LOAD_LINE_ITEMS, StageOutcome.ALREADY_PAST),
+        (S.COMPLETED, stages.DEDUCT_STOCK, StageOutcome.ALREADY_PAST),
+        (S.PROCESSING, stages.VALIDATE_STOCK, None),
+        (S.PROCESSING, stages.DEDUCT_STOCK, None),
+        (S.PENDING, stages.DEDUCT_STOCK, StageOutcome.STOPPED),  # not there yet
+        (S.PROCESSING, stages.SYNC_MICROSERVICE, StageOutcome.STOPPED),
+        (S.CANCELLED, stages.LOAD_LINE_ITEMS, StageOutcome.STOPPED),
+        (S.FAILED, stages.SYNC_MICROSERVICE, StageOutcome.STOPPED),
+    ],
+)
+def test_a_stage_runs_only_on_its_own_status(
+    status: S, stage: stages.Stage, expected: StageOutcome | None
+) -> None:
+    assert stages.stage_outcome_for(status, stage) == expected
+
+
+def test_a_redriven_operation_resumes_at_its_own_stage() -> None:
+    assert [s.name for s in stages.remaining_pipeline(S.PROCESSING)] == [
+        "validate_stock",
+        "deduct_stock",
+        "sync_microservice",
+    ]
+    assert stages.remaining_pipeline(S.COMPLETED) == ()

@@ -51,12 +51,17 @@ class StageOutcome(str, Enum):
 
 
 def stage_outcome_for(status: OperationStatus, stage: Stage) -> StageOutcome | None:
-    """None when the stage should run; otherwise why it must not (past it, or final)."""
-    if status in FINAL_STATUSES:
-        return StageOutcome.STOPPED
-    if _PROGRESS[status] > _PROGRESS[stage.status]:
+    """None when the stage should run (the operation is in its status); otherwise why not.
+
+    Past the stage (a duplicate delivery): ALREADY_PAST, the chain goes on. Final, or not yet
+    at the stage (a chain running ahead of its operation): STOPPED; whatever drives the
+    operation to this stage (its own chain, or the sweep) will run it then.
+    """
+    if status is stage.status:
+        return None
+    if status not in FINAL_STATUSES and _PROGRESS[status] > _PROGRESS[stage.status]:
         return StageOutcome.ALREADY_PAST
-    return None
+    return StageOutcome.STOPPED
 
 
 def remaining_pipeline(status: OperationStatus) -> tuple[Stage, ...]:
