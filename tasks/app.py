@@ -29,4 +29,3 @@ def build_fresh_connections(**_: Any) -> None:
     """A forked child must not reuse its parent's database or HTTP connections."""
     reset_databases(close=False)
     reset_services()
-
