@@ -96,10 +96,30 @@ def fake_microservice() -> Iterator[FakeMicroservice]:
         yield fake
 
 
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def run_queue_name(purpose: str) -> str:
+    """A queue name unique to this test run, so its Redis keys can be removed at the end."""
+    return f"stock-sync-test-{RUN_ID}-{purpose}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forget_this_runs_queues() -> Iterator[None]:
+    """At the end, delete what kombu left in Redis for this run's queues and bindings."""
+    yield
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"*stock-sync-test-{RUN_ID}-*"):
+        client.delete(key)
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice) -> Iterator[str]:
     """Configure this process for the pipeline tests; yields the run's queue name."""
-    queue = f"stock-sync-test-{uuid.uuid4().hex[:8]}"
+    queue = run_queue_name("pipeline")
     environment = {
         **PIPELINE_ENVIRONMENT,
         "STOCK_SYNC_DATABASE_URL": postgres_url,

@@ -37,7 +37,7 @@ from stock_sync.metrics import (
 )
 from stock_sync.models import OperationEvent
 from stock_sync.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, run_queue_name
 from tests.support import insert_operation
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
@@ -450,7 +450,7 @@ def run_stats(postgres_url: str, *args: str) -> subprocess.CompletedProcess[str]
         **os.environ,
         "STOCK_SYNC_DATABASE_URL": postgres_url,
         "STOCK_SYNC_BROKER_URL": REDIS_URL,
-        "STOCK_SYNC_QUEUE_NAME": f"stock-sync-stats-test-{uuid.uuid4().hex[:8]}",
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name("stats"),
         "STOCK_SYNC_ALERT_WINDOW_S": str(WINDOW_S),
         "STOCK_SYNC_STUCK_AFTER_S": str(STUCK_AFTER_S),
     }

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 
 from stock_sync.db import Database
 from stock_sync.fake_microservice import FakeMicroservice
-from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL
+from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import Pipeline, order
 
 BIN = Path(sys.executable).parent
@@ -38,7 +38,7 @@ def worker_environment(
         "STOCK_SYNC_BROKER_URL": REDIS_URL,
         "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
         "STOCK_SYNC_MICROSERVICE_TIMEOUT_S": "5",
-        "STOCK_SYNC_QUEUE_NAME": f"stock-sync-kill-{uuid.uuid4().hex[:8]}",
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name("kill"),
         "STOCK_SYNC_STUCK_AFTER_S": str(STUCK_AFTER_S),
     }
 
