@@ -111,8 +111,14 @@ def forget_this_runs_queues() -> Iterator[None]:
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"*stock-sync-test-{RUN_ID}-*"):
+    marker = f"stock-sync-test-{RUN_ID}-"
+    for key in client.scan_iter(match=f"*{marker}*"):
         client.delete(key)
+    # Messages of workers the kill tests shot stay in kombu's shared "unacked" hash.
+    for tag, payload in client.hgetall("unacked").items():
+        if marker.encode() in payload:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
     client.close()
 
 
