@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck services demo worker beat flower metrics fake-microservice benchmark clean
+.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark clean
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 
 services:
 	@bash tests/ensure_services.sh
+
+# The checkers of docker/: Debian's docker-compose, and promtool unpacked into .venv/bin.
+tools: install
 	@bash tests/ensure_docker_compose.sh
+	@bash tests/ensure_promtool.sh
 
 lint: install
 	$(BIN)/ruff check .
@@ -28,7 +32,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install services lint typecheck
+test: install services tools lint typecheck
 	$(BIN)/pytest -q
 
 demo: install
