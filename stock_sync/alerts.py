@@ -28,7 +28,15 @@ STUCK_OPERATIONS = "stuck_operations"
 HIGH_ERROR_RATE = "high_error_rate"
 PROCESSING_TIME_EXCEEDED = "processing_time_exceeded"
 FREQUENT_CANCELLATIONS = "frequent_cancellations"
-RULES = (STUCK_OPERATIONS, HIGH_ERROR_RATE, PROCESSING_TIME_EXCEEDED, FREQUENT_CANCELLATIONS)
+# Beyond the seed's four: a rollback that gave up leaves the marketplace wrong until a human acts.
+FAILED_ROLLBACKS = "failed_rollbacks"
+RULES = (
+    STUCK_OPERATIONS,
+    HIGH_ERROR_RATE,
+    PROCESSING_TIME_EXCEEDED,
+    FREQUENT_CANCELLATIONS,
+    FAILED_ROLLBACKS,
+)
 
 
 @dataclass(frozen=True)
@@ -132,12 +140,31 @@ def frequent_cancellations(snapshot: MetricsSnapshot, settings: Settings) -> Ale
     )
 
 
+def failed_rollbacks(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
+    """Fires on any microservice rollback that ended FAILED within the window."""
+    if snapshot.failed_rollbacks < 1:
+        return None
+    return Alert(
+        rule=FAILED_ROLLBACKS,
+        value=snapshot.failed_rollbacks,
+        threshold=1,
+        window_s=snapshot.window_s,
+        sample_operation_ids=list(snapshot.failed_rollback_ids),
+        message=(
+            f"{snapshot.failed_rollbacks} microservice rollback(s) of cancelled operations "
+            f"gave up in the last {snapshot.window_s:g}s: their fulfillment status was not "
+            "put back (see `stock-sync show` of each)"
+        ),
+    )
+
+
 Rule = Callable[[MetricsSnapshot, Settings], Alert | None]
 ALL_RULES: Sequence[Rule] = (
     stuck_operations,
     high_error_rate,
     processing_time_exceeded,
     frequent_cancellations,
+    failed_rollbacks,
 )
 
 

@@ -72,6 +72,10 @@ class MetricsSnapshot:
     cancelled_sample_ids: tuple[str, ...] = ()
     stuck_count: int = 0
     stuck_sample_ids: tuple[str, ...] = ()
+    # Microservice rollbacks that gave up: the marketplace still shows a cancelled order's
+    # fulfillment as synced, and only an operator can put it right.
+    failed_rollbacks: int = 0
+    failed_rollback_ids: tuple[str, ...] = ()
     queue_name: str | None = None
     queue_length: int | None = None
 
@@ -126,6 +130,10 @@ class MetricsSnapshot:
                 "count": self.stuck_count,
                 "sample_operation_ids": list(self.stuck_sample_ids),
             },
+            "failed_rollbacks": {
+                "count": self.failed_rollbacks,
+                "sample_operation_ids": list(self.failed_rollback_ids),
+            },
             "queue": (
                 {"name": self.queue_name, "length": self.queue_length}
                 if self.queue_length is not None
@@ -176,6 +184,8 @@ def collect_metrics(
         cancelled_sample_ids=recently_finished_ids(session, OperationStatus.CANCELLED.value, since),
         stuck_count=stuck_count(session, now, settings.stuck_after_s),
         stuck_sample_ids=stuck_ids(session, now, settings.stuck_after_s),
+        failed_rollbacks=failed_rollback_count(session, since),
+        failed_rollback_ids=failed_rollback_ids(session, since),
         queue_name=settings.queue_name if queue_length is not None else None,
         queue_length=queue_length,
     )
@@ -232,6 +242,30 @@ def recently_finished_ids(session: Session, status: str, since: datetime) -> tup
     query = (
         select(Op.id)
         .where(Op.status == status, Op.updated_at >= since, Op.operation_type == ORDER_DEDUCTION)
+        .order_by(Op.updated_at.desc())
+        .limit(SAMPLE_SIZE)
+    )
+    return tuple(str(operation_id) for operation_id in session.scalars(query))
+
+
+def _failed_rollbacks_since(since: datetime) -> tuple[ColumnElement[bool], ...]:
+    return (
+        Op.status == OperationStatus.FAILED.value,
+        Op.updated_at >= since,
+        Op.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
+    )
+
+
+def failed_rollback_count(session: Session, since: datetime) -> int:
+    """Microservice rollbacks that ended FAILED since ``since``."""
+    query = select(func.count()).where(*_failed_rollbacks_since(since))
+    return int(session.scalar(query) or 0)
+
+
+def failed_rollback_ids(session: Session, since: datetime) -> tuple[str, ...]:
+    query = (
+        select(Op.id)
+        .where(*_failed_rollbacks_since(since))
         .order_by(Op.updated_at.desc())
         .limit(SAMPLE_SIZE)
     )
@@ -404,6 +438,11 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "stock_sync_stuck_operations",
         "Live operations without progress for longer than the stuck threshold.",
         snapshot.stuck_count,
+    )
+    yield _gauge(
+        "stock_sync_failed_rollbacks",
+        f"Microservice rollbacks of cancelled operations that ended FAILED {window}.",
+        snapshot.failed_rollbacks,
     )
     if snapshot.queue_length is not None and snapshot.queue_name is not None:
         yield _labelled_gauge(

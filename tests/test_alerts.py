@@ -17,6 +17,7 @@ import pytest
 
 from stock_sync.alerts import (
     ALERTS_LOGGER,
+    FAILED_ROLLBACKS,
     FREQUENT_CANCELLATIONS,
     HIGH_ERROR_RATE,
     PROCESSING_TIME_EXCEEDED,
@@ -160,6 +161,8 @@ def test_every_broken_rule_fires_in_rule_order() -> None:
         finished_by_status={"completed": 5, "failed": 5, "cancelled": 10},
         created_in_window=20,
         processing_seconds_p95=600.0,
+        failed_rollbacks=1,
+        failed_rollback_ids=("rollback-1",),
     )
 
     assert fired(everything_wrong) == list(RULES)
@@ -329,6 +332,13 @@ def test_the_check_raises_all_four_alerts_from_the_database(
         for s in (0, 1)
     ]
     cancelled = add_operation(clean_database, "cancelled", created_ago_s=300, updated_ago_s=50)
+    gave_up = insert_operation(
+        clean_database,
+        status="failed",
+        operation_type="microservice_rollback",
+        created_at=NOW - timedelta(seconds=40),
+        updated_at=NOW - timedelta(seconds=30),
+    )
 
     with caplog.at_level(logging.WARNING, logger=ALERTS_LOGGER):
         alerts = run_alert_check(clean_database, settings, now=NOW, webhook_url=webhook.url)
@@ -343,6 +353,8 @@ def test_the_check_raises_all_four_alerts_from_the_database(
     assert by_rule[PROCESSING_TIME_EXCEEDED].sample_operation_ids == [slow, *reversed(quick)]
     assert by_rule[FREQUENT_CANCELLATIONS].value == pytest.approx(1 / 7)
     assert by_rule[FREQUENT_CANCELLATIONS].sample_operation_ids == [cancelled]
+    assert by_rule[FAILED_ROLLBACKS].value == 1
+    assert by_rule[FAILED_ROLLBACKS].sample_operation_ids == [str(gave_up)]
     assert webhook.bodies == [alert.to_dict() for alert in alerts]
     assert [r.rule for r in alert_records(caplog, logging.WARNING)] == list(RULES)  # type: ignore[attr-defined]
 

@@ -53,6 +53,7 @@ ALERTS = {
     "StockSyncHighErrorRate": ("stock_sync_error_ratio", ">=", 0.2, "10m"),
     "StockSyncSlowProcessing": ("stock_sync_processing_seconds_p95", ">", 300.0, "10m"),
     "StockSyncFrequentCancellations": ("stock_sync_cancellation_ratio", ">=", 0.1, "30m"),
+    "StockSyncFailedRollbacks": ("stock_sync_failed_rollbacks", ">=", 1.0, "1m"),
 }
 
 
@@ -394,6 +395,8 @@ tests:
       - {series: 'stock_sync_processing_seconds_p95{case="at"}', values: '300x60'}
       - {series: 'stock_sync_cancellation_ratio{case="at"}', values: '0.1x60'}
       - {series: 'stock_sync_cancellation_ratio{case="below"}', values: '0.09x60'}
+      - {series: 'stock_sync_failed_rollbacks{case="at"}', values: '1x60'}
+      - {series: 'stock_sync_failed_rollbacks{case="below"}', values: '0x60'}
     alert_rule_test:
 """
 PROMTOOL_CASES = {
@@ -402,6 +405,7 @@ PROMTOOL_CASES = {
     "StockSyncHighErrorRate": (9, 11, "at"),
     "StockSyncSlowProcessing": (9, 11, "above"),
     "StockSyncFrequentCancellations": (29, 31, "at"),
+    "StockSyncFailedRollbacks": (0, 2, "at"),
 }
 
 
