@@ -46,6 +46,7 @@ def build_services(
     *,
     dispatcher: Dispatcher | None = None,
     database: Database | None = None,
+    client: MicroserviceClient | None = None,
 ) -> Services:
     """Wire the real services for ``settings`` (defaults: the environment, Celery dispatch)."""
     settings = settings or get_settings()
@@ -54,7 +55,7 @@ def build_services(
         from tasks.dispatch import CeleryDispatcher  # the Celery side plugs in here
 
         dispatcher = CeleryDispatcher()
-    client = MicroserviceClient(
+    client = client or MicroserviceClient(
         settings.microservice_url,
         timeout_s=settings.microservice_timeout_s,
         connect_timeout_s=min(settings.microservice_timeout_s, 3.0),

@@ -1,0 +1,124 @@
+"""Invariant 3: no HTTP call and no enqueue while a database connection (and so a
+transaction or a lock) is held. Every stage runs here in the test thread against a database
+used by nothing else, with a client and a dispatcher that check the pool at each call."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from stock_sync.composition import Services, build_services
+from stock_sync.db import Database
+from stock_sync.domain import stages
+from stock_sync.domain.stages import StageOutcome
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.fake_microservice import FakeMicroservice
+from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.models import PendingStockOperation
+from stock_sync.producer import submit_operation
+from stock_sync.settings import load_settings
+from tests.support import order
+
+S = OperationStatus
+
+
+class HeldConnection(AssertionError):
+    pass
+
+
+def assert_no_connection_held(database: Database, what: str) -> None:
+    held = database.engine.pool.checkedout()  # type: ignore[attr-defined]
+    if held:
+        raise HeldConnection(f"{what} while {held} database connection(s) were checked out")
+
+
+class CheckingClient(MicroserviceClient):
+    def __init__(self, database: Database, base_url: str) -> None:
+        super().__init__(base_url, timeout_s=2.0)
+        self.database = database
+        self.calls: list[str] = []
+
+    def get_order(self, order_id: str) -> MicroserviceOrder:
+        assert_no_connection_held(self.database, f"GET {order_id}")
+        self.calls.append("GET")
+        return super().get_order(order_id)
+
+    def set_fulfillment_status(self, order_id: str, **kwargs: Any) -> None:
+        assert_no_connection_held(self.database, f"PUT {order_id}")
+        self.calls.append(f"PUT {kwargs['status']}")
+        super().set_fulfillment_status(order_id, **kwargs)
+
+
+class CheckingDispatcher:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.enqueued: list[str] = []
+
+    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+        assert_no_connection_held(self.database, "enqueue_pipeline")
+        self.enqueued.append(f"pipeline {status.value}")
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
+        assert_no_connection_held(self.database, "enqueue_rollback")
+        self.enqueued.append(f"rollback {adjustment_operation_id}")
+
+
+@pytest.fixture
+def services(
+    clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
+) -> Iterator[Services]:
+    fake_microservice.reset()
+    database = Database(postgres_url)  # its own pool: only what this test does counts
+    settings = load_settings()
+    built = build_services(
+        settings,
+        database=database,
+        dispatcher=CheckingDispatcher(database),
+        client=CheckingClient(database, fake_microservice.url),
+    )
+    yield built
+    database.dispose()
+
+
+def run(services: Services, stage: stages.Stage, operation_id: uuid.UUID) -> StageOutcome:
+    result = services.synchronization.execute(stage, operation_id)
+    if result.retry_in_s is not None:  # the stage failed and scheduled a retry: say why
+        with services.database.transaction() as session:
+            row = session.get(PendingStockOperation, operation_id)
+            assert row is not None
+            pytest.fail(f"stage {stage.name} failed: {row.last_error_type}: {row.last_error}")
+    return result.outcome
+
+
+def test_no_stage_calls_out_while_holding_a_connection(
+    services: Services, fake_microservice: FakeMicroservice
+) -> None:
+    from stock_sync.stock_ledger import set_stock
+
+    with services.database.transaction() as session:
+        set_stock(session, "SKU-N", 3)
+    fake_microservice.add_order(order("no-net", ("SKU-N", 1)))
+    operation_id = submit_operation("no-net", services=services)
+    for stage in stages.PIPELINE:
+        assert run(services, stage, operation_id) is StageOutcome.DONE
+    result = services.cancellation.cancel_operation(operation_id, "tester", "invariant 3")
+    (rollback_id,) = [
+        i
+        for i in result.adjustment_operation_ids
+        if f"rollback {i}" in services.dispatcher.enqueued
+    ]  # type: ignore[attr-defined]
+    assert run(services, stages.ROLLBACK, rollback_id) is StageOutcome.DONE
+    client: CheckingClient = services.client  # type: ignore[assignment]
+    assert client.calls == ["GET", "GET", "PUT PROCESSING", "GET", "PUT NEW"]
+    assert services.dispatcher.enqueued[0] == "pipeline pending"  # type: ignore[attr-defined]
+    assert fake_microservice.order("no-net")["fulfillment_status"] == "NEW"
+
+
+def test_the_check_itself_catches_a_call_made_inside_a_transaction(services: Services) -> None:
+    with pytest.raises(HeldConnection), services.database.transaction() as session:
+        session.execute(text("select 1"))  # the session now holds a connection
+        services.client.get_order("anything")
