@@ -7,11 +7,13 @@ STOCK_SYNC_TEST_POSTGRES_URL (an admin connection) and STOCK_SYNC_TEST_REDIS_URL
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from stock_sync import schema
 from stock_sync.composition import reset_services
@@ -70,9 +72,20 @@ def database(postgres_url: str) -> Iterator[Database]:
 
 @pytest.fixture
 def clean_database(database: Database) -> Database:
-    """The test database with every table emptied."""
-    with database.transaction() as session:
-        session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    """The test database with every table emptied.
+
+    A task a previous test left in flight (a retry, a rollback) may hold row locks while
+    TRUNCATE asks for table locks; PostgreSQL then breaks the deadlock, so try again.
+    """
+    for attempt in range(5):
+        try:
+            with database.transaction() as session:
+                session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            return database
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
     return database
 
 

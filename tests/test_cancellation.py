@@ -196,6 +196,12 @@ def test_cancelling_twice_returns_the_first_result_and_changes_nothing(pipeline:
     assert second.restored_movements == first.restored_movements
     assert pipeline.stock("SKU-A") == 2
     assert pipeline.actions(operation_id).count("cancellation_requested") == 1
+    rollback = next(
+        a
+        for a in adjustments_of(pipeline, operation_id)
+        if a.operation_type == "microservice_rollback"
+    )
+    pipeline.wait_for([rollback.id])  # leave nothing in flight for the next test
 
 
 # --- races --------------------------------------------------------------------------------
