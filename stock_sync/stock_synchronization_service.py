@@ -274,12 +274,8 @@ class StockSynchronizationService:
     def _complete(self, operation_id: uuid.UUID, timer: Timer) -> StageOutcome:
         with self._database.transaction() as session:
             operation = load_operation(session, operation_id, for_update=True)
-            if operation.status_enum is S.CANCELLED:
-                cancelled_meanwhile = True
-            else:
-                cancelled_meanwhile = False
-                if operation.status_enum is not S.STOCK_DEDUCTED:
-                    return StageOutcome.ALREADY_PAST  # a duplicate delivery finished first
+            status = operation.status_enum
+            if status is S.STOCK_DEDUCTED:
                 log = operation_logger(session, operation, self._logger)
                 operation.microservice_synced_at = utcnow()
                 log.log_action_with_timing(
@@ -289,11 +285,12 @@ class StockSynchronizationService:
                     timer.elapsed_ms,
                 )
                 transition(operation, S.COMPLETED, "status synced to the microservice", log)
-        if cancelled_meanwhile:
+                return StageOutcome.DONE
+        if status is S.CANCELLED:
             # Our PUT landed after a cancellation: put the microservice back.
             self._cancellation.compensate_if_cancelled(operation_id)
             return StageOutcome.STOPPED
-        return StageOutcome.DONE
+        return StageOutcome.ALREADY_PAST  # a duplicate delivery finished first
 
     # --- retries and failure ---------------------------------------------------------------
 
