@@ -18,14 +18,23 @@ Per-order knobs (``ORDER_KNOBS``; given with the order, as keyword arguments or 
 - ``fail_gets`` / ``fail_puts``: the next N GETs / PUTs answer 503 (retryable).
 - ``malformed``: ``"json"`` (GET answers invalid JSON) or ``"contract"`` (a line with quantity 0).
 - ``put_latency_s``: an applied PUT sleeps this long after taking effect, before answering.
+- ``fail_puts_after_apply``: the next N PUTs take effect, then answer 502 (a gateway that lost
+  the backend's answer).
+- ``drop_puts_after_apply``: the next N PUTs take effect, then the connection is closed with no
+  answer (a reset after sending).
+- ``hold_puts``: PUTs wait at a gate, before taking effect, until ``release_puts(order_id)``
+  (``POST /_admin/orders/{id}/release``): a PUT that lands late, after its sender gave up.
 
 Global faults (``FAULT_KNOBS``, ``set_faults``): ``error_rate`` (share answered 503),
 ``latency_s`` (added to every request), ``timeout_rate`` + ``timeout_s`` (share that sleeps
-``timeout_s`` before being handled), ``rate_limit_rate`` + ``retry_after_s`` (share answered 429
-with ``Retry-After``; ``retry_after_s=None`` sends none). Draws come from ``random.Random(seed)``.
+``timeout_s`` before being handled, so a PUT lands after its sender gave up),
+``rate_limit_rate`` + ``retry_after_s`` (share answered 429 with ``Retry-After``;
+``retry_after_s=None`` sends none), ``late_answer_rate`` + ``late_answer_s`` (share of applied
+PUTs answered only ``late_answer_s`` after taking effect). Draws come from ``random.Random(seed)``.
 
 Admin API (JSON): ``POST /_admin/orders`` (an order or ``{"orders": [...]}``, knobs as extra
-keys), ``GET /_admin/orders/{id}``, ``POST /_admin/orders/{id}/cancel``, ``GET|POST
+keys), ``GET /_admin/orders/{id}``, ``POST /_admin/orders/{id}/cancel``, ``POST
+/_admin/orders/{id}/release``, ``GET|POST
 /_admin/faults``, ``GET /_admin/fulfillments``, ``POST /_admin/reset``, ``GET /_admin/health``.
 """
 
@@ -72,6 +81,7 @@ _ORDER_FIELDS = frozenset(
 _LINE_FIELDS = frozenset({"id", "offer_id", "sku", "quantity"})
 _NOT_PAID = ("BOUGHT", "FILLED_IN")
 _MAX_BODY_BYTES = 10 * 1024 * 1024
+_MAX_HOLD_S = 300.0
 _TRUNCATED_ORDER_JSON = b'{"id": "truncated", "line_items": ['
 
 MalformedMode = Literal["json", "contract"]
@@ -85,6 +95,9 @@ class _OrderKnobs:
     fail_puts: int = 0
     malformed: MalformedMode | None = None
     put_latency_s: float = 0.0
+    fail_puts_after_apply: int = 0
+    drop_puts_after_apply: int = 0
+    hold_puts: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ class _Faults:
     timeout_s: float = 10.0
     rate_limit_rate: float = 0.0
     retry_after_s: float | None = 1.0
+    late_answer_rate: float = 0.0
+    late_answer_s: float = 10.0
 
 
 ORDER_KNOBS = tuple(knob.name for knob in fields(_OrderKnobs))
@@ -110,12 +125,14 @@ class _StoredOrder:
 
 @dataclass(frozen=True)
 class _Reply:
-    """One HTTP answer; ``delay_s`` is slept (without the lock) before it is sent."""
+    """One HTTP answer; ``delay_s`` is slept (without the lock) before it is sent; ``drop``
+    closes the connection instead of answering."""
 
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     delay_s: float = 0.0
+    drop: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,12 @@ def _reject_unknown(keys: Iterable[str], known: Iterable[str], where: str) -> No
         raise InvalidInput(f"{where}: unknown keys {', '.join(unknown)}; known: {', '.join(known)}")
 
 
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _malformed_mode(value: object, name: str) -> MalformedMode | None:
     if value is None or value == "json" or value == "contract":
         return value
@@ -187,6 +210,13 @@ def _order_knobs(values: Mapping[str, Any], where: str) -> _OrderKnobs:
         fail_puts=_count(values.get("fail_puts", 0), f"{where}: fail_puts"),
         malformed=malformed,
         put_latency_s=_seconds(values.get("put_latency_s", 0.0), f"{where}: put_latency_s"),
+        fail_puts_after_apply=_count(
+            values.get("fail_puts_after_apply", 0), f"{where}: fail_puts_after_apply"
+        ),
+        drop_puts_after_apply=_count(
+            values.get("drop_puts_after_apply", 0), f"{where}: drop_puts_after_apply"
+        ),
+        hold_puts=_flag(values.get("hold_puts", False), f"{where}: hold_puts"),
     )
 
 
@@ -367,6 +397,8 @@ class _FakeState:
         self._applied_keys: dict[str, str] = {}
         self._fulfillments: list[dict[str, Any]] = []
         self._random = random.Random(seed)
+        self._gates: dict[str, threading.Event] = {}
+        self._held: dict[str, int] = {}
 
     def reset(self) -> None:
         with self._lock:
@@ -375,6 +407,9 @@ class _FakeState:
             self._applied_keys.clear()
             self._fulfillments.clear()
             self._random = random.Random(self._seed)
+            gates, self._gates = self._gates, {}
+        for gate in gates.values():
+            gate.set()
 
     def add_orders(self, raw_orders: Iterable[object], overrides: Mapping[str, Any]) -> list[str]:
         parsed = [_parse_order(raw, overrides) for raw in raw_orders]  # all or nothing
@@ -444,10 +479,41 @@ class _FakeState:
 
     def put_fulfillment(self, order_id: str, idempotency_key: str | None, raw: bytes) -> _Reply:
         body = _parse_put_body(raw)
+        self._wait_at_gate(order_id)
         with self._lock:
             reply, outcome = self._apply_put(order_id, idempotency_key, body)
             self._record_put(order_id, idempotency_key, body, outcome, reply.status)
         return reply
+
+    def release_puts(self, order_id: str) -> dict[str, Any] | None:
+        """Open the gate of a ``hold_puts`` order: held PUTs take effect, later ones pass."""
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None:
+                return None
+            stored.knobs.hold_puts = False
+            gate = self._gates.pop(order_id, None)
+        if gate is not None:
+            gate.set()
+        return self.order(order_id)
+
+    def held_puts(self, order_id: str) -> int:
+        """How many PUTs of the order wait at its gate now."""
+        with self._lock:
+            return self._held.get(order_id, 0)
+
+    def _wait_at_gate(self, order_id: str) -> None:
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None or not stored.knobs.hold_puts:
+                return
+            gate = self._gates.setdefault(order_id, threading.Event())
+            self._held[order_id] = self._held.get(order_id, 0) + 1
+        try:
+            gate.wait(_MAX_HOLD_S)  # bounded: a test that forgets to release cannot hang us
+        finally:
+            with self._lock:
+                self._held[order_id] -= 1
 
     def record_faulted_put(
         self, order_id: str, idempotency_key: str | None, raw: bytes, status: int
@@ -490,7 +556,22 @@ class _FakeState:
         stored.body["fulfillment_status"] = body.status
         stored.body["revision"] = revision + 1
         self._applied_keys[idempotency_key] = order_id
-        return _Reply(204, delay_s=stored.knobs.put_latency_s), "applied"
+        return self._answer_to_applied_put(stored.knobs), "applied"
+
+    def _answer_to_applied_put(self, knobs: _OrderKnobs) -> _Reply:
+        """204, unless a knob loses the answer of a PUT that has already taken effect."""
+        if knobs.fail_puts_after_apply:
+            knobs.fail_puts_after_apply -= 1
+            return _error_reply(
+                502, "BAD_GATEWAY", "backend answer lost after applying", retryable=True
+            )
+        if knobs.drop_puts_after_apply:
+            knobs.drop_puts_after_apply -= 1
+            return _Reply(204, drop=True)
+        delay = knobs.put_latency_s
+        if self._chance(self._faults.late_answer_rate):
+            delay = max(delay, self._faults.late_answer_s)
+        return _Reply(204, delay_s=delay)
 
     def _record_put(
         self,
@@ -617,6 +698,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, reply: _Reply) -> None:
         if reply.delay_s > 0:
             time.sleep(reply.delay_s)
+        if reply.drop:
+            self.close_connection = True  # no answer at all: the client sees the socket close
+            return
         self.wfile.write(_encode_response(reply, close=self.close_connection))
 
     def _contract(self, segments: list[str], body: bytes) -> None:
@@ -666,6 +750,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return _order_or_404(order_id, state.order(order_id))
             case ("POST", ["orders", order_id, "cancel"]):
                 return _order_or_404(order_id, state.cancel(order_id))
+            case ("POST", ["orders", order_id, "release"]):
+                return _order_or_404(order_id, state.release_puts(order_id))
             case ("GET", ["faults"]):
                 return _json_reply(200, state.faults())
             case ("POST", ["faults"]):
@@ -805,6 +891,14 @@ class FakeMicroservice:
     def cancel_order(self, order_id: str) -> None:
         """Cancel the order upstream: status CANCELLED, revision + 1."""
         self._existing(order_id, self._state.cancel(order_id))
+
+    def release_puts(self, order_id: str) -> None:
+        """Let the held PUTs of a ``hold_puts`` order take effect (and stop holding new ones)."""
+        self._existing(order_id, self._state.release_puts(order_id))
+
+    def held_puts(self, order_id: str) -> int:
+        """How many PUTs of a ``hold_puts`` order are waiting at its gate."""
+        return self._state.held_puts(order_id)
 
     def reset(self) -> None:
         """Forget orders, recorded PUTs and applied keys; faults and the random draws restart."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,66 @@ def test_put_latency_past_the_timeout_applies_once_and_the_replay_succeeds(
 
     assert outcomes(fake) == ["applied", "replayed"]
     assert fake.order("o-1")["revision"] == 2
+
+
+def test_fail_puts_after_apply_take_effect_then_answer_502(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order(), fail_puts_after_apply=1)
+
+    with pytest.raises(MicroserviceServerError) as caught:
+        sync(client, revision=1)
+
+    assert caught.value.status_code == 502
+    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
+    sync(client, revision=1)
+    assert outcomes(fake) == ["applied", "replayed"]
+
+
+def test_drop_puts_after_apply_take_effect_then_close_without_an_answer(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order(), drop_puts_after_apply=1)
+
+    with pytest.raises(MicroserviceUnavailable):
+        sync(client, revision=1)
+
+    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
+    assert outcomes(fake) == ["applied"]
+
+
+def test_held_puts_take_effect_only_when_released_after_the_sender_gave_up(
+    fake: FakeMicroservice, impatient_client: MicroserviceClient
+) -> None:
+    fake.add_order(an_order(), hold_puts=True)
+
+    with pytest.raises(MicroserviceTimeout):
+        sync(impatient_client, revision=1)
+
+    assert fake.held_puts("o-1") == 1
+    assert fake.order("o-1")["fulfillment_status"] == "NEW"
+    fake.release_puts("o-1")
+    wait_until(lambda: fake.order("o-1")["fulfillment_status"] == "PROCESSING")
+    assert fake.held_puts("o-1") == 0
+
+
+def test_late_answers_come_after_the_put_took_effect(
+    fake: FakeMicroservice, impatient_client: MicroserviceClient
+) -> None:
+    fake.set_faults(late_answer_rate=1.0, late_answer_s=1.0)
+
+    with pytest.raises(MicroserviceTimeout):
+        sync(impatient_client, revision=1)
+
+    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
+    assert outcomes(fake) == ["applied"]
+
+
+def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(
