@@ -2,7 +2,7 @@
 
 All functions run inside the caller's transaction and never commit. Arithmetic happens in SQL
 (``quantity = quantity - :n WHERE quantity >= :n``), and stock rows are always touched in SKU
-order (:func:`stock_sync.domain.stock.in_lock_order`), the one lock order of the codebase.
+order (:func:`stock_sync.domain.stock.stock_lock_key`), the one lock order of the codebase.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from stock_sync.domain.stock import (
     MovementReason,
     correction_delta,
     in_lock_order,
+    stock_lock_key,
     validate_stock_levels,
 )
 from stock_sync.models import SKU_MAX_LENGTH, StockLevel, StockMovement, utcnow
@@ -178,15 +179,15 @@ def restore_for_operation(
     """
     restoration = aliased(StockMovement)
     outstanding = session.scalars(
-        select(StockMovement)
-        .where(
+        select(StockMovement).where(
             StockMovement.operation_id == operation_id,
             StockMovement.reason == MovementReason.DEDUCTION.value,
             ~exists().where(restoration.reverses_movement_id == StockMovement.id),
         )
-        .order_by(StockMovement.sku, StockMovement.line_item_id)
     ).all()
-    movements = [_restore(session, deduction, adjustment_operation_id) for deduction in outstanding]
+    # Sorted here, not by SQL ORDER BY: the database collation may disagree with the lock order.
+    in_order = sorted(outstanding, key=lambda row: stock_lock_key(row.sku, row.line_item_id))
+    movements = [_restore(session, deduction, adjustment_operation_id) for deduction in in_order]
     return LedgerOutcome(movements=tuple(movements), already_done=not movements)
 
 

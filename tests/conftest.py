@@ -41,9 +41,9 @@ def make_throwaway_database() -> Iterator[object]:
     """A factory of empty PostgreSQL databases, all dropped at the end of the run."""
     created: list[str] = []
 
-    def make() -> str:
+    def make(options: str = "") -> str:
         name = f"stock_sync_test_{uuid.uuid4().hex[:12]}"
-        _admin_execute(f'CREATE DATABASE "{name}"')
+        _admin_execute(f'CREATE DATABASE "{name}" {options}')
         created.append(name)
         return normalise_database_url(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
 
@@ -94,6 +94,7 @@ def clean_database(database: Database) -> Database:
 PIPELINE_ENVIRONMENT = {
     "STOCK_SYNC_MAX_RETRIES_PENDING": "3",
     "STOCK_SYNC_MAX_RETRIES_PROCESSING": "3",
+    "STOCK_SYNC_MAX_RETRIES_DEDUCTION": "3",
     "STOCK_SYNC_MAX_RETRIES_STOCK_DEDUCTED": "3",
     "STOCK_SYNC_MAX_RETRIES_ROLLBACK": "3",
     "STOCK_SYNC_RETRY_BACKOFF_BASE_S": "0.02",

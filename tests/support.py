@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from stock_sync.db import Database
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
@@ -196,3 +196,20 @@ def insert_operation(
             )
         )
     return operation_id
+
+
+def wait_for_lock_waiters(database: Database, count: int, timeout_s: float = 30.0) -> None:
+    """Block until ``count`` sessions of the database wait for a lock (a forced interleaving)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with database.engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "select count(*) from pg_stat_activity"
+                    " where datname = current_database() and wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        if waiting is not None and waiting >= count:
+            return
+        assert time.monotonic() < deadline, f"{count} lock waiters never showed up"
+        time.sleep(0.02)

@@ -65,9 +65,19 @@ class ValidationResult:
         return InsufficientStock(self.shortages, validation_result=self)
 
 
+def stock_lock_key(sku: str, line_id: str | None = None) -> tuple[str, str]:
+    """The one order in which every path locks stock rows: SKU, then line id, by code point.
+
+    Decided here and never by SQL ``ORDER BY``: a database collation (en_US, ICU) sorts
+    ``"apple-1"`` before ``"Zebra-1"``, code points the other way round, and two paths that
+    disagree deadlock.
+    """
+    return sku, line_id or ""
+
+
 def in_lock_order(line_items: Iterable[LineItem]) -> list[LineItem]:
-    """Lines in the one order every stock lock is taken in: by SKU, then line id."""
-    return sorted(line_items, key=lambda line: (line.sku, line.id))
+    """Lines in the one order every stock lock is taken in (:func:`stock_lock_key`)."""
+    return sorted(line_items, key=lambda line: stock_lock_key(line.sku, line.id))
 
 
 def required_quantities(line_items: Iterable[LineItem]) -> dict[str, int]:
