@@ -224,10 +224,9 @@ def sweep(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def check(as_json: bool) -> None:
     """Reconcile stock levels, the ledger and the operations; exit 1 on any mismatch."""
-    from stock_sync.reconciliation import reconcile
+    from stock_sync.reconciliation import reconcile_database
 
-    with get_database().transaction() as session:
-        report = reconcile(session)
+    report = reconcile_database(get_database())
     payload = report.to_dict()
     emit(as_json, payload, lambda: render.reconciliation(payload))
     if not report.ok:

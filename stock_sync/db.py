@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,12 +94,46 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session inside one transaction: committed on success, rolled back on error."""
+        """A session inside one transaction: committed on success, rolled back on error.
+
+        Callbacks registered with :func:`after_commit` run once it has committed and its
+        connection is back in the pool (never when it rolls back).
+        """
+        with self.sessions() as session:
+            with session.begin():
+                yield session
+            callbacks = session.info.pop(_AFTER_COMMIT, [])
+        for callback in callbacks:
+            callback()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only transaction that sees one consistent snapshot of the whole database
+        (REPEATABLE READ on PostgreSQL; SQLite's transactions are serializable already)."""
         with self.sessions() as session, session.begin():
+            if self.is_postgresql:
+                session.connection(
+                    execution_options={
+                        "isolation_level": "REPEATABLE READ",
+                        "postgresql_readonly": True,
+                    }
+                )
             yield session
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_AFTER_COMMIT = "stock_sync.after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run ``callback`` after ``session``'s transaction commits, outside it; dropped on rollback.
+
+    For side effects that must neither run inside a transaction (a network call would hold
+    its locks) nor announce a change that rolled back: notifications, enqueues.
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
 
 
 _databases: dict[tuple[int, str], Database] = {}

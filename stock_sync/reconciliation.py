@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
+from stock_sync.db import Database
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.stock import MovementReason
 from stock_sync.models import PendingStockOperation, StockLevel, StockMovement
@@ -54,8 +55,20 @@ class ReconciliationReport:
         }
 
 
+def reconcile_database(database: Database) -> ReconciliationReport:
+    """Every check, read in one snapshot: what ``stock-sync check`` and the daily task run."""
+    with database.snapshot() as session:
+        return reconcile(session)
+
+
 def reconcile(session: Session) -> ReconciliationReport:
-    """Run every check; read-only."""
+    """Run every check; read-only.
+
+    Give it a :meth:`Database.snapshot` session (:func:`reconcile_database` does): the checks
+    read levels, operations and their movements in several statements, and under traffic a
+    plain transaction would see an operation before its deduction committed and the deduction
+    after it, a false mismatch.
+    """
     report = ReconciliationReport()
     _check_levels(session, report)
     _check_operations(session, report)

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from stock_sync.composition import get_services
-from stock_sync.reconciliation import reconcile
+from stock_sync.reconciliation import reconcile_database
 from stock_sync.sweeps import sweeper_for
 from tasks.app import app
 
@@ -25,8 +25,7 @@ def reconcile_task() -> dict[str, Any]:
     from stock_sync.alerts import Alert, publish_alerts
 
     services = get_services()
-    with services.database.transaction() as session:
-        report = reconcile(session)
+    report = reconcile_database(services.database)
     if not report.ok:
         publish_alerts(
             [

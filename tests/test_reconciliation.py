@@ -8,14 +8,20 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import delete, text
+from sqlalchemy.orm import Session
 
+from stock_sync import reconciliation
 from stock_sync.db import Database
 from stock_sync.models import PendingStockOperation, StockMovement
+from stock_sync.operations import line_items_of, load_operation
 from stock_sync.producer import request_cancellation, submit_operation
-from stock_sync.reconciliation import reconcile
-from tests.support import Pipeline, order
+from stock_sync.reconciliation import reconcile, reconcile_database
+from stock_sync.stock_ledger import deduct_for_operation, set_stock
+from tests.support import Pipeline, insert_operation, order
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 
@@ -88,3 +94,27 @@ def test_an_operation_deducted_before_its_time_is_reported(pipeline: Pipeline) -
     with pipeline.database.transaction() as session:
         session.get(PendingStockOperation, kept).status = "processing"  # type: ignore[union-attr]
     assert check(pipeline.database) == [("early_deduction", str(kept))]
+
+
+def test_a_deduction_committed_while_the_check_runs_is_no_false_mismatch(
+    clean_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operation_id = insert_operation(clean_database, status="processing", lines=[("SKU-Q", 1)])
+    with clean_database.transaction() as session:
+        set_stock(session, "SKU-Q", 5)
+    read_movements = reconciliation._movements_by_operation
+
+    def deduct_between_the_reads(session: Session, operation_ids: list[Any]) -> Any:
+        # The check has read the operation as PROCESSING; now a stage deducts and commits.
+        with clean_database.transaction() as other:
+            operation = load_operation(other, operation_id, for_update=True)
+            deduct_for_operation(other, operation_id, line_items_of(operation))
+            operation.status = "stock_deducted"
+        return read_movements(session, operation_ids)
+
+    monkeypatch.setattr(reconciliation, "_movements_by_operation", deduct_between_the_reads)
+
+    report = reconcile_database(clean_database)
+
+    assert report.ok, report.mismatches
+    assert check(clean_database) == []  # and afterwards the deduction is seen whole
