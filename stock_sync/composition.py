@@ -15,7 +15,7 @@ from typing import Protocol
 from stock_sync.db import Database, get_database
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.microservice_client import MicroserviceClient
-from stock_sync.notifications import LoggingNotifier, load_sender
+from stock_sync.notifications import LoggingNotifier, Notifier, load_sender
 from stock_sync.operation_cancellation_service import OperationCancellationService
 from stock_sync.settings import Settings, get_settings
 from stock_sync.standardized_logger import StandardizedLogger
@@ -47,6 +47,7 @@ def build_services(
     dispatcher: Dispatcher | None = None,
     database: Database | None = None,
     client: MicroserviceClient | None = None,
+    notifier: Notifier | None = None,
 ) -> Services:
     """Wire the real services for ``settings`` (defaults: the environment, Celery dispatch)."""
     settings = settings or get_settings()
@@ -68,7 +69,7 @@ def build_services(
         database=database,
         client=client,
         logger=logger,
-        notifier=LoggingNotifier(load_sender(settings.notification_sender)),
+        notifier=notifier or LoggingNotifier(load_sender(settings.notification_sender)),
         settings=settings,
         cancellation=cancellation,
     )

@@ -22,8 +22,9 @@ Per-order knobs (``ORDER_KNOBS``; given with the order, as keyword arguments or 
   the backend's answer).
 - ``drop_puts_after_apply``: the next N PUTs take effect, then the connection is closed with no
   answer (a reset after sending).
-- ``hold_puts``: PUTs wait at a gate, before taking effect, until ``release_puts(order_id)``
-  (``POST /_admin/orders/{id}/release``): a PUT that lands late, after its sender gave up.
+- ``hold_puts``: the next N PUTs wait at a gate, before taking effect, until
+  ``release_puts(order_id)`` (``POST /_admin/orders/{id}/release``): a PUT that lands late,
+  after its sender gave up.
 
 Global faults (``FAULT_KNOBS``, ``set_faults``): ``error_rate`` (share answered 503),
 ``latency_s`` (added to every request), ``timeout_rate`` + ``timeout_s`` (share that sleeps
@@ -97,7 +98,7 @@ class _OrderKnobs:
     put_latency_s: float = 0.0
     fail_puts_after_apply: int = 0
     drop_puts_after_apply: int = 0
-    hold_puts: bool = False
+    hold_puts: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,12 +189,6 @@ def _reject_unknown(keys: Iterable[str], known: Iterable[str], where: str) -> No
         raise InvalidInput(f"{where}: unknown keys {', '.join(unknown)}; known: {', '.join(known)}")
 
 
-def _flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInput(f"{name} must be true or false, got {value!r}")
-    return value
-
-
 def _malformed_mode(value: object, name: str) -> MalformedMode | None:
     if value is None or value == "json" or value == "contract":
         return value
@@ -216,7 +211,7 @@ def _order_knobs(values: Mapping[str, Any], where: str) -> _OrderKnobs:
         drop_puts_after_apply=_count(
             values.get("drop_puts_after_apply", 0), f"{where}: drop_puts_after_apply"
         ),
-        hold_puts=_flag(values.get("hold_puts", False), f"{where}: hold_puts"),
+        hold_puts=_count(values.get("hold_puts", 0), f"{where}: hold_puts"),
     )
 
 
@@ -491,7 +486,7 @@ class _FakeState:
             stored = self._orders.get(order_id)
             if stored is None:
                 return None
-            stored.knobs.hold_puts = False
+            stored.knobs.hold_puts = 0
             gate = self._gates.pop(order_id, None)
         if gate is not None:
             gate.set()
@@ -507,6 +502,7 @@ class _FakeState:
             stored = self._orders.get(order_id)
             if stored is None or not stored.knobs.hold_puts:
                 return
+            stored.knobs.hold_puts -= 1
             gate = self._gates.setdefault(order_id, threading.Event())
             self._held[order_id] = self._held.get(order_id, 0) + 1
         try:

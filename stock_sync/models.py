@@ -84,8 +84,10 @@ class PendingStockOperation(Base):
     status: Mapped[str] = mapped_column(String(20), default=OperationStatus.PENDING.value)
     line_items: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     order_revision: Mapped[int | None] = mapped_column(Integer)
-    # Retries used in the current stage; reset when a stage moves the operation on.
+    # Retries used by the stage of the current status; restarts when a transition moves on.
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    # deduct_stock's own budget: it shares PROCESSING with validate_stock (see RetryCounter).
+    deduction_retry_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_type: Mapped[str | None] = mapped_column(String(64))
@@ -102,6 +104,9 @@ class PendingStockOperation(Base):
     rollback_operations: Mapped[list[str] | None] = mapped_column(JSON)
     # The fulfillment status the microservice had before our sync: what a rollback restores.
     fulfillment_status_before_sync: Mapped[str | None] = mapped_column(String(32))
+    # Set under the row lock before a sync PUT leaves: from then on the marketplace may show
+    # PROCESSING (the answer can be lost), so a cancellation from any status must roll it back.
+    sync_put_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     # For a microservice rollback adjustment: the fulfillment status to put back.
     target_fulfillment_status: Mapped[str | None] = mapped_column(String(32))
 
@@ -111,21 +116,14 @@ class PendingStockOperation(Base):
         Index("ix_pending_stock_operations_created_at", "created_at"),
         Index("ix_pending_stock_operations_completed_at", "completed_at"),
         Index("ix_pending_stock_operations_cancelled_at", "cancelled_at"),
+        # One order deduction per order, whatever account the producer named (a NULL account
+        # in a composite unique key would let two racing submits both insert).
         Index(
-            "uq_order_deduction_account_order",
-            "account_name",
+            "uq_order_deduction_order",
             "order_id",
             unique=True,
             postgresql_where=text("operation_type = 'order_deduction'"),
             sqlite_where=text("operation_type = 'order_deduction'"),
-        ),
-        # NULLs are distinct in a unique index: this one stops two account-less duplicates.
-        Index(
-            "uq_order_deduction_order_without_account",
-            "order_id",
-            unique=True,
-            postgresql_where=text("operation_type = 'order_deduction' AND account_name IS NULL"),
-            sqlite_where=text("operation_type = 'order_deduction' AND account_name IS NULL"),
         ),
         Index("ix_pending_stock_operations_order_id", "order_id"),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -130,12 +131,13 @@ class OperationCancellationService:
                 restoration = self._rollback_stock_changes(session, operation, log)
                 if restoration is not None:
                     adjustments.append(restoration)
-            if cancelled_from is S.COMPLETED:
-                rollback_to_enqueue = self._create_adjustment_operation(
-                    session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
-                )
-                if rollback_to_enqueue is not None:
-                    adjustments.append(rollback_to_enqueue)
+            # Not only from COMPLETED: a sync PUT whose answer was lost (timeout, reset, 5xx,
+            # killed worker) may have landed while the row still says STOCK_DEDUCTED.
+            rollback_to_enqueue = self._create_adjustment_operation(
+                session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
+            )
+            if rollback_to_enqueue is not None:
+                adjustments.append(rollback_to_enqueue)
             operation.cancelled_by = cancelled_by
             operation.cancellation_reason = reason
             operation.rollback_operations = [str(i) for i in adjustments]
@@ -190,12 +192,20 @@ class OperationCancellationService:
         operation: PendingStockOperation,
         adjustment_type: str,
         log: StandardizedLogger,
+        *,
+        after_landed_put: bool = False,
     ) -> uuid.UUID | None:
-        """A microservice rollback adjustment putting back the pre-sync fulfillment status;
-        None when the sync never recorded one (nothing was sent) or one exists already."""
-        if operation.fulfillment_status_before_sync is None:
+        """A microservice rollback adjustment putting back the pre-sync fulfillment status.
+
+        None when no sync PUT was ever sent, or when a rollback exists that will read the order
+        after any PUT that can still land. ``after_landed_put``: a sync PUT is known to have
+        landed just now, so a rollback that already finished may have read the order before
+        it and a new one is made.
+        """
+        if operation.sync_put_sent_at is None or operation.fulfillment_status_before_sync is None:
             return None
-        if self._microservice_rollback_of(session, operation) is not None:
+        latest = self._microservice_rollback_of(session, operation)
+        if latest is not None and (not after_landed_put or latest.status_enum is S.PENDING):
             return None
         adjustment = new_adjustment(operation, OperationType(adjustment_type))
         adjustment.target_fulfillment_status = operation.fulfillment_status_before_sync
@@ -216,8 +226,9 @@ class OperationCancellationService:
             return False
         return True
 
-    def compensate_if_cancelled(self, operation_id: uuid.UUID) -> bool:
-        """Called by a sync whose PUT raced a cancellation: schedule the microservice rollback.
+    def compensate_if_cancelled(self, operation_id: uuid.UUID, *, put_landed: bool = False) -> bool:
+        """Called by a sync whose PUT may have landed (or, ``put_landed``, did land): if a
+        cancellation won meanwhile, make sure a rollback reads the order after that PUT.
 
         Returns True when the operation is CANCELLED (the caller must stop)."""
         with self._database.transaction() as session:
@@ -226,7 +237,11 @@ class OperationCancellationService:
                 return False
             log = operation_logger(session, operation, self._logger)
             adjustment_id = self._create_adjustment_operation(
-                session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
+                session,
+                operation,
+                OperationType.MICROSERVICE_ROLLBACK.value,
+                log,
+                after_landed_put=put_landed,
             )
             if adjustment_id is not None:
                 operation.rollback_operations = [
@@ -240,22 +255,34 @@ class OperationCancellationService:
     # --- the rollback task's work ----------------------------------------------------------
 
     def rollback_microservice(self, adjustment_operation_id: uuid.UUID) -> StageOutcome:
-        """Put the microservice back to the recorded status; raises for the task to retry."""
+        """Put the microservice back to the recorded status; raises for the task to retry.
+
+        It reads the order first and PUTs only when the fulfillment status differs from the
+        one to restore, or when the order is still at the revision our last sync PUT carried:
+        that PUT may still land (its answer was lost, not the request), and a PUT of the same
+        status moves the revision on, so the late PUT gets a 409 instead of taking effect.
+        """
         with self._database.transaction() as session:
             adjustment = load_operation(session, adjustment_operation_id)
             if adjustment.status_enum is not S.PENDING:
                 return StageOutcome.ALREADY_PAST
             order_id, target = adjustment.order_id, adjustment.target_fulfillment_status
             parent_id = adjustment.parent_operation_id
-        assert target is not None and parent_id is not None
+            assert target is not None and parent_id is not None
+            parent = load_operation(session, parent_id)
+            sync_revision = parent.order_revision if parent.sync_put_sent_at else None
         with measure_execution_time() as timer:
             order = self._client.get_order(order_id)
-            self._client.set_fulfillment_status(
-                order_id,
-                status=target,
-                expected_revision=order.revision,
-                idempotency_key=rollback_idempotency_key(adjustment_operation_id),
+            action = _rollback_action(
+                order.fulfillment_status, order.revision, target, sync_revision
             )
+            if action is not _RollbackAction.NOTHING:
+                self._client.set_fulfillment_status(
+                    order_id,
+                    status=target,
+                    expected_revision=order.revision,
+                    idempotency_key=rollback_idempotency_key(adjustment_operation_id),
+                )
         with self._database.transaction() as session:
             parent = load_operation(session, parent_id, for_update=True)  # parent first: lock order
             adjustment = load_operation(session, adjustment_operation_id, for_update=True)
@@ -264,14 +291,14 @@ class OperationCancellationService:
             transition(
                 adjustment,
                 S.COMPLETED,
-                f"fulfillment put back to {target}",
+                f"fulfillment {action.value} {target}",
                 operation_logger(session, adjustment, self._logger),
             )
             log = operation_logger(session, parent, self._logger)
             log.log_action_with_timing(
                 parent_id,
                 LogAction.MICROSERVICE_ROLLBACK_COMPLETED,
-                f"fulfillment status put back to {target}",
+                f"fulfillment status {action.value} {target}",
                 timer.elapsed_ms,
             )
             log.log_action_with_timing(
@@ -297,11 +324,16 @@ class OperationCancellationService:
     def _microservice_rollback_of(
         self, session: Session, operation: PendingStockOperation
     ) -> PendingStockOperation | None:
+        """The operation's latest microservice rollback adjustment, if any."""
+        adjustment = PendingStockOperation
         return session.scalar(
-            select(PendingStockOperation).where(
-                PendingStockOperation.parent_operation_id == operation.id,
-                PendingStockOperation.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
+            select(adjustment)
+            .where(
+                adjustment.parent_operation_id == operation.id,
+                adjustment.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
             )
+            .order_by(adjustment.created_at.desc(), adjustment.id)
+            .limit(1)
         )
 
     def result_of(self, operation_id: uuid.UUID) -> CancellationResult:
@@ -356,6 +388,24 @@ def _cancelled_from(session: Session, operation: PendingStockOperation) -> Opera
         ):
             return OperationStatus(event.from_status)
     return operation.status_enum
+
+
+class _RollbackAction(str, Enum):
+    """What a microservice rollback did; the value completes "fulfillment ... TARGET"."""
+
+    PUT_BACK = "put back to"
+    FENCED = "kept at"  # same status PUT so that a late sync PUT meets a new revision
+    NOTHING = "already at"
+
+
+def _rollback_action(
+    current_status: str, current_revision: int, target: str, sync_revision: int | None
+) -> _RollbackAction:
+    if current_status != target:
+        return _RollbackAction.PUT_BACK
+    if sync_revision is not None and current_revision == sync_revision:
+        return _RollbackAction.FENCED
+    return _RollbackAction.NOTHING
 
 
 def _message(

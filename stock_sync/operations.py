@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stock_sync.domain.errors import OperationNotFound
+from stock_sync.domain.stages import Stage
 from stock_sync.domain.statuses import (
     FINAL_STATUSES,
     OperationStatus,
@@ -46,6 +47,32 @@ def load_operation(
     if operation is None:
         raise OperationNotFound(operation_id)
     return operation
+
+
+def lock_operation(session: Session, operation_id: uuid.UUID) -> PendingStockOperation:
+    """Lock the operation row for this transaction; for an adjustment, its parent first.
+
+    The one lock order of the codebase: a parent operation before its adjustments, operation
+    rows before stock rows, stock rows by :func:`stock_sync.domain.stock.stock_lock_key`.
+    An adjustment's failure writes events of its parent, which takes a key-share lock on it.
+    """
+    parent_id = session.scalar(
+        select(PendingStockOperation.parent_operation_id).where(
+            PendingStockOperation.id == operation_id
+        )
+    )
+    if parent_id is not None:
+        load_operation(session, parent_id, for_update=True)
+    return load_operation(session, operation_id, for_update=True)
+
+
+def retries_used(operation: PendingStockOperation, stage: Stage) -> int:
+    """How many retries ``stage`` has used on this operation (its own counter)."""
+    return int(getattr(operation, stage.retry_counter.value) or 0)
+
+
+def set_retries_used(operation: PendingStockOperation, stage: Stage, used: int) -> None:
+    setattr(operation, stage.retry_counter.value, used)
 
 
 def operation_logger(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,19 +51,26 @@ def _checked_account_name(account_name: str | None) -> str | None:
 
 
 def _existing(session: Session, order_id: str, account_name: str | None) -> uuid.UUID | None:
-    """The order's deduction, if any; an operation without an account matches any account."""
-    statement = select(PendingStockOperation.id).where(
-        PendingStockOperation.order_id == order_id,
-        PendingStockOperation.operation_type == OperationType.ORDER_DEDUCTION.value,
-    )
-    if account_name is not None:
-        statement = statement.where(
-            or_(
-                PendingStockOperation.account_name == account_name,
-                PendingStockOperation.account_name.is_(None),
-            )
+    """The order's deduction, if any (one per order, whatever the account).
+
+    An operation recorded without an account matches any account; one recorded for another
+    account is a contradiction (an Allegro order belongs to one account): InvalidInput.
+    """
+    found = session.execute(
+        select(PendingStockOperation.id, PendingStockOperation.account_name).where(
+            PendingStockOperation.order_id == order_id,
+            PendingStockOperation.operation_type == OperationType.ORDER_DEDUCTION.value,
         )
-    return session.scalars(statement.limit(1)).first()
+    ).first()
+    if found is None:
+        return None
+    operation_id, recorded_account = found
+    if account_name is not None and recorded_account not in (None, account_name):
+        raise InvalidInput(
+            f"account_name: order {order_id} already has operation {operation_id} "
+            f"for account {recorded_account!r}, not {account_name!r}"
+        )
+    return operation_id
 
 
 def _create(services: Services, order_id: str, account_name: str | None) -> tuple[uuid.UUID, bool]:
@@ -95,7 +102,8 @@ def submit_operation(
 ) -> uuid.UUID:
     """Record the order's stock operation (PENDING) and enqueue its pipeline.
 
-    Submitting the same order again returns the same id and enqueues nothing. Raises
+    Submitting the same order again (also concurrently, with or without an account) returns
+    the same id and enqueues nothing: one order deduction per order. Raises
     InvalidInput for a malformed argument (nothing written) and EnqueueFailed (carrying the
     saved operation's id) when the broker could not take the message.
     """

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
 
     max_retries_pending: int = Field(default=10, ge=0)
     max_retries_processing: int = Field(default=8, ge=0)
+    max_retries_deduction: int = Field(default=8, ge=0)
     max_retries_stock_deducted: int = Field(default=10, ge=0)
     max_retries_rollback: int = Field(default=10, ge=0)
     retry_backoff_base_s: float = Field(default=2.0, gt=0)
@@ -95,10 +96,13 @@ class Settings(BaseSettings):
         return self.effective_broker_url.startswith("filesystem://")
 
     def retry_policy(self, stage: str) -> RetryPolicy:
-        """The retry budget of a stage: pending, processing, stock_deducted or rollback."""
+        """The retry budget of a stage (``Stage.retry_budget``): pending (load_line_items),
+        processing (validate_stock), deduction (deduct_stock), stock_deducted
+        (sync_microservice) or rollback."""
         limits = {
             "pending": self.max_retries_pending,
             "processing": self.max_retries_processing,
+            "deduction": self.max_retries_deduction,
             "stock_deducted": self.max_retries_stock_deducted,
             "rollback": self.max_retries_rollback,
         }

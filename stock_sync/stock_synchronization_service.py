@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from stock_sync.db import Database
+from stock_sync.db import Database, after_commit
 from stock_sync.domain.errors import (
     InvalidInput,
-    MicroserviceTimeout,
     OperationNotFound,
     OrderNotReady,
+    RevisionConflict,
     StockSyncError,
 )
 from stock_sync.domain.log_actions import LogAction
@@ -43,7 +43,15 @@ from stock_sync.domain.stock import LineItem, ValidationResult, validate_stock_l
 from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
 from stock_sync.models import PendingStockOperation, utcnow
 from stock_sync.notifications import Notification, Notifier
-from stock_sync.operations import line_items_of, load_operation, operation_logger, transition
+from stock_sync.operations import (
+    line_items_of,
+    load_operation,
+    lock_operation,
+    operation_logger,
+    retries_used,
+    set_retries_used,
+    transition,
+)
 from stock_sync.settings import Settings
 from stock_sync.standardized_logger import StandardizedLogger, Timer, measure_execution_time
 from stock_sync.stock_ledger import deduct_for_operation, get_levels
@@ -108,6 +116,8 @@ class StockSynchronizationService:
         """Run one stage; a failure becomes a scheduled retry or, past the limit, FAILED."""
         try:
             return StageResult(self._stages[stage.name](operation_id))
+        except _CancelledMeanwhile:
+            return StageResult(StageOutcome.STOPPED)
         except OperationNotFound:
             stage_logger.error(
                 "stage %s: operation not found",
@@ -164,7 +174,9 @@ class StockSynchronizationService:
                 LineItem(line.id, line.offer_id, line.sku, line.quantity).to_dict()
                 for line in order.line_items
             ]
+            # What the sync PUT will send as expected_revision, and what a rollback restores.
             operation.order_revision = order.revision
+            operation.fulfillment_status_before_sync = order.fulfillment_status
             if not operation.account_name and order.account_name:
                 operation.account_name = order.account_name
                 log.log_action_with_timing(
@@ -234,42 +246,68 @@ class StockSynchronizationService:
     # --- stage 4: STOCK_DEDUCTED -> COMPLETED --------------------------------------------
 
     def sync_microservice(self, operation_id: uuid.UUID) -> StageOutcome:
-        """Tell the microservice the stock is taken (fulfillment PROCESSING)."""
+        """Tell the microservice the stock is taken (fulfillment PROCESSING) with one PUT.
+
+        The revision and the fulfillment status to restore were recorded at load; the order is
+        read again only after a 409 (or for a row loaded before they were recorded). Before
+        any PUT leaves, the row records that it may have been sent and with which revision, so
+        a cancellation from then on rolls the marketplace back (see
+        OperationCancellationService.rollback_microservice).
+        """
         with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
             if stage.skip:
                 return stage.skip
-            operation, log = stage.operation, stage.log
-            log.log_action_with_timing(
+            stage.log.log_action_with_timing(
                 operation_id, LogAction.MICROSERVICE_SYNC_STARTED, "syncing fulfillment status"
             )
-            order_id = operation.order_id
+            request = _prepare_sync_put(stage.operation)
         with self._measure_execution_time() as timer:
-            order = self._client.get_order(order_id)
-            if not self._remember_status_before_sync(operation_id, order.fulfillment_status):
-                return StageOutcome.STOPPED
-            try:
-                self._client.set_fulfillment_status(
-                    order_id,
-                    status=SYNCED_FULFILLMENT_STATUS,
-                    expected_revision=order.revision,
-                    idempotency_key=sync_idempotency_key(operation_id),
-                )
-            except MicroserviceTimeout:
-                # A timed-out PUT may have landed: if a cancel won meanwhile, undo it.
-                if self._cancellation.compensate_if_cancelled(operation_id):
+            if request is None:
+                request = self._reload_for_sync(operation_id)
+                if request is None:
                     return StageOutcome.STOPPED
-                raise
+            try:
+                self._send_sync_put(request)
+            except RevisionConflict:
+                request = self._reload_for_sync(operation_id)
+                if request is None:
+                    return StageOutcome.STOPPED
+                self._send_sync_put(request)  # a second 409 is retried with backoff
         return self._complete(operation_id, timer)
 
-    def _remember_status_before_sync(self, operation_id: uuid.UUID, seen: str) -> bool:
-        """Record the fulfillment status a rollback must restore (first sight wins)."""
+    def _send_sync_put(self, request: SyncRequest) -> None:
+        """The PUT; when it may have landed although it failed, a cancellation that won
+        meanwhile is made to roll it back, and the stage stops."""
+        try:
+            self._client.set_fulfillment_status(
+                request.order_id,
+                status=SYNCED_FULFILLMENT_STATUS,
+                expected_revision=request.revision,
+                idempotency_key=sync_idempotency_key(request.operation_id),
+            )
+        except Exception as error:
+            if getattr(error, "may_have_taken_effect", True) and (
+                self._cancellation.compensate_if_cancelled(request.operation_id)
+            ):
+                raise _CancelledMeanwhile() from error
+            raise
+
+    def _reload_for_sync(self, operation_id: uuid.UUID) -> SyncRequest | None:
+        """GET the order (after a 409), record its revision for the next PUT; None when the
+        operation left STOCK_DEDUCTED meanwhile."""
         with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
             if stage.skip:
-                return False
+                return None
+            order_id = stage.operation.order_id
+        order = self._client.get_order(order_id)
+        with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
+            if stage.skip:
+                return None
             operation = stage.operation
+            operation.order_revision = order.revision
             if operation.fulfillment_status_before_sync is None:
-                operation.fulfillment_status_before_sync = seen
-            return True
+                operation.fulfillment_status_before_sync = order.fulfillment_status
+            return _prepare_sync_put(operation)
 
     def _complete(self, operation_id: uuid.UUID, timer: Timer) -> StageOutcome:
         with self._database.transaction() as session:
@@ -287,35 +325,36 @@ class StockSynchronizationService:
                 transition(operation, S.COMPLETED, "status synced to the microservice", log)
                 return StageOutcome.DONE
         if status is S.CANCELLED:
-            # Our PUT landed after a cancellation: put the microservice back.
-            self._cancellation.compensate_if_cancelled(operation_id)
+            # Our PUT landed after a cancellation: make sure a rollback reads the order after it.
+            self._cancellation.compensate_if_cancelled(operation_id, put_landed=True)
             return StageOutcome.STOPPED
         return StageOutcome.ALREADY_PAST  # a duplicate delivery finished first
 
     # --- retries and failure ---------------------------------------------------------------
 
     def record_retry(self, operation_id: uuid.UUID, stage: Stage, error: Exception) -> StageResult:
-        """Count a retry in the row (the truth), or fail the operation past its limit."""
+        """Count a retry of ``stage`` in the row (the truth), or fail the operation past the
+        stage's limit. Notifications leave after the commit."""
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
+            operation = lock_operation(session, operation_id)
             if operation.status_enum is not stage.status:
                 return StageResult(StageOutcome.STOPPED)  # cancelled or moved on meanwhile
             log = operation_logger(session, operation, self._logger)
             policy = self._settings.retry_policy(stage.retry_budget)
-            if policy.exhausted(operation.retry_count):
-                self._log_failure(log, operation, stage, error, next_retry_at=None)
+            used = retries_used(operation, stage)
+            if policy.exhausted(used):
+                self._log_failure(session, log, operation, stage, error, next_retry_at=None)
                 log.log_action_with_timing(
                     operation_id,
                     LogAction.MAX_RETRIES_REACHED,
-                    f"stage {stage.name} gave up after {operation.retry_count} retries",
+                    f"stage {stage.name} gave up after {used} retries",
                     status="error",
                 )
                 self._fail(session, operation, log, error, f"retry limit of {stage.name} reached")
                 return StageResult(StageOutcome.STOPPED)
-            operation.retry_count += 1
-            delay = policy.delay_for(
-                operation.retry_count, at_least_s=getattr(error, "retry_after_s", None)
-            )
+            used += 1
+            set_retries_used(operation, stage, used)
+            delay = policy.delay_for(used, at_least_s=getattr(error, "retry_after_s", None))
             operation.next_retry_at = utcnow() + timedelta(seconds=delay)
             operation.last_error = _one_line(error)
             operation.last_error_type = type(error).__name__
@@ -324,17 +363,18 @@ class StockSynchronizationService:
                 operation_id,
                 order_id=operation.order_id,
                 status=operation.status,
-                attempt=operation.retry_count,
+                attempt=used,
                 next_retry_at=operation.next_retry_at,
                 max_retries=policy.max_retries,
                 stage=stage.name,
             )
-            self._log_failure(log, operation, stage, error, next_retry_at=operation.next_retry_at)
+            self._log_failure(
+                session, log, operation, stage, error, next_retry_at=operation.next_retry_at
+            )
             log.log_action_with_timing(
                 operation_id,
                 LogAction.RETRY_SCHEDULED,
-                f"retry {operation.retry_count} of {policy.max_retries} of {stage.name} "
-                f"in {delay:.3f}s",
+                f"retry {used} of {policy.max_retries} of {stage.name} in {delay:.3f}s",
                 status="warning",
             )
             return StageResult(StageOutcome.STOPPED, retry_in_s=delay)
@@ -342,28 +382,27 @@ class StockSynchronizationService:
     def fail_operation(self, operation_id: uuid.UUID, stage: Stage, error: Exception) -> None:
         """A permanent error: the operation goes to FAILED at once, if still in the stage."""
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
+            operation = lock_operation(session, operation_id)
             if operation.status_enum is not stage.status:
                 return
             log = operation_logger(session, operation, self._logger)
-            self._log_failure(log, operation, stage, error, next_retry_at=None)
+            self._log_failure(session, log, operation, stage, error, next_retry_at=None)
             self._fail(session, operation, log, error, f"permanent error in {stage.name}")
 
     def fail_exhausted(self, operation_id: uuid.UUID, stage: Stage) -> bool:
-        """FAILED for an operation whose stage used its budget but never failed (a killed
-        worker); False when it has budget left or moved on."""
+        """FAILED for an operation whose stage kept dying past its budget (a killed worker, a
+        hard time limit) with no stage left to fail it; False when it moved on meanwhile."""
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
-            policy = self._settings.retry_policy(stage.retry_budget)
-            if operation.status_enum is not stage.status or not policy.exhausted(
-                operation.retry_count
-            ):
+            operation = lock_operation(session, operation_id)
+            if operation.status_enum is not stage.status:
                 return False
+            policy = self._settings.retry_policy(stage.retry_budget)
             log = operation_logger(session, operation, self._logger)
             log.log_action_with_timing(
                 operation_id,
                 LogAction.MAX_RETRIES_REACHED,
-                f"stage {stage.name} used its {policy.max_retries} retries (found by the sweep)",
+                f"stage {stage.name} used its {policy.max_retries} retries and its last run "
+                "was lost too (found by the sweep)",
                 status="error",
             )
             error = StockSyncError(operation.last_error or "retry limit reached")
@@ -390,18 +429,20 @@ class StockSynchronizationService:
         transition(operation, S.FAILED, reason + kept, log)
         if operation.type_enum is OperationType.MICROSERVICE_ROLLBACK:
             self._cancellation.report_rollback_failed(session, operation)
-        self._notifier.notify(
+        self._notify_after_commit(
+            session,
             Notification(
                 kind="operation_failed",
                 operation_id=operation.id,
                 order_id=operation.order_id,
                 message=f"operation failed: {reason}{kept}",
                 details={"error_type": type(error).__name__, "error": _one_line(error)},
-            )
+            ),
         )
 
     def _log_failure(
         self,
+        session: Session,
         log: StandardizedLogger,
         operation: PendingStockOperation,
         stage: Stage,
@@ -412,14 +453,15 @@ class StockSynchronizationService:
         result = getattr(error, "validation_result", None)
         if stage is VALIDATE_STOCK and isinstance(result, ValidationResult):
             log.log_validation_failure(operation.id, result)
-            self._notifier.notify(
+            self._notify_after_commit(
+                session,
                 Notification(
                     kind="stock_validation_failed",
                     operation_id=operation.id,
                     order_id=operation.order_id,
                     message=str(error),
                     details={"next_retry_at": str(next_retry_at) if next_retry_at else None},
-                )
+                ),
             )
             return
         log.log_error_with_context(
@@ -429,6 +471,11 @@ class StockSynchronizationService:
         )
 
     # --- plumbing ------------------------------------------------------------------------
+
+    def _notify_after_commit(self, session: Session, notification: Notification) -> None:
+        """Senders are e-mail or chat (network calls): never inside the transaction, and never
+        for a change that rolled back."""
+        after_commit(session, lambda: self._notifier.notify(notification))
 
     @contextmanager
     def _stage_transaction(self, operation_id: uuid.UUID, stage: Stage) -> Iterator[StageContext]:
@@ -450,6 +497,28 @@ class StockSynchronizationService:
     @staticmethod
     def _measure_execution_time() -> AbstractContextManager[Timer]:
         return measure_execution_time()
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """One sync PUT, as recorded on the row before it leaves."""
+
+    operation_id: uuid.UUID
+    order_id: str
+    revision: int
+
+
+def _prepare_sync_put(operation: PendingStockOperation) -> SyncRequest | None:
+    """Mark the row (under its lock) as having a sync PUT on its way; None when the order must
+    be read first (no revision or no status to restore recorded yet)."""
+    if operation.order_revision is None or operation.fulfillment_status_before_sync is None:
+        return None
+    operation.sync_put_sent_at = utcnow()
+    return SyncRequest(operation.id, operation.order_id, operation.order_revision)
+
+
+class _CancelledMeanwhile(Exception):
+    """Internal: a failed sync PUT found its operation cancelled and handed it to a rollback."""
 
 
 @dataclass(frozen=True)

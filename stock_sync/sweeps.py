@@ -3,9 +3,8 @@
 A lost message, a killed worker or a Redis restart leaves an operation live but idle. The
 sweep (run by celery beat) finds such operations with the shared ``is_stuck`` predicate,
 claims them in bounded batches (so two sweepers never re-drive the same one in a round), and
-re-drives each from its current stage; the retry count in the row is left as it is, so a
-re-driven operation gets no fresh budget. An operation whose stage already used its budget
-(the worker died before the FAILED transition) is failed here instead.
+re-drives each from its current stage. A re-drive counts as an attempt of that stage, so a
+re-driven operation never gets a fresh budget and a stage that keeps dying ends FAILED.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from stock_sync.composition import Dispatcher, Services
 from stock_sync.db import Database
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stages import (
+    DEDUCT_STOCK,
     LOAD_LINE_ITEMS,
     ROLLBACK,
     SYNC_MICROSERVICE,
@@ -34,7 +34,12 @@ from stock_sync.domain.stages import (
 )
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.models import PendingStockOperation, utcnow
-from stock_sync.operations import load_operation, operation_logger
+from stock_sync.operations import (
+    lock_operation,
+    operation_logger,
+    retries_used,
+    set_retries_used,
+)
 from stock_sync.settings import Settings
 from stock_sync.standardized_logger import StandardizedLogger
 from stock_sync.stock_synchronization_service import StockSynchronizationService
@@ -73,6 +78,8 @@ def stage_to_redrive(operation: PendingStockOperation) -> Stage | None:
         return ROLLBACK if operation.status_enum is S.PENDING else None
     if operation.type_enum is not OperationType.ORDER_DEDUCTION:
         return None
+    if operation.status_enum is S.PROCESSING and operation.deduction_retry_count:
+        return DEDUCT_STOCK  # validation passed before: deduct_stock was the one waiting
     return {
         S.PENDING: LOAD_LINE_ITEMS,
         S.PROCESSING: VALIDATE_STOCK,
@@ -141,20 +148,31 @@ class StuckOperationSweeper:
         return ids
 
     def _redrive(self, operation_id: uuid.UUID, report: SweepReport) -> None:
+        """Re-drive one stuck operation, counting the re-drive as an attempt of its stage.
+
+        A stage whose worker dies every time (OOM, hard time limit) would otherwise be re-driven
+        forever. At the limit the lost run may have been the last scheduled retry, so it runs
+        once more (the count goes one past the limit); found stuck again after that, the
+        operation is failed.
+        """
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
+            operation = lock_operation(session, operation_id)
             stage = stage_to_redrive(operation)
             if stage is None:
                 return
             policy = self._settings.retry_policy(stage.retry_budget)
-            exhausted = policy.exhausted(operation.retry_count)
+            used = retries_used(operation, stage)
+            exhausted = used > policy.max_retries
             if not exhausted:
+                set_retries_used(operation, stage, used + 1)
+                operation.updated_at = utcnow()
+                last_run = " (its last run)" if used + 1 > policy.max_retries else ""
                 log = operation_logger(session, operation, self._logger)
                 log.log_action_with_timing(
                     operation_id,
                     LogAction.RETRY_SCHEDULED,
-                    f"re-driven by the stuck sweep from {stage.name} "
-                    f"(retries used: {operation.retry_count} of {policy.max_retries})",
+                    f"re-driven by the stuck sweep from {stage.name}{last_run} "
+                    f"(retries used: {used + 1} of {policy.max_retries})",
                     status="warning",
                 )
             status, is_rollback = operation.status_enum, stage is ROLLBACK

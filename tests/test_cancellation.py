@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from stock_sync.composition import get_services
+from stock_sync.db import Database
 from stock_sync.domain.errors import CancellationRefused, OperationNotFound
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.models import PendingStockOperation
@@ -90,7 +91,7 @@ def test_cancel_while_processing_leaves_stock_alone(
 def test_cancel_after_deduction_restores_stock_in_an_adjustment(
     pipeline: Pipeline, retry_limits: Callable[..., None]
 ) -> None:
-    retry_limits(max_retries_stock_deducted=500, retry_backoff_max_s=0.05)
+    retry_limits(max_retries_stock_deducted=500, max_retries_rollback=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 5, "SKU-B": 5})
     pipeline.fake.add_order(order("deducted", ("SKU-A", 2), ("SKU-B", 1)), fail_puts=100_000)
     operation_id = submit_operation("deducted")
@@ -99,28 +100,51 @@ def test_cancel_after_deduction_restores_stock_in_an_adjustment(
     )
     assert (pipeline.stock("SKU-A"), pipeline.stock("SKU-B")) == (3, 4)
     result = cancel(operation_id, "support", "customer asked")
+    pipeline.fake.add_order({**pipeline.fake.order("deducted"), "fail_puts": 0})
     assert result.cancelled_from is S.STOCK_DEDUCTED and result.stock_restored
     assert sorted((m.sku, m.delta) for m in result.restored_movements) == [
         ("SKU-A", 2),
         ("SKU-B", 1),
     ]
-    assert result.microservice_rollback == "not_needed"
+    # The sync PUTs were answered 503: any of them may have landed behind a gateway.
+    assert result.microservice_rollback == "pending"
     assert (pipeline.stock("SKU-A"), pipeline.stock("SKU-B")) == (5, 5)
-    (restoration,) = adjustments_of(pipeline, operation_id)
+    restoration, rollback = adjustments_of(pipeline, operation_id)
     assert (restoration.operation_type, restoration.status) == ("stock_restoration", "completed")
     assert sorted(pipeline.movements(restoration.id)) == [
         ("SKU-A", 2, "restoration"),
         ("SKU-B", 1, "restoration"),
     ]
-    assert pipeline.operation(operation_id).rollback_operations == [str(restoration.id)]
+    assert pipeline.operation(operation_id).rollback_operations == [
+        str(restoration.id),
+        str(rollback.id),
+    ]
     assert pipeline.ledger_matches_stock("SKU-A") and pipeline.ledger_matches_stock("SKU-B")
-    assert pipeline.actions(operation_id)[-5:] == [
+    pipeline.wait_for_status(rollback.id, S.COMPLETED)
+    assert pipeline.fake.order("deducted")["fulfillment_status"] == "NEW"
+    assert pipeline.actions(operation_id)[-7:] == [
         "cancellation_requested",
         "stock_rollback_started",
         "stock_rollback_completed",
+        "microservice_rollback_started",
         "status_transition",
+        "microservice_rollback_completed",
         "cancellation_completed",
     ]
+
+
+def test_cancel_after_deduction_before_any_sync_put_needs_no_microservice_rollback(
+    clean_database: Database,
+) -> None:
+    operation_id = insert_operation(clean_database, status=S.STOCK_DEDUCTED, lines=[("SKU-A", 1)])
+
+    result = get_services().cancellation.cancel_operation(operation_id, "support", "changed mind")
+
+    assert (result.cancelled_from, result.microservice_rollback) == (S.STOCK_DEDUCTED, "not_needed")
+    assert (
+        result.message
+        == "cancelled from stock_deducted; no stock to restore; microservice untouched"
+    )
 
 
 def test_cancel_after_completion_restores_stock_and_the_microservice(pipeline: Pipeline) -> None:

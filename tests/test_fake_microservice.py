@@ -243,16 +243,20 @@ def test_drop_puts_after_apply_take_effect_then_close_without_an_answer(
 def test_held_puts_take_effect_only_when_released_after_the_sender_gave_up(
     fake: FakeMicroservice, impatient_client: MicroserviceClient
 ) -> None:
-    fake.add_order(an_order(), hold_puts=True)
+    fake.add_order(an_order(), hold_puts=1)
 
     with pytest.raises(MicroserviceTimeout):
         sync(impatient_client, revision=1)
 
     assert fake.held_puts("o-1") == 1
     assert fake.order("o-1")["fulfillment_status"] == "NEW"
+    impatient_client.set_fulfillment_status(
+        "o-1", status="SENT", expected_revision=1, idempotency_key="not-held"
+    )  # only the first PUT was held
     fake.release_puts("o-1")
-    wait_until(lambda: fake.order("o-1")["fulfillment_status"] == "PROCESSING")
-    assert fake.held_puts("o-1") == 0
+    wait_until(lambda: fake.held_puts("o-1") == 0)
+    assert fake.order("o-1")["fulfillment_status"] == "SENT"
+    assert outcomes(fake) == ["applied", "conflict"]  # the late PUT met a newer revision
 
 
 def test_late_answers_come_after_the_put_took_effect(

@@ -14,13 +14,17 @@ from sqlalchemy import text
 from stock_sync.composition import Services, build_services
 from stock_sync.db import Database
 from stock_sync.domain import stages
+from stock_sync.domain.errors import InvalidInput
+from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.fake_microservice import FakeMicroservice
 from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
 from stock_sync.models import PendingStockOperation
+from stock_sync.notifications import Notification
 from stock_sync.producer import submit_operation
 from stock_sync.settings import load_settings
+from stock_sync.standardized_logger import StandardizedLogger
 from tests.support import order
 
 S = OperationStatus
@@ -67,6 +71,18 @@ class CheckingDispatcher:
         self.enqueued.append(f"rollback {adjustment_operation_id}")
 
 
+class CheckingNotifier:
+    """A notification sender stands for e-mail or chat: a network call."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.sent: list[Notification] = []
+
+    def notify(self, notification: Notification) -> None:
+        assert_no_connection_held(self.database, f"notify {notification.kind}")
+        self.sent.append(notification)
+
+
 @pytest.fixture
 def services(
     clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
@@ -78,6 +94,7 @@ def services(
         settings,
         database=database,
         dispatcher=CheckingDispatcher(database),
+        notifier=CheckingNotifier(database),
         client=CheckingClient(database, fake_microservice.url),
     )
     yield built
@@ -113,7 +130,7 @@ def test_no_stage_calls_out_while_holding_a_connection(
     ]  # type: ignore[attr-defined]
     assert run(services, stages.ROLLBACK, rollback_id) is StageOutcome.DONE
     client: CheckingClient = services.client  # type: ignore[assignment]
-    assert client.calls == ["GET", "GET", "PUT PROCESSING", "GET", "PUT NEW"]
+    assert client.calls == ["GET", "PUT PROCESSING", "GET", "PUT NEW"]
     assert services.dispatcher.enqueued[0] == "pipeline pending"  # type: ignore[attr-defined]
     assert fake_microservice.order("no-net")["fulfillment_status"] == "NEW"
 
@@ -122,3 +139,44 @@ def test_the_check_itself_catches_a_call_made_inside_a_transaction(services: Ser
     with pytest.raises(HeldConnection), services.database.transaction() as session:
         session.execute(text("select 1"))  # the session now holds a connection
         services.client.get_order("anything")
+
+
+def test_notifications_leave_after_the_commit(
+    services: Services, fake_microservice: FakeMicroservice
+) -> None:
+    fake_microservice.add_order(order("short", ("SKU-NONE", 1)))
+    operation_id = submit_operation("short", services=services)
+    assert run(services, stages.LOAD_LINE_ITEMS, operation_id) is StageOutcome.DONE
+
+    validation = services.synchronization.execute(stages.VALIDATE_STOCK, operation_id)
+    services.synchronization.fail_operation(
+        operation_id, stages.VALIDATE_STOCK, InvalidInput("given up by hand")
+    )
+
+    assert validation.retry_in_s is not None
+    notifier: CheckingNotifier = services.synchronization._notifier  # type: ignore[attr-defined,assignment]
+    assert [n.kind for n in notifier.sent] == ["stock_validation_failed", "operation_failed"]
+
+
+def test_no_notification_for_a_retry_that_rolled_back(
+    services: Services, fake_microservice: FakeMicroservice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_microservice.add_order(order("rolled-back", ("SKU-NONE", 1)))
+    operation_id = submit_operation("rolled-back", services=services)
+    assert run(services, stages.LOAD_LINE_ITEMS, operation_id) is StageOutcome.DONE
+    original = StandardizedLogger.log_action_with_timing
+
+    def fail_on_retry_scheduled(self: StandardizedLogger, *args: Any, **kwargs: Any) -> None:
+        if args[1] == LogAction.RETRY_SCHEDULED:
+            raise RuntimeError("the database went away before the commit")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StandardizedLogger, "log_action_with_timing", fail_on_retry_scheduled)
+    with pytest.raises(RuntimeError):
+        services.synchronization.execute(stages.VALIDATE_STOCK, operation_id)
+
+    notifier: CheckingNotifier = services.synchronization._notifier  # type: ignore[attr-defined,assignment]
+    assert notifier.sent == []
+    with services.database.transaction() as session:
+        row = session.get(PendingStockOperation, operation_id)
+        assert row is not None and row.retry_count == 0

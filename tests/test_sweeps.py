@@ -97,28 +97,62 @@ def test_only_stuck_operations_are_redriven(clean_database: Database) -> None:
     )
 
 
-def test_a_redriven_operation_keeps_its_retry_count(clean_database: Database) -> None:
+def test_a_redrive_counts_as_an_attempt_of_the_stage(clean_database: Database) -> None:
     operation_id = stuck_operation(clean_database, "half-used", retry_count=2)
     sweeper, dispatcher = recording_sweeper(clean_database)
     sweeper.sweep()
     assert dispatcher.pipelines == [(operation_id, S.PENDING)]
     with clean_database.transaction() as session:
-        assert session.get(PendingStockOperation, operation_id).retry_count == 2  # type: ignore[union-attr]
+        assert session.get(PendingStockOperation, operation_id).retry_count == 3  # type: ignore[union-attr]
 
 
-def test_an_operation_that_used_its_budget_but_never_failed_is_failed(
+def test_a_lost_last_retry_is_run_once_more_rather_than_failed(
     clean_database: Database,
 ) -> None:
     budget = load_settings().max_retries_processing
     operation_id = stuck_operation(
-        clean_database, "killed-at-limit", S.PROCESSING, retry_count=budget
+        clean_database, "last-retry-lost", S.PROCESSING, retry_count=budget
     )
     sweeper, dispatcher = recording_sweeper(clean_database)
     report = sweeper.sweep()
-    assert report.failed == [operation_id] and dispatcher.pipelines == []
+    assert report.redriven == [operation_id] and report.failed == []
+    assert dispatcher.pipelines == [(operation_id, S.PROCESSING)]
+    with clean_database.transaction() as session:
+        row = session.get(PendingStockOperation, operation_id)
+        assert row is not None and (row.status, row.retry_count) == ("processing", budget + 1)
+
+
+def test_a_stage_that_dies_every_time_ends_failed_instead_of_being_redriven_forever(
+    clean_database: Database,
+) -> None:
+    budget = load_settings().max_retries_processing
+    operation_id = stuck_operation(clean_database, "dies-always", S.PROCESSING, retry_count=0)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    for _ in range(budget + 1):  # each re-driven run dies: the row is stuck again
+        assert sweeper.sweep(now=utcnow() + timedelta(hours=1)).redriven == [operation_id]
+    report = sweeper.sweep(now=utcnow() + timedelta(hours=1))
+    assert report.failed == [operation_id]
+    assert len(dispatcher.pipelines) == budget + 1
     with clean_database.transaction() as session:
         row = session.get(PendingStockOperation, operation_id)
         assert row is not None and row.status == "failed"
+
+
+def test_deduct_stock_is_redriven_on_its_own_budget(clean_database: Database) -> None:
+    validation_budget = load_settings().max_retries_processing
+    operation_id = stuck_operation(
+        clean_database,
+        "deduct-waiting",
+        S.PROCESSING,
+        retry_count=validation_budget,  # validation used all of its own budget, then passed
+        deduction_retry_count=1,
+    )
+    sweeper, _ = recording_sweeper(clean_database)
+    assert sweeper.sweep().redriven == [operation_id]
+    with clean_database.transaction() as session:
+        row = session.get(PendingStockOperation, operation_id)
+        assert row is not None
+        assert (row.retry_count, row.deduction_retry_count) == (validation_budget, 2)
 
 
 def test_a_stuck_microservice_rollback_is_enqueued_again(clean_database: Database) -> None:

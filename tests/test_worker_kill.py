@@ -183,3 +183,37 @@ def test_a_worker_killed_while_the_sync_put_is_in_flight(
         p["outcome"] for p in pipeline.fake.fulfillment_requests() if p["order_id"] == "kill-sync"
     ]
     assert outcomes == ["applied", "replayed"]  # the retry replays the same Idempotency-Key
+
+
+def test_a_worker_killed_after_the_sync_put_then_a_cancel_puts_the_marketplace_back(
+    pipeline: Pipeline,
+    workers: list[WorkerProcess],
+    worker_environment: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    pipeline.set_stock(**{"SKU-K": 5})
+    pipeline.fake.add_order(order("kill-cancel", ("SKU-K", 1)), put_latency_s=3.0)
+    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-1.log"))
+    operation_id = uuid.UUID(cli(worker_environment, "submit", "kill-cancel"))
+    deadline = time.monotonic() + 30
+    while not pipeline.applied_puts("kill-cancel"):
+        assert time.monotonic() < deadline, "the sync PUT never arrived"
+        time.sleep(0.01)
+    workers[0].kill()  # SIGKILL after the PUT landed, before the row could say COMPLETED
+    assert pipeline.operation(operation_id).status == "stock_deducted"
+
+    cancelled = json.loads(
+        cli(worker_environment, "cancel", str(operation_id), "--by", "ops", "--reason", "x",
+            "--json")
+    )  # fmt: skip
+    assert (cancelled["cancelled_from"], cancelled["microservice_rollback"]) == (
+        "stock_deducted",
+        "pending",
+    )
+    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-2.log"))
+    pipeline.wait_for(
+        [uuid.UUID(i) for i in cancelled["adjustment_operation_ids"]],
+        lambda op: op.status == "completed",
+    )
+    assert pipeline.fake.order("kill-cancel")["fulfillment_status"] == "NEW"
+    assert pipeline.stock("SKU-K") == 5 and pipeline.ledger_matches_stock("SKU-K")

@@ -118,6 +118,10 @@ class EnqueueFailed(StockSyncError):
 class MicroserviceError(StockSyncError):
     """The microservice call did not give a usable answer."""
 
+    # Whether a write that ended in this error may still have taken effect: only an answer
+    # that refuses it (404, 409, 422, 429) proves it did not.
+    may_have_taken_effect: bool = True
+
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         self.status_code = status_code
         super().__init__(message)
@@ -140,6 +144,8 @@ class MicroserviceTimeout(TransientMicroserviceError):
 class MicroserviceRateLimited(TransientMicroserviceError):
     """429: wait at least ``retry_after_s`` seconds before the next call."""
 
+    may_have_taken_effect = False
+
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message, status_code=429)
@@ -158,6 +164,8 @@ class MicroserviceServerError(TransientMicroserviceError):
 class OrderNotFound(TransientMicroserviceError):
     """404 ORDER_NOT_FOUND: Allegro can 404 right after an order event, so it is retried."""
 
+    may_have_taken_effect = False
+
     def __init__(self, order_id: str) -> None:
         self.order_id = order_id
         super().__init__(f"order not found in the microservice: {order_id}", status_code=404)
@@ -166,6 +174,8 @@ class OrderNotFound(TransientMicroserviceError):
 class RevisionConflict(TransientMicroserviceError):
     """409 REVISION_CONFLICT: reload the order and try again."""
 
+    may_have_taken_effect = False
+
 
 class PermanentMicroserviceError(MicroserviceError):
     """Retrying cannot help: the request or the answer is wrong."""
@@ -173,6 +183,8 @@ class PermanentMicroserviceError(MicroserviceError):
 
 class UnprocessableRequest(PermanentMicroserviceError):
     """422: the microservice refused the request for good."""
+
+    may_have_taken_effect = False
 
 
 class ContractViolation(PermanentMicroserviceError):

@@ -11,6 +11,18 @@ from stock_sync.domain.statuses import FINAL_STATUSES, OperationStatus
 S = OperationStatus
 
 
+class RetryCounter(str, Enum):
+    """Where a stage's used retries are counted on the operation row.
+
+    Every stage has its own budget. The stages of one status share the row's ``retry_count``
+    (it restarts at each transition), except deduct_stock, which shares PROCESSING with
+    validate_stock and so counts in a column of its own.
+    """
+
+    STATUS = "retry_count"
+    DEDUCTION = "deduction_retry_count"
+
+
 @dataclass(frozen=True)
 class Stage:
     """One Celery task of the chain: it acts on operations in ``status``."""
@@ -18,18 +30,30 @@ class Stage:
     name: str
     status: OperationStatus
     failure_action: LogAction
-
-    @property
-    def retry_budget(self) -> str:
-        """The settings key of this stage's retry limit (per status, as the seed has it)."""
-        return self.status.value
+    retry_budget: str  # the settings key of this stage's retry limit
+    retry_counter: RetryCounter = RetryCounter.STATUS
 
 
-LOAD_LINE_ITEMS = Stage("load_line_items", S.PENDING, LogAction.LINE_ITEMS_LOAD_FAILED)
-VALIDATE_STOCK = Stage("validate_stock", S.PROCESSING, LogAction.STOCK_VALIDATION_FAILED)
-DEDUCT_STOCK = Stage("deduct_stock", S.PROCESSING, LogAction.STOCK_DEDUCTION_FAILED)
-SYNC_MICROSERVICE = Stage("sync_microservice", S.STOCK_DEDUCTED, LogAction.MICROSERVICE_SYNC_FAILED)
-ROLLBACK = Stage("rollback", S.PENDING, LogAction.MICROSERVICE_SYNC_FAILED)
+LOAD_LINE_ITEMS = Stage(
+    "load_line_items", S.PENDING, LogAction.LINE_ITEMS_LOAD_FAILED, retry_budget="pending"
+)
+VALIDATE_STOCK = Stage(
+    "validate_stock", S.PROCESSING, LogAction.STOCK_VALIDATION_FAILED, retry_budget="processing"
+)
+DEDUCT_STOCK = Stage(
+    "deduct_stock",
+    S.PROCESSING,
+    LogAction.STOCK_DEDUCTION_FAILED,
+    retry_budget="deduction",
+    retry_counter=RetryCounter.DEDUCTION,
+)
+SYNC_MICROSERVICE = Stage(
+    "sync_microservice",
+    S.STOCK_DEDUCTED,
+    LogAction.MICROSERVICE_SYNC_FAILED,
+    retry_budget="stock_deducted",
+)
+ROLLBACK = Stage("rollback", S.PENDING, LogAction.MICROSERVICE_SYNC_FAILED, retry_budget="rollback")
 
 PIPELINE: tuple[Stage, ...] = (LOAD_LINE_ITEMS, VALIDATE_STOCK, DEDUCT_STOCK, SYNC_MICROSERVICE)
 STAGES_BY_NAME = {stage.name: stage for stage in (*PIPELINE, ROLLBACK)}

@@ -1,0 +1,319 @@
+"""Agreement under faults, one forced interleaving per defect: once an operation settles, the
+stock, the ledger and the marketplace's fulfillment status agree with its final status.
+
+The stages run here in the test thread, called one by one in the order a fault would put them
+in (a lost answer, a cancel during the backoff, a PUT held at the fake's gate until after the
+rollback read the order), against real PostgreSQL and the fake microservice over HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import func, select
+
+from stock_sync import producer
+from stock_sync.composition import Services, build_services
+from stock_sync.db import Database
+from stock_sync.domain import stages
+from stock_sync.domain.errors import RevisionConflict
+from stock_sync.domain.stages import StageOutcome
+from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.fake_microservice import FakeMicroservice
+from stock_sync.microservice_client import MicroserviceClient
+from stock_sync.models import PendingStockOperation
+from stock_sync.producer import submit_operation
+from stock_sync.settings import load_settings
+from stock_sync.stock_ledger import get_stock, set_stock
+from stock_sync.stock_synchronization_service import sync_idempotency_key
+from tests.support import order
+
+S = OperationStatus
+CLIENT_TIMEOUT_S = 0.5
+
+
+class RecordingDispatcher:
+    """Nothing reaches a broker: the test runs each stage itself."""
+
+    def __init__(self) -> None:
+        self.rollbacks: list[uuid.UUID] = []
+
+    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+        pass
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
+        self.rollbacks.append(adjustment_operation_id)
+
+
+class SoftLimitAfterPutClient(MicroserviceClient):
+    """The soft time limit fires just after the PUT took effect, before its answer is used."""
+
+    def set_fulfillment_status(self, order_id: str, **kwargs: Any) -> None:
+        super().set_fulfillment_status(order_id, **kwargs)
+        if kwargs["status"] == "PROCESSING":
+            raise SoftTimeLimitExceeded()
+
+
+def make_services(
+    database: Database, fake: FakeMicroservice, client_class: type[MicroserviceClient]
+) -> Services:
+    return build_services(
+        load_settings(),
+        database=database,
+        dispatcher=RecordingDispatcher(),
+        client=client_class(fake.url, timeout_s=CLIENT_TIMEOUT_S),
+    )
+
+
+@pytest.fixture
+def services(clean_database: Database, fake_microservice: FakeMicroservice) -> Iterator[Services]:
+    fake_microservice.reset()
+    built = make_services(clean_database, fake_microservice, MicroserviceClient)
+    yield built
+    built.client.close()
+
+
+def run(services: Services, stage: stages.Stage, operation_id: uuid.UUID) -> StageOutcome:
+    result = services.synchronization.execute(stage, operation_id)
+    assert result.retry_in_s is None, f"{stage.name} scheduled a retry"
+    return result.outcome
+
+
+def deducted_operation(services: Services, fake: FakeMicroservice, order_id: str) -> uuid.UUID:
+    """An operation in STOCK_DEDUCTED (2 units of SKU-F taken), its sync not yet run."""
+    with services.database.transaction() as session:
+        set_stock(session, "SKU-F", 5)
+    operation_id = submit_operation(order_id, services=services)
+    for stage in (stages.LOAD_LINE_ITEMS, stages.VALIDATE_STOCK, stages.DEDUCT_STOCK):
+        assert run(services, stage, operation_id) is StageOutcome.DONE
+    return operation_id
+
+
+def the_rollback(services: Services) -> uuid.UUID:
+    (rollback_id,) = services.dispatcher.rollbacks  # type: ignore[attr-defined]
+    return rollback_id
+
+
+def fulfillment(fake: FakeMicroservice, order_id: str) -> str:
+    return str(fake.order(order_id)["fulfillment_status"])
+
+
+def effective_puts(fake: FakeMicroservice, order_id: str, status: str) -> int:
+    return sum(
+        1
+        for put in fake.fulfillment_requests()
+        if put["order_id"] == order_id and put["outcome"] == "applied" and put["status"] == status
+    )
+
+
+def stock(services: Services, sku: str) -> int | None:
+    with services.database.transaction() as session:
+        return get_stock(session, sku)
+
+
+# --- 1. a cancellation between two sync attempts --------------------------------------------
+
+
+LOST_ANSWERS = {
+    "answer slower than the client timeout": {"put_latency_s": CLIENT_TIMEOUT_S * 3},
+    "connection reset after sending": {"drop_puts_after_apply": 1},
+    "gateway 5xx after the backend applied it": {"fail_puts_after_apply": 1},
+}
+
+
+@pytest.mark.parametrize("knobs", LOST_ANSWERS.values(), ids=LOST_ANSWERS.keys())
+def test_a_cancel_between_two_sync_attempts_rolls_back_a_put_whose_answer_was_lost(
+    services: Services, fake_microservice: FakeMicroservice, knobs: dict[str, Any]
+) -> None:
+    fake_microservice.add_order(order("lost-answer", ("SKU-F", 2)), **knobs)
+    operation_id = deducted_operation(services, fake_microservice, "lost-answer")
+
+    first_attempt = services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
+    assert first_attempt.retry_in_s is not None  # the answer was lost: a retry is scheduled
+    assert fulfillment(fake_microservice, "lost-answer") == "PROCESSING"  # but the PUT landed
+    fake_microservice.add_order(fake_microservice.order("lost-answer"))  # the fault has passed
+
+    result = services.cancellation.cancel_operation(operation_id, "operator", "during backoff")
+    assert (result.cancelled_from, result.microservice_rollback) == (S.STOCK_DEDUCTED, "pending")
+    assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
+    assert run(services, stages.SYNC_MICROSERVICE, operation_id) is StageOutcome.STOPPED
+
+    assert fulfillment(fake_microservice, "lost-answer") == "NEW"
+    assert effective_puts(fake_microservice, "lost-answer", "PROCESSING") == 1
+    assert stock(services, "SKU-F") == 5
+    assert services.cancellation.result_of(operation_id).microservice_rollback == "completed"
+
+
+def test_a_soft_time_limit_after_the_put_is_rolled_back_by_the_cancel(
+    clean_database: Database, fake_microservice: FakeMicroservice
+) -> None:
+    fake_microservice.reset()
+    services = make_services(clean_database, fake_microservice, SoftLimitAfterPutClient)
+    fake_microservice.add_order(order("soft-limit", ("SKU-F", 2)))
+    operation_id = deducted_operation(services, fake_microservice, "soft-limit")
+
+    attempt = services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
+    assert attempt.retry_in_s is not None
+    services.cancellation.cancel_operation(operation_id, "operator", "after the time limit")
+    assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
+
+    assert fulfillment(fake_microservice, "soft-limit") == "NEW"
+
+
+def test_a_sync_put_landing_after_the_rollback_read_the_order_meets_a_new_revision(
+    services: Services, fake_microservice: FakeMicroservice
+) -> None:
+    fake_microservice.add_order(order("late-put", ("SKU-F", 2)), hold_puts=1)
+    operation_id = deducted_operation(services, fake_microservice, "late-put")
+
+    attempt = services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
+    assert attempt.retry_in_s is not None  # timed out: the PUT waits at the fake's gate
+    assert fake_microservice.held_puts("late-put") == 1
+    services.cancellation.cancel_operation(operation_id, "operator", "while the PUT is held")
+    assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
+    assert fulfillment(fake_microservice, "late-put") == "NEW"  # the rollback found NEW...
+    fake_microservice.release_puts("late-put")  # ...and only now does the sync PUT land
+    wait_until_released(fake_microservice, "late-put")
+
+    assert fulfillment(fake_microservice, "late-put") == "NEW"
+    late = [p for p in fake_microservice.fulfillment_requests() if p["status"] == "PROCESSING"]
+    assert [p["outcome"] for p in late] == ["conflict"]
+
+
+def test_a_replayed_sync_put_has_no_effect_after_the_rollback(
+    services: Services, fake_microservice: FakeMicroservice
+) -> None:
+    fake_microservice.add_order(order("replayed", ("SKU-F", 2)), fail_puts=1)
+    operation_id = deducted_operation(services, fake_microservice, "replayed")
+    attempt = services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
+    assert attempt.retry_in_s is not None  # 503: it may or may not have landed
+    services.cancellation.cancel_operation(operation_id, "operator", "after a 503")
+    assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
+
+    with services.database.transaction() as session:
+        recorded = session.get(PendingStockOperation, operation_id)
+        assert recorded is not None and recorded.order_revision is not None
+        revision = recorded.order_revision
+    with pytest.raises(RevisionConflict):  # the same PUT, sent again by anyone
+        services.client.set_fulfillment_status(
+            "replayed",
+            status="PROCESSING",
+            expected_revision=revision,
+            idempotency_key=sync_idempotency_key(operation_id),
+        )
+    assert fulfillment(fake_microservice, "replayed") == "NEW"
+
+
+def test_a_rollback_after_a_put_that_never_left_changes_no_status(
+    services: Services, fake_microservice: FakeMicroservice
+) -> None:
+    fake_microservice.add_order(order("never-left", ("SKU-F", 2)), fail_puts=1)
+    operation_id = deducted_operation(services, fake_microservice, "never-left")
+    services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
+    services.cancellation.cancel_operation(operation_id, "operator", "after a 503")
+    assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
+
+    assert fulfillment(fake_microservice, "never-left") == "NEW"
+    assert effective_puts(fake_microservice, "never-left", "PROCESSING") == 0
+
+
+def wait_until_released(fake: FakeMicroservice, order_id: str) -> None:
+    deadline = threading.Event()
+    for _ in range(500):
+        if fake.held_puts(order_id) == 0 and any(
+            p["status"] == "PROCESSING" for p in fake.fulfillment_requests()
+        ):
+            return
+        deadline.wait(0.01)
+    raise AssertionError("the held PUT never finished")
+
+
+# --- 2. two submits of one order -------------------------------------------------------------
+
+
+def test_two_racing_submits_with_and_without_an_account_make_one_operation(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both_looked = threading.Barrier(2, timeout=10)
+    look_up = producer._existing
+    first_look = threading.local()
+
+    def look_up_then_wait(*args: Any) -> uuid.UUID | None:
+        found = look_up(*args)
+        if not getattr(first_look, "done", False):
+            first_look.done = True
+            both_looked.wait()  # both found nothing before either inserts
+        return found
+
+    monkeypatch.setattr(producer, "_existing", look_up_then_wait)
+    results: dict[str, uuid.UUID] = {}
+
+    def submit(account: str | None) -> None:
+        results[str(account)] = submit_operation("twice", account, services=services)
+
+    threads = [threading.Thread(target=submit, args=(a,)) for a in (None, "shop")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert results["None"] == results["shop"]
+    with services.database.transaction() as session:
+        count = session.scalar(
+            select(func.count()).where(PendingStockOperation.order_id == "twice")
+        )
+    assert count == 1
+
+
+# --- 5. retry budgets ----------------------------------------------------------------------------
+
+
+def test_deduct_stock_keeps_its_budget_after_validation_used_its_own(
+    services: Services, fake_microservice: FakeMicroservice
+) -> None:
+    fake_microservice.add_order(order("slow-stock", ("SKU-F", 2)))
+    with services.database.transaction() as session:
+        set_stock(session, "SKU-F", 1)
+    operation_id = submit_operation("slow-stock", services=services)
+    run(services, stages.LOAD_LINE_ITEMS, operation_id)
+    with services.database.transaction() as session:
+        row = session.get(PendingStockOperation, operation_id)
+        assert row is not None
+        row.retry_count = services.settings.max_retries_processing  # validation waited it out
+
+    result = services.synchronization.execute(stages.DEDUCT_STOCK, operation_id)
+
+    assert result.retry_in_s is not None
+    with services.database.transaction() as session:
+        row = session.get(PendingStockOperation, operation_id)
+        assert row is not None and (row.status, row.deduction_retry_count) == ("processing", 1)
+
+
+def test_the_microservice_rollback_has_its_own_retry_limit(
+    services: Services, fake_microservice: FakeMicroservice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_MAX_RETRIES_PENDING", "5")
+    monkeypatch.setenv("STOCK_SYNC_MAX_RETRIES_ROLLBACK", "1")
+    services = make_services(services.database, fake_microservice, MicroserviceClient)
+    fake_microservice.add_order(order("stubborn", ("SKU-F", 2)), fail_puts=100)
+    operation_id = deducted_operation(services, fake_microservice, "stubborn")
+    services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
+    services.cancellation.cancel_operation(operation_id, "operator", "rollback will fail")
+    rollback_id = the_rollback(services)
+
+    outcomes = [services.synchronization.execute(stages.ROLLBACK, rollback_id) for _ in range(2)]
+
+    assert [o.retry_in_s is not None for o in outcomes] == [True, False]
+    with services.database.transaction() as session:
+        rollback = session.get(PendingStockOperation, rollback_id)
+        assert rollback is not None
+        assert (rollback.operation_type, rollback.status, rollback.retry_count) == (
+            OperationType.MICROSERVICE_ROLLBACK.value,
+            "failed",
+            1,
+        )
