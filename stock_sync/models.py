@@ -29,6 +29,8 @@ from stock_sync.domain.statuses import OperationStatus, OperationType
 ORDER_ID_MAX_LENGTH = 128
 ACCOUNT_NAME_MAX_LENGTH = 128
 SKU_MAX_LENGTH = 128
+# A revision token is at most 64 characters; its JSON text adds quotes and escapes.
+REVISION_MAX_LENGTH = 200
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -83,7 +85,8 @@ class PendingStockOperation(Base):
     )
     status: Mapped[str] = mapped_column(String(20), default=OperationStatus.PENDING.value)
     line_items: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
-    order_revision: Mapped[int | None] = mapped_column(Integer)
+    # The order's revision as the microservice sent it, as JSON text (see domain.revisions).
+    order_revision: Mapped[str | None] = mapped_column(String(REVISION_MAX_LENGTH))
     # Retries used by the stage of the current status; restarts when a transition moves on.
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     # deduct_stock's own budget: it shares PROCESSING with validate_stock (see RetryCounter).

@@ -18,10 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stock_sync.db import Database
-from stock_sync.domain.errors import CancellationRefused, InvalidInput
+from stock_sync.domain.errors import CancellationRefused
 from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.revisions import Revision, revision_from_text, same_revision
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.domain.text import checked_text
 from stock_sync.microservice_client import MicroserviceClient
 from stock_sync.models import PendingStockOperation, StockMovement
 from stock_sync.operation_events import timeline
@@ -105,8 +107,12 @@ class OperationCancellationService:
         Cancelling an already cancelled operation returns its first result and changes
         nothing; FAILED is final and refused; an unknown id raises OperationNotFound.
         """
-        cancelled_by = _checked_text("cancelled_by", cancelled_by, CANCELLED_BY_MAX_LENGTH)
-        reason = _checked_text("reason", reason or "cancelled", REASON_MAX_LENGTH)
+        cancelled_by = checked_text(
+            "cancelled_by", cancelled_by, max_length=CANCELLED_BY_MAX_LENGTH
+        )
+        reason = checked_text(
+            "reason", "cancelled" if reason is None else reason, max_length=REASON_MAX_LENGTH
+        )
         rollback_to_enqueue: uuid.UUID | None = None
         timer = Timer()
         with self._database.transaction() as session:
@@ -270,7 +276,11 @@ class OperationCancellationService:
             parent_id = adjustment.parent_operation_id
             assert target is not None and parent_id is not None
             parent = load_operation(session, parent_id)
-            sync_revision = parent.order_revision if parent.sync_put_sent_at else None
+            sync_revision = (
+                revision_from_text(parent.order_revision)
+                if parent.sync_put_sent_at and parent.order_revision
+                else None
+            )
         with measure_execution_time() as timer:
             order = self._client.get_order(order_id)
             action = _rollback_action(
@@ -399,11 +409,11 @@ class _RollbackAction(str, Enum):
 
 
 def _rollback_action(
-    current_status: str, current_revision: int, target: str, sync_revision: int | None
+    current_status: str, current_revision: Revision, target: str, sync_revision: Revision | None
 ) -> _RollbackAction:
     if current_status != target:
         return _RollbackAction.PUT_BACK
-    if sync_revision is not None and current_revision == sync_revision:
+    if sync_revision is not None and same_revision(current_revision, sync_revision):
         return _RollbackAction.FENCED
     return _RollbackAction.NOTHING
 
@@ -425,12 +435,3 @@ def _message(
         }[microservice]
     )
     return "; ".join(parts)
-
-
-def _checked_text(name: str, value: str, max_length: int) -> str:
-    cleaned = (value or "").strip()
-    if not cleaned:
-        raise InvalidInput(f"{name} must not be empty")
-    if len(cleaned) > max_length:
-        raise InvalidInput(f"{name} is longer than {max_length} characters")
-    return cleaned

@@ -16,6 +16,7 @@ from stock_sync.composition import Services, get_services
 from stock_sync.domain.errors import EnqueueFailed, InvalidInput
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.domain.text import checked_text
 from stock_sync.models import (
     ACCOUNT_NAME_MAX_LENGTH,
     ORDER_ID_MAX_LENGTH,
@@ -26,28 +27,14 @@ from stock_sync.operation_cancellation_service import CancellationResult
 from stock_sync.operations import operation_logger
 
 
-def _checked_order_id(order_id: str) -> str:
-    if not isinstance(order_id, str) or not order_id.strip():
-        raise InvalidInput("order_id must not be empty")
-    order_id = order_id.strip()
-    if len(order_id) > ORDER_ID_MAX_LENGTH:
-        raise InvalidInput(f"order_id is longer than {ORDER_ID_MAX_LENGTH} characters")
-    if any(ch.isspace() or not ch.isprintable() for ch in order_id):
-        raise InvalidInput(
-            f"order_id must not contain whitespace or control characters: {order_id!r}"
-        )
-    return order_id
+def _checked_order_id(order_id: object) -> str:
+    return checked_text("order_id", order_id, max_length=ORDER_ID_MAX_LENGTH, allow_spaces=False)
 
 
-def _checked_account_name(account_name: str | None) -> str | None:
+def _checked_account_name(account_name: object) -> str | None:
     if account_name is None:
         return None
-    cleaned = account_name.strip()
-    if not cleaned:
-        raise InvalidInput("account_name must not be empty when given")
-    if len(cleaned) > ACCOUNT_NAME_MAX_LENGTH:
-        raise InvalidInput(f"account_name is longer than {ACCOUNT_NAME_MAX_LENGTH} characters")
-    return cleaned
+    return checked_text("account_name", account_name, max_length=ACCOUNT_NAME_MAX_LENGTH)
 
 
 def _existing(session: Session, order_id: str, account_name: str | None) -> uuid.UUID | None:
@@ -142,10 +129,14 @@ def request_cancellation(
     )
 
 
-def parse_operation_id(value: uuid.UUID | str) -> uuid.UUID:
+def parse_operation_id(value: object) -> uuid.UUID:
+    """An operation id from a UUID or its text, or InvalidInput naming the argument."""
     if isinstance(value, uuid.UUID):
         return value
+    if not isinstance(value, str):
+        raise InvalidInput(f"operation_id must be a UUID, got {type(value).__name__}")
     try:
-        return uuid.UUID(str(value).strip())
+        return uuid.UUID(value.strip())
     except ValueError:
-        raise InvalidInput(f"not an operation id (a UUID): {value!r}") from None
+        shown = ascii(value[:40]) + ("..." if len(value) > 40 else "")
+        raise InvalidInput(f"operation_id: not an operation id (a UUID): {shown}") from None

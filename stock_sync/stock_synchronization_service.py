@@ -28,6 +28,7 @@ from stock_sync.domain.errors import (
     StockSyncError,
 )
 from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.revisions import Revision, revision_from_text, revision_to_text
 from stock_sync.domain.stages import (
     DEDUCT_STOCK,
     LOAD_LINE_ITEMS,
@@ -175,7 +176,7 @@ class StockSynchronizationService:
                 for line in order.line_items
             ]
             # What the sync PUT will send as expected_revision, and what a rollback restores.
-            operation.order_revision = order.revision
+            operation.order_revision = revision_to_text(order.revision)
             operation.fulfillment_status_before_sync = order.fulfillment_status
             if not operation.account_name and order.account_name:
                 operation.account_name = order.account_name
@@ -304,7 +305,7 @@ class StockSynchronizationService:
             if stage.skip:
                 return None
             operation = stage.operation
-            operation.order_revision = order.revision
+            operation.order_revision = revision_to_text(order.revision)
             if operation.fulfillment_status_before_sync is None:
                 operation.fulfillment_status_before_sync = order.fulfillment_status
             return _prepare_sync_put(operation)
@@ -505,7 +506,7 @@ class SyncRequest:
 
     operation_id: uuid.UUID
     order_id: str
-    revision: int
+    revision: Revision
 
 
 def _prepare_sync_put(operation: PendingStockOperation) -> SyncRequest | None:
@@ -514,7 +515,9 @@ def _prepare_sync_put(operation: PendingStockOperation) -> SyncRequest | None:
     if operation.order_revision is None or operation.fulfillment_status_before_sync is None:
         return None
     operation.sync_put_sent_at = utcnow()
-    return SyncRequest(operation.id, operation.order_id, operation.order_revision)
+    return SyncRequest(
+        operation.id, operation.order_id, revision_from_text(operation.order_revision)
+    )
 
 
 class _CancelledMeanwhile(Exception):

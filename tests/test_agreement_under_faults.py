@@ -22,6 +22,7 @@ from stock_sync.composition import Services, build_services
 from stock_sync.db import Database
 from stock_sync.domain import stages
 from stock_sync.domain.errors import RevisionConflict
+from stock_sync.domain.revisions import revision_from_text
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.fake_microservice import FakeMicroservice
@@ -198,7 +199,7 @@ def test_a_replayed_sync_put_has_no_effect_after_the_rollback(
     with services.database.transaction() as session:
         recorded = session.get(PendingStockOperation, operation_id)
         assert recorded is not None and recorded.order_revision is not None
-        revision = recorded.order_revision
+        revision = revision_from_text(recorded.order_revision)
     with pytest.raises(RevisionConflict):  # the same PUT, sent again by anyone
         services.client.set_fulfillment_status(
             "replayed",
