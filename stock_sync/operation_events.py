@@ -5,14 +5,21 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import select
+from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
 from stock_sync.models import OperationEvent, utcnow
 
+_PENDING_EVENTS = "stock_sync.pending_events"
+
 
 class SqlEventStore:
-    """Writes audit events into the session's current transaction (never commits)."""
+    """Writes audit events into the session's current transaction (never commits).
+
+    Events are buffered and written as one multi-row INSERT just before the transaction
+    commits (a stage writes several: one statement instead of one per event, and no autoflush
+    splitting them). They commit, or roll back, with the change they record.
+    """
 
     def __init__(self, session: Session) -> None:
         self._session = session
@@ -27,17 +34,31 @@ class SqlEventStore:
         error_type: str | None,
         details: dict[str, Any],
     ) -> None:
-        self._session.add(
-            OperationEvent(
-                operation_id=operation_id,
-                action=action,
-                from_status=from_status,
-                to_status=to_status,
-                error_type=error_type,
-                details=details,
-                at=utcnow(),
-            )
+        self._session.info.setdefault(_PENDING_EVENTS, []).append(
+            {
+                "operation_id": operation_id,
+                "action": action,
+                "from_status": from_status,
+                "to_status": to_status,
+                "error_type": error_type,
+                "details": details,
+                "at": utcnow(),
+            }
         )
+
+
+@event.listens_for(Session, "before_commit")
+def _write_pending_events(session: Session) -> None:
+    """One INSERT for the events of the transaction, after the rows they refer to."""
+    pending = session.info.pop(_PENDING_EVENTS, None)
+    if pending:
+        session.flush()  # a new operation row must exist before its events point at it
+        session.execute(insert(OperationEvent), pending)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending_events(session: Session) -> None:
+    session.info.pop(_PENDING_EVENTS, None)
 
 
 def timeline(session: Session, operation_id: UUID) -> list[OperationEvent]:

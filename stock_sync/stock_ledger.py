@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -49,10 +49,6 @@ class LedgerOutcome:
 
     movements: tuple[Movement, ...]
     already_done: bool
-
-
-class _ShortLine(Exception):
-    """Internal: a conditional UPDATE matched no row; the savepoint is rolled back."""
 
 
 def validate_sku(sku: str) -> str:
@@ -124,49 +120,63 @@ def deduction_movements(session: Session, operation_id: uuid.UUID) -> list[Movem
 
 
 def deduct_for_operation(
-    session: Session, operation_id: uuid.UUID, line_items: Sequence[LineItem]
+    session: Session,
+    operation_id: uuid.UUID,
+    line_items: Sequence[LineItem],
+    *,
+    known_not_deducted: bool = False,
 ) -> LedgerOutcome:
     """Take every line out of stock, or none; record one deduction row per line.
 
-    Raises InsufficientStock / UnknownSku (with per-line details) and changes nothing when any
-    line cannot be served. A second call for the same operation changes nothing.
+    Raises InsufficientStock / UnknownSku (with per-line details, against the levels before
+    this call) when any line cannot be served; the caller's transaction must then roll back,
+    which undoes the lines already taken (``Database.transaction`` does). A second call for
+    the same operation changes nothing: it finds the recorded rows, or, with
+    ``known_not_deducted`` (the caller proved it under the operation's row lock and skips that
+    query), the ledger's unique key refuses the second set of rows.
     """
-    recorded = deduction_movements(session, operation_id)
-    if recorded:
-        return LedgerOutcome(movements=tuple(recorded), already_done=True)
+    if not known_not_deducted:
+        recorded = deduction_movements(session, operation_id)
+        if recorded:
+            return LedgerOutcome(movements=tuple(recorded), already_done=True)
     if not line_items:
         raise InvalidInput(f"operation {operation_id} has no line items to deduct")
-    try:
-        with session.begin_nested():
-            movements = [
-                _deduct_line(session, operation_id, line) for line in in_lock_order(line_items)
-            ]
-    except _ShortLine:
-        # The savepoint undid the lines already taken; report against untouched levels.
-        levels = get_levels(session, (line.sku for line in line_items))
-        raise validate_stock_levels(line_items, levels).to_error() from None
+    movements: list[Movement] = []
+    now = utcnow()
+    for line in in_lock_order(line_items):
+        taken = session.execute(
+            update(StockLevel)
+            .where(StockLevel.sku == line.sku, StockLevel.quantity >= line.quantity)
+            .values(quantity=StockLevel.quantity - line.quantity, updated_at=now)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            raise _shortage(session, line_items, movements)
+        movements.append(Movement(line.sku, -line.quantity, line.id))
+    session.execute(
+        insert(StockMovement),
+        [
+            {
+                "sku": movement.sku,
+                "delta": movement.delta,
+                "reason": MovementReason.DEDUCTION.value,
+                "operation_id": operation_id,
+                "line_item_id": movement.line_item_id,
+                "created_at": now,
+            }
+            for movement in movements
+        ],
+    )
     return LedgerOutcome(movements=tuple(movements), already_done=False)
 
 
-def _deduct_line(session: Session, operation_id: uuid.UUID, line: LineItem) -> Movement:
-    result = session.execute(
-        update(StockLevel)
-        .where(StockLevel.sku == line.sku, StockLevel.quantity >= line.quantity)
-        .values(quantity=StockLevel.quantity - line.quantity, updated_at=utcnow())
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise _ShortLine(line.sku)
-    session.add(
-        StockMovement(
-            sku=line.sku,
-            delta=-line.quantity,
-            reason=MovementReason.DEDUCTION.value,
-            operation_id=operation_id,
-            line_item_id=line.id,
-        )
-    )
-    session.flush()
-    return Movement(line.sku, -line.quantity, line.id)
+def _shortage(
+    session: Session, line_items: Sequence[LineItem], taken: Sequence[Movement]
+) -> Exception:
+    """The validation error for the levels as they were before this deduction began."""
+    levels = get_levels(session, (line.sku for line in line_items))
+    for movement in taken:
+        levels[movement.sku] -= movement.delta  # give back what this call already took
+    return validate_stock_levels(line_items, levels).to_error()
 
 
 def restore_for_operation(

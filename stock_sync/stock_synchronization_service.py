@@ -232,8 +232,10 @@ class StockSynchronizationService:
                 operation_id, LogAction.STOCK_DEDUCTION_STARTED, "deducting stock"
             )
             with self._measure_execution_time() as timer:
+                # PROCESSING under the row lock proves nothing was deducted yet: the deduction
+                # commits with the move to STOCK_DEDUCTED (the ledger's unique key backs it up).
                 outcome = deduct_for_operation(
-                    stage.session, operation_id, line_items_of(operation)
+                    stage.session, operation_id, line_items_of(operation), known_not_deducted=True
                 )
             log.log_action_with_timing(
                 operation_id,
