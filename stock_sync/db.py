@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -105,6 +105,16 @@ class Database:
             callbacks = session.info.pop(_AFTER_COMMIT, [])
         for callback in callbacks:
             callback()
+
+    @contextmanager
+    def peek(self) -> Iterator[Connection]:
+        """A connection for a lock-free read outside any transaction of ours: on PostgreSQL in
+        autocommit, so no BEGIN or COMMIT round trip. For checks that a locked transaction
+        repeats before acting (the stages' "does this still apply?")."""
+        with self.engine.connect() as connection:
+            if self.is_postgresql:
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield connection
 
     @contextmanager
     def snapshot(self) -> Iterator[Session]:

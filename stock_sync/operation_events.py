@@ -47,6 +47,40 @@ class SqlEventStore:
         )
 
 
+class DeferredEvents:
+    """Events of a step that ran outside any transaction (a lock-free check, an HTTP call),
+    kept until the transaction that records its outcome writes them, in order, first."""
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+
+    def record(
+        self,
+        *,
+        operation_id: UUID,
+        action: str,
+        from_status: str | None,
+        to_status: str | None,
+        error_type: str | None,
+        details: dict[str, Any],
+    ) -> None:
+        self._events.append(
+            {
+                "operation_id": operation_id,
+                "action": action,
+                "from_status": from_status,
+                "to_status": to_status,
+                "error_type": error_type,
+                "details": details,
+                "at": utcnow(),
+            }
+        )
+
+    def write_into(self, session: Session) -> None:
+        session.info.setdefault(_PENDING_EVENTS, []).extend(self._events)
+        self._events = []
+
+
 @event.listens_for(Session, "before_commit")
 def _write_pending_events(session: Session) -> None:
     """One INSERT for the events of the transaction, after the rows they refer to."""

@@ -160,10 +160,12 @@ class StandardizedLogger:
         return self._contexts.get(operation_id) or self.bind(operation_id)
 
     def with_events(self, events: EventStore | None) -> StandardizedLogger:
-        """The same logger and bound contexts, writing audit events to ``events``."""
-        other = StandardizedLogger(self._logger, events)
-        other._contexts = self._contexts
-        return other
+        """The same logger writing audit events to ``events``, with contexts of its own.
+
+        A service keeps one base logger for its life; a logger per unit of work binds its
+        operations on itself, so the base never accumulates a context per operation.
+        """
+        return StandardizedLogger(self._logger, events)
 
     # --- the seed's four methods ---------------------------------------------------------
 

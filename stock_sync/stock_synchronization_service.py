@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stock_sync.db import Database, after_commit
@@ -44,6 +45,7 @@ from stock_sync.domain.stock import LineItem, ValidationResult, validate_stock_l
 from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
 from stock_sync.models import PendingStockOperation, utcnow
 from stock_sync.notifications import Notification, Notifier
+from stock_sync.operation_events import DeferredEvents
 from stock_sync.operations import (
     line_items_of,
     load_operation,
@@ -142,15 +144,21 @@ class StockSynchronizationService:
     # --- stage 1: PENDING -> PROCESSING ------------------------------------------------------
 
     def load_line_items(self, operation_id: uuid.UUID) -> StageOutcome:
-        """Load the order's lines from the microservice once it is paid."""
-        with self._stage_transaction(operation_id, LOAD_LINE_ITEMS) as stage:
-            if stage.skip:
-                return stage.skip
-            operation, log = stage.operation, stage.log
-            log.log_action_with_timing(
-                operation_id, LogAction.LINE_ITEMS_LOADING, f"loading order {operation.order_id}"
-            )
-            order_id = operation.order_id
+        """Load the order's lines from the microservice once it is paid.
+
+        Whether the stage applies is read without a lock (the locked transaction that stores
+        the lines checks again); its "loading" event is written by that transaction.
+        """
+        found = self._peek(operation_id, LOAD_LINE_ITEMS)
+        if isinstance(found, StageOutcome):
+            return found
+        order_id = found.order_id
+        loading = DeferredEvents()
+        log = self._logger.with_events(loading)
+        log.bind(operation_id, order_id=order_id, status=found.status, attempt=found.attempt)
+        log.log_action_with_timing(
+            operation_id, LogAction.LINE_ITEMS_LOADING, f"loading order {order_id}"
+        )
         with self._measure_execution_time() as timer:
             order = self._client.get_order(order_id)
         if order.status == "CANCELLED":
@@ -162,14 +170,19 @@ class StockSynchronizationService:
             raise OrderNotReady(order_id, order.status)
         if not order.line_items:
             raise InvalidInput(f"order {order_id} has no line items")
-        return self._store_line_items(operation_id, order, timer)
+        return self._store_line_items(operation_id, order, timer, loading)
 
     def _store_line_items(
-        self, operation_id: uuid.UUID, order: MicroserviceOrder, timer: Timer
+        self,
+        operation_id: uuid.UUID,
+        order: MicroserviceOrder,
+        timer: Timer,
+        loading: DeferredEvents,
     ) -> StageOutcome:
         with self._stage_transaction(operation_id, LOAD_LINE_ITEMS) as stage:
             if stage.skip:
                 return stage.skip
+            loading.write_into(stage.session)
             operation, log = stage.operation, stage.log
             operation.line_items = [
                 LineItem(line.id, line.offer_id, line.sku, line.quantity).to_dict()
@@ -492,14 +505,39 @@ class StockSynchronizationService:
             operation = load_operation(session, operation_id, for_update=True)
             verdict = stage_outcome_for(operation.status_enum, stage)
             if verdict is not None:
-                _log_skip(operation, stage, verdict)
+                _log_skip(operation.id, operation.order_id, operation.status, stage, verdict)
             yield StageContext(
                 session, operation, operation_logger(session, operation, self._logger), verdict
             )
 
+    def _peek(self, operation_id: uuid.UUID, stage: Stage) -> PeekedOperation | StageOutcome:
+        """The operation read without a lock, or the outcome to return when ``stage`` does
+        not apply to it (a duplicate delivery, a chain ahead of its operation, a cancel)."""
+        op = PendingStockOperation
+        with self._database.peek() as connection:
+            row = connection.execute(
+                select(op.status, op.order_id, op.retry_count).where(op.id == operation_id)
+            ).first()
+        if row is None:
+            raise OperationNotFound(operation_id)
+        verdict = stage_outcome_for(OperationStatus(row.status), stage)
+        if verdict is not None:
+            _log_skip(operation_id, row.order_id, row.status, stage, verdict)
+            return verdict
+        return PeekedOperation(row.status, row.order_id, row.retry_count + 1)
+
     @staticmethod
     def _measure_execution_time() -> AbstractContextManager[Timer]:
         return measure_execution_time()
+
+
+@dataclass(frozen=True)
+class PeekedOperation:
+    """What a lock-free check read of an operation the stage applies to."""
+
+    status: str
+    order_id: str
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -534,15 +572,17 @@ class StageContext:
     skip: StageOutcome | None
 
 
-def _log_skip(operation: PendingStockOperation, stage: Stage, verdict: StageOutcome) -> None:
+def _log_skip(
+    operation_id: uuid.UUID, order_id: str, status: str, stage: Stage, verdict: StageOutcome
+) -> None:
     stage_logger.info(
         "stage %s skipped: operation is %s",
         stage.name,
-        operation.status,
+        status,
         extra={
-            "operation_id": str(operation.id),
-            "order_id": operation.order_id,
-            "status": operation.status,
+            "operation_id": str(operation_id),
+            "order_id": order_id,
+            "status": status,
             "stage": stage.name,
             "chain": "continues" if verdict.continues_chain else "stops",
         },
