@@ -57,7 +57,7 @@ def _enable_sqlite_concurrency(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def build_engine(url: str) -> Engine:
+def build_engine(url: str, *, autocommit: bool = False) -> Engine:
     """An engine for ``url`` with the pool and dialect settings stock-sync relies on."""
     url = normalise_database_url(url)
     if url.startswith("sqlite"):
@@ -74,9 +74,10 @@ def build_engine(url: str) -> Engine:
         url,
         pool_pre_ping=False,
         pool_recycle=1800,
-        pool_size=5,
+        pool_size=2 if autocommit else 5,
         max_overflow=10,
         connect_args={"connect_timeout": 5},
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 
 
@@ -87,6 +88,12 @@ class Database:
         self.url = normalise_database_url(url)
         self.engine = build_engine(self.url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Connections opened in autocommit once, so a lock-free read never switches modes.
+        self._peek_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if not self.is_postgresql
+            else build_engine(self.url, autocommit=True)
+        )
 
     @property
     def is_postgresql(self) -> bool:
@@ -111,9 +118,8 @@ class Database:
         """A connection for a lock-free read outside any transaction of ours: on PostgreSQL in
         autocommit, so no BEGIN or COMMIT round trip. For checks that a locked transaction
         repeats before acting (the stages' "does this still apply?")."""
-        with self.engine.connect() as connection:
-            if self.is_postgresql:
-                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        engine = self._peek_engine if self.is_postgresql else self.engine
+        with engine.connect() as connection:
             yield connection
 
     @contextmanager
@@ -130,8 +136,10 @@ class Database:
                 )
             yield session
 
-    def dispose(self) -> None:
-        self.engine.dispose()
+    def dispose(self, *, close: bool = True) -> None:
+        """Drop the pooled connections; after a fork, ``close=False`` leaves the parent's be."""
+        self.engine.dispose(close=close)
+        self._peek_engine.dispose(close=close)
 
 
 _AFTER_COMMIT = "stock_sync.after_commit"
@@ -166,5 +174,5 @@ def reset_databases(*, close: bool = True) -> None:
     connections are left alone rather than closed under it."""
     with _databases_lock:
         for database in _databases.values():
-            database.engine.dispose(close=close)
+            database.dispose(close=close)
         _databases.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
@@ -204,3 +205,9 @@ class OperationEvent(Base):
             sqlite_where=text("error_type IS NOT NULL"),
         ),
     )
+
+
+# The tables themselves, for Core statements on the hot path (no ORM unit of work).
+OPERATIONS_TABLE = cast(Table, PendingStockOperation.__table__)
+STOCK_MOVEMENTS_TABLE = cast(Table, StockMovement.__table__)
+OPERATION_EVENTS_TABLE = cast(Table, OperationEvent.__table__)

@@ -8,7 +8,7 @@ from uuid import UUID
 from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
-from stock_sync.models import OperationEvent, utcnow
+from stock_sync.models import OPERATION_EVENTS_TABLE, OperationEvent, utcnow
 
 _PENDING_EVENTS = "stock_sync.pending_events"
 
@@ -87,7 +87,8 @@ def _write_pending_events(session: Session) -> None:
     pending = session.info.pop(_PENDING_EVENTS, None)
     if pending:
         session.flush()  # a new operation row must exist before its events point at it
-        session.execute(insert(OperationEvent), pending)
+        # Core, not the ORM's bulk insert: nothing is loaded back, one multi-row statement.
+        session.connection().execute(insert(OPERATION_EVENTS_TABLE), pending)
 
 
 @event.listens_for(Session, "after_rollback")

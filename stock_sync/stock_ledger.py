@@ -24,7 +24,13 @@ from stock_sync.domain.stock import (
     stock_lock_key,
     validate_stock_levels,
 )
-from stock_sync.models import SKU_MAX_LENGTH, StockLevel, StockMovement, utcnow
+from stock_sync.models import (
+    SKU_MAX_LENGTH,
+    STOCK_MOVEMENTS_TABLE,
+    StockLevel,
+    StockMovement,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,8 @@ def deduct_for_operation(
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             raise _shortage(session, line_items, movements)
         movements.append(Movement(line.sku, -line.quantity, line.id))
-    session.execute(
-        insert(StockMovement),
+    session.connection().execute(
+        insert(STOCK_MOVEMENTS_TABLE),
         [
             {
                 "sku": movement.sku,
