@@ -210,6 +210,8 @@ class ChaosReport:
     options: Options
     calm: Calm
     kills: int
+    # Exits the suite did not cause (restarted, as the compose file's restart policy would).
+    process_exits: list[str]
     broker_restarts: int
     lost_answers: int
     tally: ProducerTally
@@ -236,6 +238,7 @@ class ChaosReport:
             "cancelled": self.statuses.get(S.CANCELLED.value, 0),
             "failed": self.statuses.get(S.FAILED.value, 0),
             "kills": self.kills,
+            "process_exits": len(self.process_exits),
             "broker_restarts": self.broker_restarts,
             "lost_answers": self.lost_answers,
             "cancels": self.tally.cancels,
@@ -259,6 +262,7 @@ class ChaosReport:
             "submits": self.tally.submits,
             "cancels_from": dict(self.tally.cancels_from),
             "cancels_refused": self.tally.cancels_refused,
+            "process_exit_details": self.process_exits,
             "errors_by_type": self.errors_by_type,
             "violated": self.violated,
             "assertions": [assertion.to_dict() for assertion in self.assertions],
@@ -440,11 +444,6 @@ def judge(rig: Rig, snapshot: Snapshot) -> list[Assertion]:
             "request_cancellation nothing but a refusal of a FAILED operation",
             rig.tally.errors,
         ),
-        listed(
-            "processes_stayed_up",
-            "no worker or beat exited unless the suite killed it",
-            rig.fleet.unexpected_exits,
-        ),
     ]
 
 
@@ -577,6 +576,7 @@ def run(options: Options) -> ChaosReport:
             options=options,
             calm=calm,
             kills=rig.fleet.kills,
+            process_exits=rig.fleet.unexpected_exits,
             broker_restarts=crasher.restarts,
             lost_answers=lost_answers(snapshot.puts),
             tally=rig.tally,
@@ -670,6 +670,12 @@ def report(result: ChaosReport) -> None:
     )
     errors = ", ".join(f"{k}={v}" for k, v in result.errors_by_type.items())
     say(f"  errors recorded on operations: {errors or 'none'}")
+    say(
+        f"  processes that exited on their own (restarted, as the compose file's restart "
+        f"policy would): {len(result.process_exits)}"
+    )
+    for exit_line in result.process_exits[:EXAMPLES_SHOWN]:
+        say(f"  - {exit_line}")
     if result.options.json_output:
         say(result.summary_line())
         print(json.dumps(result.to_dict(), indent=2))

@@ -10,6 +10,7 @@ agent is a fault of the harness, not of the product, and is kept for the run to 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import socket
@@ -167,8 +168,8 @@ def _arguments(role: str, generation: int) -> list[str]:
 class Fleet:
     """The run's Celery processes: a worker that gets SIGKILLed, a steady worker and beat.
 
-    A process that exits without being killed is restarted too, and noted: the product must
-    survive a broker restart without its processes dying.
+    A process that exits without being killed (a worker can die of a broker restart inside
+    kombu) is restarted too, as a supervisor would, and noted for the report.
     """
 
     def __init__(self, variables: dict[str, str], logs: Path) -> None:
@@ -208,8 +209,7 @@ class Fleet:
                 code = process.exit_code()
                 if code is None:
                     continue
-                last_line = (process.log_tail(600).strip().splitlines() or [""])[-1]
-                self.unexpected_exits.append(f"{role} exited with {code}: {last_line[:300]}")
+                self.unexpected_exits.append(f"{role} exited with {code}: {_last_words(process)}")
                 self._start(role)
 
     def stop(self) -> None:
@@ -217,6 +217,16 @@ class Fleet:
             processes, self._processes = list(self._processes.values()), {}
         for process in processes:
             process.stop()
+
+
+def _last_words(process: CeleryProcess) -> str:
+    """The message of the last CRITICAL or ERROR record of a JSON log, else its last line."""
+    lines = process.log_tail(200_000).splitlines()
+    for line in reversed(lines):
+        if '"level": "CRITICAL"' in line or '"level": "ERROR"' in line:
+            with contextlib.suppress(ValueError):
+                return str(json.loads(line).get("message", ""))[:300]
+    return (lines or [""])[-1][:300]
 
 
 # --- agents -----------------------------------------------------------------------------------
