@@ -124,14 +124,14 @@ SUBMITS_PER_S = 14.0
 MAX_BACKLOG = 30
 MIN_FAULT_S = 25.0
 FAULT_TAIL_S = 5.0  # faults go on this long after the last submit
-KILL_EVERY_S = (4.0, 8.0)
+KILL_EVERY_S = (5.0, 9.0)
 ORDERS_PER_BROKER_CRASH = 1000
 BROKER_DOWN_S = 2.0
 CANCEL_SHARE = 0.1  # about this share of the orders gets a cancel from the operator
 HOLD_PUTS_S = 2.5  # longer than the client's timeout: the held PUT lands after it gave up
 # A slow transaction holding a best seller's stock row now and then (a stock count).
-STOCK_COUNT_EVERY_S = 0.3
-STOCK_COUNT_HOLD_S = (0.2, 0.5)
+STOCK_COUNT_EVERY_S = 0.5
+STOCK_COUNT_HOLD_S = (0.1, 0.3)
 FAULT_PROGRESS_EVERY_S = 10.0
 # Generous: the slowest operations are the ones spending a whole retry budget.
 SETTLE_TIMEOUT_BASE_S = 120.0
@@ -437,7 +437,7 @@ def judge(rig: Rig, snapshot: Snapshot) -> list[Assertion]:
         failures_by_design(snapshot, rig.database, rig.scenario.short_order_ids(), RETRY_BUDGETS),
         reconciliation_clean(rig.variables),
         one_deduction_per_order(rig.database),
-        no_deadlocks(read_deadlocks(rig.database), rig.fleet.log_paths()),
+        no_deadlocks(read_deadlocks(rig.database), rig.fleet.log_paths(), rig.tally.errors),
         listed(
             "producer_calls_clean",
             "submit_operation raised nothing but EnqueueFailed (broker down) and "

@@ -521,16 +521,21 @@ def read_deadlocks(database: Database) -> int:
     return int(value or 0)
 
 
-def no_deadlocks(deadlocks: int, log_paths: Sequence[Path]) -> Assertion:
+def no_deadlocks(
+    deadlocks: int, log_paths: Sequence[Path], producer_errors: Sequence[str]
+) -> Assertion:
+    """One violation per deadlock PostgreSQL broke, each named by its victim where known: a
+    worker's stage (from its log) or a producer call of the suite (from its errors)."""
     check = Assertion(
         "no_deadlocks",
-        "PostgreSQL broke no deadlock in the run's database: one lock order everywhere",
+        "PostgreSQL broke no deadlock in the run's database (pg_stat_database.deadlocks): "
+        "one lock order everywhere",
     )
-    if not deadlocks:
-        return check
-    check.violated(f"pg_stat_database.deadlocks = {deadlocks}")
-    for line in _log_lines_with(log_paths, "deadlock detected", MAX_EXAMPLES):
-        check.violated(line)
+    victims = _log_lines_with(log_paths, "deadlock detected", deadlocks)
+    victims += [error for error in producer_errors if "DeadlockDetected" in error]
+    for index in range(deadlocks):
+        found = victims[index] if index < len(victims) else "victim not identified"
+        check.violated(f"deadlock {index + 1} of {deadlocks}: {found}")
     return check
 
 

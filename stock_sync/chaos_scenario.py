@@ -5,7 +5,7 @@ a seed so a run can be repeated.
   Names mix lower and upper case on purpose ("apple-1", "Zebra-1"): Python sorts "Zebra-1"
   before "apple-1", an en-US collation sorts it after, so code that takes stock locks in one
   order here and in the database's order there can deadlock. The two are a bundle, bought
-  together by a quarter of the orders.
+  together by 30% of the orders.
 - Orders: 1-3 lines of 1-3 units. Every SKU is stocked with what its orders ask plus a margin,
   except the scarce SKUs (half of what is asked), so some orders run short; a few greedy
   orders ask far more than exists. Both end FAILED once their validation budget is spent.
@@ -28,7 +28,7 @@ ACCOUNT = "shop"
 # Mixed case on purpose: Python's order and an en-US collation's order disagree on them.
 HOT_SKUS = ("apple-1", "Zebra-1", "banana-2", "Yak-2", "cherry-3", "Xylo-3")
 BUNDLE = ("apple-1", "Zebra-1")  # often bought together
-BUNDLE_SHARE = 0.4
+BUNDLE_SHARE = 0.3
 SCARCE_SKUS = ("kiwi-9", "Quince-9")
 ORDINARY_SKU_WORDS = ("mango", "Lemon", "olive", "Nectar", "pear", "Kale", "fig", "Juniper")
 ORDERS_PER_ORDINARY_SKU = 40
