@@ -71,10 +71,6 @@ class PlannedOrder:
     greedy: bool = False
 
     @property
-    def raced(self) -> bool:
-        return len(self.submit_accounts) > 1
-
-    @property
     def may_run_short(self) -> bool:
         """Whether the order can legitimately end FAILED: it is greedy or wants a scarce SKU."""
         return self.greedy or any(line.sku in SCARCE_SKUS for line in self.lines)
