@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark clean
+.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark chaos clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ fake-microservice: install
 
 benchmark: install services
 	$(BIN)/python -m stock_sync.benchmark
+
+# The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
+# racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
+chaos: install services
+	$(BIN)/python -m stock_sync.chaos
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache

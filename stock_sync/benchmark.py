@@ -279,10 +279,14 @@ def _admin_execute(admin_url: str, statement: str) -> None:
 
 
 @contextlib.contextmanager
-def throwaway_database(admin_url: str) -> Iterator[str]:
-    """A new, migrated PostgreSQL database's URL; dropped (connections forced out) on exit."""
-    name = f"stock_sync_bench_{uuid.uuid4().hex[:12]}"
-    _admin_execute(admin_url, f'CREATE DATABASE "{name}"')
+def throwaway_database(
+    admin_url: str, *, prefix: str = "stock_sync_bench", create_options: str = ""
+) -> Iterator[str]:
+    """A new, migrated PostgreSQL database's URL; dropped (connections forced out) on exit.
+
+    ``create_options`` is appended to CREATE DATABASE (a template, a locale, ...)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _admin_execute(admin_url, f'CREATE DATABASE "{name}" {create_options}'.rstrip())
     try:
         url = normalise_database_url(admin_url.rsplit("/", 1)[0] + f"/{name}")
         schema.upgrade(url)
@@ -325,20 +329,12 @@ def configure_this_process(variables: dict[str, str]) -> Settings:
     return settings
 
 
-class WorkerProcess:
-    """``python -m celery -A tasks worker`` in its own process group, its output in a file."""
+class CeleryProcess:
+    """``python -m celery -A tasks <arguments>`` in its own process group, output in a file."""
 
-    def __init__(
-        self, variables: dict[str, str], log_path: Path, pool: str, concurrency: int
-    ) -> None:
+    def __init__(self, arguments: Sequence[str], variables: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        command = [
-            sys.executable, "-m", "celery", "-A", "tasks", "worker",
-            "--include", "stock_sync.benchmark",
-            "--pool", pool, "--concurrency", str(concurrency),
-            "--loglevel", "WARNING", "--hostname", f"bench-{uuid.uuid4().hex[:8]}@%h",
-            "--without-heartbeat", "--without-mingle", "--without-gossip",
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "celery", "-A", "tasks", *arguments]
         environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -355,14 +351,21 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def check_alive(self) -> None:
-        """Raise BenchmarkError (with the end of its log) if the worker has exited."""
-        if self.process.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise BenchmarkError(f"the worker exited with {self.process.returncode}:\n{tail}")
+    def exit_code(self) -> int | None:
+        """The exit code once the process has ended, None while it runs."""
+        return self.process.poll()
+
+    def log_tail(self, characters: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-characters:]
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a prefork worker's children too), then reap."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
     def stop(self) -> None:
-        """Warm shutdown of the worker's process group; killed if it takes over 30 s."""
+        """Warm shutdown of the process group; killed if it takes over 30 s."""
         if self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -370,9 +373,34 @@ class WorkerProcess:
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+            self.kill()
+
+
+def worker_arguments(pool: str, concurrency: int, hostname: str) -> list[str]:
+    """``celery worker`` arguments of the dev tools: no mingle, gossip or heartbeat (nothing
+    to sync with, and they cost a second at start)."""
+    return [
+        "worker", "--pool", pool, "--concurrency", str(concurrency),
+        "--loglevel", "WARNING", "--hostname", hostname,
+        "--without-heartbeat", "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+
+
+class WorkerProcess(CeleryProcess):
+    """The benchmark's worker, with its no-op tasks registered (``--include``)."""
+
+    def __init__(
+        self, variables: dict[str, str], log_path: Path, pool: str, concurrency: int
+    ) -> None:
+        hostname = f"bench-{uuid.uuid4().hex[:8]}@%h"
+        arguments = worker_arguments(pool, concurrency, hostname)
+        super().__init__([*arguments, "--include", "stock_sync.benchmark"], variables, log_path)
+
+    def check_alive(self) -> None:
+        """Raise BenchmarkError (with the end of its log) if the worker has exited."""
+        code = self.exit_code()
+        if code is not None:
+            raise BenchmarkError(f"the worker exited with {code}:\n{self.log_tail()}")
 
 
 @contextlib.contextmanager
