@@ -166,6 +166,7 @@ CHAOS_SETTINGS = {
     # Distinct budgets, so an operation failing on another stage's budget shows.
     "MAX_RETRIES_PENDING": "15",
     "MAX_RETRIES_PROCESSING": "16",
+    "MAX_RETRIES_DEDUCTION": "18",
     "MAX_RETRIES_STOCK_DEDUCTED": "20",
     "MAX_RETRIES_ROLLBACK": "25",
     "SWEEP_INTERVAL_S": "1",
@@ -174,7 +175,7 @@ CHAOS_SETTINGS = {
 }
 RETRY_BUDGETS = {
     stage: int(CHAOS_SETTINGS[f"MAX_RETRIES_{stage.upper()}"])
-    for stage in ("pending", "processing", "stock_deducted", "rollback")
+    for stage in ("pending", "processing", "deduction", "stock_deducted", "rollback")
 }
 
 

@@ -137,7 +137,7 @@ def _knobs(rng: random.Random) -> dict[str, Any]:
         (PAID_LATE_SHARE, {"ready_after_reads": 2}),
         (ANSWER_LOST_502_SHARE, {"fail_puts_after_apply": 1}),
         (ANSWER_DROPPED_SHARE, {"drop_puts_after_apply": 1}),
-        (HELD_PUT_SHARE, {"hold_puts": True}),
+        (HELD_PUT_SHARE, {"hold_puts": 1}),
     )
     for share, knobs in thresholds:
         if draw < share:

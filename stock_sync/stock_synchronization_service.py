@@ -422,7 +422,14 @@ class StockSynchronizationService:
                 status="error",
             )
             error = StockSyncError(operation.last_error or "retry limit reached")
-            self._fail(session, operation, log, error, f"retry limit of {stage.name} reached")
+            self._fail(
+                session,
+                operation,
+                log,
+                error,
+                f"retry limit of {stage.name} reached",
+                error_type=operation.last_error_type,
+            )
             return True
 
     def _fail(
@@ -432,9 +439,14 @@ class StockSynchronizationService:
         log: StandardizedLogger,
         error: Exception,
         reason: str,
+        *,
+        error_type: str | None = None,
     ) -> None:
+        """FAILED with ``error``; ``error_type`` names the error's type when ``error`` only
+        carries the message of one recorded earlier (the sweep failing a lost stage)."""
+        error_type = error_type or type(error).__name__
         operation.last_error = _one_line(error)
-        operation.last_error_type = type(error).__name__
+        operation.last_error_type = error_type
         log.log_action_with_timing(
             operation.id,
             LogAction.OPERATION_FAILED,
@@ -452,7 +464,7 @@ class StockSynchronizationService:
                 operation_id=operation.id,
                 order_id=operation.order_id,
                 message=f"operation failed: {reason}{kept}",
-                details={"error_type": type(error).__name__, "error": _one_line(error)},
+                details={"error_type": error_type, "error": _one_line(error)},
             ),
         )
 
