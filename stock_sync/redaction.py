@@ -70,6 +70,8 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 def redact_url(url: str, *, path_is_secret: bool = False) -> str:
     """A URL fit to print: its password masked; with ``path_is_secret`` (webhooks carry their
     token in the path or query) only its scheme, host and port."""
+    if "://" not in url and "@" in url:
+        return redact(_without_schemeless_password(url))
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed IPv6 bracket: mask what the patterns recognise
@@ -80,6 +82,13 @@ def redact_url(url: str, *, path_is_secret: bool = False) -> str:
         hidden = f"/{MASK}" if (parts.path.strip("/") or parts.query or parts.fragment) else ""
         return redact(f"{parts.scheme}://{_host_and_port(parts)}{hidden}")
     return redact(url, url_secrets(url))
+
+
+def _without_schemeless_password(url: str) -> str:
+    """``user:password@host/db`` (a URL missing its scheme) with the password masked."""
+    userinfo, _, rest = url.rpartition("@")
+    user, separator, _ = userinfo.partition(":")
+    return f"{user}:{MASK}@{rest}" if separator else url
 
 
 def _host_and_port(parts: SplitResult) -> str:
