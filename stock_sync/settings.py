@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -338,7 +339,10 @@ def exit_on_configuration_error() -> Iterator[None]:
     try:
         yield
     except ConfigurationError as error:
-        raise SystemExit(f"error: {error}") from None
+        # Printed here rather than as SystemExit's message, so it goes to sys.stderr as the
+        # process (or a test runner capturing it) has set it up.
+        print(f"error: {one_line(redact(str(error)))}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def prepared_data_dir(settings: Settings) -> Path:
