@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +17,8 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render
-from stock_sync.db import Database, get_database
+from stock_sync.cli_params import PLAIN_TEXT
+from stock_sync.db import Database, describe_database_error, get_database
 from stock_sync.metrics import (
     FINISHED_STATUSES,
     LIVE_STATUSES,
@@ -119,7 +121,7 @@ class MetricsHandler(BaseHTTPRequestHandler):
         try:
             snapshot = self.server.cache.get()
         except SQLAlchemyError as error:
-            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            reason = describe_database_error(error, self.server.database_url)
             logger.error("metrics unavailable: %s", reason, extra={"action": "metrics_failed"})
             self._answer(503, "metrics unavailable: database error\n", "text/plain")
             return
@@ -143,9 +145,17 @@ class MetricsServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], cache: MetricsCache) -> None:
-        super().__init__(address, MetricsHandler)
+    def __init__(
+        self,
+        address: tuple[str, int],
+        cache: MetricsCache,
+        *,
+        database_url: str = "",
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.cache = cache
+        self.database_url = database_url
+        super().__init__(address, MetricsHandler)
 
 
 def make_metrics_server(
@@ -157,23 +167,31 @@ def make_metrics_server(
 ) -> ThreadingHTTPServer:
     """A bound, not yet serving, metrics server (port 0 picks a free port: see server_port).
 
-    Scrapes within ``settings.metrics_cache_s`` of each other share one computation.
+    Scrapes within ``settings.metrics_cache_s`` of each other share one computation. Raises
+    OSError when it cannot bind.
     """
     cache = MetricsCache(
         lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
     )
-    return MetricsServer((host, port), cache)
+    return MetricsServer((host, port), cache, database_url=database.url)
 
 
 @click.command("metrics-server")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
 def metrics_server(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics (and /healthz) until Ctrl-C."""
+    from stock_sync.cli import fail  # cli.py imports this module to register the command
+
     settings = get_settings()
-    server = make_metrics_server(
-        get_database(settings), settings, host, port, _broker_queue_length(settings)
-    )
+    try:
+        server = make_metrics_server(
+            get_database(settings), settings, host, port, _broker_queue_length(settings)
+        )
+    except (OSError, UnicodeError, ValueError, OverflowError) as error:
+        # taken port, unknown host, no permission; UnicodeError: an unencodable host name
+        reason = getattr(error, "strerror", None) or str(error)
+        fail(f"cannot listen on {host}:{port}: {reason}")
     click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics")
     with contextlib.suppress(KeyboardInterrupt), server:  # Ctrl-C is the way to stop it
         server.serve_forever()
