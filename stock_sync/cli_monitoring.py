@@ -32,6 +32,7 @@ from stock_sync.metrics import (
 from stock_sync.settings import Settings, get_settings
 
 logger = logging.getLogger("stock_sync.metrics_server")
+IDLE_TIMEOUT_S = 30.0
 
 QueueLengthFn = Callable[[], int | None]
 
@@ -108,6 +109,12 @@ class MetricsHandler(BaseHTTPRequestHandler):
     wbufsize = -1
     server: MetricsServer
 
+    def setup(self) -> None:
+        super().setup()
+        # A keep-alive connection that sends nothing for this long is closed (the read times
+        # out, http.server ends the connection) instead of holding a thread forever.
+        self.connection.settimeout(self.server.idle_timeout_s)
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -150,10 +157,12 @@ class MetricsServer(ThreadingHTTPServer):
         address: tuple[str, int],
         cache: MetricsCache,
         *,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
         database_url: str = "",
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.cache = cache
+        self.idle_timeout_s = idle_timeout_s
         self.database_url = database_url
         super().__init__(address, MetricsHandler)
 
@@ -164,16 +173,20 @@ def make_metrics_server(
     host: str,
     port: int,
     queue_length_fn: QueueLengthFn | None = None,
+    *,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
     """A bound, not yet serving, metrics server (port 0 picks a free port: see server_port).
 
-    Scrapes within ``settings.metrics_cache_s`` of each other share one computation. Raises
-    OSError when it cannot bind.
+    Scrapes within ``settings.metrics_cache_s`` of each other share one computation; a
+    connection idle for ``idle_timeout_s`` is closed. Raises OSError when it cannot bind.
     """
     cache = MetricsCache(
         lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
     )
-    return MetricsServer((host, port), cache, database_url=database.url)
+    return MetricsServer(
+        (host, port), cache, idle_timeout_s=idle_timeout_s, database_url=database.url
+    )
 
 
 @click.command("metrics-server")
