@@ -394,10 +394,11 @@ def fake_microservice(
 
 
 def _register_monitoring_commands() -> None:
-    from stock_sync.cli_monitoring import metrics_server, stats
+    from stock_sync.cli_monitoring import flower, metrics_server, stats
 
     cli.add_command(stats)
     cli.add_command(metrics_server)
+    cli.add_command(flower)
 
 
 _register_monitoring_commands()

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import click
@@ -208,3 +211,79 @@ def metrics_server(host: str, port: int) -> None:
     click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics")
     with contextlib.suppress(KeyboardInterrupt), server:  # Ctrl-C is the way to stop it
         server.serve_forever()
+
+
+# --- flower ---------------------------------------------------------------------------------
+
+FLOWER_CREDENTIALS_VARIABLE = "FLOWER_BASIC_AUTH"
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
+
+def _basic_auth_problem(credentials: str) -> str | None:
+    """What is wrong with FLOWER_BASIC_AUTH's shape (never quoting it), or None."""
+    for pair in credentials.split(","):
+        user, separator, password = pair.partition(":")
+        if not (user.strip() and separator and password):
+            return (
+                f"{FLOWER_CREDENTIALS_VARIABLE} must be user:password (several separated by commas)"
+            )
+    return None
+
+
+def flower_argv(address: str, port: int, extra: Sequence[str]) -> list[str]:
+    """``celery -A tasks flower`` for ``address:port``; credentials stay in the environment
+    (Flower reads FLOWER_BASIC_AUTH itself), where ``ps`` does not show them."""
+    celery = str(Path(sys.executable).with_name("celery"))
+    return [celery, "-A", "tasks", "flower", f"--address={address}", f"--port={port}", *extra]
+
+
+def _refuse_unsafe_flower(address: str, local_only: bool, extra: Sequence[str]) -> None:
+    from stock_sync.cli import fail
+
+    if any(arg.startswith(("--basic-auth", "--basic_auth")) for arg in extra):
+        fail(
+            f"pass credentials in {FLOWER_CREDENTIALS_VARIABLE}, "
+            "not on the command line (ps shows it)"
+        )
+    credentials = os.environ.get(FLOWER_CREDENTIALS_VARIABLE, "")
+    if credentials:
+        problem = _basic_auth_problem(credentials)
+        if problem:
+            fail(problem)
+        return
+    if not local_only:
+        fail(
+            f"{FLOWER_CREDENTIALS_VARIABLE} is not set: export it as user:password (Flower "
+            "reads it from the environment), or pass --local-only for a dashboard without "
+            "authentication on localhost"
+        )
+    if address not in LOOPBACK_ADDRESSES:
+        fail(
+            f"--local-only serves without authentication, so only on a loopback address "
+            f"({', '.join(LOOPBACK_ADDRESSES)}), not {address}"
+        )
+
+
+@click.command(
+    "flower", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@click.option("--address", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+@click.option(
+    "--local-only",
+    is_flag=True,
+    help="Allow running without FLOWER_BASIC_AUTH, on a loopback address only.",
+)
+@click.pass_context
+def flower(ctx: click.Context, address: str, port: int, local_only: bool) -> None:
+    """Run Flower (celery flower) on ADDRESS:PORT behind basic authentication.
+
+    The credentials come from the FLOWER_BASIC_AUTH environment variable (user:password,
+    several separated by commas), which Flower reads itself: never on the command line, where
+    ps shows them. Without it Flower is refused, unless --local-only is given and the address
+    is a loopback one. Extra arguments go to 'celery flower'.
+    """
+    get_settings()  # a bad setting is refused here in one line, before Flower starts
+    _refuse_unsafe_flower(address, local_only, ctx.args)
+    argv = flower_argv(address, port, ctx.args)
+    os.execv(argv[0], argv)  # Flower replaces this process: Ctrl-C and signals reach it
