@@ -26,6 +26,7 @@ from functools import lru_cache
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 MASK = "***"
+MALFORMED_URL = "<malformed url>"
 # Shorter secrets are only masked where they sit in a URL: masking every "ab" in every message
 # would mangle the messages without protecting anything a guess could not find.
 MIN_FREE_SECRET_CHARS = 4
@@ -70,18 +71,24 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 def redact_url(url: str, *, path_is_secret: bool = False) -> str:
     """A URL fit to print: its password masked; with ``path_is_secret`` (webhooks carry their
     token in the path or query) only its scheme, host and port."""
+    if path_is_secret:
+        return _where_it_points(url)
     if "://" not in url and "@" in url:
         return redact(_without_schemeless_password(url))
+    return redact(url, url_secrets(url))
+
+
+def _where_it_points(url: str) -> str:
+    """``scheme://host:port/***``; anything we cannot parse is shown as nothing at all, since
+    where its host ends and its secret starts is then a guess."""
     try:
         parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed IPv6 bracket: mask what the patterns recognise
-        return redact(url)
-    if path_is_secret:
-        if not parts.hostname:
-            return "<malformed url>"
-        hidden = f"/{MASK}" if (parts.path.strip("/") or parts.query or parts.fragment) else ""
-        return redact(f"{parts.scheme}://{_host_and_port(parts)}{hidden}")
-    return redact(url, url_secrets(url))
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return MALFORMED_URL
+    if "://" not in url or not parts.hostname:
+        return MALFORMED_URL
+    hidden = f"/{MASK}" if (parts.path.strip("/") or parts.query or parts.fragment) else ""
+    return redact(f"{parts.scheme}://{_host_and_port(parts)}{hidden}")
 
 
 def _without_schemeless_password(url: str) -> str:

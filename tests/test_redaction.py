@@ -77,3 +77,15 @@ def test_one_line_escapes_every_line_break_and_control_character() -> None:
 def test_a_huge_integer_is_shown_without_failing() -> None:
     assert shown_value(10**5000) == "<an integer too long to show>"
     assert len(shown_value("x" * 10_000)) <= 200
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:PW@[::1/hooks/T0KEN",  # unparsable: an unclosed bracket
+        "u:PW@hooks.example.com/hooks/T0KEN",  # no scheme
+        "hooks.example.com/hooks/T0KEN",  # no scheme, no credentials
+    ],
+)
+def test_a_malformed_webhook_url_shows_nothing_of_its_path(url: str) -> None:
+    assert redact_url(url, path_is_secret=True) == "<malformed url>"
