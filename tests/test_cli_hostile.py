@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 from stock_sync import cli as cli_module
 from stock_sync import schema
 from stock_sync.cli import cli
+from stock_sync.composition import reset_services
 from stock_sync.db import Database
 from stock_sync.settings import get_settings
 from stock_sync.stock_ledger import set_stock
@@ -59,10 +60,12 @@ def invoke(data_dir: Path, *args: str, input: str | None = None, **variables: st
     }
     environment.update(STOCK_SYNC_DATA_DIR=str(data_dir), **variables)
     get_settings.cache_clear()
+    reset_services()
     try:
         return CliRunner().invoke(cli, list(args), env=environment, input=input)
     finally:
         get_settings.cache_clear()
+        reset_services()
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess[str] | Result, code: int = 1) -> str:
