@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
+from stock_sync import cli_monitoring
+from stock_sync.cli import cli
 from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +45,26 @@ def flower(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def refusal(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1, result.stderr
+def flower_in_process(*args: str, **variables: str) -> Result:
+    """The refusals happen before Flower is exec'd, so they can run in this process (with
+    exec disarmed: a refusal that does not happen must not replace the test runner)."""
+    unset: dict[str, str | None] = {
+        name: None for name in os.environ if name.startswith(("FLOWER_", "STOCK_SYNC_"))
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli_monitoring.os, "execv", exec_disarmed)
+        return CliRunner().invoke(cli, ["flower", *args], env={**unset, **variables})
+
+
+def exec_disarmed(*argv: object) -> None:
+    raise AssertionError(f"flower would have started: {argv}")
+
+
+def refusal(result: subprocess.CompletedProcess[str] | Result) -> str:
+    code = (
+        result.returncode if isinstance(result, subprocess.CompletedProcess) else (result.exit_code)
+    )
+    assert code == 1, result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
     assert "S3CRET" not in result.stderr + result.stdout
     return result.stderr
@@ -56,17 +77,17 @@ def test_without_credentials_flower_is_refused() -> None:
 
 @pytest.mark.parametrize("credentials", ["admin", "admin:", ":S3CRET", "admin:S3CRET,guest"])
 def test_malformed_credentials_are_refused_without_quoting_them(credentials: str) -> None:
-    message = refusal(flower(FLOWER_BASIC_AUTH=credentials))
+    message = refusal(flower_in_process(FLOWER_BASIC_AUTH=credentials))
     assert "FLOWER_BASIC_AUTH must be user:password" in message
 
 
 def test_credentials_on_the_command_line_are_refused() -> None:
-    message = refusal(flower("--basic-auth=admin:S3CRET", FLOWER_BASIC_AUTH=CREDENTIALS))
-    assert "not on the command line" in message
+    result = flower_in_process("--basic-auth=admin:S3CRET", FLOWER_BASIC_AUTH=CREDENTIALS)
+    assert "not on the command line" in refusal(result)
 
 
 def test_local_only_is_refused_on_a_public_address() -> None:
-    message = refusal(flower("--local-only", "--address", "0.0.0.0"))
+    message = refusal(flower_in_process("--local-only", "--address", "0.0.0.0"))
     assert "only on a loopback address" in message
 
 
@@ -122,9 +143,12 @@ def status_of(url: str, credentials: str | None = None) -> int:
         return error.code
 
 
-@pytest.fixture
-def running_flower(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`stock-sync flower` with credentials in the environment, until it answers."""
+@pytest.fixture(scope="module")
+def running_flower(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`stock-sync flower` with credentials in the environment, once it answers."""
+    tmp_path = tmp_path_factory.mktemp("flower")
     port = free_port()
     process = subprocess.Popen(
         [CLI, "flower", "--port", str(port)],
