@@ -27,12 +27,11 @@ from stock_sync.domain.errors import ConfigurationError, EnqueueFailed, StockSyn
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.logging_setup import configure_cli_logging
 from stock_sync.queries import list_operations, operation_details
-from stock_sync.redaction import one_line, redact, redact_url
+from stock_sync.redaction import one_line, printable_lines, redact, redact_data, redact_url
 from stock_sync.settings import get_settings
 from stock_sync.stock_ledger import get_stock, set_stock, validate_sku
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2  # click's own code for a usage error
 EXIT_NOT_ENQUEUED = 3  # saved as PENDING, not enqueued: the sweep will re-drive it
 EXIT_ROLLBACK_UNSETTLED = 4  # cancelled, but the microservice rollback is pending or failed
 EXIT_CHECK_MISMATCH = 1
@@ -125,8 +124,12 @@ class StockSyncCli(StockSyncGroup):
 
 
 def emit(as_json: bool, payload: Any, human: Callable[[], str]) -> None:
-    """Print ``payload`` as JSON, or the human rendering."""
-    click.echo(json.dumps(payload, indent=2, default=str) if as_json else human())
+    """Print ``payload`` as JSON, or the human rendering. Stored text (an error a service
+    recorded, a reason an operator typed) is redacted, and escaped for the terminal."""
+    if as_json:
+        click.echo(json.dumps(redact_data(payload), indent=2, default=str))
+    else:
+        click.echo(printable_lines(human()))
 
 
 @click.group(cls=StockSyncCli)

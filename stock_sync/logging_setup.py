@@ -11,19 +11,9 @@ from typing import IO, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from stock_sync.redaction import one_line, redact
+from stock_sync.redaction import one_line, redact, redact_data
 
 JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-
-
-def _redacted(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: _redacted(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redacted(item) for item in value]
-    return value
 
 
 class RedactingJsonFormatter(JsonFormatter):
@@ -32,7 +22,7 @@ class RedactingJsonFormatter(JsonFormatter):
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
         return {
-            key: _redacted(value) for key, value in super().process_log_record(log_data).items()
+            key: redact_data(value) for key, value in super().process_log_record(log_data).items()
         }
 
 

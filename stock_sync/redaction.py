@@ -23,6 +23,7 @@ import threading
 import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 MASK = "***"
@@ -111,7 +112,9 @@ def url_secrets(url: str, *, path_is_secret: bool = False) -> list[str]:
         password = parts.password
     except ValueError:
         return []
-    found = [password] if password else []
+    # A password equal to its user name (compose's stock_sync:stock_sync) is shown with the
+    # user name anyway; masking that word everywhere would only mangle queue and table names.
+    found = [password] if password and password != parts.username else []
     query = parse_qsl(parts.query, keep_blank_values=True)
     found += [value for name, value in query if re.search(_SECRET_WORDS, name, re.IGNORECASE)]
     if path_is_secret:
@@ -119,6 +122,23 @@ def url_secrets(url: str, *, path_is_secret: bool = False) -> list[str]:
         found += [tail, parts.path, parts.query, *(value for _, value in query)]
         found += [segment for segment in parts.path.split("/") if len(segment) >= 8]
     return [secret for secret in found if secret and secret.strip("/")]
+
+
+def redact_data(value: Any) -> Any:
+    """``value`` (JSON-like data: dicts, lists, strings...) with every string redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_data(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_data(item) for item in value]
+    return value
+
+
+def printable_lines(text: str) -> str:
+    """Multi-line output for a terminal: each line redacted and escaped like :func:`one_line`
+    (no escape sequence or carriage return from stored data reaches the terminal), uncut."""
+    return "\n".join(one_line(redact(line), max_chars=None) for line in text.split("\n"))
 
 
 # --- matching a secret in any percent-encoding ------------------------------------------------
@@ -177,10 +197,13 @@ def _escaped(char: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def one_line(text: str, max_chars: int = MAX_SHOWN_CHARS * 4) -> str:
-    """``text`` as one printable line: control characters escaped, cut at ``max_chars``."""
+def one_line(text: str, max_chars: int | None = MAX_SHOWN_CHARS * 4) -> str:
+    """``text`` as one printable line: control characters escaped, cut at ``max_chars``
+    (None: never cut)."""
     line = "".join(_escaped(char) for char in text)
-    return line if len(line) <= max_chars else line[: max_chars - 1] + "…"
+    if max_chars is None or len(line) <= max_chars:
+        return line
+    return line[: max_chars - 1] + "…"
 
 
 def shown_value(value: object, max_chars: int = MAX_SHOWN_CHARS) -> str:

@@ -25,6 +25,7 @@ from stock_sync.composition import reset_services
 from stock_sync.db import Database
 from stock_sync.settings import get_settings
 from stock_sync.stock_ledger import set_stock
+from tests.support import insert_operation
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 SECRET = "S3CRETPW"
@@ -316,3 +317,24 @@ def test_check_exits_2_without_a_schema(data_dir: Path) -> None:
 def test_checks_help_documents_its_exit_codes(data_dir: Path) -> None:
     text = " ".join(invoke(data_dir, "check", "--help").stdout.split())
     assert "0 everything reconciles, 1 a mismatch was found, 2 the check could not run" in text
+
+
+# --- stored text on its way out -----------------------------------------------------------------
+
+
+def test_stored_text_is_shown_redacted_and_without_terminal_escapes(migrated: Path) -> None:
+    database = Database(f"sqlite:///{migrated / 'stock_sync.sqlite3'}")
+    operation_id = insert_operation(
+        database,
+        account_name="shop\x1b]0;owned\x07",
+        last_error=f"GET http://svc:{SECRET}@allegro/v1/orders/x failed\r\x1b[2Jall is fine",
+        last_error_type="MicroserviceUnavailable",
+    )
+    database.dispose()
+
+    for args in (("show", str(operation_id)), ("show", str(operation_id), "--json"), ("list",)):
+        result = invoke(migrated, *args)
+        assert result.exit_code == 0, result.stderr
+        assert SECRET not in result.stdout
+        assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert "svc:***@allegro" in invoke(migrated, "show", str(operation_id)).stdout

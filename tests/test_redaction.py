@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from stock_sync.redaction import one_line, redact, redact_url, shown_value, url_secrets
+from stock_sync.settings import get_settings
+from tests.settings_support import environment
 
 WEBHOOK = "https://hooks.example.com/services/T0AB/B0CD/XoXbSeCrEt%2Ftok%20en?sig=S1GNATURE"
 
@@ -89,3 +91,22 @@ def test_a_huge_integer_is_shown_without_failing() -> None:
 )
 def test_a_malformed_webhook_url_shows_nothing_of_its_path(url: str) -> None:
     assert redact_url(url, path_is_secret=True) == "<malformed url>"
+
+
+def test_the_settings_remember_their_secrets_for_every_later_message() -> None:
+    variables = {
+        "STOCK_SYNC_DATABASE_URL": "postgresql://stock:Pa55-Db-Word@db/stock",
+        "STOCK_SYNC_ALERT_WEBHOOK_URL": "https://hooks.example.com/services/T0/B0/HookToken42",
+    }
+    with environment(variables):
+        get_settings.cache_clear()
+        try:
+            get_settings()
+        finally:
+            get_settings.cache_clear()
+    text = "auth failed with Pa55-Db-Word; POST /services/T0/B0/HookToken42 refused"
+    assert redact(text) == "auth failed with ***; POST *** refused"
+
+
+def test_a_password_equal_to_its_user_name_is_not_masked_everywhere() -> None:
+    assert url_secrets("postgresql://stock_sync:stock_sync@postgres/stock_sync") == []
