@@ -85,6 +85,10 @@ class StockSyncGroup(click.Group):
             fail(describe_failure(error))
 
 
+# click 8.2+ raises this for a group called without a command (8.1 printed the help itself).
+NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _usage_problem(error: click.ClickException) -> str:
     message = error.format_message()
     context = getattr(error, "ctx", None)
@@ -109,7 +113,7 @@ class StockSyncCli(StockSyncGroup):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
-        except click.exceptions.NoArgsIsHelpError as error:
+        except NO_ARGS_IS_HELP as error:
             error.show()  # plain `stock-sync`: the help, as click prints it
             sys.exit(error.exit_code)
         except click.ClickException as error:
