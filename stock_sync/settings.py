@@ -45,7 +45,8 @@ MAX_ALERT_COUNT = 1_000_000
 MAX_MICROSERVICE_TIMEOUT_S = 300.0
 KIB = 1024
 MIB = 1024 * KIB
-# Quantities land in 4-byte INTEGER columns (stock levels, ledger deltas).
+# Quantities land in 4-byte INTEGER columns (stock levels, ledger deltas); the same bound as
+# stock_ledger.MAX_STOCK_QUANTITY (that module pulls in the models; this one stays light).
 MAX_QUANTITY = 2**31 - 1
 MAX_QUEUE_NAME_CHARS = 200
 
@@ -96,7 +97,7 @@ def database_kind(url: str) -> str:
         drivername = make_url(url).drivername
     except Exception:  # SQLAlchemy raises ArgumentError, ValueError or worse on garbage
         raise ValueError("not a database URL") from None
-    kind = _DATABASE_DRIVERS.get(drivername.lower())
+    kind = _DATABASE_DRIVERS.get(drivername)
     if kind is None:
         raise ValueError(
             f"unsupported database {drivername!r} (supported: {', '.join(SUPPORTED_DATABASES)})"
