@@ -44,8 +44,11 @@ worker: install
 beat: install
 	$(BIN)/celery -A tasks beat --loglevel=INFO
 
+# Flower on 127.0.0.1:5555 behind basic auth read from FLOWER_BASIC_AUTH (user:password, never
+# on the command line where ps shows it); without it Flower is refused, unless the dashboard is
+# declared local-only: `make flower FLOWER_LOCAL_ONLY=1` (no authentication, loopback only).
 flower: install
-	$(BIN)/celery -A tasks flower
+	$(BIN)/stock-sync flower $(if $(filter 1 yes true,$(FLOWER_LOCAL_ONLY)),--local-only)
 
 metrics: install
 	$(BIN)/stock-sync metrics-server --port 9808

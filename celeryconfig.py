@@ -11,7 +11,12 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from stock_sync.settings import Settings, get_settings
+from stock_sync.settings import (
+    Settings,
+    exit_on_configuration_error,
+    get_settings,
+    prepared_data_dir,
+)
 
 MIN_VISIBILITY_TIMEOUT_S = 3600
 
@@ -48,7 +53,7 @@ def build(settings: Settings) -> dict[str, Any]:
     """Every Celery setting stock-sync relies on, for ``settings``."""
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s(settings)}
     # Beat's schedule file lives here; beat opens it before any signal could make the folder.
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepared_data_dir(settings)
     config: dict[str, Any] = {
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -103,4 +108,7 @@ def build(settings: Settings) -> dict[str, Any]:
     return config
 
 
-globals().update(build(get_settings()))
+# Celery imports this module while starting a worker, beat or Flower: a bad setting or data
+# folder ends the process with one line instead of a traceback.
+with exit_on_configuration_error():
+    globals().update(build(get_settings()))

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
 from stock_sync.db import Database
 from stock_sync.metrics import MetricsSnapshot, queue_length, read_metrics
+from stock_sync.redaction import redact, redact_url, url_secrets
 from stock_sync.settings import Settings
 
 ALERTS_LOGGER = "stock_sync.alerts"
@@ -176,37 +176,20 @@ def evaluate_alerts(snapshot: MetricsSnapshot, settings: Settings) -> list[Alert
 # --- publishing -----------------------------------------------------------------------------
 
 
-def _webhook_host(url: str) -> str:
-    # Webhook URLs often carry a secret token in their path: log only where they point.
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return "<malformed url>"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
-
-
-def _redacted(text: str, url: str) -> str:
-    """``text`` without the webhook's path and query (requests quotes them in its errors)."""
-    parts = urlsplit(url)
-    secrets = [url, f"{parts.path}?{parts.query}" if parts.query else parts.path]
-    for secret in secrets:
-        if secret and secret != "/":
-            text = text.replace(secret, "<redacted>")
-    return text
-
-
 def _post(
     alert: Alert, webhook_url: str, session: requests.Session, logger: logging.Logger
 ) -> None:
     failure = {"action": "alert_webhook_failed", "rule": alert.rule}
-    where = _webhook_host(webhook_url)
+    # Webhook URLs carry their secret token in the path or query, and requests quotes the URL
+    # in its errors in its own encoding: show only the host, mask the rest in any encoding.
+    where = redact_url(webhook_url, path_is_secret=True)
     try:
         response = session.post(webhook_url, json=alert.to_dict(), timeout=WEBHOOK_TIMEOUT_S)
     except requests.RequestException as error:
         logger.error(
             "alert webhook at %s failed: %s",
             where,
-            _redacted(str(error), webhook_url),
+            redact(str(error), url_secrets(webhook_url, path_is_secret=True)),
             extra={**failure, "error_type": type(error).__name__},
         )
         return

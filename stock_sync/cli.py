@@ -1,4 +1,11 @@
-"""The ``stock-sync`` command line: human output by default, ``--json`` where asked."""
+"""The ``stock-sync`` command line: human output by default, ``--json`` where asked.
+
+Exit status of every command: 0 done; 1 an error (bad input, refused, unknown id, unreachable
+database...); 2 a usage error (unknown option, malformed argument). Errors are one line
+``error: ...`` on stderr with passwords and tokens masked, never a traceback. ``submit`` exits 3
+when the operation was saved but not enqueued, ``cancel --wait`` 4 when the microservice
+rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +13,66 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy.engine import make_url
+from alembic.util import CommandError as MigrationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render, schema
-from stock_sync.db import get_database
-from stock_sync.domain.errors import EnqueueFailed, StockSyncError
+from stock_sync.cli_params import PLAIN_TEXT, QUANTITY, FiniteFloatRange
+from stock_sync.db import configured_database_url, describe_database_error, get_database
+from stock_sync.domain.errors import ConfigurationError, EnqueueFailed, StockSyncError
 from stock_sync.domain.statuses import OperationStatus
+from stock_sync.logging_setup import configure_cli_logging
 from stock_sync.queries import list_operations, operation_details
+from stock_sync.redaction import one_line, printable_lines, redact, redact_data, redact_url
 from stock_sync.settings import get_settings
 from stock_sync.stock_ledger import get_stock, set_stock, validate_sku
 
+EXIT_ERROR = 1
 EXIT_NOT_ENQUEUED = 3  # saved as PENDING, not enqueued: the sweep will re-drive it
 EXIT_ROLLBACK_UNSETTLED = 4  # cancelled, but the microservice rollback is pending or failed
+EXIT_CHECK_MISMATCH = 1
+EXIT_CHECK_COULD_NOT_RUN = 2
+EXIT_INTERRUPTED = 130
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+def safe_message(message: str) -> str:
+    """What may be printed: passwords and tokens masked, one line."""
+    return one_line(redact(message))
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print a one-line error and exit non-zero; never a traceback."""
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {safe_message(message)}", err=True)
     sys.exit(code)
 
 
-def _safe_url(url: str) -> str:
+def _configured_database_url() -> str:
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable url>"
+        return get_settings().effective_database_url
+    except ConfigurationError:
+        return "<the configured database>"
 
 
-def _database_problem(error: SQLAlchemyError) -> str:
-    text = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-    url = _safe_url(get_settings().effective_database_url)
-    if ("does not exist" in text and "relation" in text) or "no such table" in text:
-        return f"the database at {url} has no schema yet: run 'stock-sync db upgrade'"
-    if "connect" in text.lower():
-        return f"cannot reach the database at {url}: {text}"
-    return f"database error at {url}: {text}"
+def describe_failure(error: BaseException) -> str:
+    """The one line an operator reads for ``error``."""
+    if isinstance(error, SQLAlchemyError):
+        return describe_database_error(error, _configured_database_url())
+    if isinstance(error, MigrationError):
+        return f"migration refused: {error}"
+    if isinstance(error, StockSyncError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return f"unexpected {type(error).__name__}: {error}"
+
+
+# Failures a command may end with; each becomes one line and exit 1.
+EXPECTED_FAILURES = (StockSyncError, SQLAlchemyError, MigrationError)
 
 
 class StockSyncGroup(click.Group):
@@ -54,20 +81,69 @@ class StockSyncGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except StockSyncError as error:
-            fail(str(error))
-        except SQLAlchemyError as error:
-            fail(_database_problem(error))
+        except EXPECTED_FAILURES as error:
+            fail(describe_failure(error))
+
+
+# click 8.2+ raises this for a group called without a command (8.1 printed the help itself).
+NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_problem(error: click.ClickException) -> str:
+    message = error.format_message()
+    context = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and context is not None:
+        message += f" (see '{context.command_path} --help')"
+    return message
+
+
+class StockSyncCli(StockSyncGroup):
+    """The root command: click's usage errors become one ``error:`` line as well, and an
+    unexpected exception one line naming its type rather than a traceback."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NO_ARGS_IS_HELP as error:
+            error.show()  # plain `stock-sync`: the help, as click prints it
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            fail(_usage_problem(error), error.exit_code)
+        except click.Abort:
+            fail("aborted: nothing changed")
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as error:  # the last guard: one line, never a traceback
+            fail(describe_failure(error))
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def emit(as_json: bool, payload: Any, human: Callable[[], str]) -> None:
-    """Print ``payload`` as JSON, or the human rendering."""
-    click.echo(json.dumps(payload, indent=2, default=str) if as_json else human())
+    """Print ``payload`` as JSON, or the human rendering. Stored text (an error a service
+    recorded, a reason an operator typed) is redacted, and escaped for the terminal."""
+    if as_json:
+        click.echo(json.dumps(redact_data(payload), indent=2, default=str))
+    else:
+        click.echo(printable_lines(human()))
 
 
-@click.group(cls=StockSyncGroup)
+@click.group(cls=StockSyncCli)
 def cli() -> None:
-    """stock-sync: keeps warehouse stock in step with Allegro orders."""
+    """stock-sync: keeps warehouse stock in step with Allegro orders.
+
+    Exit status: 0 done, 1 an error (one 'error:' line on stderr), 2 a usage error; see each
+    command's help for its own codes.
+    """
+    configure_cli_logging()
 
 
 @cli.group(cls=StockSyncGroup)
@@ -75,22 +151,47 @@ def db() -> None:
     """Database schema."""
 
 
+def stdin_is_interactive() -> bool:
+    """Whether a person can answer a prompt (a terminal on stdin)."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 @db.command("upgrade")
-@click.option("--revision", default="head", show_default=True)
+@click.option("--revision", type=PLAIN_TEXT, default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (alembic upgrade)."""
-    url = get_settings().effective_database_url
+    url = configured_database_url(get_settings())
     schema.upgrade(url, revision)
-    click.echo(f"database at {_safe_url(url)} is at {revision}")
+    click.echo(f"database at {redact_url(url)} is at {revision}")
 
 
-@db.command("downgrade")
-@click.option("--revision", default="base", show_default=True)
-def db_downgrade(revision: str) -> None:
-    """Revert migrations down to REVISION (default: drop everything)."""
-    url = get_settings().effective_database_url
+# ignore_unknown_options: alembic's relative revisions ("-1") look like options to click.
+@db.command("downgrade", context_settings={"ignore_unknown_options": True})
+@click.argument("revision", type=PLAIN_TEXT)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+def db_downgrade(revision: str, yes: bool) -> None:
+    """Revert migrations down to REVISION ('base' drops every table and its data; '-1' goes
+    one step back).
+
+    Asks for confirmation unless --yes is given; without --yes it refuses to run when stdin
+    is not a terminal.
+    """
+    url = configured_database_url(get_settings())
+    if not yes:
+        _confirm_downgrade(url, revision)
     schema.downgrade(url, revision)
-    click.echo(f"database at {_safe_url(url)} is at {revision}")
+    click.echo(f"database at {redact_url(url)} is at {revision}")
+
+
+def _confirm_downgrade(url: str, revision: str) -> None:
+    if not stdin_is_interactive():
+        fail("refusing to downgrade without confirmation: stdin is not a terminal (pass --yes)")
+    question = (
+        f"Downgrade the database at {redact_url(url)} to {one_line(revision)}? "
+        "Tables of later revisions are dropped with their data"
+    )
+    if not click.confirm(question, default=False, err=True):
+        fail("downgrade cancelled: nothing changed")
 
 
 @cli.group(cls=StockSyncGroup)
@@ -99,17 +200,17 @@ def stock() -> None:
 
 
 @stock.command("set", context_settings={"ignore_unknown_options": True})
-@click.argument("sku")
-@click.argument("quantity", type=int)
+@click.argument("sku", type=PLAIN_TEXT)
+@click.argument("quantity", type=QUANTITY)
 def stock_set(sku: str, quantity: int) -> None:
-    """Set SKU's level to QUANTITY (the change is recorded as a correction)."""
+    """Set SKU's level to QUANTITY, 0 to 2147483647 (the change is recorded as a correction)."""
     with get_database().transaction() as session:
         change = set_stock(session, sku, quantity)
     click.echo(f"{change.sku}: {change.previous} -> {change.quantity}")
 
 
 @stock.command("get")
-@click.argument("sku")
+@click.argument("sku", type=PLAIN_TEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stock_get(sku: str, as_json: bool) -> None:
     """Print SKU's level."""
@@ -125,23 +226,28 @@ def stock_get(sku: str, as_json: bool) -> None:
 
 
 @cli.command("submit")
-@click.argument("order_id")
-@click.option("--account", "account_name", default=None, help="Allegro account name.")
+@click.argument("order_id", type=PLAIN_TEXT)
+@click.option(
+    "--account", "account_name", type=PLAIN_TEXT, default=None, help="Allegro account name."
+)
 def submit(order_id: str, account_name: str | None) -> None:
-    """Record ORDER_ID's stock operation and enqueue it; prints the operation id alone."""
+    """Record ORDER_ID's stock operation and enqueue it; prints the operation id alone.
+
+    Exits 3 when the operation was saved but could not be enqueued (the sweep re-drives it).
+    """
     from stock_sync.producer import submit_operation
 
     try:
         operation_id = submit_operation(order_id, account_name)
     except EnqueueFailed as error:
         click.echo(str(error.operation_id))
-        click.echo(f"warning: {error}", err=True)
+        click.echo(f"warning: {safe_message(str(error))}", err=True)
         sys.exit(EXIT_NOT_ENQUEUED)
     click.echo(str(operation_id))
 
 
 @cli.command("show")
-@click.argument("operation_id")
+@click.argument("operation_id", type=PLAIN_TEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(operation_id: str, as_json: bool) -> None:
     """Print an operation, its line items and its timeline of events."""
@@ -159,7 +265,9 @@ def show(operation_id: str, as_json: bool) -> None:
     default=None,
     help="Only operations in this status.",
 )
-@click.option("--order", "order_id", default=None, help="Only this order's operations.")
+@click.option(
+    "--order", "order_id", type=PLAIN_TEXT, default=None, help="Only this order's operations."
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_command(status: str | None, order_id: str | None, limit: int, as_json: bool) -> None:
@@ -175,16 +283,26 @@ def list_command(status: str | None, order_id: str | None, limit: int, as_json: 
 
 
 @cli.command("cancel")
-@click.argument("operation_id")
-@click.option("--by", "cancelled_by", required=True, help="Who cancels (stored).")
-@click.option("--reason", required=True, help="Why (stored).")
+@click.argument("operation_id", type=PLAIN_TEXT)
+@click.option("--by", "cancelled_by", type=PLAIN_TEXT, required=True, help="Who cancels.")
+@click.option("--reason", type=PLAIN_TEXT, required=True, help="Why (stored).")
 @click.option("--wait", is_flag=True, help="Wait until the microservice rollback settles.")
-@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=FiniteFloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds --wait waits at most.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def cancel(
     operation_id: str, cancelled_by: str, reason: str, wait: bool, timeout_s: float, as_json: bool
 ) -> None:
-    """Cancel an operation and roll back what it changed; prints the CancellationResult."""
+    """Cancel an operation and roll back what it changed; prints the CancellationResult.
+
+    With --wait, exits 4 when the microservice rollback is still pending or failed.
+    """
     from stock_sync.composition import get_services
     from stock_sync.producer import request_cancellation
 
@@ -223,14 +341,21 @@ def sweep(as_json: bool) -> None:
 @cli.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def check(as_json: bool) -> None:
-    """Reconcile stock levels, the ledger and the operations; exit 1 on any mismatch."""
+    """Reconcile stock levels, the ledger and the operations.
+
+    Exit status: 0 everything reconciles, 1 a mismatch was found, 2 the check could not run
+    (database unreachable, bad configuration...).
+    """
     from stock_sync.reconciliation import reconcile_database
 
-    report = reconcile_database(get_database())
+    try:
+        report = reconcile_database(get_database())
+    except Exception as error:  # whatever stopped it, it is "could not run", never "mismatch"
+        fail(describe_failure(error), EXIT_CHECK_COULD_NOT_RUN)
     payload = report.to_dict()
     emit(as_json, payload, lambda: render.reconciliation(payload))
     if not report.ok:
-        sys.exit(1)
+        sys.exit(EXIT_CHECK_MISMATCH)
 
 
 # --- processes --------------------------------------------------------------------------
@@ -246,13 +371,13 @@ def worker(ctx: click.Context) -> None:
 
 
 @cli.command("fake-microservice")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--orders", "orders_file", type=click.Path(dir_okay=False), default=None)
-@click.option("--error-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--latency", "latency_s", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--rate-limit-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--timeout-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--error-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--latency", "latency_s", type=FiniteFloatRange(0), default=0.0, show_default=True)
+@click.option("--rate-limit-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--timeout-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
 def fake_microservice(
     host: str,
     port: int,
@@ -276,10 +401,11 @@ def fake_microservice(
 
 
 def _register_monitoring_commands() -> None:
-    from stock_sync.cli_monitoring import metrics_server, stats
+    from stock_sync.cli_monitoring import flower, metrics_server, stats
 
     cli.add_command(stats)
     cli.add_command(metrics_server)
+    cli.add_command(flower)
 
 
 _register_monitoring_commands()

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render
-from stock_sync.db import Database, get_database
+from stock_sync.cli_params import PLAIN_TEXT
+from stock_sync.db import Database, describe_database_error, get_database
 from stock_sync.metrics import (
     FINISHED_STATUSES,
     LIVE_STATUSES,
@@ -30,6 +35,7 @@ from stock_sync.metrics import (
 from stock_sync.settings import Settings, get_settings
 
 logger = logging.getLogger("stock_sync.metrics_server")
+IDLE_TIMEOUT_S = 30.0
 
 QueueLengthFn = Callable[[], int | None]
 
@@ -106,6 +112,12 @@ class MetricsHandler(BaseHTTPRequestHandler):
     wbufsize = -1
     server: MetricsServer
 
+    def setup(self) -> None:
+        super().setup()
+        # A keep-alive connection that sends nothing for this long is closed (the read times
+        # out, http.server ends the connection) instead of holding a thread forever.
+        self.connection.settimeout(self.server.idle_timeout_s)
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -119,7 +131,7 @@ class MetricsHandler(BaseHTTPRequestHandler):
         try:
             snapshot = self.server.cache.get()
         except SQLAlchemyError as error:
-            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            reason = describe_database_error(error, self.server.database_url)
             logger.error("metrics unavailable: %s", reason, extra={"action": "metrics_failed"})
             self._answer(503, "metrics unavailable: database error\n", "text/plain")
             return
@@ -143,9 +155,19 @@ class MetricsServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], cache: MetricsCache) -> None:
-        super().__init__(address, MetricsHandler)
+    def __init__(
+        self,
+        address: tuple[str, int],
+        cache: MetricsCache,
+        *,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        database_url: str = "",
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.cache = cache
+        self.idle_timeout_s = idle_timeout_s
+        self.database_url = database_url
+        super().__init__(address, MetricsHandler)
 
 
 def make_metrics_server(
@@ -154,26 +176,114 @@ def make_metrics_server(
     host: str,
     port: int,
     queue_length_fn: QueueLengthFn | None = None,
+    *,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
     """A bound, not yet serving, metrics server (port 0 picks a free port: see server_port).
 
-    Scrapes within ``settings.metrics_cache_s`` of each other share one computation.
+    Scrapes within ``settings.metrics_cache_s`` of each other share one computation; a
+    connection idle for ``idle_timeout_s`` is closed. Raises OSError when it cannot bind.
     """
     cache = MetricsCache(
         lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
     )
-    return MetricsServer((host, port), cache)
+    return MetricsServer(
+        (host, port), cache, idle_timeout_s=idle_timeout_s, database_url=database.url
+    )
 
 
 @click.command("metrics-server")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
 def metrics_server(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics (and /healthz) until Ctrl-C."""
+    from stock_sync.cli import fail  # cli.py imports this module to register the command
+
     settings = get_settings()
-    server = make_metrics_server(
-        get_database(settings), settings, host, port, _broker_queue_length(settings)
-    )
+    try:
+        server = make_metrics_server(
+            get_database(settings), settings, host, port, _broker_queue_length(settings)
+        )
+    except (OSError, UnicodeError, ValueError, OverflowError) as error:
+        # taken port, unknown host, no permission; UnicodeError: an unencodable host name
+        reason = getattr(error, "strerror", None) or str(error)
+        fail(f"cannot listen on {host}:{port}: {reason}")
     click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics")
     with contextlib.suppress(KeyboardInterrupt), server:  # Ctrl-C is the way to stop it
         server.serve_forever()
+
+
+# --- flower ---------------------------------------------------------------------------------
+
+FLOWER_CREDENTIALS_VARIABLE = "FLOWER_BASIC_AUTH"
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
+
+def _basic_auth_problem(credentials: str) -> str | None:
+    """What is wrong with FLOWER_BASIC_AUTH's shape (never quoting it), or None."""
+    for pair in credentials.split(","):
+        user, separator, password = pair.partition(":")
+        if not (user.strip() and separator and password):
+            return (
+                f"{FLOWER_CREDENTIALS_VARIABLE} must be user:password (several separated by commas)"
+            )
+    return None
+
+
+def flower_argv(address: str, port: int, extra: Sequence[str]) -> list[str]:
+    """``celery -A tasks flower`` for ``address:port``; credentials stay in the environment
+    (Flower reads FLOWER_BASIC_AUTH itself), where ``ps`` does not show them."""
+    celery = str(Path(sys.executable).with_name("celery"))
+    return [celery, "-A", "tasks", "flower", f"--address={address}", f"--port={port}", *extra]
+
+
+def _refuse_unsafe_flower(address: str, local_only: bool, extra: Sequence[str]) -> None:
+    from stock_sync.cli import fail
+
+    if any(arg.startswith(("--basic-auth", "--basic_auth")) for arg in extra):
+        fail(
+            f"pass credentials in {FLOWER_CREDENTIALS_VARIABLE}, "
+            "not on the command line (ps shows it)"
+        )
+    credentials = os.environ.get(FLOWER_CREDENTIALS_VARIABLE, "")
+    if credentials:
+        problem = _basic_auth_problem(credentials)
+        if problem:
+            fail(problem)
+        return
+    if not local_only:
+        fail(
+            f"{FLOWER_CREDENTIALS_VARIABLE} is not set: export it as user:password (Flower "
+            "reads it from the environment), or pass --local-only for a dashboard without "
+            "authentication on localhost"
+        )
+    if address not in LOOPBACK_ADDRESSES:
+        fail(
+            f"--local-only serves without authentication, so only on a loopback address "
+            f"({', '.join(LOOPBACK_ADDRESSES)}), not {address}"
+        )
+
+
+@click.command(
+    "flower", context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@click.option("--address", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+@click.option(
+    "--local-only",
+    is_flag=True,
+    help="Allow running without FLOWER_BASIC_AUTH, on a loopback address only.",
+)
+@click.pass_context
+def flower(ctx: click.Context, address: str, port: int, local_only: bool) -> None:
+    """Run Flower (celery flower) on ADDRESS:PORT behind basic authentication.
+
+    The credentials come from the FLOWER_BASIC_AUTH environment variable (user:password,
+    several separated by commas), which Flower reads itself: never on the command line, where
+    ps shows them. Without it Flower is refused, unless --local-only is given and the address
+    is a loopback one. Extra arguments go to 'celery flower'.
+    """
+    get_settings()  # a bad setting is refused here in one line, before Flower starts
+    _refuse_unsafe_flower(address, local_only, ctx.args)
+    argv = flower_argv(address, port, ctx.args)
+    os.execv(argv[0], argv)  # Flower replaces this process: Ctrl-C and signals reach it

@@ -14,26 +14,72 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.settings import Settings, get_settings
+from stock_sync.redaction import one_line, redact, redact_url, shown_value, url_secrets
+from stock_sync.settings import (
+    ENV_PREFIX,
+    Settings,
+    database_kind,
+    get_settings,
+    prepared_data_dir,
+)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
 
 
 def normalise_database_url(url: str) -> str:
-    """Pin PostgreSQL URLs to psycopg2, the driver we ship.
+    """Pin PostgreSQL URLs to psycopg2, the driver we ship; refuse what we cannot open.
 
-    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not installed.
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not installed. The
+    error names the variable and shows the URL with its password masked.
     """
     try:
+        database_kind(url)
         parsed = make_url(url)
-    except Exception:
-        raise ConfigurationError(f"STOCK_SYNC_DATABASE_URL: not a database URL: {url!r}") from None
+    except ValueError as error:
+        raise ConfigurationError(
+            f"{DATABASE_URL_VARIABLE}: {error} (got {shown_value(redact_url(url))})"
+        ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg2")
     return parsed.render_as_string(hide_password=False)
+
+
+def configured_database_url(settings: Settings) -> str:
+    """The database URL to open; on the embedded default its folder, STOCK_SYNC_DATA_DIR,
+    is made ready first so a bad one is named instead of failing inside SQLite."""
+    if not settings.database_url:
+        prepared_data_dir(settings)
+    return settings.effective_database_url
+
+
+def _prepare_sqlite_folder(database: str) -> None:
+    folder = os.path.dirname(os.path.abspath(database))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"{DATABASE_URL_VARIABLE}: cannot create the folder of the SQLite database "
+            f"{one_line(folder)}: {error.strerror or error}"
+        ) from None
+
+
+def describe_database_error(error: SQLAlchemyError, url: str) -> str:
+    """One line for an operator: what went wrong with the database at ``url`` (its password
+    masked), and what to do when we know."""
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    text = one_line(redact(lines[0], url_secrets(url)))
+    where = redact_url(url)
+    if ("does not exist" in text and "relation" in text) or "no such table" in text:
+        return f"the database at {where} has no schema yet: run 'stock-sync db upgrade'"
+    if "connect" in text.lower():
+        return f"cannot reach the database at {where}: {text}"
+    return f"database error at {where}: {text}"
 
 
 def _enable_sqlite_concurrency(engine: Engine) -> None:
@@ -63,7 +109,7 @@ def build_engine(url: str, *, autocommit: bool = False) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+            _prepare_sqlite_folder(database)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _enable_sqlite_concurrency(engine)
         return engine
@@ -160,12 +206,12 @@ _databases_lock = threading.Lock()
 
 def get_database(settings: Settings | None = None) -> Database:
     """The process's Database for the configured URL, built on first use in this process."""
-    url = (settings or get_settings()).effective_database_url
-    key = (os.getpid(), url)
+    settings = settings or get_settings()
+    key = (os.getpid(), settings.effective_database_url)
     with _databases_lock:
         database = _databases.get(key)
         if database is None:
-            database = _databases[key] = Database(url)
+            database = _databases[key] = Database(configured_database_url(settings))
         return database
 
 

@@ -11,12 +11,48 @@ from typing import IO, Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from stock_sync.redaction import one_line, redact, redact_data
+
 JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class RedactingJsonFormatter(JsonFormatter):
+    """JsonFormatter that masks passwords and tokens (stock_sync.redaction) in every field of
+    the record: the message, the extras and the formatted exception alike."""
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: redact_data(value) for key, value in super().process_log_record(log_data).items()
+        }
+
+
+class OneLineFormatter(logging.Formatter):
+    """``level: message`` on one line, redacted, without the traceback: what the CLI prints
+    for a warning or an error a service logs while a command runs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {one_line(redact(record.getMessage()))}"
+
+
+def configure_cli_logging(stream: IO[str] | None = None) -> None:
+    """Warnings and errors logged during a command become single redacted lines on stderr,
+    instead of Python's last-resort handler printing them raw with their tracebacks.
+
+    Left alone when the root logger has handlers already (a test runner capturing logs).
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(OneLineFormatter())
+    handler.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
 def json_formatter() -> JsonFormatter:
-    """One JSON object per line: timestamp, level, logger, message and every extra field."""
-    return JsonFormatter(
+    """One JSON object per line: timestamp, level, logger, message and every extra field, with
+    passwords and tokens masked."""
+    return RedactingJsonFormatter(
         JSON_FORMAT,
         rename_fields={"asctime": "timestamp", "levelname": "level", "name": "logger"},
         datefmt="%Y-%m-%dT%H:%M:%S%z",

@@ -31,6 +31,7 @@ from stock_sync.models import (
     StockMovement,
     utcnow,
 )
+from stock_sync.redaction import shown_value
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,26 @@ def get_levels(session: Session, skus: Iterable[str]) -> dict[str, int]:
     return {sku: quantity for sku, quantity in rows}
 
 
+# stock_levels.quantity and stock_movements.delta are 4-byte INTEGER columns; SQLite would
+# silently store a larger value as a float or refuse it with an OverflowError.
+MAX_STOCK_QUANTITY = 2**31 - 1
+
+
+def _checked_quantity(quantity: int) -> int:
+    if isinstance(quantity, bool) or not isinstance(quantity, int):
+        raise InvalidInput(f"quantity must be a whole number, got {shown_value(quantity)}")
+    if not 0 <= quantity <= MAX_STOCK_QUANTITY:
+        raise InvalidInput(
+            f"quantity must be >= 0 and <= {MAX_STOCK_QUANTITY}, got {shown_value(quantity)}"
+        )
+    return quantity
+
+
 def set_stock(session: Session, sku: str, quantity: int) -> StockChange:
-    """Set a level to ``quantity``; the difference is recorded as a correction movement."""
+    """Set a level to ``quantity`` (0 to MAX_STOCK_QUANTITY); the difference is recorded as a
+    correction movement. A refused quantity raises InvalidInput before anything is written."""
     sku = validate_sku(sku)
-    if quantity < 0:
-        raise InvalidInput(f"quantity must be >= 0, got {quantity}")
+    quantity = _checked_quantity(quantity)
     _insert_missing_level(session, sku)
     previous = session.scalar(
         select(StockLevel.quantity).where(StockLevel.sku == sku).with_for_update()

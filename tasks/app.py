@@ -11,7 +11,12 @@ from celery.signals import setup_logging, worker_process_init
 from stock_sync.composition import reset_services
 from stock_sync.db import reset_databases
 from stock_sync.logging_setup import TaskContextFilter, configure_json_logging
-from stock_sync.settings import get_settings
+from stock_sync.settings import exit_on_configuration_error, get_settings
+
+# `celery -A tasks worker|beat|flower` with a bad setting: one line and exit 1, before Celery
+# gets to wrap the error in its own traceback.
+with exit_on_configuration_error():
+    get_settings()
 
 app = Celery("stock_sync")
 app.config_from_object("celeryconfig")

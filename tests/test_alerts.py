@@ -286,6 +286,29 @@ def test_a_webhook_refusing_connections_is_logged_and_does_not_raise(
     assert all("secret-token" not in record.getMessage() for record in errors)
 
 
+@pytest.mark.parametrize(
+    "token_path",
+    [
+        "/hooks/T0AB%2FB0CD%2FXOXBSECRET",  # a token with %2F-encoded slashes
+        "/hooks/T0AB/B0CD/XOXB%20SECRET",  # a character requests leaves quoted
+        "/hooks/T0AB/B0CD/XOXB SECRET",  # a raw space requests quotes to %20
+        "/hooks?token=XOXB%2FSECRET&channel=ops",  # the token in the query
+    ],
+)
+def test_a_failing_webhook_never_shows_its_token_in_any_encoding(
+    caplog: pytest.LogCaptureFixture, token_path: str
+) -> None:
+    url = refused_url().replace("/hooks/secret-token", token_path)
+
+    with caplog.at_level(logging.WARNING, logger=ALERTS_LOGGER):
+        publish_alerts([an_alert()], webhook_url=url)
+
+    (error,) = alert_records(caplog, logging.ERROR)
+    shown = json_formatter().format(error) + error.getMessage()
+    assert "XOXB" not in shown and "SECRET" not in shown
+    assert "alert webhook at http://127.0.0.1:" in error.getMessage()
+
+
 # --- the whole check against the database -------------------------------------------------------
 
 

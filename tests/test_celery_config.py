@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import celeryconfig
+from stock_sync.domain.errors import ConfigurationError
 from stock_sync.settings import load_settings
 from tasks import app
 
@@ -59,3 +65,81 @@ def test_the_stage_tasks_are_registered() -> None:
         "rollback",
     ):
         assert f"stock_sync.{name}" in app.tasks
+
+
+# --- a bad setting when a Celery process starts ------------------------------------------------
+
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def start(command: list[str], **variables: str) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a clean working directory with ``variables`` added to the
+    environment; a good configuration would start a long-running process, so it is cut short."""
+    environment = {**os.environ, "STOCK_SYNC_BROKER_URL": "redis://127.0.0.1:1/0", **variables}
+    return subprocess.run(
+        command, capture_output=True, text=True, env=environment, timeout=60, cwd="/"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "expected"),
+    [
+        (
+            [CELERY, "-A", "tasks", "worker"],
+            "STOCK_SYNC_MAX_RETRIES_PENDING",
+            "many",
+            "error: invalid configuration: STOCK_SYNC_MAX_RETRIES_PENDING: ",
+        ),
+        (
+            [CELERY, "-A", "tasks", "worker"],
+            "STOCK_SYNC_DATABASE_URL",
+            "mysql://stock:S3CRETPW@db/stock",
+            "error: invalid configuration: STOCK_SYNC_DATABASE_URL: unsupported database",
+        ),
+        (
+            [CELERY, "-A", "tasks", "beat"],
+            "STOCK_SYNC_RETRY_BACKOFF_MAX_S",
+            "inf",
+            "error: invalid configuration: STOCK_SYNC_RETRY_BACKOFF_MAX_S: ",
+        ),
+        (
+            [sys.executable, "-c", "import tasks"],
+            "STOCK_SYNC_SWEEP_BATCH_SIZE",
+            "1" + "0" * 30,
+            "error: invalid configuration: STOCK_SYNC_SWEEP_BATCH_SIZE: ",
+        ),
+        (
+            [sys.executable, "-c", "import celeryconfig"],
+            "STOCK_SYNC_ALERT_WINDOW_S",
+            "1e300",
+            "error: invalid configuration: STOCK_SYNC_ALERT_WINDOW_S: ",
+        ),
+    ],
+    ids=["worker", "worker-database-url", "beat", "import-tasks", "import-celeryconfig"],
+)
+def test_a_bad_setting_stops_a_celery_process_with_one_line(
+    command: list[str], variable: str, value: str, expected: str
+) -> None:
+    result = start(command, **{variable: value})
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(expected) and len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout and "S3CRETPW" not in result.stderr
+
+
+def test_a_data_dir_that_is_a_file_stops_a_worker_with_one_line(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+
+    result = start([CELERY, "-A", "tasks", "worker"], STOCK_SYNC_DATA_DIR=str(afile))
+
+    assert result.returncode == 1
+    assert result.stderr == f"error: STOCK_SYNC_DATA_DIR: {afile} is a file, not a folder\n"
+
+
+def test_build_names_a_data_dir_that_cannot_be_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", "/proc/stock-sync-data")
+    with pytest.raises(ConfigurationError, match="STOCK_SYNC_DATA_DIR: cannot create"):
+        celeryconfig.build(load_settings())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from stock_sync import schema
-from stock_sync.cli_monitoring import make_metrics_server
+from stock_sync.cli_monitoring import IDLE_TIMEOUT_S, MetricsServer, make_metrics_server
 from stock_sync.db import Database
 from stock_sync.domain.statuses import OperationType
 from stock_sync.metrics import (
@@ -368,6 +369,52 @@ def test_scrapes_within_the_cache_time_share_one_computation(
 
     assert first == second
     assert len(computations) == 1
+
+
+@pytest.fixture
+def idle_server() -> Iterator[tuple[str, int]]:
+    """A metrics server that closes a connection idle for 0.3 s (its snapshots never change)."""
+    cache = MetricsCache(lambda: MetricsSnapshot(generated_at=datetime.now(UTC), window_s=60), 5)
+    server = MetricsServer(("127.0.0.1", 0), cache, idle_timeout_s=0.3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield "127.0.0.1", server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def closed_within(connection: socket.socket, seconds: float) -> bool:
+    """True when the server closes ``connection`` (EOF) before ``seconds`` have passed."""
+    connection.settimeout(seconds)
+    try:
+        while connection.recv(4096):
+            pass  # the rest of an answer
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_an_idle_connection_is_closed(idle_server: tuple[str, int]) -> None:
+    with socket.create_connection(idle_server) as silent:
+        assert closed_within(silent, 5)
+
+
+def test_a_keep_alive_connection_is_closed_once_idle(idle_server: tuple[str, int]) -> None:
+    with socket.create_connection(idle_server) as keep_alive:
+        keep_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: metrics\r\n\r\n")
+        assert keep_alive.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        assert closed_within(keep_alive, 5)
+
+
+def test_the_idle_timeout_is_thirty_seconds_by_default(known: KnownOperations) -> None:
+    server = make_metrics_server(known.database, SETTINGS, "127.0.0.1", 0)
+    try:
+        assert server.idle_timeout_s == IDLE_TIMEOUT_S == 30  # type: ignore[attr-defined]
+    finally:
+        server.server_close()
 
 
 class FakeClock:
