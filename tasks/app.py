@@ -10,11 +10,13 @@ from celery.signals import setup_logging, worker_process_init
 
 from stock_sync.composition import reset_services
 from stock_sync.db import reset_databases
+from stock_sync.instrumentation import count_sql_if_asked
 from stock_sync.logging_setup import TaskContextFilter, configure_json_logging
 from stock_sync.settings import get_settings
 
 app = Celery("stock_sync")
 app.config_from_object("celeryconfig")
+count_sql_if_asked()  # the benchmark's SQL counters; inert unless STOCK_SYNC_COUNT_SQL_DIR is set
 
 
 @setup_logging.connect
