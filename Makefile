@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark clean
+.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark soak clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ fake-microservice: install
 
 benchmark: install services
 	$(BIN)/python -m stock_sync.benchmark
+
+# The worker's memory over 20,000 operations (about 5-10 minutes on 2 cores): apart from
+# `make benchmark`, which it would more than double.
+soak: install services
+	$(BIN)/python -m stock_sync.benchmark --soak-only --soak 20000
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache

@@ -1891,6 +1891,19 @@ def measurement_notes(options: Options, results: Results, probe: Probe) -> list[
             f"WARNING: task events asked {options.task_events} but celeryconfig gives "
             f"{events}: this celeryconfig does not read {TASK_EVENTS_VARIABLE}"
         )
+    if options.soak:
+        notes.append(
+            "soak: worker RSS = VmRSS of the parent + each pool process (shared pages counted "
+            "in each: the level overstates, the slope is what matters)"
+            + (
+                f"; over {options.soak} operations the slope is mostly warm-up noise "
+                f"(make soak runs {MAKE_SOAK_OPS:,})"
+                if options.soak < MAKE_SOAK_OPS // 4
+                else ""
+            )
+        )
+    if options.soak_only:
+        return notes
     notes += [
         "CPU: utime+stime from /proc/<pid>/stat, before and after the measured phase, per "
         "chain or operation; worker children = live pool processes + reaped ones (the "
