@@ -676,6 +676,8 @@ class Probe:
         self._engine.dispose()
 
     def _backends(self) -> dict[BackendKey, tuple[str, int]]:
+        if self.postmaster_pid is None:
+            return {}
         with self._engine.connect() as connection:
             rows = connection.execute(
                 text("SELECT pid, application_name FROM pg_stat_activity WHERE datname = :name"),
@@ -684,8 +686,8 @@ class Probe:
         found: dict[BackendKey, tuple[str, int]] = {}
         for pid, application_name in rows:
             stat = read_stat(int(pid))
-            if stat is None:
-                continue  # gone since, or invisible from here
+            if stat is None or stat.ppid != self.postmaster_pid:
+                continue  # gone since (or its pid already reused)
             role = {WORKER_APPLICATION_NAME: "worker", OWN_APPLICATION_NAME: "benchmark"}.get(
                 application_name, "other"
             )
@@ -1535,29 +1537,29 @@ def cpu_metrics(phase: str, use: CpuUse, count: int, unit: str) -> list[Metric]:
             note=f"{use.worker_children_alive} pool processes alive at the end, "
             "plus any that exited",
         ),
-        Metric(
-            f"{phase}_cpu_postgres_worker",
-            per(pg["worker"]),
-            unit,
-            note="the worker's backends; " + backends,
-        ),
-        Metric(
-            f"{phase}_cpu_postgres_benchmark",
-            per(pg["benchmark"]),
-            unit,
-            note="this process's backends: producer and polling",
-        ),
     ]
-    if use.postgres_server_ms is not None:
-        metrics.append(
+    if use.postgres_server_ms is not None:  # PostgreSQL's processes are visible from here
+        metrics += [
+            Metric(
+                f"{phase}_cpu_postgres_worker",
+                per(pg["worker"]),
+                unit,
+                note="the worker's backends; " + backends,
+            ),
+            Metric(
+                f"{phase}_cpu_postgres_benchmark",
+                per(pg["benchmark"]),
+                unit,
+                note="this process's backends: producer and polling",
+            ),
             Metric(
                 f"{phase}_cpu_postgres_server",
                 per(use.postgres_server_ms),
                 unit,
                 note="every process of the PostgreSQL server, any database, exited ones "
                 "included: meaningful only if nothing else uses the server",
-            )
-        )
+            ),
+        ]
     if use.redis_ms is not None:
         metrics.append(
             Metric(
@@ -1846,6 +1848,7 @@ def measure_with_worker(options: Options, rig: Rig, results: Results) -> None:
         baseline = baseline_phase(rig, options.orders, worker)
         say(f"    {baseline.chains_per_s:.1f} chains/s")
         results.metrics += baseline_metrics(baseline)
+        results.notes.append(backends_note("baseline", baseline.cpu))
         say(
             f"[2/{total}] pipeline: {options.orders} orders with PostgreSQL and the fake "
             f"microservice ({worker_settings})"
@@ -1854,6 +1857,7 @@ def measure_with_worker(options: Options, rig: Rig, results: Results) -> None:
         measured = pipeline_phase(rig, options.orders, worker)
         say(f"    {measured.run.ops_per_s:.1f} operations/s")
         results.metrics += pipeline_metrics(baseline, measured)
+        results.notes.append(backends_note("pipeline", measured.cpu))
         rate = max(measured.run.ops_per_s / 2, 0.5)
         say(f"[3/{total}] latency: {options.latency_ops} orders submitted at {rate:.1f}/s")
         latency = latency_phase(rig, options.latency_ops, rate, worker)
@@ -1875,6 +1879,15 @@ def measure_with_worker(options: Options, rig: Rig, results: Results) -> None:
             soak = soak_phase(rig, options.soak, worker)
             say(f"    worker RSS slope {soak.slope_mb_per_10k:.2f} MB per 10,000 operations")
             results.metrics += soak_metrics(soak)
+
+
+def backends_note(phase: str, use: CpuUse) -> str:
+    return (
+        f"{phase}: PostgreSQL backends of the benchmark database: {use.backends_kept} there at "
+        f"both ends, {use.backends_born} connected during the phase (counted whole), "
+        f"{use.backends_gone} gone during it (their CPU lost); "
+        f"{use.worker_children_alive} worker pool processes at the end"
+    )
 
 
 def measurement_notes(options: Options, results: Results, probe: Probe) -> list[str]:
