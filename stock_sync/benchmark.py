@@ -1902,7 +1902,7 @@ def measurement_notes(options: Options, results: Results, probe: Probe) -> list[
     if any(value != requested for value in effective.values()):
         notes.append(
             f"WARNING: task events asked {options.task_events} but celeryconfig gives "
-            f"{events}: this celeryconfig does not read {TASK_EVENTS_VARIABLE}"
+            f"{events}: this celeryconfig does not honour {TASK_EVENTS_VARIABLE} (yet)"
         )
     if options.soak:
         notes.append(
@@ -1915,6 +1915,8 @@ def measurement_notes(options: Options, results: Results, probe: Probe) -> list[
                 else ""
             )
         )
+    else:
+        notes.append(f"soak: not run (--soak N; make soak runs {MAKE_SOAK_OPS:,} operations)")
     if options.soak_only:
         return notes
     notes += [
