@@ -565,10 +565,25 @@ def vm_rss_bytes(pid: int) -> int:
     return 0
 
 
-def worker_rss(pid: int) -> tuple[int, int]:
-    """(RSS of the worker parent plus its live children, in bytes; how many children)."""
+@dataclass(frozen=True)
+class RssSample:
+    """The worker's VmRSS (bytes) once ``done`` operations had finished."""
+
+    done: int
+    parent: int
+    children: int  # the sum over its live pool processes
+    alive: int  # how many pool processes
+
+    @property
+    def total(self) -> int:
+        return self.parent + self.children
+
+
+def worker_rss(pid: int, done: int) -> RssSample:
     children = children_of(pid)
-    return vm_rss_bytes(pid) + sum(vm_rss_bytes(child) for child in children), len(children)
+    return RssSample(
+        done, vm_rss_bytes(pid), sum(vm_rss_bytes(child) for child in children), len(children)
+    )
 
 
 def _ms(ticks: float) -> float:
@@ -1245,17 +1260,17 @@ class SoakRun:
     operations: int
     completed: int
     seconds: float
-    samples: list[tuple[int, int]]  # (operations finished, worker RSS in bytes)
-    children: int
+    samples: list[RssSample]
 
-    def fitted(self) -> list[tuple[int, int]]:
+    def fitted(self) -> list[RssSample]:
         """The samples the slope is fitted over: after the warm-up share of the soak."""
-        return [s for s in self.samples if s[0] >= SOAK_WARM_UP_SHARE * self.operations]
+        return [s for s in self.samples if s.done >= SOAK_WARM_UP_SHARE * self.operations]
 
-    @property
-    def slope_mb_per_10k(self) -> float:
-        """Least-squares slope of RSS over operations, in MB (10^6 bytes) per 10,000."""
-        return least_squares_slope(self.fitted()) * 10_000 / 1e6
+    def slope_mb_per_10k(self, part: Callable[[RssSample], int] = lambda s: s.total) -> float:
+        """Least-squares slope of RSS (all of it, or ``part``) over operations, in MB
+        (10^6 bytes) per 10,000 operations."""
+        points = [(s.done, part(s)) for s in self.fitted()]
+        return least_squares_slope(points) * 10_000 / 1e6
 
 
 def least_squares_slope(points: Sequence[tuple[float, float]]) -> float:
@@ -1285,8 +1300,7 @@ def soak_phase(rig: Rig, count: int, worker: WorkerProcess) -> SoakRun:
     skus = pipeline_skus()
     stock_skus(rig.database, dict.fromkeys(skus, 1_000_000))
     every = max(1, count // SOAK_SAMPLES)
-    rss, children = worker_rss(worker.pid)
-    samples = [(0, rss)]
+    samples = [worker_rss(worker.pid, 0)]
     progress = Progress("operations finished", count)
     deadline = time.monotonic() + 120 + count * 0.3
     started = time.monotonic()
@@ -1300,9 +1314,8 @@ def soak_phase(rig: Rig, count: int, worker: WorkerProcess) -> SoakRun:
         time.sleep(0.05)
         done = submitted - _unfinished(rig)
         progress.update(done)
-        if done >= samples[-1][0] + every or done >= count:
-            rss, children = worker_rss(worker.pid)
-            samples.append((done, rss))
+        if done >= samples[-1].done + every or done >= count:
+            samples.append(worker_rss(worker.pid, done))
         worker.check_alive()
         if time.monotonic() > deadline:
             raise BenchmarkError(f"the soak finished only {done}/{count} operations in time")
@@ -1311,7 +1324,7 @@ def soak_phase(rig: Rig, count: int, worker: WorkerProcess) -> SoakRun:
     with rig.own_sql.labelled("monitor"), rig.database.transaction() as session:
         completed = _status_counts(session).get(OperationStatus.COMPLETED.value, 0)
     reset_tables(rig.database)
-    return SoakRun(count, completed, seconds, samples, children)
+    return SoakRun(count, completed, seconds, samples)
 
 
 # --- phase 6: the queries on a big table ------------------------------------------------------
@@ -1490,6 +1503,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
     sweep_plan: str = ""
     task_events_effective: dict[str, bool] = field(default_factory=dict)
+    rss_samples: list[RssSample] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1508,6 +1522,10 @@ class Results:
             "metrics": [metric.to_dict() for metric in self.metrics],
             "missed": [metric.name for metric in missed(self.metrics)],
             "notes": self.notes,
+            "soak_rss_samples": [
+                {"operations": s.done, "parent_bytes": s.parent, "children_bytes": s.children}
+                for s in self.rss_samples
+            ],
             "sweep_plan": self.sweep_plan,
         }
 
@@ -1706,7 +1724,7 @@ def latency_metrics(latency: LatencyRun) -> list[Metric]:
 
 def soak_metrics(soak: SoakRun) -> list[Metric]:
     fitted = soak.fitted()
-    first, last = fitted[0][1] if fitted else 0, soak.samples[-1][1]
+    first, last = fitted[0] if fitted else soak.samples[0], soak.samples[-1]
     return [
         Metric("soak_operations", soak.operations, "ops"),
         Metric("soak_ops_per_s", soak.completed / max(soak.seconds, 1e-6), "ops/s"),
@@ -1718,18 +1736,30 @@ def soak_metrics(soak: SoakRun) -> list[Metric]:
         ),
         Metric(
             "soak_worker_rss_after_warm_up_mb",
-            first / 1e6,
+            first.total / 1e6,
             "MB",
-            note=f"VmRSS of the worker parent and its {soak.children} pool processes",
+            note=f"VmRSS of the worker parent and its {last.alive} pool processes",
         ),
-        Metric("soak_worker_rss_end_mb", last / 1e6, "MB"),
+        Metric("soak_worker_rss_end_mb", last.total / 1e6, "MB"),
         Metric(
             "soak_worker_rss_slope",
-            soak.slope_mb_per_10k,
+            soak.slope_mb_per_10k(),
             "MB/10k ops",
             Target("<", 1.0),
             note=f"least squares over {len(fitted)} of {len(soak.samples)} samples (after "
             f"the first {SOAK_WARM_UP_SHARE:.0%} of the operations)",
+        ),
+        Metric(
+            "soak_worker_parent_rss_slope",
+            soak.slope_mb_per_10k(lambda s: s.parent),
+            "MB/10k ops",
+            note="the worker's main process alone",
+        ),
+        Metric(
+            "soak_worker_children_rss_slope",
+            soak.slope_mb_per_10k(lambda s: s.children),
+            "MB/10k ops",
+            note="its pool processes together",
         ),
     ]
 
@@ -1842,7 +1872,9 @@ def measure_with_worker(options: Options, rig: Rig, results: Results) -> None:
         if options.soak_only:
             say(f"[1/1] soak: {options.soak} operations ({worker_settings})")
             warm_up_pipeline(rig, worker)
-            results.metrics += soak_metrics(soak_phase(rig, options.soak, worker))
+            soak = soak_phase(rig, options.soak, worker)
+            results.metrics += soak_metrics(soak)
+            results.rss_samples = soak.samples
             return
         say(f"[1/{total}] baseline: {options.orders} chains of 4 no-op tasks ({worker_settings})")
         baseline = baseline_phase(rig, options.orders, worker)
@@ -1877,8 +1909,9 @@ def measure_with_worker(options: Options, rig: Rig, results: Results) -> None:
         if options.soak:
             say(f"[5/{total}] soak: {options.soak} operations")
             soak = soak_phase(rig, options.soak, worker)
-            say(f"    worker RSS slope {soak.slope_mb_per_10k:.2f} MB per 10,000 operations")
+            say(f"    worker RSS slope {soak.slope_mb_per_10k():.2f} MB per 10,000 operations")
             results.metrics += soak_metrics(soak)
+            results.rss_samples = soak.samples
 
 
 def backends_note(phase: str, use: CpuUse) -> str:

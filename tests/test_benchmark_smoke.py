@@ -89,6 +89,8 @@ SOAK = {
     "soak_worker_rss_after_warm_up_mb",
     "soak_worker_rss_end_mb",
     "soak_worker_rss_slope",
+    "soak_worker_parent_rss_slope",
+    "soak_worker_children_rss_slope",
 }
 NEW_METRICS = (
     {f"{phase}_cpu_{part}" for phase in ("baseline", "pipeline") for part in CPU_PARTS}
@@ -170,6 +172,10 @@ def test_the_quick_benchmark_reports_every_metric_and_never_oversells() -> None:
     assert values["soak_not_completed"] == 0
     assert values["soak_worker_rss_after_warm_up_mb"] > 0
     assert values["soak_worker_rss_end_mb"] > 0
+    samples = report["soak_rss_samples"]
+    assert samples[0]["operations"] == 0
+    assert samples[-1]["operations"] == values["soak_operations"]
+    assert all(s["parent_bytes"] > 0 and s["children_bytes"] > 0 for s in samples)
     assert report["notes"]
 
 
