@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark chaos clean
+.PHONY: install test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark soak chaos clean
 
 install: $(STAMP)
 
@@ -58,6 +58,11 @@ fake-microservice: install
 
 benchmark: install services
 	$(BIN)/python -m stock_sync.benchmark
+
+# The worker's memory over 20,000 operations (about 5-10 minutes on 2 cores): apart from
+# `make benchmark`, which it would more than double.
+soak: install services
+	$(BIN)/python -m stock_sync.benchmark --soak-only --soak 20000
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").

@@ -64,10 +64,10 @@ from stock_sync import render
 from stock_sync.benchmark import (
     DEFAULT_ADMIN_URL,
     configure_this_process,
+    run_environment,
     say,
     stock_skus,
     throwaway_database,
-    worker_environment,
 )
 from stock_sync.chaos_checks import (
     Assertion,
@@ -278,7 +278,9 @@ def chaos_variables(
     database_url: str, broker_url: str, microservice_url: str, queue: str, data_dir: Path
 ) -> dict[str, str]:
     """The STOCK_SYNC_* variables of every process of the run."""
-    variables = worker_environment(database_url, broker_url, microservice_url, queue, data_dir)
+    variables = run_environment(
+        database_url, broker_url, microservice_url, queue, data_dir, task_events="off"
+    )
     variables.update({f"{ENV_PREFIX}{name}": value for name, value in CHAOS_SETTINGS.items()})
     return variables
 

@@ -10,6 +10,7 @@ from celery.signals import setup_logging, worker_process_init
 
 from stock_sync.composition import reset_services
 from stock_sync.db import reset_databases
+from stock_sync.instrumentation import count_sql_if_asked
 from stock_sync.logging_setup import TaskContextFilter, configure_json_logging
 from stock_sync.settings import exit_on_configuration_error, get_settings
 
@@ -20,6 +21,7 @@ with exit_on_configuration_error():
 
 app = Celery("stock_sync")
 app.config_from_object("celeryconfig")
+count_sql_if_asked()  # the benchmark's SQL counters; inert unless STOCK_SYNC_COUNT_SQL_DIR is set
 
 
 @setup_logging.connect
