@@ -72,8 +72,8 @@ def build(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
         "task_default_queue": settings.queue_name,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
+        "task_send_sent_event": settings.task_events,
+        "worker_send_task_events": settings.task_events,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # A producer must not hang when the broker is down: fail fast, the sweep re-drives.

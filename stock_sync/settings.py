@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     alert_interval_s: float = _seconds(60.0)
     log_level: str = "INFO"
     queue_name: str = "stock_sync"
+    # Celery task events cost the worker about 6 ms per operation; Flower turns them on by
+    # itself when it runs, so they stay off unless asked for.
+    task_events: bool = False
     notification_sender: str = ""
 
     task_soft_time_limit_s: float = _seconds(60.0)

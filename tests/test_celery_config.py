@@ -30,9 +30,18 @@ def test_json_only_late_acks_prefetch_one_and_reject_on_worker_lost(
     assert config["task_acks_late"] is True and config["task_reject_on_worker_lost"] is True
     assert config["worker_prefetch_multiplier"] == 1
     assert config["task_ignore_result"] is True
-    assert config["worker_send_task_events"] is True and config["task_send_sent_event"] is True
+    assert config["worker_send_task_events"] is False and config["task_send_sent_event"] is False
     soft, hard = config["task_soft_time_limit"], config["task_time_limit"]
     assert isinstance(soft, float) and isinstance(hard, float) and soft < hard
+
+
+def test_task_events_are_sent_only_when_asked_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STOCK_SYNC_TASK_EVENTS", "on")
+    config = celeryconfig.build(load_settings())
+    assert config["worker_send_task_events"] is True and config["task_send_sent_event"] is True
 
 
 def test_the_visibility_timeout_outlasts_any_countdown(config: dict[str, object]) -> None:
