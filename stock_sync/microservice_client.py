@@ -381,7 +381,7 @@ class MicroserviceClient:
     def get_order(self, order_id: str) -> MicroserviceOrder:
         """GET /v1/orders/{order_id}: the validated order, or OrderNotFound / ContractViolation."""
         _require_text("order_id", order_id)
-        path = f"/v1/orders/{quote(order_id, safe='')}"
+        path = f"/v1/orders/{_path_segment(order_id)}"
         answer = self._exchange("GET", path)
         if answer.status_code == 404:
             raise OrderNotFound(order_id)
@@ -415,7 +415,7 @@ class MicroserviceClient:
         problem = revision_problem(expected_revision)
         if problem is not None:
             raise InvalidInput(f"expected_revision {problem}: {expected_revision!r}")
-        path = f"/v1/orders/{quote(order_id, safe='')}/fulfillment"
+        path = f"/v1/orders/{_path_segment(order_id)}/fulfillment"
         answer = self._exchange(
             "PUT",
             path,
@@ -594,6 +594,14 @@ def _checked_count(name: str, value: int, low: int, high: int) -> int:
 def _require_text(name: str, value: str) -> None:
     if not isinstance(value, str) or not value:
         raise InvalidInput(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _path_segment(value: str) -> str:
+    """``value`` as one percent-encoded path segment. A "." or ".." segment is encoded further,
+    or URL normalisation would remove it (GET /v1/orders/.. would ask for /v1/); requests
+    decodes it back after that step, so it is sent as the literal segment."""
+    segment = quote(value, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
 def _describe_timeout(timeout: tuple[float, float]) -> str:

@@ -841,3 +841,18 @@ def test_a_deadline_shuts_only_its_own_exchange_down(fake: FakeMicroservice) -> 
 
 
 LINE = {"id": "li-1", "offer_id": "off-1", "sku": "SKU-1", "quantity": 2}
+
+
+@pytest.mark.parametrize("order_id", [".", "..", "a/../b", "?#%2F ż"])
+def test_an_order_id_of_any_characters_round_trips(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient, order_id: str
+) -> None:
+    string_fake.add_order(an_order(order_id))
+
+    order = string_client.get_order(order_id)
+    string_client.set_fulfillment_status(
+        order_id, status="SENT", expected_revision=order.revision, idempotency_key="k"
+    )
+
+    assert order.id == order_id
+    assert string_fake.order(order_id)["fulfillment_status"] == "SENT"

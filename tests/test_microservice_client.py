@@ -121,6 +121,25 @@ def test_quotes_the_order_id_into_one_path_segment(
     assert mocked.calls[0].request.path_url == "/v1/orders/a%2Fb%20c"
 
 
+@pytest.mark.parametrize("order_id", [".", "..", "a.b"])
+def test_keeps_a_dot_order_id_in_its_path_segment(
+    mocked: responses.RequestsMock, client: MicroserviceClient, order_id: str
+) -> None:
+    """URL normalisation would drop a "." or ".." segment (GET /v1/orders/.. asking for /v1/)."""
+    mocked.get(re.compile(r".*"), json=order_body(id=order_id))
+    mocked.put(re.compile(r".*"), status=204)
+
+    client.get_order(order_id)
+    client.set_fulfillment_status(
+        order_id, status="PROCESSING", expected_revision=3, idempotency_key="k"
+    )
+
+    assert [call.request.path_url for call in mocked.calls] == [
+        f"/v1/orders/{order_id}",
+        f"/v1/orders/{order_id}/fulfillment",
+    ]
+
+
 def test_sends_the_connect_and_read_timeouts(
     mocked: responses.RequestsMock, client: MicroserviceClient
 ) -> None:
