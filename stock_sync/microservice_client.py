@@ -13,8 +13,11 @@ has to finish within ``deadline_s``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import math
+import os
 import re
 import socket
 import threading
@@ -197,18 +200,22 @@ class MicroserviceOrder(BaseModel):
 
 
 class _Deadline:
-    """The end of one exchange. When watched, a thread shuts the exchange's socket down once
-    the deadline passes, so a trickled answer (headers or body) cannot outlive it."""
+    """The end of one exchange. When watched, the watchdog shuts the exchange's socket down
+    once it passes, so a trickled answer (headers or body) cannot outlive it."""
 
-    def __init__(self, seconds: float, *, watched: bool) -> None:
+    def __init__(self, seconds: float, *, watchdog: _Watchdog | None) -> None:
         self.seconds = seconds
         self._ends_at = time.monotonic() + seconds
         self._lock = threading.Lock()
-        self._finished = threading.Event()
+        self._finished = False
         self._connection: BaseHTTPConnection | None = None
         self._expired = False
-        if watched:
-            threading.Thread(target=self._watch, name="microservice-deadline", daemon=True).start()
+        if watchdog is not None:
+            watchdog.watch(self, self._ends_at)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def remaining(self) -> float:
         return self._ends_at - time.monotonic()
@@ -219,7 +226,7 @@ class _Deadline:
     def attach(self, connection: BaseHTTPConnection) -> None:
         """The pooled connection this exchange uses (from the pool, on this thread)."""
         with self._lock:
-            if not self._finished.is_set():
+            if not self._finished:
                 self._connection = connection
 
     def detach(self, connection: BaseHTTPConnection | None) -> None:
@@ -230,30 +237,77 @@ class _Deadline:
 
     def finish(self) -> None:
         with self._lock:
-            self._finished.set()
+            self._finished = True
             self._connection = None
 
-    def _watch(self) -> None:
-        if self._finished.wait(max(self.remaining(), 0.0)):
-            return
-        while True:
-            with self._lock:
-                if self._finished.is_set():
-                    return
-                self._expired = True
-                if self._shut_down_socket():
-                    return
-            # not connected yet (the connect timeout is within the deadline): look again
-            if self._finished.wait(_WATCH_POLL_S):
-                return
+    def expire(self) -> bool:
+        """Called by the watchdog once passed: shut the socket down. False when there is none
+        yet (still connecting, within the connect timeout): look again a little later."""
+        with self._lock:
+            if self._finished:
+                return True
+            self._expired = True
+            sock = getattr(self._connection, "sock", None)
+            if not isinstance(sock, socket.socket):
+                return False
+            with suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+            return True
 
-    def _shut_down_socket(self) -> bool:
-        sock = getattr(self._connection, "sock", None)
-        if not isinstance(sock, socket.socket):
-            return False
-        with suppress(OSError):  # already closed
-            sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
-        return True
+
+class _Watchdog:
+    """One daemon thread per process that expires the deadlines of running exchanges
+    (a thread per exchange cost about 0.25 ms each)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # threads do not survive a fork
+
+    def _reset(self) -> None:
+        self._condition = threading.Condition()
+        self._queue: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: _Deadline, at: float) -> None:
+        with self._condition:
+            self._drop_finished()  # the oldest usually are: the queue stays about in-flight size
+            heapq.heappush(self._queue, (at, next(self._order), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="microservice-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._queue[0][2] is deadline:
+                self._condition.notify()  # earlier than what the thread waits for
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                due = self._next_due()
+            if due is not None and not due.expire():
+                self.watch(due, time.monotonic() + _WATCH_POLL_S)
+
+    def _next_due(self) -> _Deadline | None:
+        """The earliest deadline once it has passed; None after waiting for it (or for any)."""
+        self._drop_finished()
+        if not self._queue:
+            self._condition.wait()
+            return None
+        at, _, deadline = self._queue[0]
+        wait = at - time.monotonic()
+        if wait > 0:
+            self._condition.wait(wait)
+            return None
+        heapq.heappop(self._queue)
+        return deadline
+
+    def _drop_finished(self) -> None:
+        while self._queue and self._queue[0][2].finished:
+            heapq.heappop(self._queue)
+
+
+_WATCHDOG = _Watchdog()
 
 
 _ACTIVE = threading.local()  # the _Deadline of the exchange running on this thread
@@ -450,7 +504,8 @@ class MicroserviceClient:
         json_body: dict[str, Any] | None = None,
     ) -> _Answer:
         """One HTTP exchange within the deadline, its body read up to the size cap."""
-        deadline = _Deadline(self._deadline_s, watched=self._owns_session)
+        watchdog = _WATCHDOG if self._owns_session else None  # see _DeadlineAdapter
+        deadline = _Deadline(self._deadline_s, watchdog=watchdog)
         _ACTIVE.deadline = deadline
         try:
             with self._transport_errors(method, path, deadline):

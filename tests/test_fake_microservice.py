@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import socket
 import threading
 import time
@@ -856,3 +857,29 @@ def test_an_order_id_of_any_characters_round_trips(
 
     assert order.id == order_id
     assert string_fake.order(order_id)["fulfillment_status"] == "SENT"
+
+
+def test_the_deadline_holds_in_a_forked_child(fake: FakeMicroservice) -> None:
+    """Celery's prefork pool forks after the parent may have used a client: the deadline
+    watchdog's thread does not survive a fork and must be started again in the child."""
+    fake.add_order(an_order("slow"), trickle_s=0.1)
+    with MicroserviceClient(fake.url) as microservice:
+        microservice.get_order("o-1")  # the watchdog thread runs in this process now
+    context = multiprocessing.get_context("fork")
+    outcome = context.Queue()
+
+    child = context.Process(target=read_slow_order, args=(fake.url, outcome))
+    child.start()
+    child.join(10)
+
+    assert outcome.get(timeout=1) == ("MicroserviceTimeout", True)
+
+
+def read_slow_order(url: str, outcome: Any) -> None:
+    started = time.monotonic()
+    try:
+        with MicroserviceClient(url, timeout_s=1.0, deadline_s=0.5) as microservice:
+            microservice.get_order("slow")
+        outcome.put(("no error", False))
+    except Exception as exc:
+        outcome.put((type(exc).__name__, time.monotonic() - started < 1.5))
