@@ -361,15 +361,19 @@ class _DeadlinePassed(Exception):
     """Internal: the exchange's deadline passed between two reads."""
 
 
+class _TooLarge(Exception):
+    """Internal: the body is longer than the cap; the rest is left unread."""
+
+
 @dataclass(frozen=True)
 class _Answer:
-    """Status, headers and body of one exchange; ``complete`` is False when the body was
-    longer than the cap (``body`` then holds only what was read)."""
+    """Status, headers and body of one exchange. ``problem`` says why the body is unusable
+    (longer than the cap, or not decodable); only an answer that needs its body fails on it."""
 
     status_code: int
     headers: Mapping[str, str]
     body: bytes
-    complete: bool
+    problem: str | None = None
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -441,11 +445,8 @@ class MicroserviceClient:
             raise OrderNotFound(order_id)
         if answer.status_code != 200:
             _raise_for_status("GET", path, answer)
-        if not answer.complete:
-            raise ContractViolation(
-                f"{_CONTRACT_BROKEN}: response larger than {self._max_response_bytes} bytes",
-                status_code=200,
-            )
+        if answer.problem is not None:
+            raise ContractViolation(f"{_CONTRACT_BROKEN}: {answer.problem}", status_code=200)
         order = _parse_order(answer.body, self._max_line_quantity)
         if order.id != order_id:
             raise ContractViolation(
@@ -538,15 +539,25 @@ class MicroserviceClient:
     def _read_answer(self, response: requests.Response, deadline: _Deadline) -> _Answer:
         if deadline.passed():
             raise _DeadlinePassed
-        body, complete = _read_capped(response, self._max_response_bytes, deadline)
+        status, headers = response.status_code, response.headers
+        try:
+            body = _read_capped(response, self._max_response_bytes, deadline)
+        except _TooLarge:
+            return _Answer(
+                status, headers, b"", f"response larger than {self._max_response_bytes} bytes"
+            )
+        except requests.exceptions.ContentDecodingError as exc:
+            if deadline.passed():
+                raise _DeadlinePassed from exc
+            return _Answer(status, headers, b"", f"body cannot be decoded: {_one_line(str(exc))}")
         if deadline.passed():
             raise _DeadlinePassed
-        return _Answer(response.status_code, response.headers, body, complete)
+        return _Answer(status, headers, body)
 
     @contextmanager
     def _transport_errors(self, method: str, path: str, deadline: _Deadline) -> Iterator[None]:
-        """Transport failures become Microservice{Timeout,Unavailable} (or ContractViolation
-        for a body that cannot be decoded); any of them after the deadline is a timeout."""
+        """Transport failures become Microservice{Timeout,Unavailable}; any of them after the
+        deadline is a timeout."""
         try:
             yield
         except _DeadlinePassed as exc:
@@ -554,12 +565,6 @@ class MicroserviceClient:
         except requests.Timeout as exc:  # before ConnectionError: ConnectTimeout is both
             raise MicroserviceTimeout(
                 f"{method} {path}: no answer within {_describe_timeout(self._timeout)}"
-            ) from exc
-        except requests.exceptions.ContentDecodingError as exc:
-            if deadline.passed():
-                raise self._deadline_timeout(method, path) from exc
-            raise ContractViolation(
-                f"{_CONTRACT_BROKEN}: body cannot be decoded: {_one_line(str(exc))}"
             ) from exc
         except requests.ConnectionError as exc:
             if deadline.passed():
@@ -587,13 +592,11 @@ class MicroserviceClient:
         )
 
 
-def _read_capped(
-    response: requests.Response, limit: int, deadline: _Deadline
-) -> tuple[bytes, bool]:
-    """The decoded body, read in chunks; stops once it is longer than ``limit`` bytes."""
+def _read_capped(response: requests.Response, limit: int, deadline: _Deadline) -> bytes:
+    """The decoded body, read in chunks; _TooLarge as soon as it is longer than ``limit``."""
     declared = _declared_length(response)
     if declared is not None and declared > limit:
-        return b"", False
+        raise _TooLarge
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_content(_CHUNK_BYTES):
@@ -601,9 +604,9 @@ def _read_capped(
             raise _DeadlinePassed
         size += len(chunk)
         if size > limit:
-            return b"".join(chunks), False
+            raise _TooLarge
         chunks.append(chunk)
-    return b"".join(chunks), True
+    return b"".join(chunks)
 
 
 def _declared_length(response: requests.Response) -> int | None:

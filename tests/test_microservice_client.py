@@ -850,6 +850,26 @@ def test_a_large_error_body_still_classifies_by_status(mocked: responses.Request
         microservice.get_order("o-1")
 
 
+@pytest.mark.parametrize("status", [200, 204])
+def test_a_put_answered_with_an_undecodable_body_still_succeeded(
+    mocked: responses.RequestsMock, client: MicroserviceClient, status: int
+) -> None:
+    mocked.put(FULFILLMENT_URL, status=status, body=b"", headers={"Content-Encoding": "gzip"})
+    mocked.put(FULFILLMENT_URL, status=200, body=b"not gzip", headers={"Content-Encoding": "gzip"})
+
+    put_processing(client)
+    put_processing(client)
+
+
+def test_an_undecodable_error_body_still_classifies_by_status(
+    mocked: responses.RequestsMock, client: MicroserviceClient
+) -> None:
+    mocked.put(FULFILLMENT_URL, status=409, body=b"not gzip", headers={"Content-Encoding": "gzip"})
+
+    with pytest.raises(RevisionConflict, match=r"HTTP 409$"):
+        put_processing(client)
+
+
 def test_a_put_answered_200_with_a_large_body_still_succeeded(
     mocked: responses.RequestsMock,
 ) -> None:
