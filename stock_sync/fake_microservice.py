@@ -243,7 +243,8 @@ def _one_of(value: object, allowed: Iterable[str], name: str) -> str:
 
 
 def _revision(value: object, name: str) -> Revision:
-    """An integer >= 0, or a non-empty string of at most 64 printable characters."""
+    """An integer >= 0, or a non-empty string of at most 64 characters without control
+    characters or lone surrogates."""
     if isinstance(value, str):
         if 0 < len(value) <= _REVISION_MAX_CHARS and not _CONTROL_OR_SURROGATE.search(value):
             return value
