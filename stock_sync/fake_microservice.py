@@ -11,6 +11,15 @@ Contract endpoints (faults apply to these only):
   revision -> 409 ``REVISION_CONFLICT``; no key or a bad body -> 422. Only applied keys are
   remembered, so a request refused with 409/422/503 can be retried with the same key.
 
+Revisions (``revision_form``): ``"string"`` (the default, Allegro's way) serves an opaque token,
+the first 8 hex digits of sha1 over the order id, how many times the id was added and a counter
+that moves at each modification, so it can only be compared for equality; ``"integer"`` (some
+wrappers) serves the counter itself. An order added with an integer ``revision`` starts its
+counter there; in string form an order may also be added with a string ``revision``, served as
+given until its next modification (so ``add_order(fake.order(id))`` keeps the revision). A PUT
+applies only when its ``expected_revision`` equals the served one, type included (``"1"`` is not
+``1``): otherwise 409; a revision that is neither a string nor an integer is a 422.
+
 Per-order knobs (``ORDER_KNOBS``; given with the order, as keyword arguments or extra keys):
 
 - ``ready_after_reads``: the first N answered GETs show BOUGHT, later ones READY_FOR_PROCESSING.
@@ -25,6 +34,10 @@ Per-order knobs (``ORDER_KNOBS``; given with the order, as keyword arguments or 
 - ``hold_puts``: the next N PUTs wait at a gate, before taking effect, until
   ``release_puts(order_id)`` (``POST /_admin/orders/{id}/release``): a PUT that lands late,
   after its sender gave up.
+- ``trickle_s``: GET answers send their headers at once, then the body one byte every
+  ``trickle_s`` seconds (each byte beats a read timeout, the whole body does not).
+- ``gzip_bomb_bytes``: GET answers 200 with ``Content-Encoding: gzip`` and a body that inflates
+  to this many zero bytes (a 50 MB bomb is about 50 KB on the wire).
 
 Global faults (``FAULT_KNOBS``, ``set_faults``): ``error_rate`` (share answered 503),
 ``latency_s`` (added to every request), ``timeout_rate`` + ``timeout_s`` (share that sleeps
@@ -36,20 +49,25 @@ PUTs answered only ``late_answer_s`` after taking effect). Draws come from ``ran
 Admin API (JSON): ``POST /_admin/orders`` (an order or ``{"orders": [...]}``, knobs as extra
 keys), ``GET /_admin/orders/{id}``, ``POST /_admin/orders/{id}/cancel``, ``POST
 /_admin/orders/{id}/release``, ``GET|POST
-/_admin/faults``, ``GET /_admin/fulfillments``, ``POST /_admin/reset``, ``GET /_admin/health``.
+/_admin/faults``, ``GET|POST /_admin/revision_form`` (``{"revision_form": "string"}``), ``GET
+/_admin/fulfillments``, ``POST /_admin/reset``, ``GET /_admin/health``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import json
 import random
+import re
 import socket
 import socketserver
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
@@ -84,8 +102,15 @@ _NOT_PAID = ("BOUGHT", "FILLED_IN")
 _MAX_BODY_BYTES = 10 * 1024 * 1024
 _MAX_HOLD_S = 300.0
 _TRUNCATED_ORDER_JSON = b'{"id": "truncated", "line_items": ['
+_REVISION_MAX_CHARS = 64
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_MAX_BOMB_BYTES = 1024**3
+_BOMB_CHUNK = b"\0" * (1024 * 1024)
 
 MalformedMode = Literal["json", "contract"]
+RevisionForm = Literal["string", "integer"]
+REVISION_FORMS: tuple[RevisionForm, ...] = ("string", "integer")
+Revision = str | int
 
 
 @dataclass
@@ -99,6 +124,8 @@ class _OrderKnobs:
     fail_puts_after_apply: int = 0
     drop_puts_after_apply: int = 0
     hold_puts: int = 0
+    trickle_s: float = 0.0
+    gzip_bomb_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,21 +146,53 @@ FAULT_KNOBS = tuple(knob.name for knob in fields(_Faults))
 
 @dataclass
 class _StoredOrder:
+    """An order's contract body without its revision, which ``counter`` (+ 1 at each change),
+    ``token`` (a string revision given with the order, until its first change) and
+    ``generation`` (how many times the id was added before) make up in either form."""
+
     body: dict[str, Any]
     knobs: _OrderKnobs
+    counter: int
+    token: str | None
+    generation: int
     answered_reads: int = 0
+
+    def revision(self, form: RevisionForm) -> Revision:
+        if form == "integer":
+            return self.counter
+        if self.token is not None:
+            return self.token
+        seed = f"{self.body['id']}:{self.generation}:{self.counter}".encode("utf-8", "replace")
+        return hashlib.sha1(seed, usedforsecurity=False).hexdigest()[:8]
+
+    def bump(self) -> None:
+        """A modification: the revision moves on, in either form."""
+        self.counter += 1
+        self.token = None
+
+    def served(self, form: RevisionForm) -> dict[str, Any]:
+        """A copy of the contract body, revision included."""
+        body = copy.deepcopy(self.body)
+        return {
+            "id": body.pop("id"),
+            "account_name": body.pop("account_name"),
+            "revision": self.revision(form),
+            **body,
+        }
 
 
 @dataclass(frozen=True)
 class _Reply:
     """One HTTP answer; ``delay_s`` is slept (without the lock) before it is sent; ``drop``
-    closes the connection instead of answering."""
+    closes the connection instead of answering; ``trickle_s`` > 0 sends the body one byte at a
+    time, this long apart."""
 
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     delay_s: float = 0.0
     drop: bool = False
+    trickle_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,7 +204,7 @@ class _FaultDraw:
 @dataclass(frozen=True)
 class _PutBody:
     status: str | None = None
-    expected_revision: int | None = None
+    expected_revision: Revision | None = None
     problem: str | None = None
 
 
@@ -183,6 +242,33 @@ def _one_of(value: object, allowed: Iterable[str], name: str) -> str:
     return str(value)
 
 
+def _revision(value: object, name: str) -> Revision:
+    """An integer >= 0, or a non-empty string of at most 64 characters without control
+    characters or lone surrogates."""
+    if isinstance(value, str):
+        if 0 < len(value) <= _REVISION_MAX_CHARS and not _CONTROL_OR_SURROGATE.search(value):
+            return value
+        raise InvalidInput(
+            f"{name} must be a non-empty string of at most {_REVISION_MAX_CHARS} characters, "
+            f"without control characters or lone surrogates, got {value!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{name} must be an integer >= 0 or a string, got {value!r}")
+    return value
+
+
+def _revision_form(value: object, name: str = "revision_form") -> RevisionForm:
+    for form in REVISION_FORMS:
+        if value == form:
+            return form
+    raise InvalidInput(f"{name} must be one of {', '.join(REVISION_FORMS)}, got {value!r}")
+
+
+def _same_revision(sent: object, served: Revision) -> bool:
+    """Equality of opaque revisions: the string "1" is not the integer 1."""
+    return type(sent) is type(served) and sent == served
+
+
 def _reject_unknown(keys: Iterable[str], known: Iterable[str], where: str) -> None:
     unknown = sorted(set(keys) - set(known))
     if unknown:
@@ -212,7 +298,16 @@ def _order_knobs(values: Mapping[str, Any], where: str) -> _OrderKnobs:
             values.get("drop_puts_after_apply", 0), f"{where}: drop_puts_after_apply"
         ),
         hold_puts=_count(values.get("hold_puts", 0), f"{where}: hold_puts"),
+        trickle_s=_seconds(values.get("trickle_s", 0.0), f"{where}: trickle_s"),
+        gzip_bomb_bytes=_bomb_size(values.get("gzip_bomb_bytes", 0), f"{where}: gzip_bomb_bytes"),
     )
+
+
+def _bomb_size(value: object, name: str) -> int:
+    size = _count(value, name)
+    if size > _MAX_BOMB_BYTES:
+        raise InvalidInput(f"{name} must be at most {_MAX_BOMB_BYTES}, got {size}")
+    return size
 
 
 def _line_item(raw: object, order_id: str, index: int) -> dict[str, Any]:
@@ -235,8 +330,9 @@ def _line_item(raw: object, order_id: str, index: int) -> dict[str, Any]:
 def _parse_order(raw: object, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], _OrderKnobs]:
     """A contract order body with defaults filled in, and its knobs; InvalidInput names the field.
 
-    Defaults: revision 1, status READY_FOR_PROCESSING, fulfillment_status NEW, account_name
-    null, line ids ``{order}-line-{n}``, offer ids ``offer-{sku}``.
+    Defaults: revision 1 (an integer or a string), status READY_FOR_PROCESSING,
+    fulfillment_status NEW, account_name null, line ids ``{order}-line-{n}``, offer ids
+    ``offer-{sku}``.
     """
     if not isinstance(raw, Mapping):
         raise InvalidInput(f"an order must be a JSON object, got {type(raw).__name__}")
@@ -256,7 +352,7 @@ def _parse_order(raw: object, overrides: Mapping[str, Any]) -> tuple[dict[str, A
     body = {
         "id": order_id,
         "account_name": account_name,
-        "revision": _count(raw.get("revision", 1), f"{where}: revision"),
+        "revision": _revision(raw.get("revision", 1), f"{where}: revision"),
         "status": status,
         "fulfillment_status": _one_of(
             raw.get("fulfillment_status", "NEW"),
@@ -293,13 +389,14 @@ def _parse_put_body(raw: bytes) -> _PutBody:
     recorded = _PutBody(
         status=status if isinstance(status, str) else None,
         expected_revision=revision
-        if isinstance(revision, int) and not isinstance(revision, bool)
+        if isinstance(revision, str | int) and not isinstance(revision, bool)
         else None,
     )
     if recorded.status not in FULFILLMENT_STATUSES:
         return replace(recorded, problem=f"status must be a fulfillment status, got {status!r}")
     if recorded.expected_revision is None:
-        return replace(recorded, problem=f"expected_revision must be an integer, got {revision!r}")
+        problem = f"expected_revision must be a string or an integer, got {revision!r}"
+        return replace(recorded, problem=problem)
     return recorded
 
 
@@ -355,15 +452,27 @@ def _rate_limited(retry_after_s: float | None) -> _Reply:
     return _error_reply(429, "RATE_LIMITED", "too many requests", retryable=True, headers=headers)
 
 
-def _order_reply(body: Mapping[str, Any], malformed: MalformedMode | None) -> _Reply:
-    if malformed == "json":
-        return _Reply(200, _TRUNCATED_ORDER_JSON)
-    if malformed == "contract":
-        broken = copy.deepcopy(dict(body))
-        lines = broken["line_items"] or [{"id": "x", "offer_id": "x", "sku": "X", "quantity": 1}]
-        broken["line_items"] = [{**lines[0], "quantity": 0}, *lines[1:]]
-        return _json_reply(200, broken)
-    return _json_reply(200, body)
+def _order_reply(body: dict[str, Any], knobs: _OrderKnobs) -> _Reply:
+    if knobs.gzip_bomb_bytes:
+        bomb = _gzipped_zeros(knobs.gzip_bomb_bytes)
+        return _Reply(200, bomb, headers=(("Content-Encoding", "gzip"),))
+    if knobs.malformed == "json":
+        return _Reply(200, _TRUNCATED_ORDER_JSON, trickle_s=knobs.trickle_s)
+    if knobs.malformed == "contract":
+        lines = body["line_items"] or [{"id": "x", "offer_id": "x", "sku": "X", "quantity": 1}]
+        body["line_items"] = [{**lines[0], "quantity": 0}, *lines[1:]]
+    return _json_reply(200, body, trickle_s=knobs.trickle_s)
+
+
+@functools.lru_cache(maxsize=4)
+def _gzipped_zeros(size: int) -> bytes:
+    """``size`` zero bytes, gzip-compressed a chunk at a time (never all of them in memory)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+    parts = []
+    for start in range(0, size, len(_BOMB_CHUNK)):
+        parts.append(compressor.compress(_BOMB_CHUNK[: min(len(_BOMB_CHUNK), size - start)]))
+    parts.append(compressor.flush())
+    return b"".join(parts)
 
 
 def _encode_response(reply: _Reply, *, close: bool) -> bytes:
@@ -384,10 +493,13 @@ def _encode_response(reply: _Reply, *, close: bool) -> bytes:
 class _FakeState:
     """Orders, faults and recorded PUTs behind one lock; never sleeps while holding it."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, revision_form: RevisionForm) -> None:
         self._lock = threading.Lock()
         self._seed = seed
+        self._initial_revision_form = revision_form
+        self._revision_form = revision_form
         self._orders: dict[str, _StoredOrder] = {}
+        self._generations: dict[str, int] = {}
         self._faults = _Faults()
         self._applied_keys: dict[str, str] = {}
         self._fulfillments: list[dict[str, Any]] = []
@@ -398,6 +510,8 @@ class _FakeState:
     def reset(self) -> None:
         with self._lock:
             self._orders.clear()
+            self._generations.clear()
+            self._revision_form = self._initial_revision_form
             self._faults = _Faults()
             self._applied_keys.clear()
             self._fulfillments.clear()
@@ -408,10 +522,38 @@ class _FakeState:
 
     def add_orders(self, raw_orders: Iterable[object], overrides: Mapping[str, Any]) -> list[str]:
         parsed = [_parse_order(raw, overrides) for raw in raw_orders]  # all or nothing
+        for _, knobs in parsed:
+            if knobs.gzip_bomb_bytes:  # built now, not under the lock of a GET
+                _gzipped_zeros(knobs.gzip_bomb_bytes)
         with self._lock:
+            if self._revision_form == "integer":
+                for body, _ in parsed:
+                    if isinstance(body["revision"], str):
+                        raise InvalidInput(
+                            f"order {body['id']}: revision must be an integer in integer "
+                            f"revision form, got {body['revision']!r}"
+                        )
             for body, knobs in parsed:
-                self._orders[body["id"]] = _StoredOrder(body, knobs)
+                self._orders[body["id"]] = self._stored(body, knobs)
         return [body["id"] for body, _ in parsed]
+
+    def _stored(self, body: dict[str, Any], knobs: _OrderKnobs) -> _StoredOrder:
+        order_id, revision = body["id"], body.pop("revision")
+        generation = self._generations.get(order_id, 0)
+        self._generations[order_id] = generation + 1
+        if isinstance(revision, str):  # served as given until the first change
+            return _StoredOrder(body, knobs, counter=0, token=revision, generation=generation)
+        return _StoredOrder(body, knobs, counter=revision, token=None, generation=generation)
+
+    def revision_form(self) -> RevisionForm:
+        with self._lock:
+            return self._revision_form
+
+    def set_revision_form(self, form: object) -> RevisionForm:
+        checked = _revision_form(form)
+        with self._lock:
+            self._revision_form = checked
+            return checked
 
     def set_faults(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -425,7 +567,7 @@ class _FakeState:
     def order(self, order_id: str) -> dict[str, Any] | None:
         with self._lock:
             stored = self._orders.get(order_id)
-            return None if stored is None else copy.deepcopy(stored.body)
+            return None if stored is None else stored.served(self._revision_form)
 
     def cancel(self, order_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -434,8 +576,8 @@ class _FakeState:
                 return None
             if stored.body["status"] != "CANCELLED":
                 stored.body["status"] = "CANCELLED"
-                stored.body["revision"] += 1
-            return copy.deepcopy(stored.body)
+                stored.bump()
+            return stored.served(self._revision_form)
 
     def fulfillment_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -470,7 +612,7 @@ class _FakeState:
                 return _unavailable("injected GET failure")
             self._advance_readiness(stored)
             stored.answered_reads += 1
-            return _order_reply(stored.body, knobs.malformed)
+            return _order_reply(stored.served(self._revision_form), knobs)
 
     def put_fulfillment(self, order_id: str, idempotency_key: str | None, raw: bytes) -> _Reply:
         body = _parse_put_body(raw)
@@ -528,7 +670,7 @@ class _FakeState:
             knobs.ready_after_reads = 0
             if body["status"] in _NOT_PAID:
                 body["status"] = "READY_FOR_PROCESSING"
-                body["revision"] += 1
+                stored.bump()
 
     def _apply_put(
         self, order_id: str, idempotency_key: str | None, body: _PutBody
@@ -545,12 +687,12 @@ class _FakeState:
             return _error_reply(422, "INVALID_BODY", body.problem), "error"
         if idempotency_key in self._applied_keys:
             return _Reply(204), "replayed"
-        revision = stored.body["revision"]
-        if body.expected_revision != revision:
-            message = f"expected revision {body.expected_revision}, order is at {revision}"
+        revision = stored.revision(self._revision_form)
+        if not _same_revision(body.expected_revision, revision):
+            message = f"expected revision {body.expected_revision!r}, order is at {revision!r}"
             return _error_reply(409, "REVISION_CONFLICT", message, retryable=True), "conflict"
         stored.body["fulfillment_status"] = body.status
-        stored.body["revision"] = revision + 1
+        stored.bump()
         self._applied_keys[idempotency_key] = order_id
         return self._answer_to_applied_put(stored.knobs), "applied"
 
@@ -603,6 +745,7 @@ class _FakeHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], state: _FakeState) -> None:
         self.state = state
         self.stopping = False
+        self.accepted_connections = 0
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -616,6 +759,7 @@ class _FakeHTTPServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
             self._connections.add(request)
+            self.accepted_connections += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -697,7 +841,22 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.drop:
             self.close_connection = True  # no answer at all: the client sees the socket close
             return
-        self.wfile.write(_encode_response(reply, close=self.close_connection))
+        encoded = _encode_response(reply, close=self.close_connection)
+        if reply.trickle_s <= 0 or not reply.body:
+            self.wfile.write(encoded)
+            return
+        self._trickle(encoded, len(encoded) - len(reply.body), reply.trickle_s)
+
+    def _trickle(self, encoded: bytes, head_size: int, interval_s: float) -> None:
+        """The head at once, then the body a byte at a time until sent, or until the client
+        hangs up (a write fails) or the server stops."""
+        self.wfile.write(encoded[:head_size])
+        for offset in range(head_size, len(encoded)):
+            time.sleep(interval_s)
+            if self.server.stopping:
+                self.close_connection = True
+                return
+            self.wfile.write(encoded[offset : offset + 1])
 
     def _contract(self, segments: list[str], body: bytes) -> None:
         match segments:
@@ -748,6 +907,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return _order_or_404(order_id, state.cancel(order_id))
             case ("POST", ["orders", order_id, "release"]):
                 return _order_or_404(order_id, state.release_puts(order_id))
+            case ("GET", ["revision_form"]):
+                return _json_reply(200, {"revision_form": state.revision_form()})
+            case ("POST", ["revision_form"]):
+                form = _json_object(_json_body(body)).get("revision_form")
+                return _json_reply(200, {"revision_form": state.set_revision_form(form)})
             case ("GET", ["faults"]):
                 return _json_reply(200, state.faults())
             case ("POST", ["faults"]):
@@ -804,10 +968,11 @@ class FakeMicroservice:
         *,
         orders: Iterable[Mapping[str, Any]] = (),
         seed: int = 0,
+        revision_form: RevisionForm = "string",
     ) -> None:
         self._host = host
         self._port = port
-        self._state = _FakeState(seed)
+        self._state = _FakeState(seed, _revision_form(revision_form))
         self._state.add_orders(list(orders), {})
         self._server: _FakeHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -867,6 +1032,21 @@ class FakeMicroservice:
         """Store (or replace) an order; knobs as keyword arguments override keys in the order."""
         self._state.add_orders([order], knobs)
 
+    @property
+    def revision_form(self) -> RevisionForm:
+        """How revisions are served: ``"string"`` (opaque tokens) or ``"integer"``."""
+        return self._state.revision_form()
+
+    def set_revision_form(self, form: RevisionForm) -> None:
+        """Serve revisions in ``form`` from now on (stored orders keep their counters)."""
+        self._state.set_revision_form(form)
+
+    def connections_accepted(self) -> int:
+        """How many TCP connections the server has accepted since it started."""
+        if self._server is None:
+            raise RuntimeError("FakeMicroservice is not running; call start() first")
+        return self._server.accepted_connections
+
     def set_faults(self, **knobs: Any) -> None:
         """Change the named global fault knobs; the others keep their values."""
         self._state.set_faults(knobs)
@@ -885,7 +1065,7 @@ class FakeMicroservice:
         return self._existing(order_id, self._state.order(order_id))
 
     def cancel_order(self, order_id: str) -> None:
-        """Cancel the order upstream: status CANCELLED, revision + 1."""
+        """Cancel the order upstream: status CANCELLED, a new revision."""
         self._existing(order_id, self._state.cancel(order_id))
 
     def release_puts(self, order_id: str) -> None:
@@ -897,7 +1077,8 @@ class FakeMicroservice:
         return self._state.held_puts(order_id)
 
     def reset(self) -> None:
-        """Forget orders, recorded PUTs and applied keys; faults and the random draws restart."""
+        """Forget orders, recorded PUTs and applied keys; faults, the revision form given to the
+        constructor and the random draws restart."""
         self._state.reset()
 
     @staticmethod
@@ -914,6 +1095,7 @@ def serve(
     orders_file: str | None,
     faults: Mapping[str, Any],
     on_ready: Callable[[str], None] | None = None,
+    revision_form: RevisionForm = "string",
 ) -> None:
     """Serve the fake in the foreground until interrupted (the ``fake-microservice`` command).
 
@@ -921,15 +1103,15 @@ def serve(
     ``on_ready`` gets the URL once listening; by default it is printed to stderr.
     """
     orders = load_orders_file(orders_file) if orders_file else []
-    fake = FakeMicroservice(host, port, orders=orders)
+    fake = FakeMicroservice(host, port, orders=orders, revision_form=revision_form)
     fake.set_faults(**faults)
     try:
         fake.start()
     except OSError as exc:
         raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     announce = on_ready or _print_url
-    announce(fake.url)
     try:
+        announce(fake.url)  # inside: a failing callback must not leave the server running
         fake.wait()
     except KeyboardInterrupt:
         pass

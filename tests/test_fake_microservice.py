@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import socket
+import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ from stock_sync.domain.errors import (
     RevisionConflict,
 )
 from stock_sync.fake_microservice import FakeMicroservice, load_orders_file, serve
-from stock_sync.microservice_client import MicroserviceClient
+from stock_sync.microservice_client import MicroserviceClient, Revision
 
 
 def an_order(order_id: str = "o-1", **changes: Any) -> dict[str, Any]:
@@ -42,7 +47,9 @@ def an_order(order_id: str = "o-1", **changes: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def fake() -> Iterator[FakeMicroservice]:
-    with FakeMicroservice(orders=[an_order()]) as started:
+    """Integer revisions, as some wrappers send them: these tests compare revisions as numbers.
+    The default, Allegro's string tokens, is tested under "revision forms" below."""
+    with FakeMicroservice(orders=[an_order()], revision_form="integer") as started:
         yield started
 
 
@@ -58,7 +65,7 @@ def impatient_client(fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
         yield microservice
 
 
-def sync(client: MicroserviceClient, *, revision: int, key: str = "op-1:sync") -> None:
+def sync(client: MicroserviceClient, *, revision: Revision, key: str = "op-1:sync") -> None:
     client.set_fulfillment_status(
         "o-1", status="PROCESSING", expected_revision=revision, idempotency_key=key
     )
@@ -512,3 +519,367 @@ def test_serve_refuses_a_missing_orders_file(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidInput, match="cannot read it"):
         serve(host="127.0.0.1", port=0, orders_file=str(missing), faults={})
+
+
+# --- revision forms -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def string_fake() -> Iterator[FakeMicroservice]:
+    with FakeMicroservice(orders=[an_order()]) as started:  # the default: Allegro's strings
+        yield started
+
+
+@pytest.fixture
+def string_client(string_fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
+    with MicroserviceClient(string_fake.url, timeout_s=2.0) as microservice:
+        yield microservice
+
+
+def test_serves_opaque_string_revisions_by_default(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient
+) -> None:
+    revision = string_client.get_order("o-1").revision
+
+    assert string_fake.revision_form == "string"
+    assert isinstance(revision, str) and len(revision) == 8
+    int(revision, 16)  # hex digits
+    assert string_fake.order("o-1")["revision"] == revision
+
+
+def test_a_string_revision_round_trips_and_moves_on_at_each_change(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient
+) -> None:
+    first = string_client.get_order("o-1").revision
+    string_client.set_fulfillment_status(
+        "o-1", status="PROCESSING", expected_revision=first, idempotency_key="k-1"
+    )
+    second = string_client.get_order("o-1").revision
+    string_fake.cancel_order("o-1")
+    third = string_client.get_order("o-1").revision
+
+    assert string_fake.order("o-1")["fulfillment_status"] == "PROCESSING"
+    assert len({first, second, third}) == 3
+    assert all(isinstance(revision, str) for revision in (first, second, third))
+    [recorded] = string_fake.fulfillment_requests()
+    assert (recorded["expected_revision"], recorded["outcome"]) == (first, "applied")
+
+
+def test_a_stale_string_revision_is_a_conflict(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient
+) -> None:
+    stale = string_client.get_order("o-1").revision
+    string_fake.cancel_order("o-1")
+
+    with pytest.raises(RevisionConflict, match="REVISION_CONFLICT"):
+        string_client.set_fulfillment_status(
+            "o-1", status="PROCESSING", expected_revision=stale, idempotency_key="k-1"
+        )
+
+    assert string_fake.order("o-1")["fulfillment_status"] == "NEW"
+
+
+def test_the_integer_form_of_a_string_revision_conflicts(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient
+) -> None:
+    string_fake.add_order(an_order(revision="1234"))  # a token that looks like a number
+    assert string_client.get_order("o-1").revision == "1234"
+
+    with pytest.raises(RevisionConflict):
+        string_client.set_fulfillment_status(
+            "o-1", status="PROCESSING", expected_revision=1234, idempotency_key="k-1"
+        )
+    string_client.set_fulfillment_status(
+        "o-1", status="PROCESSING", expected_revision="1234", idempotency_key="k-1"
+    )
+
+    assert outcomes(string_fake) == ["conflict", "applied"]
+
+
+def test_the_string_form_of_an_integer_revision_conflicts(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    assert client.get_order("o-1").revision == 1
+
+    with pytest.raises(RevisionConflict):
+        sync(client, revision="1")  # type: ignore[arg-type]  # the wrong form on purpose
+    sync(client, revision=1)
+
+    assert outcomes(fake) == ["conflict", "applied"]
+    assert fake.order("o-1")["revision"] == 2
+
+
+def test_re_adding_an_order_as_read_keeps_its_string_revision(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient
+) -> None:
+    string_fake.cancel_order("o-1")
+    before = string_fake.order("o-1")
+
+    string_fake.add_order(before)
+
+    assert string_client.get_order("o-1").revision == before["revision"]
+
+
+def test_tokens_never_come_back_after_an_order_is_added_again(
+    string_fake: FakeMicroservice,
+) -> None:
+    seen = [string_fake.order("o-1")["revision"]]
+    for _ in range(3):
+        string_fake.cancel_order("o-1")
+        seen.append(string_fake.order("o-1")["revision"])
+        string_fake.add_order({**string_fake.order("o-1"), "status": "READY_FOR_PROCESSING"})
+        string_fake.cancel_order("o-1")
+        seen.append(string_fake.order("o-1")["revision"])
+        string_fake.add_order(an_order())  # back to revision 1: a new token all the same
+        seen.append(string_fake.order("o-1")["revision"])
+
+    assert len(set(seen)) == len(seen)
+
+
+def test_a_put_with_a_revision_of_another_type_is_refused_with_422(
+    string_fake: FakeMicroservice,
+) -> None:
+    response = requests.put(
+        f"{string_fake.url}/v1/orders/o-1/fulfillment",
+        json={"status": "PROCESSING", "expected_revision": [1]},
+        headers={"Idempotency-Key": "k"},
+        timeout=2,
+    )
+
+    assert response.status_code == 422
+    assert "expected_revision must be a string or an integer" in response.json()["error"]["message"]
+
+
+def test_the_integer_form_refuses_a_string_revision_in_an_order(fake: FakeMicroservice) -> None:
+    with pytest.raises(InvalidInput, match="revision must be an integer in integer revision form"):
+        fake.add_order(an_order(revision="d8e8fca2"))
+
+
+@pytest.mark.parametrize("revision", ["", "x" * 65, "a\nb", -1, True, 1.5])
+def test_refuses_a_revision_outside_the_contract_in_an_order(
+    string_fake: FakeMicroservice, revision: Any
+) -> None:
+    with pytest.raises(InvalidInput, match="revision must be"):
+        string_fake.add_order(an_order(revision=revision))
+
+
+def test_the_revision_form_is_set_through_the_admin_api(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient
+) -> None:
+    url = f"{string_fake.url}/_admin/revision_form"
+
+    changed = requests.post(url, json={"revision_form": "integer"}, timeout=2)
+
+    assert changed.json() == {"revision_form": "integer"}
+    assert requests.get(url, timeout=2).json() == {"revision_form": "integer"}
+    assert string_client.get_order("o-1").revision == 1
+    refused = requests.post(url, json={"revision_form": "float"}, timeout=2)
+    assert refused.status_code == 422
+    string_fake.reset()
+    assert string_fake.revision_form == "string"  # the constructor's form
+
+
+def test_the_revision_form_is_set_in_process(fake: FakeMicroservice) -> None:
+    fake.set_revision_form("string")
+
+    assert isinstance(fake.order("o-1")["revision"], str)
+    with pytest.raises(InvalidInput, match="revision_form must be one of string, integer"):
+        fake.set_revision_form("hex")  # type: ignore[arg-type]  # refused on purpose
+
+
+def test_serve_takes_the_revision_form(tmp_path: Path) -> None:
+    orders_file = tmp_path / "orders.json"
+    orders_file.write_text(json.dumps([an_order()]))
+    served: list[str] = []
+
+    def read_then_stop(url: str) -> None:
+        with MicroserviceClient(url) as microservice:
+            served.append(repr(microservice.get_order("o-1").revision))
+        raise KeyboardInterrupt  # serve() stops on Ctrl-C
+
+    for form in ("integer", "string"):
+        serve(
+            host="127.0.0.1",
+            port=0,
+            orders_file=str(orders_file),
+            faults={},
+            on_ready=read_then_stop,
+            revision_form=form,  # type: ignore[arg-type]  # the loop's str is one of the two
+        )
+
+    assert served[0] == "1"
+    assert served[1].startswith("'") and len(served[1]) == 10
+
+
+# --- hostile answers over HTTP --------------------------------------------------------------
+
+
+def test_a_trickled_body_is_cut_at_the_deadline(fake: FakeMicroservice) -> None:
+    fake.add_order(an_order(), trickle_s=0.1)  # each byte beats the read timeout by far
+
+    started = time.monotonic()
+    with (
+        MicroserviceClient(fake.url, timeout_s=1.0, deadline_s=0.5) as microservice,
+        pytest.raises(
+            MicroserviceTimeout, match=r"exchange not finished within its 0\.5s deadline"
+        ),
+    ):
+        microservice.get_order("o-1")
+
+    assert time.monotonic() - started < 1.0  # the body alone would take about 20 s
+
+
+def test_a_slow_but_timely_body_is_accepted(fake: FakeMicroservice) -> None:
+    order = an_order()
+    fake.add_order(order, trickle_s=0.001)
+
+    with MicroserviceClient(fake.url, timeout_s=1.0, deadline_s=5.0) as microservice:
+        assert microservice.get_order("o-1").id == "o-1"
+
+
+def test_a_gzip_bomb_is_refused_after_reading_about_the_cap(fake: FakeMicroservice) -> None:
+    fake.add_order(an_order(), gzip_bomb_bytes=50 * 1024 * 1024)
+    with MicroserviceClient(fake.url, timeout_s=2.0) as microservice:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ContractViolation) as caught:
+                microservice.get_order("o-1")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+    assert str(caught.value).endswith("response larger than 1048576 bytes")
+    assert peak < 8 * 1024 * 1024  # reading the 50 MB would need 50 MB at least
+
+
+def test_a_header_section_trickled_past_the_deadline_is_a_timeout() -> None:
+    with trickling_server(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n") as url:
+        started = time.monotonic()
+        with (
+            MicroserviceClient(url, timeout_s=1.0, deadline_s=0.5) as microservice,
+            pytest.raises(MicroserviceTimeout, match=r"0\.5s deadline"),
+        ):
+            microservice.get_order("o-1")
+
+    assert time.monotonic() - started < 1.0
+
+
+@contextmanager
+def trickling_server(answer: bytes, interval_s: float = 0.05) -> Iterator[str]:
+    """A raw TCP server that sends ``answer`` to each connection one byte per interval."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer_slowly() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                for offset in range(len(answer)):
+                    if stop.wait(interval_s):
+                        return
+                    connection.sendall(answer[offset : offset + 1])
+
+    thread = threading.Thread(target=answer_slowly, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+def test_the_pool_stays_healthy_through_hostile_answers(fake: FakeMicroservice) -> None:
+    fake.add_order(an_order("slow"), trickle_s=0.1)
+    fake.add_order(an_order("bomb"), gzip_bomb_bytes=5 * 1024 * 1024)
+    fake.add_order(an_order("big", line_items=[dict(LINE, id=f"li-{n}") for n in range(400)]))
+
+    with MicroserviceClient(
+        fake.url, timeout_s=1.0, deadline_s=0.3, max_response_bytes=20_000
+    ) as microservice:
+        for _ in range(10):
+            microservice.get_order("o-1")
+        assert fake.connections_accepted() == 1  # one kept-alive connection
+        for hostile, error in [
+            ("slow", MicroserviceTimeout),
+            ("bomb", ContractViolation),
+            ("big", ContractViolation),
+        ]:
+            with pytest.raises(error):
+                microservice.get_order(hostile)
+            for _ in range(10):
+                assert microservice.get_order("o-1").id == "o-1"
+
+    # an answer cut short costs its connection, never the pool: the bomb's whole (compressed)
+    # body fits the first read, so its connection goes back to the pool clean
+    assert fake.connections_accepted() == 3
+
+
+def test_a_deadline_shuts_only_its_own_exchange_down(fake: FakeMicroservice) -> None:
+    fake.add_order(an_order("slow"), trickle_s=0.05)
+    failures: list[BaseException] = []
+
+    with MicroserviceClient(fake.url, timeout_s=1.0, deadline_s=0.3) as microservice:
+
+        def read_many() -> None:
+            try:
+                for _ in range(40):
+                    assert microservice.get_order("o-1").id == "o-1"
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        readers = [threading.Thread(target=read_many) for _ in range(4)]
+        for reader in readers:
+            reader.start()
+        for _ in range(4):
+            with pytest.raises(MicroserviceTimeout):
+                microservice.get_order("slow")
+        for reader in readers:
+            reader.join(30)
+
+    assert failures == []
+
+
+LINE = {"id": "li-1", "offer_id": "off-1", "sku": "SKU-1", "quantity": 2}
+
+
+@pytest.mark.parametrize("order_id", [".", "..", "a/../b", "?#%2F ż"])
+def test_an_order_id_of_any_characters_round_trips(
+    string_fake: FakeMicroservice, string_client: MicroserviceClient, order_id: str
+) -> None:
+    string_fake.add_order(an_order(order_id))
+
+    order = string_client.get_order(order_id)
+    string_client.set_fulfillment_status(
+        order_id, status="SENT", expected_revision=order.revision, idempotency_key="k"
+    )
+
+    assert order.id == order_id
+    assert string_fake.order(order_id)["fulfillment_status"] == "SENT"
+
+
+def test_the_deadline_holds_in_a_forked_child(fake: FakeMicroservice) -> None:
+    """Celery's prefork pool forks after the parent may have used a client: the deadline
+    watchdog's thread does not survive a fork and must be started again in the child."""
+    fake.add_order(an_order("slow"), trickle_s=0.1)
+    with MicroserviceClient(fake.url) as microservice:
+        microservice.get_order("o-1")  # the watchdog thread runs in this process now
+    context = multiprocessing.get_context("fork")
+    outcome = context.Queue()
+
+    child = context.Process(target=read_slow_order, args=(fake.url, outcome))
+    child.start()
+    child.join(10)
+
+    assert outcome.get(timeout=1) == ("MicroserviceTimeout", True)
+
+
+def read_slow_order(url: str, outcome: Any) -> None:
+    started = time.monotonic()
+    try:
+        with MicroserviceClient(url, timeout_s=1.0, deadline_s=0.5) as microservice:
+            microservice.get_order("slow")
+        outcome.put(("no error", False))
+    except Exception as exc:
+        outcome.put((type(exc).__name__, time.monotonic() - started < 1.5))
