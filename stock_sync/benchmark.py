@@ -94,7 +94,7 @@ from stock_sync.db import Database, normalise_database_url, reset_databases
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import MovementReason
-from stock_sync.fake_microservice import FakeMicroservice, _FakeState
+from stock_sync.fake_microservice import FakeMicroservice, RevisionForm, _FakeState
 from stock_sync.instrumentation import (
     COUNT_SQL_DIR_VARIABLE,
     LabelledSqlCounter,
@@ -803,8 +803,8 @@ class _CountingFakeState(_FakeState):
     its faults first (``draw_fault``), then a GET reads an order, a PUT applies a fulfillment
     (or is recorded as faulted)."""
 
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int, revision_form: RevisionForm) -> None:
+        super().__init__(seed, revision_form)
         self._counts_lock = threading.Lock()
         self._requests = self._gets = self._puts = 0
 
@@ -840,7 +840,7 @@ class CountingFakeMicroservice(FakeMicroservice):
 
     def __init__(self) -> None:
         super().__init__()
-        self._counting_state = _CountingFakeState(seed=0)
+        self._counting_state = _CountingFakeState(seed=0, revision_form="string")
         self._state = self._counting_state
 
     def http_counts(self) -> HttpCounts:

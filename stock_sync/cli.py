@@ -378,6 +378,13 @@ def worker(ctx: click.Context) -> None:
 @click.option("--latency", "latency_s", type=FiniteFloatRange(0), default=0.0, show_default=True)
 @click.option("--rate-limit-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--timeout-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
+@click.option(
+    "--revision-form",
+    type=click.Choice(["string", "integer"]),
+    default="string",
+    show_default=True,
+    help="Serve revisions as Allegro does (opaque strings) or as integers.",
+)
 def fake_microservice(
     host: str,
     port: int,
@@ -386,6 +393,7 @@ def fake_microservice(
     latency_s: float,
     rate_limit_rate: float,
     timeout_rate: float,
+    revision_form: str,
 ) -> None:
     """Serve the microservice contract from orders held in memory (tests, demo, benchmarks)."""
     from stock_sync.fake_microservice import serve
@@ -397,7 +405,13 @@ def fake_microservice(
         "timeout_rate": timeout_rate,
     }
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it
-        serve(host=host, port=port, orders_file=orders_file, faults=faults)
+        serve(
+            host=host,
+            port=port,
+            orders_file=orders_file,
+            faults=faults,
+            revision_form=revision_form,  # type: ignore[arg-type]  # click.Choice checked it
+        )
 
 
 def _register_monitoring_commands() -> None:

@@ -60,6 +60,9 @@ def build_services(
         settings.microservice_url,
         timeout_s=settings.microservice_timeout_s,
         connect_timeout_s=min(settings.microservice_timeout_s, 3.0),
+        deadline_s=settings.microservice_deadline_s,
+        max_response_bytes=settings.microservice_max_response_bytes,
+        max_line_quantity=settings.max_line_quantity,
     )
     logger = StandardizedLogger()
     cancellation = OperationCancellationService(
