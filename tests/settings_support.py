@@ -61,6 +61,7 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_SWEEP_INTERVAL_S": seconds(WEEK),
     "STOCK_SYNC_SWEEP_BATCH_SIZE": whole(1, 10_000),
     "STOCK_SYNC_LOG_LEVEL": lambda value: value in LOG_LEVELS,
+    "STOCK_SYNC_TASK_EVENTS": lambda value: isinstance(value, bool),
     "STOCK_SYNC_TASK_SOFT_TIME_LIMIT_S": seconds(WEEK),
     "STOCK_SYNC_TASK_TIME_LIMIT_S": seconds(WEEK),
     "STOCK_SYNC_NOTIFICATION_SENDER": lambda value: value == "" or ":" in value,
