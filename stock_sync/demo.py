@@ -701,7 +701,10 @@ def run_demo(timeout_s: float) -> int:
         stack.callback(worker.stop)
         pid = worker.start()
         print(f"  worker: pid {pid}, queue {run.queue}, log {worker.log_path}")
-        print(f"  fake microservice: {fake.url} ({GLOBAL_ERROR_RATE:.0%} random 503s)")
+        print(
+            f"  fake microservice: {fake.url} ({GLOBAL_ERROR_RATE:.0%} random 503s, "
+            "revisions as opaque strings, the way Allegro sends them)"
+        )
         problems = exercise(run, services, fake, worker, timeout_s)
     elapsed = time.monotonic() - started
     if problems:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from stock_sync.domain.revisions import revision_from_text
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.models import PendingStockOperation
 from stock_sync.operation_events import timeline
@@ -62,6 +63,13 @@ def operation_details(session: Session, operation_id: uuid.UUID) -> dict[str, An
             "cancellation_reason": operation.cancellation_reason,
             "rollback_operations": operation.rollback_operations or [],
             "fulfillment_status_before_sync": operation.fulfillment_status_before_sync,
+            # as the microservice sent it: a string token (Allegro) or an integer
+            "order_revision": (
+                revision_from_text(operation.order_revision)
+                if operation.order_revision is not None
+                else None
+            ),
+            "sync_put_sent_at": _iso(operation.sync_put_sent_at),
             "events": [
                 {
                     "action": event.action,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,11 @@ def operation(details: dict[str, Any]) -> str:
         f"  order:        {details['order_id']}  account: {details['account_name'] or '-'}",
         f"  status:       {details['status']}  retries in stage: {details['retry_count']}",
     ]
+    if details.get("order_revision") is not None:
+        lines.append(
+            f"  revision:     {json.dumps(details['order_revision'])}  fulfillment before sync: "
+            f"{details.get('fulfillment_status_before_sync') or '-'}"
+        )
     if details.get("parent_operation_id"):
         lines.append(f"  parent:       {details['parent_operation_id']}")
     if details.get("last_error"):
