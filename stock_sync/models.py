@@ -209,5 +209,6 @@ class OperationEvent(Base):
 
 # The tables themselves, for Core statements on the hot path (no ORM unit of work).
 OPERATIONS_TABLE = cast(Table, PendingStockOperation.__table__)
+STOCK_LEVELS_TABLE = cast(Table, StockLevel.__table__)
 STOCK_MOVEMENTS_TABLE = cast(Table, StockMovement.__table__)
 OPERATION_EVENTS_TABLE = cast(Table, OperationEvent.__table__)

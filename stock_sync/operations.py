@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -75,8 +75,19 @@ def set_retries_used(operation: PendingStockOperation, stage: Stage, used: int) 
     setattr(operation, stage.retry_counter.value, used)
 
 
+class OperationLike(Protocol):
+    """What logging and line items need of an operation: the ORM row or an OperationRow."""
+
+    id: uuid.UUID
+    order_id: str
+    status: str
+    retry_count: int
+    operation_type: str
+    line_items: list[dict[str, Any]] | None
+
+
 def operation_logger(
-    session: Session | None, operation: PendingStockOperation, base: StandardizedLogger
+    session: Session | None, operation: OperationLike, base: StandardizedLogger
 ) -> StandardizedLogger:
     """A StandardizedLogger bound to ``operation`` that writes events into ``session``."""
     log = base.with_events(SqlEventStore(session) if session is not None else None)
@@ -116,7 +127,7 @@ def transition(
     log.log_status_transition(operation.id, from_status, to_status, reason, additional_context)
 
 
-def line_items_of(operation: PendingStockOperation) -> list[LineItem]:
+def line_items_of(operation: OperationLike) -> list[LineItem]:
     return [LineItem.from_dict(item) for item in operation.line_items or []]
 
 

@@ -284,14 +284,15 @@ class StandardizedLogger:
     ) -> None:
         context = self.context(operation_id)
         action_value = _action_value(action)
-        record_fields = {**context.fields(), "action": action_value, **_json_safe(fields)}
-        self._logger.log(level, message, extra=record_fields)
+        if self._logger.isEnabledFor(level):  # the record's fields only when it is written
+            record_fields = {**context.fields(), "action": action_value, **_json_safe(fields)}
+            self._logger.log(level, message, extra=record_fields)
         if self._events is not None:
             self._events.record(
                 operation_id=operation_id,
                 action=action_value,
-                from_status=record_fields.get("from_status"),
-                to_status=record_fields.get("to_status"),
+                from_status=fields.get("from_status"),
+                to_status=fields.get("to_status"),
                 error_type=error_type,
                 details={"attempt": context.attempt, **_json_safe(event_details)},
             )

@@ -26,6 +26,7 @@ from stock_sync.domain.stock import (
 )
 from stock_sync.models import (
     SKU_MAX_LENGTH,
+    STOCK_LEVELS_TABLE,
     STOCK_MOVEMENTS_TABLE,
     StockLevel,
     StockMovement,
@@ -82,8 +83,9 @@ def get_stock(session: Session, sku: str) -> int | None:
 
 def get_levels(session: Session, skus: Iterable[str]) -> dict[str, int]:
     """Quantities of the SKUs that exist; unknown ones are absent from the result."""
-    rows = session.execute(
-        select(StockLevel.sku, StockLevel.quantity).where(StockLevel.sku.in_(set(skus)))
+    levels = STOCK_LEVELS_TABLE.c
+    rows = session.connection().execute(
+        select(levels.sku, levels.quantity).where(levels.sku.in_(set(skus)))
     )
     return {sku: quantity for sku, quantity in rows}
 
@@ -165,16 +167,17 @@ def deduct_for_operation(
         raise InvalidInput(f"operation {operation_id} has no line items to deduct")
     movements: list[Movement] = []
     now = utcnow()
+    levels, connection = STOCK_LEVELS_TABLE.c, session.connection()
     for line in in_lock_order(line_items):
-        taken = session.execute(
-            update(StockLevel)
-            .where(StockLevel.sku == line.sku, StockLevel.quantity >= line.quantity)
-            .values(quantity=StockLevel.quantity - line.quantity, updated_at=now)
+        taken = connection.execute(
+            update(STOCK_LEVELS_TABLE)
+            .where(levels.sku == line.sku, levels.quantity >= line.quantity)
+            .values(quantity=levels.quantity - line.quantity, updated_at=now)
         )
-        if taken.rowcount != 1:  # type: ignore[attr-defined]
+        if taken.rowcount != 1:
             raise _shortage(session, line_items, movements)
         movements.append(Movement(line.sku, -line.quantity, line.id))
-    session.connection().execute(
+    connection.execute(
         insert(STOCK_MOVEMENTS_TABLE),
         [
             {

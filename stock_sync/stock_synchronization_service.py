@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from stock_sync.db import Database, after_commit
@@ -46,9 +46,16 @@ from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
 from stock_sync.models import PendingStockOperation, utcnow
 from stock_sync.notifications import Notification, Notifier
 from stock_sync.operation_events import DeferredEvents
+from stock_sync.operation_rows import (
+    OperationRow,
+    change_row,
+    lock_row,
+    move_row,
+    move_row_if_still,
+    peek_row,
+)
 from stock_sync.operations import (
     line_items_of,
-    load_operation,
     lock_operation,
     operation_logger,
     retries_used,
@@ -146,8 +153,9 @@ class StockSynchronizationService:
     def load_line_items(self, operation_id: uuid.UUID) -> StageOutcome:
         """Load the order's lines from the microservice once it is paid.
 
-        Whether the stage applies is read without a lock (the locked transaction that stores
-        the lines checks again); its "loading" event is written by that transaction.
+        Whether the stage applies is read without a lock; the lines are stored with one
+        UPDATE guarded by the status read (it takes the row lock), in the transaction that
+        also writes the stage's events, "loading" included.
         """
         found = self._peek(operation_id, LOAD_LINE_ITEMS)
         if isinstance(found, StageOutcome):
@@ -155,7 +163,7 @@ class StockSynchronizationService:
         order_id = found.order_id
         loading = DeferredEvents()
         log = self._logger.with_events(loading)
-        log.bind(operation_id, order_id=order_id, status=found.status, attempt=found.attempt)
+        _bind(log, found)
         log.log_action_with_timing(
             operation_id, LogAction.LINE_ITEMS_LOADING, f"loading order {order_id}"
         )
@@ -170,42 +178,53 @@ class StockSynchronizationService:
             raise OrderNotReady(order_id, order.status)
         if not order.line_items:
             raise InvalidInput(f"order {order_id} has no line items")
-        return self._store_line_items(operation_id, order, timer, loading)
+        return self._store_line_items(found, order, timer, loading)
 
     def _store_line_items(
         self,
-        operation_id: uuid.UUID,
+        found: OperationRow,
         order: MicroserviceOrder,
         timer: Timer,
         loading: DeferredEvents,
     ) -> StageOutcome:
-        with self._stage_transaction(operation_id, LOAD_LINE_ITEMS) as stage:
-            if stage.skip:
-                return stage.skip
-            loading.write_into(stage.session)
-            operation, log = stage.operation, stage.log
-            operation.line_items = [
-                LineItem(line.id, line.offer_id, line.sku, line.quantity).to_dict()
-                for line in order.line_items
-            ]
-            # What the sync PUT will send as expected_revision, and what a rollback restores.
-            operation.order_revision = revision_to_text(order.revision)
-            operation.fulfillment_status_before_sync = order.fulfillment_status
-            if not operation.account_name and order.account_name:
-                operation.account_name = order.account_name
+        fills_account = not found.account_name and bool(order.account_name)
+
+        def log_loaded() -> None:
+            loading.write_into(session)
+            if fills_account:
                 log.log_action_with_timing(
-                    operation_id,
+                    found.id,
                     LogAction.ACCOUNT_NAME_UPDATED,
                     f"account name set to {order.account_name}",
                 )
             log.log_action_with_timing(
-                operation_id,
+                found.id,
                 LogAction.LINE_ITEMS_LOADED,
                 f"{len(order.line_items)} line items loaded",
                 timer.elapsed_ms,
             )
-            transition(operation, S.PROCESSING, "line items loaded", log)
-            return StageOutcome.DONE
+
+        with self._database.transaction() as session:
+            log = operation_logger(session, found, self._logger)
+            stored = move_row_if_still(
+                session.connection(),
+                found,
+                S.PROCESSING,
+                "line items loaded",
+                log,
+                log_outcome=log_loaded,
+                line_items=[
+                    LineItem(line.id, line.offer_id, line.sku, line.quantity).to_dict()
+                    for line in order.line_items
+                ],
+                # What the sync PUT sends as expected_revision, and what a rollback restores.
+                order_revision=revision_to_text(order.revision),
+                fulfillment_status_before_sync=order.fulfillment_status,
+                **({"account_name": order.account_name} if fills_account else {}),
+            )
+        if not stored:  # a cancel (or a duplicate delivery) got there first
+            return self._verdict_now(found.id, LOAD_LINE_ITEMS)
+        return StageOutcome.DONE
 
     # --- stage 2: PROCESSING, validation -------------------------------------------------
 
@@ -256,7 +275,16 @@ class StockSynchronizationService:
                 ", ".join(f"{m.sku} {m.delta}" for m in outcome.movements),
                 timer.elapsed_ms,
             )
-            transition(operation, S.STOCK_DEDUCTED, "stock deducted", log)
+            # From here on a sync PUT may leave at any moment: a cancellation must then roll
+            # the marketplace back (see sync_microservice).
+            move_row(
+                stage.connection,
+                operation,
+                S.STOCK_DEDUCTED,
+                "stock deducted",
+                log,
+                sync_put_sent_at=utcnow(),
+            )
             return StageOutcome.DONE
 
     # --- stage 4: STOCK_DEDUCTED -> COMPLETED --------------------------------------------
@@ -264,19 +292,23 @@ class StockSynchronizationService:
     def sync_microservice(self, operation_id: uuid.UUID) -> StageOutcome:
         """Tell the microservice the stock is taken (fulfillment PROCESSING) with one PUT.
 
-        The revision and the fulfillment status to restore were recorded at load; the order is
-        read again only after a 409 (or for a row loaded before they were recorded). Before
-        any PUT leaves, the row records that it may have been sent and with which revision, so
-        a cancellation from then on rolls the marketplace back (see
-        OperationCancellationService.rollback_microservice).
+        The revision and the fulfillment status to restore were recorded at load, and the
+        deduction recorded that a sync PUT may leave from then on (``sync_put_sent_at``), so
+        a cancellation from STOCK_DEDUCTED or later rolls the marketplace back whatever
+        happens to this PUT (see OperationCancellationService.rollback_microservice).
+        Whether the stage applies is read without a lock; the order is read again only after
+        a 409 (or for a row recorded before these columns existed).
         """
-        with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
-            if stage.skip:
-                return stage.skip
-            stage.log.log_action_with_timing(
-                operation_id, LogAction.MICROSERVICE_SYNC_STARTED, "syncing fulfillment status"
-            )
-            request = _prepare_sync_put(stage.operation)
+        found = self._peek(operation_id, SYNC_MICROSERVICE)
+        if isinstance(found, StageOutcome):
+            return found
+        started = DeferredEvents()
+        log = self._logger.with_events(started)
+        _bind(log, found)
+        log.log_action_with_timing(
+            operation_id, LogAction.MICROSERVICE_SYNC_STARTED, "syncing fulfillment status"
+        )
+        request = _sync_request(found)
         with self._measure_execution_time() as timer:
             if request is None:
                 request = self._reload_for_sync(operation_id)
@@ -289,7 +321,7 @@ class StockSynchronizationService:
                 if request is None:
                     return StageOutcome.STOPPED
                 self._send_sync_put(request)  # a second 409 is retried with backoff
-        return self._complete(operation_id, timer)
+        return self._complete(found, timer, started)
 
     def _send_sync_put(self, request: SyncRequest) -> None:
         """The PUT; when it may have landed although it failed, a cancellation that won
@@ -320,29 +352,42 @@ class StockSynchronizationService:
             if stage.skip:
                 return None
             operation = stage.operation
-            operation.order_revision = revision_to_text(order.revision)
-            if operation.fulfillment_status_before_sync is None:
-                operation.fulfillment_status_before_sync = order.fulfillment_status
-            return _prepare_sync_put(operation)
+            change_row(
+                stage.connection,
+                operation,
+                order_revision=revision_to_text(order.revision),
+                fulfillment_status_before_sync=(
+                    operation.fulfillment_status_before_sync or order.fulfillment_status
+                ),
+                sync_put_sent_at=operation.sync_put_sent_at or utcnow(),
+            )
+            return _sync_request(operation)
 
-    def _complete(self, operation_id: uuid.UUID, timer: Timer) -> StageOutcome:
+    def _complete(self, found: OperationRow, timer: Timer, started: DeferredEvents) -> StageOutcome:
+        def log_synced() -> None:
+            started.write_into(session)
+            log.log_action_with_timing(
+                found.id,
+                LogAction.MICROSERVICE_SYNC_SUCCESS,
+                f"fulfillment set to {SYNCED_FULFILLMENT_STATUS}",
+                timer.elapsed_ms,
+            )
+
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
-            status = operation.status_enum
-            if status is S.STOCK_DEDUCTED:
-                log = operation_logger(session, operation, self._logger)
-                operation.microservice_synced_at = utcnow()
-                log.log_action_with_timing(
-                    operation_id,
-                    LogAction.MICROSERVICE_SYNC_SUCCESS,
-                    f"fulfillment set to {SYNCED_FULFILLMENT_STATUS}",
-                    timer.elapsed_ms,
-                )
-                transition(operation, S.COMPLETED, "status synced to the microservice", log)
-                return StageOutcome.DONE
-        if status is S.CANCELLED:
-            # Our PUT landed after a cancellation: make sure a rollback reads the order after it.
-            self._cancellation.compensate_if_cancelled(operation_id, put_landed=True)
+            log = operation_logger(session, found, self._logger)
+            completed = move_row_if_still(
+                session.connection(),
+                found,
+                S.COMPLETED,
+                "status synced to the microservice",
+                log,
+                log_outcome=log_synced,
+                microservice_synced_at=utcnow(),
+            )
+        if completed:
+            return StageOutcome.DONE
+        if self._cancellation.compensate_if_cancelled(found.id, put_landed=True):
+            # Our PUT landed after a cancellation: a rollback must read the order after it.
             return StageOutcome.STOPPED
         return StageOutcome.ALREADY_PAST  # a duplicate delivery finished first
 
@@ -514,42 +559,39 @@ class StockSynchronizationService:
         acts on a status the other is changing and the audit trail never interleaves.
         """
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
+            connection = session.connection()
+            operation = lock_row(connection, operation_id)
             verdict = stage_outcome_for(operation.status_enum, stage)
             if verdict is not None:
                 _log_skip(operation.id, operation.order_id, operation.status, stage, verdict)
             yield StageContext(
-                session, operation, operation_logger(session, operation, self._logger), verdict
+                session,
+                connection,
+                operation,
+                operation_logger(session, operation, self._logger),
+                verdict,
             )
 
-    def _peek(self, operation_id: uuid.UUID, stage: Stage) -> PeekedOperation | StageOutcome:
+    def _peek(self, operation_id: uuid.UUID, stage: Stage) -> OperationRow | StageOutcome:
         """The operation read without a lock, or the outcome to return when ``stage`` does
         not apply to it (a duplicate delivery, a chain ahead of its operation, a cancel)."""
-        op = PendingStockOperation
         with self._database.peek() as connection:
-            row = connection.execute(
-                select(op.status, op.order_id, op.retry_count).where(op.id == operation_id)
-            ).first()
-        if row is None:
-            raise OperationNotFound(operation_id)
-        verdict = stage_outcome_for(OperationStatus(row.status), stage)
+            found = peek_row(connection, operation_id)
+        verdict = stage_outcome_for(found.status_enum, stage)
         if verdict is not None:
-            _log_skip(operation_id, row.order_id, row.status, stage, verdict)
+            _log_skip(operation_id, found.order_id, found.status, stage, verdict)
             return verdict
-        return PeekedOperation(row.status, row.order_id, row.retry_count + 1)
+        return found
+
+    def _verdict_now(self, operation_id: uuid.UUID, stage: Stage) -> StageOutcome:
+        """Why ``stage`` no longer applies, read again after a guarded move found the status
+        changed (the operation moved on or was cancelled meanwhile)."""
+        found = self._peek(operation_id, stage)
+        return found if isinstance(found, StageOutcome) else StageOutcome.STOPPED
 
     @staticmethod
     def _measure_execution_time() -> AbstractContextManager[Timer]:
         return measure_execution_time()
-
-
-@dataclass(frozen=True)
-class PeekedOperation:
-    """What a lock-free check read of an operation the stage applies to."""
-
-    status: str
-    order_id: str
-    attempt: int
 
 
 @dataclass(frozen=True)
@@ -561,14 +603,27 @@ class SyncRequest:
     revision: Revision
 
 
-def _prepare_sync_put(operation: PendingStockOperation) -> SyncRequest | None:
-    """Mark the row (under its lock) as having a sync PUT on its way; None when the order must
-    be read first (no revision or no status to restore recorded yet)."""
-    if operation.order_revision is None or operation.fulfillment_status_before_sync is None:
+def _sync_request(operation: OperationRow) -> SyncRequest | None:
+    """The PUT to send; None when the order must be read first under the lock (no revision or
+    no status to restore recorded, or a row deducted before sync_put_sent_at existed)."""
+    if (
+        operation.order_revision is None
+        or operation.fulfillment_status_before_sync is None
+        or operation.sync_put_sent_at is None
+    ):
         return None
-    operation.sync_put_sent_at = utcnow()
     return SyncRequest(
         operation.id, operation.order_id, revision_from_text(operation.order_revision)
+    )
+
+
+def _bind(log: StandardizedLogger, operation: OperationRow) -> None:
+    log.bind(
+        operation.id,
+        order_id=operation.order_id,
+        status=operation.status,
+        attempt=operation.retry_count + 1,
+        operation_type=operation.operation_type,
     )
 
 
@@ -579,7 +634,8 @@ class _CancelledMeanwhile(Exception):
 @dataclass(frozen=True)
 class StageContext:
     session: Session
-    operation: PendingStockOperation
+    connection: Connection  # the session's: Core statements on the hot path
+    operation: OperationRow
     log: StandardizedLogger
     skip: StageOutcome | None
 
