@@ -149,13 +149,33 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A session inside one transaction: committed on success, rolled back on error.
 
-        Callbacks registered with :func:`after_commit` run once it has committed and its
-        connection is back in the pool (never when it rolls back).
+        Callbacks registered with :func:`before_commit` run last inside it; those registered
+        with :func:`after_commit` once it has committed and its connection is back in the
+        pool (never when it rolls back).
         """
         with self.sessions() as session:
             with session.begin():
                 yield session
+                _run(session, _BEFORE_COMMIT)
             callbacks = session.info.pop(_AFTER_COMMIT, [])
+        for callback in callbacks:
+            callback()
+
+    @contextmanager
+    def core_transaction(self) -> Iterator[Connection]:
+        """As :meth:`transaction`, on a bare connection: for the stages' hot path, which speaks
+        Core and has no use for a Session's unit of work."""
+        with self.engine.connect() as connection:
+            try:
+                with connection.begin():
+                    yield connection
+                    _run(connection, _BEFORE_COMMIT)
+                callbacks = connection.info.pop(_AFTER_COMMIT, [])
+            finally:
+                # A connection's info outlives it in the pool: the transaction's own state
+                # (hooks, buffered events: keys under "stock_sync.") must not leak to the next.
+                for key in [k for k in connection.info if str(k).startswith(_STATE_PREFIX)]:
+                    del connection.info[key]
         for callback in callbacks:
             callback()
 
@@ -188,16 +208,32 @@ class Database:
         self._peek_engine.dispose(close=close)
 
 
-_AFTER_COMMIT = "stock_sync.after_commit"
+# Per-transaction state kept in a Session's or Connection's ``info`` uses keys under this.
+_STATE_PREFIX = "stock_sync."
+_BEFORE_COMMIT = _STATE_PREFIX + "before_commit"
+_AFTER_COMMIT = _STATE_PREFIX + "after_commit"
+
+TransactionOwner = Session | Connection
 
 
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    """Run ``callback`` after ``session``'s transaction commits, outside it; dropped on rollback.
+def before_commit(owner: TransactionOwner, callback: Callable[[], None]) -> None:
+    """Run ``callback`` at the end of ``owner``'s transaction, inside it, just before it
+    commits (from :meth:`Database.transaction` or :meth:`Database.core_transaction`)."""
+    owner.info.setdefault(_BEFORE_COMMIT, []).append(callback)
+
+
+def after_commit(owner: TransactionOwner, callback: Callable[[], None]) -> None:
+    """Run ``callback`` after ``owner``'s transaction commits, outside it; dropped on rollback.
 
     For side effects that must neither run inside a transaction (a network call would hold
     its locks) nor announce a change that rolled back: notifications, enqueues.
     """
-    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+    owner.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def _run(owner: TransactionOwner, key: str) -> None:
+    for callback in owner.info.pop(key, []):
+        callback()
 
 
 _databases: dict[tuple[int, str], Database] = {}

@@ -5,24 +5,26 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import event, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from stock_sync.db import TransactionOwner, before_commit
 from stock_sync.models import OPERATION_EVENTS_TABLE, OperationEvent, utcnow
 
 _PENDING_EVENTS = "stock_sync.pending_events"
 
 
 class SqlEventStore:
-    """Writes audit events into the session's current transaction (never commits).
+    """Writes audit events into the current transaction of a Session or a Connection (never
+    commits).
 
     Events are buffered and written as one multi-row INSERT just before the transaction
-    commits (a stage writes several: one statement instead of one per event, and no autoflush
-    splitting them). They commit, or roll back, with the change they record.
+    commits (a stage writes several: one statement instead of one per event). They commit,
+    or roll back, with the change they record.
     """
 
-    def __init__(self, session: Session) -> None:
-        self._session = session
+    def __init__(self, owner: TransactionOwner) -> None:
+        self._owner = owner
 
     def record(
         self,
@@ -34,16 +36,8 @@ class SqlEventStore:
         error_type: str | None,
         details: dict[str, Any],
     ) -> None:
-        self._session.info.setdefault(_PENDING_EVENTS, []).append(
-            {
-                "operation_id": operation_id,
-                "action": action,
-                "from_status": from_status,
-                "to_status": to_status,
-                "error_type": error_type,
-                "details": details,
-                "at": utcnow(),
-            }
+        pending_events(self._owner).append(
+            _event_row(operation_id, action, from_status, to_status, error_type, details)
         )
 
 
@@ -65,35 +59,52 @@ class DeferredEvents:
         details: dict[str, Any],
     ) -> None:
         self._events.append(
-            {
-                "operation_id": operation_id,
-                "action": action,
-                "from_status": from_status,
-                "to_status": to_status,
-                "error_type": error_type,
-                "details": details,
-                "at": utcnow(),
-            }
+            _event_row(operation_id, action, from_status, to_status, error_type, details)
         )
 
-    def write_into(self, session: Session) -> None:
-        session.info.setdefault(_PENDING_EVENTS, []).extend(self._events)
+    def write_into(self, owner: TransactionOwner) -> None:
+        pending_events(owner).extend(self._events)
         self._events = []
 
 
-@event.listens_for(Session, "before_commit")
-def _write_pending_events(session: Session) -> None:
+def pending_events(owner: TransactionOwner) -> list[dict[str, Any]]:
+    """The events waiting to be written by ``owner``'s transaction (registering the write
+    before its commit the first time)."""
+    pending: list[dict[str, Any]] | None = owner.info.get(_PENDING_EVENTS)
+    if pending is None:
+        pending = owner.info[_PENDING_EVENTS] = []
+        before_commit(owner, lambda: _write_pending_events(owner))
+    return pending
+
+
+def _write_pending_events(owner: TransactionOwner) -> None:
     """One INSERT for the events of the transaction, after the rows they refer to."""
-    pending = session.info.pop(_PENDING_EVENTS, None)
-    if pending:
-        session.flush()  # a new operation row must exist before its events point at it
-        # Core, not the ORM's bulk insert: nothing is loaded back, one multi-row statement.
-        session.connection().execute(insert(OPERATION_EVENTS_TABLE), pending)
+    pending = owner.info.pop(_PENDING_EVENTS, None)
+    if not pending:
+        return
+    if isinstance(owner, Session):
+        owner.flush()  # a new operation row must exist before its events point at it
+        owner = owner.connection()
+    owner.execute(insert(OPERATION_EVENTS_TABLE), pending)
 
 
-@event.listens_for(Session, "after_rollback")
-def _drop_pending_events(session: Session) -> None:
-    session.info.pop(_PENDING_EVENTS, None)
+def _event_row(
+    operation_id: UUID,
+    action: str,
+    from_status: str | None,
+    to_status: str | None,
+    error_type: str | None,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "operation_id": operation_id,
+        "action": action,
+        "from_status": from_status,
+        "to_status": to_status,
+        "error_type": error_type,
+        "details": details,
+        "at": utcnow(),
+    }
 
 
 def timeline(session: Session, operation_id: UUID) -> list[OperationEvent]:

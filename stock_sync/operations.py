@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from stock_sync.db import TransactionOwner
 from stock_sync.domain.errors import OperationNotFound
 from stock_sync.domain.stages import Stage
 from stock_sync.domain.statuses import (
@@ -87,7 +88,7 @@ class OperationLike(Protocol):
 
 
 def operation_logger(
-    session: Session | None, operation: OperationLike, base: StandardizedLogger
+    session: TransactionOwner | None, operation: OperationLike, base: StandardizedLogger
 ) -> StandardizedLogger:
     """A StandardizedLogger bound to ``operation`` that writes events into ``session``."""
     log = base.with_events(SqlEventStore(session) if session is not None else None)

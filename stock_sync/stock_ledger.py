@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import Connection, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -81,10 +81,10 @@ def get_stock(session: Session, sku: str) -> int | None:
     return session.scalar(select(StockLevel.quantity).where(StockLevel.sku == sku))
 
 
-def get_levels(session: Session, skus: Iterable[str]) -> dict[str, int]:
+def get_levels(session: Session | Connection, skus: Iterable[str]) -> dict[str, int]:
     """Quantities of the SKUs that exist; unknown ones are absent from the result."""
     levels = STOCK_LEVELS_TABLE.c
-    rows = session.connection().execute(
+    rows = _core(session).execute(
         select(levels.sku, levels.quantity).where(levels.sku.in_(set(skus)))
     )
     return {sku: quantity for sku, quantity in rows}
@@ -128,23 +128,29 @@ def set_stock(session: Session, sku: str, quantity: int) -> StockChange:
 
 
 def _movements_of(
-    session: Session, operation_id: uuid.UUID, reason: MovementReason
+    session: Session | Connection, operation_id: uuid.UUID, reason: MovementReason
 ) -> list[Movement]:
-    rows = session.scalars(
-        select(StockMovement)
-        .where(StockMovement.operation_id == operation_id, StockMovement.reason == reason.value)
-        .order_by(StockMovement.sku, StockMovement.line_item_id)
+    movements = STOCK_MOVEMENTS_TABLE.c
+    rows = _core(session).execute(
+        select(movements.sku, movements.delta, movements.line_item_id)
+        .where(movements.operation_id == operation_id, movements.reason == reason.value)
+        .order_by(movements.sku, movements.line_item_id)
     )
-    return [Movement(row.sku, row.delta, row.line_item_id) for row in rows]
+    return [Movement(sku, delta, line_item_id) for sku, delta, line_item_id in rows]
 
 
-def deduction_movements(session: Session, operation_id: uuid.UUID) -> list[Movement]:
+def _core(session: Session | Connection) -> Connection:
+    """The connection to run Core statements on, in the caller's transaction."""
+    return session.connection() if isinstance(session, Session) else session
+
+
+def deduction_movements(session: Session | Connection, operation_id: uuid.UUID) -> list[Movement]:
     """The deduction rows recorded for an operation (empty when nothing was deducted)."""
     return _movements_of(session, operation_id, MovementReason.DEDUCTION)
 
 
 def deduct_for_operation(
-    session: Session,
+    session: Session | Connection,
     operation_id: uuid.UUID,
     line_items: Sequence[LineItem],
     *,
@@ -167,7 +173,7 @@ def deduct_for_operation(
         raise InvalidInput(f"operation {operation_id} has no line items to deduct")
     movements: list[Movement] = []
     now = utcnow()
-    levels, connection = STOCK_LEVELS_TABLE.c, session.connection()
+    levels, connection = STOCK_LEVELS_TABLE.c, _core(session)
     for line in in_lock_order(line_items):
         taken = connection.execute(
             update(STOCK_LEVELS_TABLE)
@@ -195,7 +201,7 @@ def deduct_for_operation(
 
 
 def _shortage(
-    session: Session, line_items: Sequence[LineItem], taken: Sequence[Movement]
+    session: Session | Connection, line_items: Sequence[LineItem], taken: Sequence[Movement]
 ) -> Exception:
     """The validation error for the levels as they were before this deduction began."""
     levels = get_levels(session, (line.sku for line in line_items))

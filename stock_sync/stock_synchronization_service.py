@@ -190,7 +190,7 @@ class StockSynchronizationService:
         fills_account = not found.account_name and bool(order.account_name)
 
         def log_loaded() -> None:
-            loading.write_into(session)
+            loading.write_into(connection)
             if fills_account:
                 log.log_action_with_timing(
                     found.id,
@@ -204,10 +204,10 @@ class StockSynchronizationService:
                 timer.elapsed_ms,
             )
 
-        with self._database.transaction() as session:
-            log = operation_logger(session, found, self._logger)
+        with self._database.core_transaction() as connection:
+            log = operation_logger(connection, found, self._logger)
             stored = move_row_if_still(
-                session.connection(),
+                connection,
                 found,
                 S.PROCESSING,
                 "line items loaded",
@@ -240,7 +240,7 @@ class StockSynchronizationService:
                 )
                 lines = line_items_of(operation)
                 result = validate_stock_levels(
-                    lines, get_levels(stage.session, (line.sku for line in lines))
+                    lines, get_levels(stage.connection, (line.sku for line in lines))
                 )
             if not result.ok:
                 raise result.to_error()
@@ -267,7 +267,10 @@ class StockSynchronizationService:
                 # PROCESSING under the row lock proves nothing was deducted yet: the deduction
                 # commits with the move to STOCK_DEDUCTED (the ledger's unique key backs it up).
                 outcome = deduct_for_operation(
-                    stage.session, operation_id, line_items_of(operation), known_not_deducted=True
+                    stage.connection,
+                    operation_id,
+                    line_items_of(operation),
+                    known_not_deducted=True,
                 )
             log.log_action_with_timing(
                 operation_id,
@@ -365,7 +368,7 @@ class StockSynchronizationService:
 
     def _complete(self, found: OperationRow, timer: Timer, started: DeferredEvents) -> StageOutcome:
         def log_synced() -> None:
-            started.write_into(session)
+            started.write_into(connection)
             log.log_action_with_timing(
                 found.id,
                 LogAction.MICROSERVICE_SYNC_SUCCESS,
@@ -373,10 +376,10 @@ class StockSynchronizationService:
                 timer.elapsed_ms,
             )
 
-        with self._database.transaction() as session:
-            log = operation_logger(session, found, self._logger)
+        with self._database.core_transaction() as connection:
+            log = operation_logger(connection, found, self._logger)
             completed = move_row_if_still(
-                session.connection(),
+                connection,
                 found,
                 S.COMPLETED,
                 "status synced to the microservice",
@@ -558,17 +561,15 @@ class StockSynchronizationService:
         The row lock serialises every stage step with a concurrent cancellation, so neither
         acts on a status the other is changing and the audit trail never interleaves.
         """
-        with self._database.transaction() as session:
-            connection = session.connection()
+        with self._database.core_transaction() as connection:
             operation = lock_row(connection, operation_id)
             verdict = stage_outcome_for(operation.status_enum, stage)
             if verdict is not None:
                 _log_skip(operation.id, operation.order_id, operation.status, stage, verdict)
             yield StageContext(
-                session,
                 connection,
                 operation,
-                operation_logger(session, operation, self._logger),
+                operation_logger(connection, operation, self._logger),
                 verdict,
             )
 
@@ -633,8 +634,7 @@ class _CancelledMeanwhile(Exception):
 
 @dataclass(frozen=True)
 class StageContext:
-    session: Session
-    connection: Connection  # the session's: Core statements on the hot path
+    connection: Connection  # Core statements on the hot path, no Session
     operation: OperationRow
     log: StandardizedLogger
     skip: StageOutcome | None
