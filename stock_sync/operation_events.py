@@ -12,6 +12,7 @@ from stock_sync.db import TransactionOwner, before_commit
 from stock_sync.models import OPERATION_EVENTS_TABLE, OperationEvent, utcnow
 
 _PENDING_EVENTS = "stock_sync.pending_events"
+_INSERT_EVENTS = insert(OPERATION_EVENTS_TABLE)
 
 
 class SqlEventStore:
@@ -85,7 +86,7 @@ def _write_pending_events(owner: TransactionOwner) -> None:
     if isinstance(owner, Session):
         owner.flush()  # a new operation row must exist before its events point at it
         owner = owner.connection()
-    owner.execute(insert(OPERATION_EVENTS_TABLE), pending)
+    owner.execute(_INSERT_EVENTS, pending)
 
 
 def _event_row(

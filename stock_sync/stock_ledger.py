@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, exists, func, insert, select, update
+from sqlalchemy import Connection, bindparam, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -149,6 +149,17 @@ def deduction_movements(session: Session | Connection, operation_id: uuid.UUID) 
     return _movements_of(session, operation_id, MovementReason.DEDUCTION)
 
 
+_levels = STOCK_LEVELS_TABLE.c
+# Built once (a fresh statement per line cost about 90 us of CPU): the conditional UPDATE
+# that never oversells, and the ledger rows.
+_TAKE_STOCK = (
+    update(STOCK_LEVELS_TABLE)
+    .where(_levels.sku == bindparam("take_sku"), _levels.quantity >= bindparam("take"))
+    .values(quantity=_levels.quantity - bindparam("take"), updated_at=bindparam("taken_at"))
+)
+_INSERT_MOVEMENTS = insert(STOCK_MOVEMENTS_TABLE)
+
+
 def deduct_for_operation(
     session: Session | Connection,
     operation_id: uuid.UUID,
@@ -173,18 +184,16 @@ def deduct_for_operation(
         raise InvalidInput(f"operation {operation_id} has no line items to deduct")
     movements: list[Movement] = []
     now = utcnow()
-    levels, connection = STOCK_LEVELS_TABLE.c, _core(session)
+    connection = _core(session)
     for line in in_lock_order(line_items):
         taken = connection.execute(
-            update(STOCK_LEVELS_TABLE)
-            .where(levels.sku == line.sku, levels.quantity >= line.quantity)
-            .values(quantity=levels.quantity - line.quantity, updated_at=now)
+            _TAKE_STOCK, {"take_sku": line.sku, "take": line.quantity, "taken_at": now}
         )
         if taken.rowcount != 1:
             raise _shortage(session, line_items, movements)
         movements.append(Movement(line.sku, -line.quantity, line.id))
     connection.execute(
-        insert(STOCK_MOVEMENTS_TABLE),
+        _INSERT_MOVEMENTS,
         [
             {
                 "sku": movement.sku,
