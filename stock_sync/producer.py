@@ -7,10 +7,12 @@ enqueueing fails the row stays PENDING and the stuck-operation sweep re-drives i
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from stock_sync.composition import Services, get_services
 from stock_sync.domain.errors import EnqueueFailed, InvalidInput
@@ -19,8 +21,8 @@ from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
 from stock_sync.models import (
     ACCOUNT_NAME_MAX_LENGTH,
+    OPERATIONS_TABLE,
     ORDER_ID_MAX_LENGTH,
-    PendingStockOperation,
     utcnow,
 )
 from stock_sync.operation_cancellation_service import CancellationResult
@@ -37,18 +39,22 @@ def _checked_account_name(account_name: object) -> str | None:
     return checked_text("account_name", account_name, max_length=ACCOUNT_NAME_MAX_LENGTH)
 
 
-def _existing(session: Session, order_id: str, account_name: str | None) -> uuid.UUID | None:
+_operations = OPERATIONS_TABLE.c
+# Built once: the shop backend calls this for every order.
+_FIND_DEDUCTION = select(_operations.id, _operations.account_name).where(
+    _operations.order_id == bindparam("find_order_id"),
+    _operations.operation_type == OperationType.ORDER_DEDUCTION.value,
+)
+_INSERT_OPERATION = insert(OPERATIONS_TABLE)
+
+
+def _existing(connection: Connection, order_id: str, account_name: str | None) -> uuid.UUID | None:
     """The order's deduction, if any (one per order, whatever the account).
 
     An operation recorded without an account matches any account; one recorded for another
     account is a contradiction (an Allegro order belongs to one account): InvalidInput.
     """
-    found = session.execute(
-        select(PendingStockOperation.id, PendingStockOperation.account_name).where(
-            PendingStockOperation.order_id == order_id,
-            PendingStockOperation.operation_type == OperationType.ORDER_DEDUCTION.value,
-        )
-    ).first()
+    found = connection.execute(_FIND_DEDUCTION, {"find_order_id": order_id}).first()
     if found is None:
         return None
     operation_id, recorded_account = found
@@ -57,31 +63,48 @@ def _existing(session: Session, order_id: str, account_name: str | None) -> uuid
             f"account_name: order {order_id} already has operation {operation_id} "
             f"for account {recorded_account!r}, not {account_name!r}"
         )
-    return operation_id
+    return uuid.UUID(str(operation_id))
 
 
 def _create(services: Services, order_id: str, account_name: str | None) -> tuple[uuid.UUID, bool]:
-    with services.database.transaction() as session:
-        existing = _existing(session, order_id, account_name)
+    with services.database.core_transaction() as connection:
+        existing = _existing(connection, order_id, account_name)
         if existing is not None:
             return existing, False
         now = utcnow()
-        operation = PendingStockOperation(
+        created = NewOperation(
             id=uuid.uuid4(),
             order_id=order_id,
             account_name=account_name,
             operation_type=OperationType.ORDER_DEDUCTION.value,
             status=OperationStatus.PENDING.value,
             retry_count=0,
+            deduction_retry_count=0,
+            line_items=None,
             created_at=now,
             updated_at=now,
         )
-        session.add(operation)
-        session.flush()
-        operation_logger(session, operation, services.logger).log_action_with_timing(
-            operation.id, LogAction.OPERATION_CREATED, f"operation created for order {order_id}"
+        connection.execute(_INSERT_OPERATION, asdict(created))
+        operation_logger(connection, created, services.logger).log_action_with_timing(
+            created.id, LogAction.OPERATION_CREATED, f"operation created for order {order_id}"
         )
-        return operation.id, True
+        return created.id, True
+
+
+@dataclass
+class NewOperation:
+    """The row a submit inserts (every other column starts empty)."""
+
+    id: uuid.UUID
+    order_id: str
+    account_name: str | None
+    operation_type: str
+    status: str
+    retry_count: int
+    deduction_retry_count: int
+    line_items: list[dict[str, Any]] | None
+    created_at: datetime
+    updated_at: datetime
 
 
 def submit_operation(
@@ -101,8 +124,8 @@ def submit_operation(
         operation_id, created = _create(services, order_id, account_name)
     except IntegrityError:
         # A concurrent submit of the same order won the unique index: return its operation.
-        with services.database.transaction() as session:
-            found = _existing(session, order_id, account_name)
+        with services.database.core_transaction() as connection:
+            found = _existing(connection, order_id, account_name)
         if found is None:
             raise
         return found
