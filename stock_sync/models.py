@@ -9,6 +9,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -205,6 +206,20 @@ class OperationEvent(Base):
             sqlite_where=text("error_type IS NOT NULL"),
         ),
     )
+
+
+class MaintenanceRun(Base):
+    """The last run of each beat-driven maintenance task (sweep, alerts, reconciliation): how
+    health checks tell that beat is alive, the same answer on every host."""
+
+    __tablename__ = "maintenance_runs"
+
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    host: Mapped[str] = mapped_column(String(255))
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 # The tables themselves, for Core statements on the hot path (no ORM unit of work).

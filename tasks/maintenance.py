@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from stock_sync.composition import get_services
+from stock_sync.maintenance_runs import RECONCILE, SWEEP, recorded_run
 from stock_sync.reconciliation import reconcile_database
 from stock_sync.sweeps import sweeper_for
 from tasks.app import app
@@ -16,7 +17,10 @@ logger = logging.getLogger("stock_sync.tasks")
 @app.task(name="stock_sync.sweep_stuck_operations", ignore_result=True, acks_late=False)
 def sweep_stuck_operations_task() -> dict[str, Any]:
     """Re-drive stuck operations (acks early: a lost sweep is simply the next one)."""
-    return sweeper_for(get_services()).sweep().to_dict()
+    services = get_services()
+    with recorded_run(services.database, SWEEP) as run:
+        run.summary = sweeper_for(services).sweep().to_dict()
+    return run.summary
 
 
 @app.task(name="stock_sync.reconcile", ignore_result=True, acks_late=False)
@@ -25,7 +29,9 @@ def reconcile_task() -> dict[str, Any]:
     from stock_sync.alerts import Alert, publish_alerts
 
     services = get_services()
-    report = reconcile_database(services.database)
+    with recorded_run(services.database, RECONCILE) as run:
+        report = reconcile_database(services.database)
+        run.summary = {"ok": report.ok, "mismatches": len(report.mismatches)}
     if not report.ok:
         publish_alerts(
             [

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from stock_sync.alerts import run_alert_check
 from stock_sync.db import get_database
+from stock_sync.maintenance_runs import ALERTS, recorded_run
 from stock_sync.settings import get_settings
 from tasks.app import app
 
@@ -15,11 +16,14 @@ def evaluate_alerts_task() -> int:
     """Run one alert check with the configured database, webhook and broker; returns how many
     alerts fired (for logs: the result itself is ignored)."""
     settings = get_settings()
-    alerts = run_alert_check(
-        get_database(settings),
-        settings,
-        now=datetime.now(UTC),
-        webhook_url=settings.alert_webhook_url,
-        app=app,
-    )
+    database = get_database(settings)
+    with recorded_run(database, ALERTS) as run:
+        alerts = run_alert_check(
+            database,
+            settings,
+            now=datetime.now(UTC),
+            webhook_url=settings.alert_webhook_url,
+            app=app,
+        )
+        run.summary = {"fired": [alert.rule for alert in alerts]}
     return len(alerts)

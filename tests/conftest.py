@@ -26,7 +26,13 @@ ADMIN_URL = os.environ.get(
     "STOCK_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
 )
 REDIS_URL = os.environ.get("STOCK_SYNC_TEST_REDIS_URL", "redis://localhost:6379/0")
-TABLES = ("operation_events", "stock_movements", "stock_levels", "pending_stock_operations")
+TABLES = (
+    "operation_events",
+    "stock_movements",
+    "stock_levels",
+    "pending_stock_operations",
+    "maintenance_runs",
+)
 
 
 def _admin_execute(statement: str) -> None:
