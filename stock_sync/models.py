@@ -109,8 +109,9 @@ class PendingStockOperation(Base):
     rollback_operations: Mapped[list[str] | None] = mapped_column(JSON)
     # The fulfillment status the microservice had before our sync: what a rollback restores.
     fulfillment_status_before_sync: Mapped[str | None] = mapped_column(String(32))
-    # Set under the row lock before a sync PUT leaves: from then on the marketplace may show
-    # PROCESSING (the answer can be lost), so a cancellation from any status must roll it back.
+    # Set by the deduction (from then on a sync PUT may leave) or, for a row deducted before
+    # this column existed, under the row lock before its PUT: the marketplace may show
+    # PROCESSING (an answer can be lost), so a cancellation must roll it back.
     sync_put_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     # For a microservice rollback adjustment: the fulfillment status to put back.
     target_fulfillment_status: Mapped[str | None] = mapped_column(String(32))
