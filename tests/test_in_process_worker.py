@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from stock_sync.settings import get_settings
 from tests.support import Pipeline
 
 # pytest-celery's fixtures that start containers.
@@ -43,5 +42,7 @@ def test_the_pipeline_runs_on_pytest_celerys_session_worker(
     assert worker.concurrency == 4
     assert app.conf.task_always_eager is False
     assert app.conf.broker_url.startswith("redis://")
+    # the run's queue (another test may have left the cached settings at their defaults)
+    run_queue = request.getfixturevalue("pipeline_environment")
     consumed = {queue.name for queue in worker.consumer.task_consumer.queues}
-    assert consumed == {get_settings().queue_name}
+    assert consumed == {run_queue} == {app.conf.task_default_queue}
