@@ -183,6 +183,52 @@ def db_downgrade(revision: str, yes: bool) -> None:
     click.echo(f"database at {redact_url(url)} is at {revision}")
 
 
+@db.command("current")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def db_current(as_json: bool) -> None:
+    """Print the database's revision and whether it is the latest (the head)."""
+    url = configured_database_url(get_settings())
+    state = schema.current(url)
+    payload = {"database": redact_url(url), **state.to_dict()}
+    emit(as_json, payload, lambda: render_current(redact_url(url), state))
+
+
+def render_current(where: str, state: schema.DatabaseRevision) -> str:
+    heads = ", ".join(state.heads)
+    if not state.current:
+        return f"database at {where} has no schema yet (head: {heads}): run 'stock-sync db upgrade'"
+    current = ", ".join(state.current)
+    if state.is_head:
+        return f"database at {where} is at {current} (head)"
+    return f"database at {where} is at {current}, not at the head {heads}"
+
+
+@db.command("history")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def db_history(as_json: bool) -> None:
+    """List the migrations, newest first, with their messages (reads no database)."""
+    revisions = schema.history()
+    emit(
+        as_json,
+        [revision.to_dict() for revision in revisions],
+        lambda: render_history(revisions),
+    )
+
+
+def render_history(revisions: Sequence[schema.Revision]) -> str:
+    return render.table(
+        ("revision", "revises", "message"),
+        [
+            (
+                f"{revision.revision}{' (head)' if revision.is_head else ''}",
+                revision.down_revision or "-",
+                revision.message,
+            )
+            for revision in revisions
+        ],
+    )
+
+
 def _confirm_downgrade(url: str, revision: str) -> None:
     if not stdin_is_interactive():
         fail("refusing to downgrade without confirmation: stdin is not a terminal (pass --yes)")

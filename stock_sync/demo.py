@@ -249,7 +249,8 @@ class WorkerProcess:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "celery", "-A", "tasks", "worker",
-            "--pool", "threads", "--concurrency", "4", "--loglevel", "WARNING",
+            # no --loglevel: the worker then logs at STOCK_SYNC_LOG_LEVEL (INFO, set above)
+            "--pool", "threads", "--concurrency", "4",
             "--hostname", f"{self._run.queue}@%h",
             # nothing to sync with or gossip to: skip the second these cost at startup
             "--without-mingle", "--without-gossip", "--without-heartbeat",

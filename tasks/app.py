@@ -11,7 +11,11 @@ from celery.signals import setup_logging, worker_process_init
 from stock_sync.composition import reset_services
 from stock_sync.db import reset_databases
 from stock_sync.instrumentation import count_sql_if_asked
-from stock_sync.logging_setup import TaskContextFilter, configure_json_logging
+from stock_sync.logging_setup import (
+    TaskContextFilter,
+    configure_json_logging,
+    worker_log_level,
+)
 from stock_sync.settings import exit_on_configuration_error, get_settings
 
 # `celery -A tasks worker|beat|flower` with a bad setting: one line and exit 1, before Celery
@@ -25,9 +29,12 @@ count_sql_if_asked()  # the benchmark's SQL counters; inert unless STOCK_SYNC_CO
 
 
 @setup_logging.connect
-def configure_worker_logging(**_: Any) -> None:
-    """JSON lines for every record, each carrying the task and the operation it works on."""
-    handler = configure_json_logging(get_settings().log_level)
+def configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """JSON lines for every record, each carrying the task and the operation it works on.
+
+    The level: ``--loglevel`` when given on the command line, else STOCK_SYNC_LOG_LEVEL.
+    """
+    handler = configure_json_logging(worker_log_level(loglevel, get_settings().log_level))
     handler.addFilter(TaskContextFilter(get_current_task))
 
 

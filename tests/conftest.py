@@ -10,8 +10,10 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -167,29 +169,45 @@ def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice)
     reset_services()
 
 
-@pytest.fixture(scope="session")
-def celery_worker(pipeline_environment: str) -> Iterator[object]:
-    """A real Celery worker (threads pool) consuming the run's queue on the real Redis."""
-    from celery.contrib.testing.worker import start_worker
+# --- the in-process worker: pytest-celery's session fixtures -----------------------------------
+# pytest-celery (the design card's test plugin) re-exports celery.contrib.pytest's fixtures:
+# celery_session_worker runs a real worker in a thread of this process, here against the real
+# Redis, configured by the three overrides below. Its Docker-based fixtures (celery_setup,
+# celery_worker, celery_broker, ...) are never requested: this machine has no Docker engine
+# (tests/test_in_process_worker.py checks that the pipeline's fixtures use none of them).
 
+
+@pytest.fixture(scope="session")
+def celery_session_app(pipeline_environment: str) -> Celery:
+    """Our own app rather than pytest-celery's TestApp: the tasks are registered on it and the
+    producer sends with it. Configured for the run's queue on the real Redis; never eager."""
     import celeryconfig
     from tasks import app
 
     app.conf.update(celeryconfig.build(get_settings()))
-    with start_worker(
-        app,
-        pool="threads",
-        concurrency=4,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ) as worker:
-        yield worker
+    return app
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool() -> str:
+    return "threads"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict[str, Any]:
+    """start_worker's options: four threads, no ping task (our app has no result backend to
+    answer it), and a shutdown that waits for a retry a test left in flight."""
+    return {
+        "concurrency": 4,
+        "perform_ping_check": False,
+        "loglevel": "WARNING",  # tasks/app.py: without a command line, STOCK_SYNC_LOG_LEVEL wins
+        "shutdown_timeout": 30,
+    }
 
 
 @pytest.fixture
 def pipeline(
-    celery_worker: object, clean_database: Database, fake_microservice: FakeMicroservice
+    celery_session_worker: object, clean_database: Database, fake_microservice: FakeMicroservice
 ) -> Iterator[Pipeline]:
     """Everything an end-to-end test needs, reset: empty tables, a fresh fake."""
     fake_microservice.reset()

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
@@ -20,6 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -28,6 +32,17 @@ DOCKERFILE = DOCKER / "Dockerfile"
 ALERTS_FILE = DOCKER / "prometheus-alerts.yml"
 PROMETHEUS_FILE = DOCKER / "prometheus.yml"
 FLOWER_AUTH = "admin:test-secret"
+# What the image's wheel is built from (tests/test_packaging.py builds it from the same).
+WHEEL_SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "celeryconfig.py",
+    "stock_sync",
+    "tasks",
+    "migrations",
+)
+RUNTIME_LOCK = REPO / "requirements.lock"
+TEST_LOCK = REPO / "requirements-test.lock"
 
 APP_SERVICES = {"migrate", "worker", "beat", "flower", "metrics", "fake-microservice"}
 ALL_SERVICES = APP_SERVICES | {"postgres", "redis", "prometheus"}
@@ -303,19 +318,27 @@ def test_the_processes_run_as_a_non_root_user() -> None:
     assert "RUN" not in instructions[last_user:], "a RUN after USER would need root"
 
 
-def test_the_image_installs_the_project_without_dev_extras() -> None:
-    assert dockerfile_values("WORKDIR") == ["/app"]
+def test_the_image_installs_the_locked_dependencies_then_the_wheel_without_extras() -> None:
+    assert dockerfile_values("WORKDIR")[-1] == "/app"
     env = " ".join(dockerfile_values("ENV"))
     assert "PYTHONDONTWRITEBYTECODE=1" in env
     assert "PYTHONUNBUFFERED=1" in env
     copied = {src.rstrip("/") for args in dockerfile_values("COPY") for src in args.split()[:-1]}
-    for needed in ("pyproject.toml", "stock_sync", "tasks", "migrations", "celeryconfig.py"):
+    for needed in (*WHEEL_SOURCES, "requirements.lock"):
         assert needed in copied, needed
-    runs = " ".join(dockerfile_values("RUN"))
-    # Editable: stock_sync/schema.py finds <repo>/migrations beside the package.
-    assert "pip install -e ." in runs
-    assert "[test]" not in runs
-    assert "[dev]" not in runs
+    runs = dockerfile_values("RUN")
+    (lock_step,) = [
+        i for i, run in enumerate(runs) if "pip install -r /tmp/requirements.lock" in run
+    ]
+    (package_step,) = [i for i, run in enumerate(runs) if "pip install --no-deps" in run]
+    # the pinned set first, then the wheel alone, checked against it
+    assert lock_step < package_step
+    assert "/tmp/wheels/*.whl" in runs[package_step] and "pip check" in runs[package_step]
+    assert any("pip wheel --no-deps" in run for run in runs)
+    everything = " ".join(runs)
+    assert "pip install -e" not in everything  # the wheel carries the migrations now
+    assert "[test]" not in everything
+    assert "[dev]" not in everything
 
 
 def test_the_default_command_is_the_worker() -> None:
@@ -331,11 +354,65 @@ def test_dockerignore_keeps_local_state_out_but_lets_the_sources_in() -> None:
     ignored = [p for p in patterns if not p.startswith("!")]
     for local in (".git", ".venv", "data", ".env"):
         assert local in ignored, local
-    for source in ("pyproject.toml", "README.md", "celeryconfig.py", "stock_sync", "tasks"):
+    for source in (*WHEEL_SOURCES, "requirements.lock"):
         assert (REPO / source).exists(), source
         assert not any(fnmatch(source, pattern) for pattern in ignored), source
-    assert (REPO / "migrations").is_dir()
-    assert not any(fnmatch("migrations", pattern) for pattern in ignored)
+
+
+# --- requirements.lock (the image) and requirements-test.lock (make install) -----------------
+
+
+def pyproject_requirements(*extras: str) -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    texts = project["dependencies"] + [
+        text for extra in extras for text in project["optional-dependencies"][extra]
+    ]
+    return [Requirement(text) for text in texts]
+
+
+def locked_pins(path: Path) -> dict[str, Version]:
+    """NAME==VERSION per line (comments aside): exact pins only, nothing left to resolve."""
+    pins: dict[str, Version] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line.strip())
+        assert match, f"{path.name}: not an exact pin: {line!r}"
+        name = canonicalize_name(match.group(1))
+        assert name not in pins, f"{path.name}: {name} pinned twice"
+        pins[name] = Version(match.group(2))
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [(RUNTIME_LOCK, ()), (TEST_LOCK, ("test",))], ids=["runtime", "test"]
+)
+def test_every_dependency_is_pinned_within_pyprojects_range(
+    lock: Path, extras: tuple[str, ...]
+) -> None:
+    pins = locked_pins(lock)
+    stale = []
+    for requirement in pyproject_requirements(*extras):
+        name = canonicalize_name(requirement.name)
+        if name not in pins or not requirement.specifier.contains(pins[name], prereleases=True):
+            stale.append(f"{requirement} (locked: {pins.get(name, 'nothing')})")
+        elif requirement.extras:  # celery[redis]: the extra's own dependency is locked too
+            assert all(canonicalize_name(extra) in pins for extra in requirement.extras), name
+    assert not stale, f"{lock.name} is stale, run `make lock`: {stale}"
+    assert "stock-sync" not in pins  # the project itself is installed from its wheel
+
+
+def test_the_test_lock_pins_the_images_versions() -> None:
+    """make install (the tests, CI) uses the same versions as the image, plus test tools."""
+    runtime, test = locked_pins(RUNTIME_LOCK), locked_pins(TEST_LOCK)
+    assert {name: test.get(name) for name in runtime} == runtime
+    assert not {"pytest", "pytest-celery", "mypy", "ruff"} & set(runtime), "test tools in the image"
+
+
+def test_make_install_installs_with_the_test_lock_as_constraints() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c requirements-test.lock -e '.[test]'" in makefile
+    assert re.search(r"^\$\(STAMP\):.*requirements-test\.lock", makefile, re.MULTILINE)
 
 
 # --- docker/prometheus*.yml ---------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Log records never carry a password or a token: the JSON formatter (worker, demo) masks every
-field, and the CLI prints a logged warning or error as one redacted line without traceback."""
+"""Log records never carry a password or a token: the JSON formatter (worker, demo, CLI) masks
+every field, and the CLI prints a logged warning or error as one redacted JSON line without
+traceback."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ import json
 import logging
 import sys
 
-from stock_sync.logging_setup import (
-    OneLineFormatter,
-    configure_cli_logging,
-    json_formatter,
-)
+from stock_sync.logging_setup import configure_cli_logging, json_formatter
 from stock_sync.redaction import remember_secrets
 
 DATABASE_URL = "postgresql://stock:S3CRETPW@db-host/stock"
@@ -43,10 +40,18 @@ def test_the_json_formatter_masks_every_field() -> None:
     assert fields["context"]["n"] == 1 and "RuntimeError" in fields["exc_info"]
 
 
-def test_the_cli_prints_a_logged_error_as_one_redacted_line() -> None:
-    line = OneLineFormatter().format(record_with_secrets())
+def test_the_cli_prints_a_logged_error_as_one_redacted_json_line_without_traceback() -> None:
+    line = json_formatter(with_traceback=False).format(record_with_secrets())
 
-    assert line == "error: failed at postgresql://stock:***@db-host/stock"
+    assert "\n" not in line and "Traceback" not in line and "S3CRETPW" not in line
+    fields = json.loads(line)
+    assert (fields["level"], fields["message"]) == (
+        "ERROR",
+        "failed at postgresql://stock:***@db-host/stock",
+    )
+    assert (
+        fields["exc_info"] == "RuntimeError: cannot connect to postgresql://stock:***@db-host/stock"
+    )
 
 
 def test_cli_logging_leaves_a_configured_root_logger_alone() -> None:
@@ -60,8 +65,16 @@ def test_cli_logging_leaves_a_configured_root_logger_alone() -> None:
         (installed,) = root.handlers
         configure_cli_logging(io.StringIO())  # a second call adds nothing
         assert root.handlers == [installed]
-        logging.getLogger("stock_sync.test").error("lost %s", DATABASE_URL, exc_info=True)
-        assert stream.getvalue() == "error: lost postgresql://stock:***@db-host/stock\n"
+        logger = logging.getLogger("stock_sync.test")
+        logger.info("below the CLI's level: not shown")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logger.error("lost %s", DATABASE_URL, exc_info=True)
+        (line,) = stream.getvalue().splitlines()
+        fields = json.loads(line)
+        assert fields["message"] == "lost postgresql://stock:***@db-host/stock"
+        assert fields["exc_info"] == "RuntimeError: boom"
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)
