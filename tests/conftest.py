@@ -176,6 +176,9 @@ def celery_worker(pipeline_environment: str) -> Iterator[object]:
     from tasks import app
 
     app.conf.update(celeryconfig.build(get_settings()))
+    # The queues and routes are cached on first use: drop them, so that the worker consumes
+    # (and producers route to) this run's queues even if something used the app before.
+    app.__dict__.pop("amqp", None)
     with start_worker(
         app,
         pool="threads",
