@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     sweep_batch_size: int = _count(200, at_least=1, at_most=MAX_SWEEP_BATCH_SIZE)
     sweep_interval_s: float = _seconds(60.0)
     alert_interval_s: float = _seconds(60.0)
+    # A firing alert is notified again this often until it clears (its state is in the
+    # database, so a restart or a second beat host does not re-send it).
+    alert_repeat_s: float = _seconds(ONE_HOUR_S)
     log_level: str = "INFO"
     queue_name: str = "stock_sync"
     # Beat's sweep, alerts and reconciliation get a queue of their own, so a pipeline backlog

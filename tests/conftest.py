@@ -32,6 +32,7 @@ TABLES = (
     "stock_levels",
     "pending_stock_operations",
     "maintenance_runs",
+    "alert_states",
 )
 
 
