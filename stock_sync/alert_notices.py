@@ -103,8 +103,8 @@ def notice_body(kind: NoticeKind, state: AlertState, now: datetime) -> dict[str,
     message = str(details.pop("message", ""))
     if kind is NoticeKind.RESOLVED:
         message = (
-            f"resolved: {state.rule} no longer fires (firing since {_iso(state.firing_since)}; "
-            f"last seen: {message})"
+            f"resolved: {state.rule} no longer fires (firing since {_iso(state.firing_since)}, "
+            f"last value {details.get('value')}, threshold {details.get('threshold')})"
         )
     return {
         "notice_id": str(uuid.uuid4()),
