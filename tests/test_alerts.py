@@ -8,9 +8,8 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -46,6 +45,7 @@ from stock_sync.models import AlertState
 from stock_sync.settings import Settings
 from stock_sync.stock_ledger import set_stock
 from tests.support import insert_operation, wait_for_lock_waiters
+from tests.webhook import Webhook, recording_webhook
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 WINDOW_S = 3600.0
@@ -202,43 +202,10 @@ def alert_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.
     return [r for r in caplog.records if r.name == ALERTS_LOGGER and r.levelno == level]
 
 
-@dataclass
-class Webhook:
-    """A real HTTP endpoint on 127.0.0.1 that records what is POSTed to it."""
-
-    url: str
-    answer_status: int = 204
-    bodies: list[Any] = field(default_factory=list)
-    content_types: list[str] = field(default_factory=list)
-
-    def notices(self) -> list[tuple[str, str]]:
-        return [(body["rule"], body["notice"]) for body in self.bodies]
-
-
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
-    recorder: Webhook
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            recorder.bodies.append(json.loads(self.rfile.read(length)))
-            recorder.content_types.append(self.headers["Content-Type"])
-            self.send_response(recorder.answer_status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    recorder = Webhook(url=f"http://127.0.0.1:{server.server_port}/hooks/secret-token")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield recorder
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with recording_webhook() as recorder:
+        yield recorder
 
 
 def evaluate(
