@@ -60,11 +60,19 @@ class CeleryProcess:
 
 
 def worker(
-    environment: dict[str, str], log_path: Path, *options: str, concurrency: int = 2
+    environment: dict[str, str],
+    log_path: Path,
+    *options: str,
+    concurrency: int = 2,
+    quiet: bool = True,
 ) -> CeleryProcess:
-    """A threads-pool worker; ``options`` such as ``-Q name`` go to ``celery worker``."""
+    """A threads-pool worker; ``options`` such as ``-Q name`` go to ``celery worker``.
+
+    ``quiet=False`` keeps heartbeats and gossip on, as in production: a worker without them
+    (and without task events) has no event dispatcher, so Flower cannot switch its events on.
+    """
     arguments = ["worker", "--pool", "threads", "--concurrency", str(concurrency)]
-    arguments += ["--loglevel", "INFO", *QUIET_WORKER, *options]
+    arguments += ["--loglevel", "INFO", *(QUIET_WORKER if quiet else ()), *options]
     return CeleryProcess(arguments, environment, log_path, "ready.")
 
 
