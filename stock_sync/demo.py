@@ -213,6 +213,8 @@ def configure_environment(run: Run, folder: Path, microservice_url: str) -> Sett
         {
             "STOCK_SYNC_DATA_DIR": str(folder),
             "STOCK_SYNC_QUEUE_NAME": run.queue,
+            # never an inherited one: on a shared broker it could be production's
+            "STOCK_SYNC_MAINTENANCE_QUEUE_NAME": f"{run.queue}_maintenance",
             "STOCK_SYNC_MICROSERVICE_URL": microservice_url,
         }
     )
