@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.schedules import crontab
+from kombu.entity import Exchange, Queue
 
 from stock_sync.settings import (
     Settings,
@@ -19,6 +20,12 @@ from stock_sync.settings import (
 )
 
 MIN_VISIBILITY_TIMEOUT_S = 3600
+# Beat's tasks; they are routed to the maintenance queue.
+MAINTENANCE_TASKS = (
+    "stock_sync.sweep_stuck_operations",
+    "stock_sync.evaluate_alerts",
+    "stock_sync.reconcile",
+)
 
 
 def visibility_timeout_s(settings: Settings) -> int:
@@ -49,6 +56,29 @@ def maintenance_schedule(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _direct_queue(name: str) -> Queue:
+    """A queue as Celery declares its default one: a direct exchange and routing key of its
+    name (so the pipeline queue is the same queue as before the maintenance queue existed)."""
+    return Queue(name, Exchange(name), routing_key=name)  # type: ignore[no-untyped-call]
+
+
+def queues(settings: Settings) -> dict[str, Any]:
+    """The pipeline queue and the maintenance queue, with the routes to them.
+
+    Beat's tasks expire after one interval: behind a pipeline backlog in a shared queue they
+    would expire unrun, and the alerts would go silent exactly when processing is slow. With a
+    queue of their own, a worker consuming both (``celery -A tasks worker`` with no ``-Q``
+    consumes every queue listed here, taking from each in turn) runs them as soon as it frees
+    a slot, and a dedicated ``-Q <maintenance queue>`` worker runs them whatever the backlog.
+    """
+    pipeline, maintenance = settings.queue_name, settings.effective_maintenance_queue_name
+    return {
+        "task_default_queue": pipeline,
+        "task_queues": (_direct_queue(pipeline), _direct_queue(maintenance)),
+        "task_routes": {name: {"queue": maintenance} for name in MAINTENANCE_TASKS},
+    }
+
+
 def build(settings: Settings) -> dict[str, Any]:
     """Every Celery setting stock-sync relies on, for ``settings``."""
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s(settings)}
@@ -71,7 +101,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
-        "task_default_queue": settings.queue_name,
+        **queues(settings),
         "task_send_sent_event": settings.task_events,
         "worker_send_task_events": settings.task_events,
         "worker_hijack_root_logger": False,

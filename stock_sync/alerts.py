@@ -1,28 +1,25 @@
-"""The seed's four alerts: stuck operations, a high error rate, slow processing, frequent
-cancellations.
+"""The seed's four alerts (stuck operations, a high error rate, slow processing, frequent
+cancellations) and failed microservice rollbacks.
 
 :func:`evaluate_alerts` is a pure function of a :class:`MetricsSnapshot` and the settings;
-:func:`publish_alerts` logs each alert (and POSTs it to a webhook when one is configured);
-:func:`run_alert_check` glues them for the beat task.
+:func:`run_alert_check` collects the metrics, evaluates the rules and hands what it saw to the
+alert state (:mod:`stock_sync.alert_notices`), which notifies when a rule starts firing, again
+every ``STOCK_SYNC_ALERT_REPEAT_S`` while it fires, and when it clears.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import requests
-
+from stock_sync.alert_notices import ALERTS_LOGGER, Notice, update_alert_states
 from stock_sync.db import Database
 from stock_sync.metrics import MetricsSnapshot, queue_length, read_metrics
-from stock_sync.redaction import redact, redact_url, url_secrets
 from stock_sync.settings import Settings
 
-ALERTS_LOGGER = "stock_sync.alerts"
-WEBHOOK_TIMEOUT_S = 5.0
+__all__ = ["ALERTS_LOGGER", "RULES", "Alert", "AlertCheck", "evaluate_alerts", "run_alert_check"]
 
 STUCK_OPERATIONS = "stuck_operations"
 HIGH_ERROR_RATE = "high_error_rate"
@@ -30,6 +27,8 @@ PROCESSING_TIME_EXCEEDED = "processing_time_exceeded"
 FREQUENT_CANCELLATIONS = "frequent_cancellations"
 # Beyond the seed's four: a rollback that gave up leaves the marketplace wrong until a human acts.
 FAILED_ROLLBACKS = "failed_rollbacks"
+# Raised by the daily reconciliation (tasks.maintenance), through the same alert state.
+RECONCILIATION_MISMATCH = "reconciliation_mismatch"
 RULES = (
     STUCK_OPERATIONS,
     HIGH_ERROR_RATE,
@@ -141,7 +140,8 @@ def frequent_cancellations(snapshot: MetricsSnapshot, settings: Settings) -> Ale
 
 
 def failed_rollbacks(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
-    """Fires on any microservice rollback that ended FAILED within the window."""
+    """Fires while any microservice rollback is FAILED and not yet retried with success
+    (counted by state, not by window: it stays wrong until someone acts)."""
     if snapshot.failed_rollbacks < 1:
         return None
     return Alert(
@@ -152,8 +152,8 @@ def failed_rollbacks(snapshot: MetricsSnapshot, settings: Settings) -> Alert | N
         sample_operation_ids=list(snapshot.failed_rollback_ids),
         message=(
             f"{snapshot.failed_rollbacks} microservice rollback(s) of cancelled operations "
-            f"gave up in the last {snapshot.window_s:g}s: their fulfillment status was not "
-            "put back (see `stock-sync show` of each)"
+            "gave up: their fulfillment status was not put back (see `stock-sync show` of "
+            "each; `stock-sync rollback retry OP_ID` runs one again)"
         ),
     )
 
@@ -173,56 +173,24 @@ def evaluate_alerts(snapshot: MetricsSnapshot, settings: Settings) -> list[Alert
     return [alert for rule in ALL_RULES if (alert := rule(snapshot, settings)) is not None]
 
 
-# --- publishing -----------------------------------------------------------------------------
+# --- the check ----------------------------------------------------------------------------
 
 
-def _post(
-    alert: Alert, webhook_url: str, session: requests.Session, logger: logging.Logger
-) -> None:
-    failure = {"action": "alert_webhook_failed", "rule": alert.rule}
-    # Webhook URLs carry their secret token in the path or query, and requests quotes the URL
-    # in its errors in its own encoding: show only the host, mask the rest in any encoding.
-    where = redact_url(webhook_url, path_is_secret=True)
-    try:
-        response = session.post(webhook_url, json=alert.to_dict(), timeout=WEBHOOK_TIMEOUT_S)
-    except requests.RequestException as error:
-        logger.error(
-            "alert webhook at %s failed: %s",
-            where,
-            redact(str(error), url_secrets(webhook_url, path_is_secret=True)),
-            extra={**failure, "error_type": type(error).__name__},
-        )
-        return
-    if not response.ok:
-        logger.error(
-            "alert webhook at %s answered HTTP %s",
-            where,
-            response.status_code,
-            extra={**failure, "http_status": response.status_code},
-        )
+@dataclass(frozen=True)
+class AlertCheck:
+    """What one check saw: the alerts firing, the notices it made, the queue length."""
 
+    alerts: list[Alert]
+    notices: list[Notice]
+    queue_length: int | None
 
-def publish_alerts(
-    alerts: Iterable[Alert],
-    *,
-    webhook_url: str,
-    session: requests.Session | None = None,
-    logger: logging.Logger | None = None,
-) -> None:
-    """Log one WARNING record per alert (action="alert" plus the alert's fields) and POST its
-    JSON to ``webhook_url`` when set. A failing webhook is logged at ERROR; never raises."""
-    logger = logger or logging.getLogger(ALERTS_LOGGER)
-    http = session or requests.Session()
-    try:
-        for alert in alerts:
-            fields = alert.to_dict()
-            message = fields.pop("message")
-            logger.warning("ALERT %s: %s", alert.rule, message, extra={"action": "alert", **fields})
-            if webhook_url:
-                _post(alert, webhook_url, http, logger)
-    finally:
-        if session is None:
-            http.close()
+    def summary(self) -> dict[str, Any]:
+        """For the maintenance run record."""
+        return {
+            "fired": [alert.rule for alert in self.alerts],
+            "notices": [f"{notice.rule}:{notice.kind.value}" for notice in self.notices],
+            "queue_length": self.queue_length,
+        }
 
 
 def run_alert_check(
@@ -232,14 +200,17 @@ def run_alert_check(
     now: datetime,
     webhook_url: str,
     app: Any = None,
-) -> list[Alert]:
-    """Collect the metrics at ``now``, evaluate the rules and publish what fires.
+) -> AlertCheck:
+    """Collect the metrics at ``now``, evaluate the rules and update the alert state, which
+    logs and POSTs the notices due.
 
-    The broker is asked before and the webhook called after the database transaction, so no
-    network call happens inside it. Returns the alerts published.
+    The broker is asked before and the webhook called after the database transactions, so no
+    network call happens inside one.
     """
     queue = queue_length(app, settings.queue_name) if app is not None else None
     snapshot = read_metrics(database, settings, now=now, queue_length=queue)
     alerts = evaluate_alerts(snapshot, settings)
-    publish_alerts(alerts, webhook_url=webhook_url)
-    return alerts
+    firing = {alert.rule: alert.to_dict() for alert in alerts}
+    observed = {rule: firing.get(rule) for rule in RULES}
+    notices = update_alert_states(database, settings, observed, now=now, webhook_url=webhook_url)
+    return AlertCheck(alerts, notices, queue)

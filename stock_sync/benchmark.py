@@ -514,8 +514,13 @@ def running_worker(
 
 
 def forget_redis_keys(client: redis.Redis, queue: str, done_prefix: str) -> None:
-    """Delete the run's queue, its binding and the completion counters."""
-    keys = [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+    """Delete the run's queues (its worker declares the maintenance queue too, named after the
+    pipeline's), their bindings and the completion counters."""
+    keys = [
+        key
+        for name in (queue, f"{queue}_maintenance")
+        for key in (name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+    ]
     keys += [key.decode() for key in client.scan_iter(match=f"{done_prefix}*")]
     client.delete(*keys)
 

@@ -469,6 +469,7 @@ def _register_monitoring_commands() -> None:
 
 
 _register_monitoring_commands()
+from stock_sync import cli_rollback  # noqa: E402, F401  (its `rollback` group adds itself)
 
 
 def main() -> None:

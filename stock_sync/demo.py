@@ -213,6 +213,8 @@ def configure_environment(run: Run, folder: Path, microservice_url: str) -> Sett
         {
             "STOCK_SYNC_DATA_DIR": str(folder),
             "STOCK_SYNC_QUEUE_NAME": run.queue,
+            # never an inherited one: on a shared broker it could be production's
+            "STOCK_SYNC_MAINTENANCE_QUEUE_NAME": f"{run.queue}_maintenance",
             "STOCK_SYNC_MICROSERVICE_URL": microservice_url,
         }
     )
@@ -648,19 +650,21 @@ def expected_fulfillment_puts(scenario: Scenario, status_before_sync: str) -> tu
 
 
 def delete_queue(settings: Settings) -> None:
-    """Remove the run's queue and its bindings from a shared broker; warns if it cannot."""
+    """Remove the run's queues (pipeline and maintenance: its worker declared both) and their
+    bindings from a shared broker; warns if it cannot."""
     if settings.uses_filesystem_broker:
         return  # the whole broker folder belongs to this run
     from tasks import app
 
-    try:
-        with app.connection_for_write() as connection:
-            # kombu deletes only the bindings it declared itself: declare, then delete
-            queue = app.amqp.queues[settings.queue_name](connection.default_channel)
-            queue.declare()
-            queue.delete()
-    except Exception as error:
-        print(f"warning: could not delete queue {settings.queue_name}: {error}", file=sys.stderr)
+    for name in (settings.queue_name, settings.effective_maintenance_queue_name):
+        try:
+            with app.connection_for_write() as connection:
+                # kombu deletes only the bindings it declared itself: declare, then delete
+                queue = app.amqp.queues[name](connection.default_channel)
+                queue.declare()
+                queue.delete()
+        except Exception as error:
+            print(f"warning: could not delete queue {name}: {error}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -221,6 +222,32 @@ class MaintenanceRun(Base):
     ok: Mapped[bool] = mapped_column(Boolean)
     host: Mapped[str] = mapped_column(String(255))
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class AlertState(Base):
+    """One alert rule's state, shared by every beat host: whether it fires and since when,
+    what it last showed, and the notice still owed to the webhook (retried until delivered).
+
+    A row appears the first time its rule fires and is kept (resolved) afterwards."""
+
+    __tablename__ = "alert_states"
+
+    rule: Mapped[str] = mapped_column(String(64), primary_key=True)
+    firing: Mapped[bool] = mapped_column(Boolean)
+    firing_since: Mapped[datetime] = mapped_column(UtcDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_value: Mapped[float | None] = mapped_column(Float)
+    # The alert as last seen firing: value, threshold, window_s, sample ids, message.
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    last_evaluated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # When the last notice was delivered (accepted by the webhook, or logged without one):
+    # the repeat interval counts from here.
+    last_notified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The notice owed to the webhook, exactly as it is POSTed; NULL once delivered.
+    pending_notice: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A host that claimed the owed notice delivers it until then; after that another may.
+    delivering_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 # The tables themselves, for Core statements on the hot path (no ORM unit of work).

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stock_sync.db import Database
-from stock_sync.domain.errors import CancellationRefused
+from stock_sync.domain.errors import CancellationRefused, RollbackRetryRefused
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.revisions import Revision, revision_from_text, same_revision
 from stock_sync.domain.stages import StageOutcome
@@ -78,6 +78,26 @@ class CancellationResult:
             "cancelled_by": self.cancelled_by,
             "reason": self.reason,
             "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class RollbackRetry:
+    """A failed microservice rollback run again as a new adjustment of the cancelled operation."""
+
+    operation_id: uuid.UUID  # the cancelled order deduction
+    failed_rollback_id: uuid.UUID
+    retry_rollback_id: uuid.UUID
+    target_fulfillment_status: str
+    enqueued: bool  # False: the broker refused; the stuck sweep re-drives it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation_id": str(self.operation_id),
+            "failed_rollback_id": str(self.failed_rollback_id),
+            "retry_rollback_id": str(self.retry_rollback_id),
+            "target_fulfillment_status": self.target_fulfillment_status,
+            "enqueued": self.enqueued,
         }
 
 
@@ -213,16 +233,9 @@ class OperationCancellationService:
         latest = self._microservice_rollback_of(session, operation)
         if latest is not None and (not after_landed_put or latest.status_enum is S.PENDING):
             return None
-        adjustment = new_adjustment(operation, OperationType(adjustment_type))
-        adjustment.target_fulfillment_status = operation.fulfillment_status_before_sync
-        session.add(adjustment)
-        session.flush()
-        log.log_action_with_timing(
-            operation.id,
-            LogAction.MICROSERVICE_ROLLBACK_STARTED,
-            f"fulfillment status to be put back to {adjustment.target_fulfillment_status}",
+        return self._add_microservice_rollback(
+            session, operation, log, adjustment_type=OperationType(adjustment_type)
         )
-        return adjustment.id
 
     def _rollback_microservice_status(self, adjustment_operation_id: uuid.UUID) -> bool:
         """Enqueue the rollback task; False when the broker refused (the sweep re-drives)."""
@@ -257,6 +270,53 @@ class OperationCancellationService:
         if adjustment_id is not None:
             self._rollback_microservice_status(adjustment_id)
         return True
+
+    # --- an operator's way out of a failed rollback ----------------------------------------
+
+    def retry_microservice_rollback(self, operation_id: uuid.UUID) -> RollbackRetry:
+        """Run a failed microservice rollback again, as a new adjustment of its operation.
+
+        ``operation_id`` is the FAILED ``microservice_rollback`` adjustment or the cancelled
+        operation it belongs to. Refused (RollbackRetryRefused) unless the operation's latest
+        microservice rollback is FAILED: one pending will run anyway, and after one that
+        completed the fulfillment status is back already. The new adjustment, with a fresh
+        retry budget, puts back the status recorded before the sync (as the first did), is
+        listed in the operation's ``rollback_operations`` and is enqueued after the commit.
+        """
+        with self._database.transaction() as session:
+            parent = _cancelled_parent(session, operation_id)
+            failed = _failed_latest_rollback(
+                operation_id, self._microservice_rollback_of(session, parent)
+            )
+            log = operation_logger(session, parent, self._logger)
+            retry_id = self._add_microservice_rollback(
+                session, parent, log, note=f"retry of the failed rollback {failed.id}: "
+            )
+            parent.rollback_operations = [*(parent.rollback_operations or []), str(retry_id)]
+            target = str(parent.fulfillment_status_before_sync)
+        enqueued = self._rollback_microservice_status(retry_id)
+        return RollbackRetry(parent.id, failed.id, retry_id, target, enqueued)
+
+    def _add_microservice_rollback(
+        self,
+        session: Session,
+        operation: PendingStockOperation,
+        log: StandardizedLogger,
+        *,
+        adjustment_type: OperationType = OperationType.MICROSERVICE_ROLLBACK,
+        note: str = "",
+    ) -> uuid.UUID:
+        """A new microservice rollback adjustment of ``operation``, announced on its timeline."""
+        adjustment = new_adjustment(operation, adjustment_type)
+        adjustment.target_fulfillment_status = operation.fulfillment_status_before_sync
+        session.add(adjustment)
+        session.flush()
+        log.log_action_with_timing(
+            operation.id,
+            LogAction.MICROSERVICE_ROLLBACK_STARTED,
+            f"{note}fulfillment status to be put back to {adjustment.target_fulfillment_status}",
+        )
+        return adjustment.id
 
     # --- the rollback task's work ----------------------------------------------------------
 
@@ -381,6 +441,41 @@ class OperationCancellationService:
             cancelled_by=operation.cancelled_by,
             reason=operation.cancellation_reason,
         )
+
+
+def _cancelled_parent(session: Session, operation_id: uuid.UUID) -> PendingStockOperation:
+    """The cancelled order deduction ``operation_id`` is (or whose rollback it is), locked:
+    a cancel, a sync's compensation and a rollback's completion lock it too."""
+    operation = load_operation(session, operation_id)
+    if operation.type_enum is OperationType.MICROSERVICE_ROLLBACK:
+        if operation.status_enum is not S.FAILED:
+            raise RollbackRetryRefused(operation_id, f"it is {operation.status}, not failed")
+        assert operation.parent_operation_id is not None
+        parent = load_operation(session, operation.parent_operation_id, for_update=True)
+    elif operation.type_enum is OperationType.ORDER_DEDUCTION:
+        parent = load_operation(session, operation_id, for_update=True)
+    else:
+        raise RollbackRetryRefused(
+            operation_id, f"it is a {operation.operation_type} adjustment, not a rollback"
+        )
+    if parent.status_enum is not S.CANCELLED:
+        raise RollbackRetryRefused(operation_id, f"operation {parent.id} is {parent.status}")
+    return parent
+
+
+def _failed_latest_rollback(
+    operation_id: uuid.UUID, latest: PendingStockOperation | None
+) -> PendingStockOperation:
+    """The operation's latest microservice rollback, when it is the FAILED one to retry."""
+    if latest is None:
+        raise RollbackRetryRefused(operation_id, "its operation has no microservice rollback")
+    if latest.status_enum is S.PENDING:
+        raise RollbackRetryRefused(operation_id, f"rollback {latest.id} is pending")
+    if latest.status_enum is S.COMPLETED:
+        raise RollbackRetryRefused(
+            operation_id, f"rollback {latest.id} completed: the fulfillment status is back"
+        )
+    return latest
 
 
 _ROLLBACK_STATE = {

@@ -104,3 +104,14 @@ def reconciliation(report: dict[str, Any]) -> str:
         return head + "everything reconciles"
     rows = [(m["check"], m["subject"], m["message"]) for m in report["mismatches"]]
     return head + f"{len(rows)} mismatches\n" + table(("check", "subject", "problem"), rows)
+
+
+def rollback_retry(result: dict[str, Any]) -> str:
+    lines = [
+        f"operation {result['operation_id']}: rollback {result['failed_rollback_id']} failed; "
+        f"retrying it as {result['retry_rollback_id']}",
+        f"  fulfillment status to be put back to {result['target_fulfillment_status']}",
+    ]
+    if not result["enqueued"]:
+        lines.append("  not enqueued (broker unreachable): the stuck sweep will run it")
+    return "\n".join(lines)

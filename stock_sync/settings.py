@@ -88,6 +88,15 @@ def _has_unsafe_characters(value: str) -> bool:
     return any(char.isspace() or not char.isprintable() for char in value)
 
 
+def _queue_name(value: str) -> str:
+    if not value or len(value) > MAX_QUEUE_NAME_CHARS or _has_unsafe_characters(value):
+        raise ValueError(
+            f"must be 1 to {MAX_QUEUE_NAME_CHARS} characters, "
+            "without whitespace or control characters"
+        )
+    return value
+
+
 def database_kind(url: str) -> str:
     """``postgresql`` or ``sqlite`` for a URL we can open; ValueError (a message without the
     URL, which may carry a password) otherwise."""
@@ -150,8 +159,14 @@ class Settings(BaseSettings):
     sweep_batch_size: int = _count(200, at_least=1, at_most=MAX_SWEEP_BATCH_SIZE)
     sweep_interval_s: float = _seconds(60.0)
     alert_interval_s: float = _seconds(60.0)
+    # A firing alert is notified again this often until it clears (its state is in the
+    # database, so a restart or a second beat host does not re-send it).
+    alert_repeat_s: float = _seconds(ONE_HOUR_S)
     log_level: str = "INFO"
     queue_name: str = "stock_sync"
+    # Beat's sweep, alerts and reconciliation get a queue of their own, so a pipeline backlog
+    # cannot hold them until they expire; empty: "<queue_name>_maintenance".
+    maintenance_queue_name: str = ""
     # Celery task events cost the worker about 6 ms per operation; Flower turns them on by
     # itself when it runs, so they stay off unless asked for.
     task_events: bool = False
@@ -212,12 +227,12 @@ class Settings(BaseSettings):
     @field_validator("queue_name")
     @classmethod
     def _plain_queue_name(cls, value: str) -> str:
-        if not value or len(value) > MAX_QUEUE_NAME_CHARS or _has_unsafe_characters(value):
-            raise ValueError(
-                f"must be 1 to {MAX_QUEUE_NAME_CHARS} characters, "
-                "without whitespace or control characters"
-            )
-        return value
+        return _queue_name(value)
+
+    @field_validator("maintenance_queue_name")
+    @classmethod
+    def _plain_maintenance_queue_name(cls, value: str) -> str:
+        return _queue_name(value) if value else value
 
     @field_validator("notification_sender")
     @classmethod
@@ -243,6 +258,11 @@ class Settings(BaseSettings):
                 "STOCK_SYNC_MICROSERVICE_DEADLINE_S must be >= STOCK_SYNC_MICROSERVICE_TIMEOUT_S"
                 " (the deadline bounds a whole request, the timeout one read)"
             )
+        if self.effective_maintenance_queue_name == self.queue_name:
+            raise ValueError(
+                "STOCK_SYNC_MAINTENANCE_QUEUE_NAME must differ from STOCK_SYNC_QUEUE_NAME"
+                " (maintenance has a queue of its own so that a backlog cannot starve it)"
+            )
         return self
 
     def secrets(self) -> list[str]:
@@ -260,6 +280,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'stock_sync.sqlite3').resolve()}"
+
+    @property
+    def effective_maintenance_queue_name(self) -> str:
+        """The configured maintenance queue, or ``<queue_name>_maintenance``."""
+        return self.maintenance_queue_name or f"{self.queue_name}_maintenance"
 
     @property
     def effective_broker_url(self) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from stock_sync.alert_notices import update_alert_states
+from stock_sync.alerts import RECONCILIATION_MISMATCH, Alert
 from stock_sync.composition import get_services
 from stock_sync.maintenance_runs import RECONCILE, SWEEP, recorded_run
-from stock_sync.reconciliation import reconcile_database
+from stock_sync.models import utcnow
+from stock_sync.reconciliation import ReconciliationReport, reconcile_database
 from stock_sync.sweeps import sweeper_for
 from tasks.app import app
 
@@ -25,25 +28,29 @@ def sweep_stuck_operations_task() -> dict[str, Any]:
 
 @app.task(name="stock_sync.reconcile", ignore_result=True, acks_late=False)
 def reconcile_task() -> dict[str, Any]:
-    """Check ledger against stock and operations; a mismatch raises an ALERT."""
-    from stock_sync.alerts import Alert, publish_alerts
-
+    """Check ledger against stock and operations; a mismatch fires an alert, through the same
+    alert state as the others (notified once, repeated while it lasts, resolved by the first
+    run that finds none)."""
     services = get_services()
     with recorded_run(services.database, RECONCILE) as run:
         report = reconcile_database(services.database)
         run.summary = {"ok": report.ok, "mismatches": len(report.mismatches)}
-    if not report.ok:
-        publish_alerts(
-            [
-                Alert(
-                    rule="reconciliation_mismatch",
-                    value=float(len(report.mismatches)),
-                    threshold=0.0,
-                    window_s=0.0,
-                    sample_operation_ids=[m.subject for m in report.mismatches[:10]],
-                    message="; ".join(m.message for m in report.mismatches[:5]),
-                )
-            ],
-            webhook_url=services.settings.alert_webhook_url,
-        )
+    update_alert_states(
+        services.database,
+        services.settings,
+        {RECONCILIATION_MISMATCH: None if report.ok else mismatch_alert(report).to_dict()},
+        now=utcnow(),
+        webhook_url=services.settings.alert_webhook_url,
+    )
     return report.to_dict()
+
+
+def mismatch_alert(report: ReconciliationReport) -> Alert:
+    return Alert(
+        rule=RECONCILIATION_MISMATCH,
+        value=float(len(report.mismatches)),
+        threshold=0.0,
+        window_s=0.0,
+        sample_operation_ids=[m.subject for m in report.mismatches[:10]],
+        message="; ".join(m.message for m in report.mismatches[:5]),
+    )

@@ -1,4 +1,5 @@
-"""The beat-driven alert check: collect the metrics, evaluate the four rules, publish."""
+"""The beat-driven alert check: collect the metrics, evaluate the rules, update the alert state
+(which notifies when a rule starts firing, repeats while it fires and says when it clears)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ from tasks.app import app
 @app.task(name="stock_sync.evaluate_alerts", ignore_result=True)
 def evaluate_alerts_task() -> int:
     """Run one alert check with the configured database, webhook and broker; returns how many
-    alerts fired (for logs: the result itself is ignored)."""
+    rules fire (for logs: the result itself is ignored)."""
     settings = get_settings()
     database = get_database(settings)
     with recorded_run(database, ALERTS) as run:
-        alerts = run_alert_check(
+        check = run_alert_check(
             database,
             settings,
             now=datetime.now(UTC),
             webhook_url=settings.alert_webhook_url,
             app=app,
         )
-        run.summary = {"fired": [alert.rule for alert in alerts]}
-    return len(alerts)
+        run.summary = check.summary()
+    return len(check.alerts)

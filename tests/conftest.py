@@ -34,6 +34,7 @@ TABLES = (
     "stock_levels",
     "pending_stock_operations",
     "maintenance_runs",
+    "alert_states",
 )
 
 
@@ -185,6 +186,9 @@ def celery_session_app(pipeline_environment: str) -> Celery:
     from tasks import app
 
     app.conf.update(celeryconfig.build(get_settings()))
+    # The queues and routes are cached on first use: drop them, so that the worker consumes
+    # (and producers route to) this run's queues even if something used the app before.
+    app.__dict__.pop("amqp", None)
     return app
 
 

@@ -45,6 +45,7 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_BROKER_URL": any_text,
     "STOCK_SYNC_DATA_DIR": lambda value: True,
     "STOCK_SYNC_QUEUE_NAME": printable_word,
+    "STOCK_SYNC_MAINTENANCE_QUEUE_NAME": lambda value: value == "" or printable_word(value),
     "STOCK_SYNC_MICROSERVICE_URL": lambda value: http_url_or_empty(value) and value != "",
     "STOCK_SYNC_MICROSERVICE_TIMEOUT_S": seconds(300),
     "STOCK_SYNC_MICROSERVICE_DEADLINE_S": seconds(3600),
@@ -68,6 +69,7 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_ALERT_WEBHOOK_URL": http_url_or_empty,
     "STOCK_SYNC_ALERT_WINDOW_S": seconds(30 * DAY),
     "STOCK_SYNC_ALERT_INTERVAL_S": seconds(WEEK),
+    "STOCK_SYNC_ALERT_REPEAT_S": seconds(WEEK),
     "STOCK_SYNC_ALERT_STUCK_THRESHOLD": whole(1, 1_000_000),
     "STOCK_SYNC_ALERT_ERROR_RATE_THRESHOLD": rate,
     "STOCK_SYNC_ALERT_PROCESSING_TIME_THRESHOLD_S": seconds(WEEK),
@@ -92,6 +94,8 @@ def out_of_bounds(settings: Settings) -> list[str]:
         broken.append("STOCK_SYNC_TASK_SOFT_TIME_LIMIT_S < STOCK_SYNC_TASK_TIME_LIMIT_S")
     if not settings.retry_backoff_base_s <= settings.retry_backoff_max_s:
         broken.append("STOCK_SYNC_RETRY_BACKOFF_BASE_S <= STOCK_SYNC_RETRY_BACKOFF_MAX_S")
+    if settings.effective_maintenance_queue_name == settings.queue_name:
+        broken.append("STOCK_SYNC_MAINTENANCE_QUEUE_NAME != STOCK_SYNC_QUEUE_NAME")
     if not settings.microservice_timeout_s <= settings.microservice_deadline_s:
         broken.append("STOCK_SYNC_MICROSERVICE_TIMEOUT_S <= STOCK_SYNC_MICROSERVICE_DEADLINE_S")
     return broken

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 import celeryconfig
 from stock_sync.domain.errors import ConfigurationError
@@ -63,6 +64,58 @@ def test_every_beat_entry_expires_and_names_a_registered_task(config: dict[str, 
     for entry in schedule.values():
         assert entry["options"]["expires"] > 0
         assert entry["task"] in app.tasks
+
+
+def queue_names(config: dict[str, object]) -> list[str]:
+    declared = config["task_queues"]
+    assert isinstance(declared, tuple)
+    return [queue.name for queue in declared]
+
+
+def test_beat_tasks_have_a_queue_of_their_own_named_after_the_pipeline_queue(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("STOCK_SYNC_QUEUE_NAME", raising=False)  # the pipeline tests set theirs
+    monkeypatch.delenv("STOCK_SYNC_MAINTENANCE_QUEUE_NAME", raising=False)
+    config = celeryconfig.build(load_settings())
+    assert config["task_default_queue"] == "stock_sync"
+    # A worker started without -Q consumes every declared queue: both.
+    assert queue_names(config) == ["stock_sync", "stock_sync_maintenance"]
+    routes = config["task_routes"]
+    schedule = config["beat_schedule"]
+    assert isinstance(routes, dict) and isinstance(schedule, dict)
+    for entry in schedule.values():
+        assert routes[entry["task"]] == {"queue": "stock_sync_maintenance"}
+    assert "stock_sync.load_line_items" not in routes and "stock_sync.rollback" not in routes
+
+
+def test_the_routes_send_beat_tasks_to_the_maintenance_queue_and_stages_to_the_pipeline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STOCK_SYNC_QUEUE_NAME", "orders")
+    monkeypatch.setenv("STOCK_SYNC_MAINTENANCE_QUEUE_NAME", "housekeeping")
+    probe = Celery("probe", set_as_current=False)
+    probe.config_from_object(celeryconfig.build(load_settings()))
+
+    def queue_of(task: str) -> str:
+        return str(probe.amqp.router.route({}, task)["queue"].name)
+
+    assert queue_of("stock_sync.sweep_stuck_operations") == "housekeeping"
+    assert queue_of("stock_sync.evaluate_alerts") == "housekeeping"
+    assert queue_of("stock_sync.reconcile") == "housekeeping"
+    assert queue_of("stock_sync.load_line_items") == "orders"
+    assert queue_of("stock_sync.rollback") == "orders"
+
+
+def test_the_maintenance_queue_must_not_be_the_pipeline_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_QUEUE_NAME", "orders")
+    monkeypatch.setenv("STOCK_SYNC_MAINTENANCE_QUEUE_NAME", "orders")
+    with pytest.raises(ConfigurationError, match="STOCK_SYNC_MAINTENANCE_QUEUE_NAME must differ"):
+        load_settings()
 
 
 def test_the_stage_tasks_are_registered() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -11,15 +12,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
 from stock_sync import cli_monitoring
 from stock_sync.cli import cli
-from tests.conftest import REDIS_URL
+from stock_sync.db import Database
+from stock_sync.fake_microservice import FakeMicroservice
+from stock_sync.stock_ledger import set_stock
+from tests import celery_processes
+from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
+from tests.support import order
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).with_name("stock-sync"))
@@ -131,16 +139,25 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def status_of(url: str, credentials: str | None = None) -> int:
+def request_to(url: str, credentials: str | None) -> urllib.request.Request:
     request = urllib.request.Request(url)
     if credentials:
         token = base64.b64encode(credentials.encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def status_of(url: str, credentials: str | None = None) -> int:
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request_to(url, credentials), timeout=5) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def json_of(url: str, credentials: str) -> Any:
+    with urllib.request.urlopen(request_to(url, credentials), timeout=5) as response:
+        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +223,96 @@ def listening_addresses(port: int) -> set[str]:
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                 found.add(address)
     return found
+
+
+# --- Flower watching the pipeline -----------------------------------------------------------
+
+STAGES = (
+    "stock_sync.load_line_items",
+    "stock_sync.validate_stock",
+    "stock_sync.deduct_stock",
+    "stock_sync.sync_microservice",
+)
+
+
+@pytest.fixture
+def watched_worker(
+    clean_database: Database,
+    postgres_url: str,
+    fake_microservice: FakeMicroservice,
+    tmp_path: Path,
+) -> Iterator[dict[str, str]]:
+    """A worker process as production runs it (heartbeats and gossip on, task events off:
+    STOCK_SYNC_TASK_EVENTS is not set), on a queue of its own; yields its environment once
+    Flower has switched its task events on.
+
+    Not the in-process test worker: it runs without heartbeats and gossip, so it has no event
+    dispatcher and answers Flower's enable_events with "event dispatcher unavailable".
+    """
+    fake_microservice.reset()
+    variables = {
+        **environment(),
+        **PIPELINE_ENVIRONMENT,
+        "STOCK_SYNC_DATABASE_URL": postgres_url,
+        "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name("flower"),
+        "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
+    }
+    hostname = f"flower-watched-{uuid.uuid4().hex[:8]}@%h"
+    worker = celery_processes.worker(
+        variables, tmp_path / "worker.log", "--hostname", hostname, "--without-mingle", quiet=False
+    )
+    try:
+        deadline = time.monotonic() + 30  # Flower broadcasts enable_events every 5 s
+        while "Events of group {task} enabled by remote" not in worker.log():
+            assert time.monotonic() < deadline, "Flower never enabled the worker's task events"
+            time.sleep(0.2)
+        yield variables
+    finally:
+        worker.stop()
+
+
+def submit(variables: dict[str, str], order_id: str) -> str:
+    result = subprocess.run(
+        [CLI, "submit", order_id], capture_output=True, text=True, env=variables, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def stage_states(port: int, operation_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Flower's /api/tasks, per operation: stage task name -> state."""
+    tasks = json_of(f"http://127.0.0.1:{port}/api/tasks?limit=1000", CREDENTIALS)
+    states: dict[str, dict[str, str]] = {operation_id: {} for operation_id in operation_ids}
+    for task in tasks.values():
+        for operation_id in operation_ids:
+            if operation_id in str(task.get("args")):
+                states[operation_id][task["name"]] = task["state"]
+    return states
+
+
+def test_flower_shows_the_four_stage_tasks_of_each_order_and_asks_for_credentials(
+    running_flower: tuple[subprocess.Popen[str], int],
+    watched_worker: dict[str, str],
+    clean_database: Database,
+    fake_microservice: FakeMicroservice,
+) -> None:
+    _, port = running_flower
+    order_ids = [f"flower-{n}" for n in range(3)]
+    for order_id in order_ids:
+        fake_microservice.add_order(order(order_id, ("SKU-F", 1)))
+    with clean_database.transaction() as session:
+        set_stock(session, "SKU-F", 10)
+    operation_ids = [submit(watched_worker, order_id) for order_id in order_ids]
+
+    every_stage_succeeded = dict.fromkeys(STAGES, "SUCCESS")
+    deadline = time.monotonic() + 60
+    while (states := stage_states(port, operation_ids)) != dict.fromkeys(
+        operation_ids, every_stage_succeeded
+    ):
+        assert time.monotonic() < deadline, states
+        time.sleep(0.3)
+
+    assert status_of(f"http://127.0.0.1:{port}/api/tasks") == 401
+    assert status_of(f"http://127.0.0.1:{port}/api/tasks", "admin:wrong") == 401
+    print(json.dumps(states, indent=2))  # shown with `pytest -s`

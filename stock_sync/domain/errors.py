@@ -51,6 +51,15 @@ class CancellationRefused(StockSyncError):
         super().__init__(f"operation {operation_id} cannot be cancelled: it is {status}")
 
 
+class RollbackRetryRefused(StockSyncError):
+    """A microservice rollback cannot be retried: it did not fail, or a newer one is pending
+    or completed."""
+
+    def __init__(self, operation_id: UUID | str, reason: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(f"cannot retry the rollback of {operation_id}: {reason}")
+
+
 @dataclass(frozen=True)
 class StockShortage:
     """One line that cannot be served: how much was asked for and how much there is."""
