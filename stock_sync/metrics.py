@@ -21,8 +21,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from sqlalchemy import ColumnElement, extract, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, exists, extract, func, select
+from sqlalchemy.orm import Session, aliased
 
 from stock_sync.db import Database
 from stock_sync.domain.statuses import OperationStatus, OperationType
@@ -184,8 +184,8 @@ def collect_metrics(
         cancelled_sample_ids=recently_finished_ids(session, OperationStatus.CANCELLED.value, since),
         stuck_count=stuck_count(session, now, settings.stuck_after_s),
         stuck_sample_ids=stuck_ids(session, now, settings.stuck_after_s),
-        failed_rollbacks=failed_rollback_count(session, since),
-        failed_rollback_ids=failed_rollback_ids(session, since),
+        failed_rollbacks=failed_rollback_count(session),
+        failed_rollback_ids=failed_rollback_ids(session),
         queue_name=settings.queue_name if queue_length is not None else None,
         queue_length=queue_length,
     )
@@ -248,24 +248,33 @@ def recently_finished_ids(session: Session, status: str, since: datetime) -> tup
     return tuple(str(operation_id) for operation_id in session.scalars(query))
 
 
-def _failed_rollbacks_since(since: datetime) -> tuple[ColumnElement[bool], ...]:
+def _unresolved_failed_rollbacks() -> tuple[ColumnElement[bool], ...]:
+    """Microservice rollbacks that gave up and are still their operation's latest one: counted
+    by state, not by window, so they stay counted until an operator runs one again
+    (``stock-sync rollback retry``), whose new adjustment resolves them."""
+    newer = aliased(PendingStockOperation)
+    rollback = OperationType.MICROSERVICE_ROLLBACK.value
     return (
         Op.status == OperationStatus.FAILED.value,
-        Op.updated_at >= since,
-        Op.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
+        Op.operation_type == rollback,
+        ~exists().where(
+            newer.parent_operation_id == Op.parent_operation_id,
+            newer.operation_type == rollback,
+            newer.created_at > Op.created_at,
+        ),
     )
 
 
-def failed_rollback_count(session: Session, since: datetime) -> int:
-    """Microservice rollbacks that ended FAILED since ``since``."""
-    query = select(func.count()).where(*_failed_rollbacks_since(since))
+def failed_rollback_count(session: Session) -> int:
+    """Failed microservice rollbacks nobody has run again yet."""
+    query = select(func.count()).where(*_unresolved_failed_rollbacks())
     return int(session.scalar(query) or 0)
 
 
-def failed_rollback_ids(session: Session, since: datetime) -> tuple[str, ...]:
+def failed_rollback_ids(session: Session) -> tuple[str, ...]:
     query = (
         select(Op.id)
-        .where(*_failed_rollbacks_since(since))
+        .where(*_unresolved_failed_rollbacks())
         .order_by(Op.updated_at.desc())
         .limit(SAMPLE_SIZE)
     )
@@ -441,7 +450,7 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     )
     yield _gauge(
         "stock_sync_failed_rollbacks",
-        f"Microservice rollbacks of cancelled operations that ended FAILED {window}.",
+        "Microservice rollbacks of cancelled operations that gave up and were not run again.",
         snapshot.failed_rollbacks,
     )
     if snapshot.queue_length is not None and snapshot.queue_name is not None:

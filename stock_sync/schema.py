@@ -99,7 +99,8 @@ def _revision(script: Script) -> Revision:
         revision=script.revision,
         # Our history is linear; a merge revision would have a tuple, shown joined.
         down_revision=down if down is None or isinstance(down, str) else ", ".join(down),
-        message=(script.doc or "").strip(),
+        # a docstring wrapped over lines is one message (a table row, a JSON string)
+        message=" ".join((script.doc or "").split()),
         is_head=script.is_head,
     )
 

@@ -42,7 +42,9 @@ def test_the_pipeline_runs_on_pytest_celerys_session_worker(
     assert worker.concurrency == 4
     assert app.conf.task_always_eager is False
     assert app.conf.broker_url.startswith("redis://")
-    # the run's queue (another test may have left the cached settings at their defaults)
+    # the run's two queues, as the default worker command consumes them: the pipeline's and
+    # the maintenance one (another test may have left the cached settings at their defaults)
     run_queue = request.getfixturevalue("pipeline_environment")
     consumed = {queue.name for queue in worker.consumer.task_consumer.queues}
-    assert consumed == {run_queue} == {app.conf.task_default_queue}
+    assert run_queue == app.conf.task_default_queue
+    assert consumed == {run_queue, f"{run_queue}_maintenance"}
