@@ -9,81 +9,40 @@ rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
 
 import click
-from alembic.util import CommandError as MigrationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render, schema
+from stock_sync.cli_common import (
+    EXIT_CHECK_COULD_NOT_RUN,
+    EXIT_CHECK_MISMATCH,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_ENQUEUED,
+    EXIT_ROLLBACK_UNSETTLED,
+    StockSyncGroup,
+    describe_failure,
+    emit,
+    fail,
+    safe_message,
+)
+from stock_sync.cli_monitoring import flower, metrics_server, stats
 from stock_sync.cli_params import PLAIN_TEXT, QUANTITY, FiniteFloatRange
-from stock_sync.db import configured_database_url, describe_database_error, get_database
-from stock_sync.domain.errors import ConfigurationError, EnqueueFailed, StockSyncError
+from stock_sync.cli_rollback import rollback
+from stock_sync.db import configured_database_url, get_database
+from stock_sync.domain.errors import EnqueueFailed
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.logging_setup import configure_cli_logging
 from stock_sync.queries import list_operations, operation_details
-from stock_sync.redaction import one_line, printable_lines, redact, redact_data, redact_url
+from stock_sync.redaction import one_line, redact_url
 from stock_sync.settings import get_settings
 from stock_sync.stock_ledger import get_stock, set_stock, validate_sku
 
-EXIT_ERROR = 1
-EXIT_NOT_ENQUEUED = 3  # saved as PENDING, not enqueued: the sweep will re-drive it
-EXIT_ROLLBACK_UNSETTLED = 4  # cancelled, but the microservice rollback is pending or failed
-EXIT_CHECK_MISMATCH = 1
-EXIT_CHECK_COULD_NOT_RUN = 2
-EXIT_INTERRUPTED = 130
-
-
-def safe_message(message: str) -> str:
-    """What may be printed: passwords and tokens masked, one line."""
-    return one_line(redact(message))
-
-
-def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    """Print a one-line error and exit non-zero; never a traceback."""
-    click.echo(f"error: {safe_message(message)}", err=True)
-    sys.exit(code)
-
-
-def _configured_database_url() -> str:
-    try:
-        return get_settings().effective_database_url
-    except ConfigurationError:
-        return "<the configured database>"
-
-
-def describe_failure(error: BaseException) -> str:
-    """The one line an operator reads for ``error``."""
-    if isinstance(error, SQLAlchemyError):
-        return describe_database_error(error, _configured_database_url())
-    if isinstance(error, MigrationError):
-        return f"migration refused: {error}"
-    if isinstance(error, StockSyncError):
-        return str(error)
-    if isinstance(error, OSError) and error.strerror:
-        where = f" ({error.filename})" if error.filename else ""
-        return f"{error.strerror}{where}"
-    return f"unexpected {type(error).__name__}: {error}"
-
-
-# Failures a command may end with; each becomes one line and exit 1.
-EXPECTED_FAILURES = (StockSyncError, SQLAlchemyError, MigrationError)
-
-
-class StockSyncGroup(click.Group):
-    """Turns our errors into one-line messages with a non-zero exit."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EXPECTED_FAILURES as error:
-            fail(describe_failure(error))
-
+PLUGIN_COMMANDS = "stock_sync.commands"
 
 # click 8.2+ raises this for a group called without a command (8.1 printed the help itself).
 NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -125,15 +84,6 @@ class StockSyncCli(StockSyncGroup):
         except Exception as error:  # the last guard: one line, never a traceback
             fail(describe_failure(error))
         sys.exit(code if isinstance(code, int) else 0)
-
-
-def emit(as_json: bool, payload: Any, human: Callable[[], str]) -> None:
-    """Print ``payload`` as JSON, or the human rendering. Stored text (an error a service
-    recorded, a reason an operator typed) is redacted, and escaped for the terminal."""
-    if as_json:
-        click.echo(json.dumps(redact_data(payload), indent=2, default=str))
-    else:
-        click.echo(printable_lines(human()))
 
 
 @click.group(cls=StockSyncCli)
@@ -349,14 +299,13 @@ def cancel(
 
     With --wait, exits 4 when the microservice rollback is still pending or failed.
     """
-    from stock_sync.composition import get_services
-    from stock_sync.producer import request_cancellation
+    from stock_sync.producer import default_services, request_cancellation
 
     result = request_cancellation(operation_id, cancelled_by, reason)
     deadline = time.monotonic() + timeout_s
     while wait and result.microservice_rollback == "pending" and time.monotonic() < deadline:
         time.sleep(0.2)
-        result = get_services().cancellation.result_of(result.operation_id)
+        result = default_services().cancellation.result_of(result.operation_id)
     payload = result.to_dict()
     emit(as_json, payload, lambda: render.cancellation(payload))
     if wait and result.microservice_rollback in ("pending", "failed"):
@@ -367,10 +316,10 @@ def cancel(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep(as_json: bool) -> None:
     """Re-drive stuck operations now (what the beat entry does)."""
-    from stock_sync.composition import get_services
-    from stock_sync.sweeps import sweeper_for
+    from stock_sync.composition import sweeper_for
+    from stock_sync.producer import default_services
 
-    report = sweeper_for(get_services()).sweep()
+    report = sweeper_for(default_services()).sweep()
     payload = report.to_dict()
     emit(
         as_json,
@@ -416,60 +365,19 @@ def worker(ctx: click.Context) -> None:
     app.worker_main(["worker", "--loglevel", get_settings().log_level, *ctx.args])
 
 
-@cli.command("fake-microservice")
-@click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
-@click.option("--orders", "orders_file", type=click.Path(dir_okay=False), default=None)
-@click.option("--error-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--latency", "latency_s", type=FiniteFloatRange(0), default=0.0, show_default=True)
-@click.option("--rate-limit-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--timeout-rate", type=FiniteFloatRange(0, 1), default=0.0, show_default=True)
-@click.option(
-    "--revision-form",
-    type=click.Choice(["string", "integer"]),
-    default="string",
-    show_default=True,
-    help="Serve revisions as Allegro does (opaque strings) or as integers.",
-)
-def fake_microservice(
-    host: str,
-    port: int,
-    orders_file: str | None,
-    error_rate: float,
-    latency_s: float,
-    rate_limit_rate: float,
-    timeout_rate: float,
-    revision_form: str,
-) -> None:
-    """Serve the microservice contract from orders held in memory (tests, demo, benchmarks)."""
-    from stock_sync.fake_microservice import serve
-
-    faults = {
-        "error_rate": error_rate,
-        "latency_s": latency_s,
-        "rate_limit_rate": rate_limit_rate,
-        "timeout_rate": timeout_rate,
-    }
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it
-        serve(
-            host=host,
-            port=port,
-            orders_file=orders_file,
-            faults=faults,
-            revision_form=revision_form,  # type: ignore[arg-type]  # click.Choice checked it
-        )
+def _add_plugin_commands(group: click.Group) -> None:
+    """Commands other packages add (entry point group ``stock_sync.commands``): the
+    development tools' ``fake-microservice`` plugs in this way, so the runtime command line
+    never imports them."""
+    for entry in entry_points(group=PLUGIN_COMMANDS):
+        group.add_command(entry.load(), entry.name)
 
 
-def _register_monitoring_commands() -> None:
-    from stock_sync.cli_monitoring import flower, metrics_server, stats
-
-    cli.add_command(stats)
-    cli.add_command(metrics_server)
-    cli.add_command(flower)
-
-
-_register_monitoring_commands()
-from stock_sync import cli_rollback  # noqa: E402, F401  (its `rollback` group adds itself)
+cli.add_command(stats)
+cli.add_command(metrics_server)
+cli.add_command(flower)
+cli.add_command(rollback)
+_add_plugin_commands(cli)
 
 
 def main() -> None:

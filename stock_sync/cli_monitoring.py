@@ -20,6 +20,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render
+from stock_sync.cli_common import emit, fail
 from stock_sync.cli_params import PLAIN_TEXT
 from stock_sync.db import Database, describe_database_error, get_database
 from stock_sync.metrics import (
@@ -93,8 +94,6 @@ def render_stats(snapshot: MetricsSnapshot) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(as_json: bool) -> None:
     """Print the monitoring metrics: statuses, processing times, errors, cancellations."""
-    from stock_sync.cli import emit  # cli.py imports this module to register the command
-
     settings = get_settings()
     snapshot = snapshot_now(get_database(settings), settings, _broker_queue_length(settings))
     emit(as_json, snapshot.to_dict(), lambda: render_stats(snapshot))
@@ -197,8 +196,6 @@ def make_metrics_server(
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
 def metrics_server(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics (and /healthz) until Ctrl-C."""
-    from stock_sync.cli import fail  # cli.py imports this module to register the command
-
     settings = get_settings()
     try:
         server = make_metrics_server(
@@ -238,8 +235,6 @@ def flower_argv(address: str, port: int, extra: Sequence[str]) -> list[str]:
 
 
 def _refuse_unsafe_flower(address: str, local_only: bool, extra: Sequence[str]) -> None:
-    from stock_sync.cli import fail
-
     if any(arg.startswith(("--basic-auth", "--basic_auth")) for arg in extra):
         fail(
             f"pass credentials in {FLOWER_CREDENTIALS_VARIABLE}, "

@@ -1,7 +1,6 @@
 """``stock-sync rollback retry OP_ID``: an operator's way out of a failed microservice rollback.
 
-The commands add themselves to the ``stock-sync`` group when cli.py imports this module (it
-imports cli.py in turn, which is why cli.py does so at its end).
+cli.py adds the ``rollback`` group to the ``stock-sync`` command.
 """
 
 from __future__ import annotations
@@ -9,11 +8,11 @@ from __future__ import annotations
 import click
 
 from stock_sync import render
-from stock_sync.cli import cli, emit
+from stock_sync.cli_common import StockSyncGroup, emit
 from stock_sync.cli_params import PLAIN_TEXT
 
 
-@cli.group("rollback")
+@click.group("rollback", cls=StockSyncGroup)
 def rollback() -> None:
     """Microservice rollbacks of cancelled operations."""
 
@@ -29,11 +28,9 @@ def retry(operation_id: str, as_json: bool) -> None:
     rollback puts back the fulfillment status recorded before the sync and is enqueued at once
     (follow it with `stock-sync show OPERATION_ID`).
     """
-    from stock_sync.composition import get_services
-    from stock_sync.producer import parse_operation_id
+    from stock_sync.producer import default_services, parse_operation_id
 
-    result = get_services().cancellation.retry_microservice_rollback(
-        parse_operation_id(operation_id)
-    )
+    cancellation = default_services().cancellation
+    result = cancellation.retry_microservice_rollback(parse_operation_id(operation_id))
     payload = result.to_dict()
     emit(as_json, payload, lambda: render.rollback_retry(payload))

@@ -2,32 +2,28 @@
 
 Celery's prefork children call :func:`reset_services` (``worker_process_init``) so each child
 builds its own engine and HTTP pool instead of sharing its parent's sockets.
+
+It sits above the services and below the entrypoints: the Celery app (``tasks``) passes its
+dispatcher in with :func:`use_dispatcher` when it is imported, so nothing here imports upward.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from stock_sync.db import Database, get_database
-from stock_sync.domain.statuses import OperationStatus
+from stock_sync.dispatch import Dispatcher
+from stock_sync.domain.errors import ConfigurationError
 from stock_sync.microservice_client import MicroserviceClient
 from stock_sync.notifications import LoggingNotifier, Notifier, load_sender
 from stock_sync.operation_cancellation_service import OperationCancellationService
 from stock_sync.settings import Settings, get_settings
 from stock_sync.standardized_logger import StandardizedLogger
 from stock_sync.stock_synchronization_service import StockSynchronizationService
-
-
-class Dispatcher(Protocol):
-    """Puts work on the broker; the Celery implementation lives in ``tasks``."""
-
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None: ...
-
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None: ...
+from stock_sync.sweeps import StuckOperationSweeper
 
 
 @dataclass
@@ -53,9 +49,7 @@ def build_services(
     settings = settings or get_settings()
     database = database or get_database(settings)
     if dispatcher is None:
-        from tasks.dispatch import CeleryDispatcher  # the Celery side plugs in here
-
-        dispatcher = CeleryDispatcher()
+        dispatcher = _default_dispatcher()
     client = client or MicroserviceClient(
         settings.microservice_url,
         timeout_s=settings.microservice_timeout_s,
@@ -79,6 +73,24 @@ def build_services(
     return Services(settings, database, client, logger, dispatcher, synchronization, cancellation)
 
 
+_dispatcher_factory: Callable[[], Dispatcher] | None = None
+
+
+def use_dispatcher(factory: Callable[[], Dispatcher]) -> None:
+    """Make ``factory`` the dispatcher of the services built without one (the Celery app
+    calls this when it is imported)."""
+    global _dispatcher_factory
+    _dispatcher_factory = factory
+
+
+def _default_dispatcher() -> Dispatcher:
+    if _dispatcher_factory is None:
+        raise ConfigurationError(
+            "no dispatcher: import tasks first (the Celery app passes its dispatcher in)"
+        )
+    return _dispatcher_factory()
+
+
 _services: dict[int, Services] = {}
 _lock = threading.Lock()
 
@@ -96,3 +108,14 @@ def reset_services() -> None:
     """Forget the built services (after a fork, or when tests change the settings)."""
     with _lock:
         _services.clear()
+
+
+def sweeper_for(services: Services) -> StuckOperationSweeper:
+    """The sweeper wired to this process's services."""
+    return StuckOperationSweeper(
+        database=services.database,
+        settings=services.settings,
+        dispatcher=services.dispatcher,
+        synchronization=services.synchronization,
+        logger=services.logger,
+    )

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Update, bindparam, func, select, update
 
@@ -25,9 +25,22 @@ from stock_sync.domain.statuses import (
     ensure_transition,
 )
 from stock_sync.models import OPERATIONS_TABLE, utcnow
-from stock_sync.standardized_logger import StandardizedLogger
 
 S = OperationStatus
+
+
+class TransitionLog(Protocol):
+    """Where a move is announced (the services pass their StandardizedLogger)."""
+
+    def log_status_transition(
+        self,
+        operation_id: uuid.UUID,
+        from_status: OperationStatus,
+        to_status: OperationStatus,
+        reason: str,
+    ) -> None: ...
+
+
 _columns = OPERATIONS_TABLE.c
 
 # The stamp a status sets when an operation enters it (kept if already set).
@@ -154,7 +167,7 @@ def move_row(
     row: OperationRow,
     to_status: OperationStatus,
     reason: str,
-    log: StandardizedLogger,
+    log: TransitionLog,
     **values: Any,
 ) -> None:
     """Move the locked row to ``to_status`` if the table allows it, with ``values`` in the same
@@ -179,7 +192,7 @@ def move_row_if_still(
     row: OperationRow,
     to_status: OperationStatus,
     reason: str,
-    log: StandardizedLogger,
+    log: TransitionLog,
     *,
     log_outcome: Callable[[], None] = lambda: None,
     **values: Any,

@@ -66,6 +66,13 @@ def _existing(connection: Connection, order_id: str, account_name: str | None) -
     return uuid.UUID(str(operation_id))
 
 
+def default_services() -> Services:
+    """This process's services, with the Celery app's dispatcher plugged in."""
+    import tasks  # noqa: F401  (importing the Celery app passes its dispatcher in)
+
+    return get_services()
+
+
 def _create(services: Services, order_id: str, account_name: str | None) -> tuple[uuid.UUID, bool]:
     with services.database.core_transaction() as connection:
         existing = _existing(connection, order_id, account_name)
@@ -119,7 +126,7 @@ def submit_operation(
     """
     order_id = _checked_order_id(order_id)
     account_name = _checked_account_name(account_name)
-    services = services or get_services()
+    services = services or default_services()
     try:
         operation_id, created = _create(services, order_id, account_name)
     except IntegrityError:
@@ -146,7 +153,7 @@ def request_cancellation(
 ) -> CancellationResult:
     """Cancel an operation now (stock restored in the same transaction); the microservice
     rollback, when one is needed, runs as a task (its state is in the result)."""
-    services = services or get_services()
+    services = services or default_services()
     return services.cancellation.cancel_operation(
         parse_operation_id(operation_id), cancelled_by, reason
     )

@@ -21,8 +21,8 @@ from typing import IO
 
 from sqlalchemy import select, text, update
 
-from stock_sync.composition import Dispatcher, Services
 from stock_sync.db import Database
+from stock_sync.dispatch import Dispatcher
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stages import (
     DEDUCT_STOCK,
@@ -237,14 +237,3 @@ def _file_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
-
-
-def sweeper_for(services: Services) -> StuckOperationSweeper:
-    """The sweeper wired to this process's services."""
-    return StuckOperationSweeper(
-        database=services.database,
-        settings=services.settings,
-        dispatcher=services.dispatcher,
-        synchronization=services.synchronization,
-        logger=services.logger,
-    )

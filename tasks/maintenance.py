@@ -7,11 +7,10 @@ from typing import Any
 
 from stock_sync.alert_notices import update_alert_states
 from stock_sync.alerts import RECONCILIATION_MISMATCH, Alert
-from stock_sync.composition import get_services
+from stock_sync.composition import get_services, sweeper_for
 from stock_sync.maintenance_runs import RECONCILE, SWEEP, recorded_run
 from stock_sync.models import utcnow
 from stock_sync.reconciliation import ReconciliationReport, reconcile_database
-from stock_sync.sweeps import sweeper_for
 from tasks.app import app
 
 logger = logging.getLogger("stock_sync.tasks")

@@ -9,12 +9,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from stock_sync.composition import build_services, get_services
+from stock_sync.composition import build_services, get_services, sweeper_for
 from stock_sync.db import Database
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.models import PendingStockOperation, utcnow
 from stock_sync.settings import load_settings
-from stock_sync.sweeps import StuckOperationSweeper, sweeper_for
+from stock_sync.sweeps import StuckOperationSweeper
 from tests.support import Pipeline, order
 
 S = OperationStatus
