@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render, schema
-from stock_sync.composition import Services, get_services, reset_services
+from stock_sync.composition import Services, reset_services
 from stock_sync.db import reset_databases
 from stock_sync.domain.errors import StockSyncError
 from stock_sync.domain.log_actions import LogAction
@@ -700,7 +700,9 @@ def run_demo(timeout_s: float) -> int:
         print(f"stock-sync demo, run {run.tag} ({describe_backend(settings)})")
         print(f"  run folder: {folder}")
         schema.upgrade(settings.effective_database_url)
-        services = get_services()
+        from stock_sync.producer import default_services  # after the run's environment
+
+        services = default_services()  # with the Celery app's dispatcher
         worker = WorkerProcess(run, folder)
         stack.callback(delete_queue, settings)
         stack.callback(worker.stop)
