@@ -1408,6 +1408,7 @@ SELECT 'operations_finished', status, count(*) FROM pending_stock_operations GRO
 UNION ALL
 SELECT 'errors', error_type, count(*) FROM operation_events
 WHERE error_type IS NOT NULL GROUP BY error_type
+ON CONFLICT (name, label) DO UPDATE SET value = metric_counters.value + excluded.value
 """
 
 
