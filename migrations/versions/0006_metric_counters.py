@@ -1,5 +1,6 @@
 """metric counters: cumulative counts of operations created, finished per status and errors
-per type, raised with the events they count, so Prometheus counters need no full-table count
+per type, raised with the events they count, so Prometheus counters need no full-table count;
+an (operation_type, status) index for the failed-rollbacks metric
 
 Revision ID: 0006
 Revises: 0005
@@ -36,9 +37,18 @@ def upgrade() -> None:
         sa.Column("value", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("name", "label", name=op.f("pk_metric_counters")),
     )
+    op.create_index(
+        "ix_pending_stock_operations_operation_type_status",
+        "pending_stock_operations",
+        ["operation_type", "status"],
+    )
     # The counts so far, from the audit trail the counters are kept from from now on.
     op.execute(f"INSERT INTO metric_counters (name, label, value) {COUNTED}")
 
 
 def downgrade() -> None:
+    op.drop_index(
+        "ix_pending_stock_operations_operation_type_status",
+        table_name="pending_stock_operations",
+    )
     op.drop_table("metric_counters")
