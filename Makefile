@@ -43,7 +43,8 @@ lock:
 services:
 	@bash tests/ensure_services.sh
 
-# The checkers of docker/: Debian's docker-compose, and promtool unpacked into .venv/bin.
+# The checkers of docker/: Debian's docker-compose; promtool and the prometheus server
+# (tests/test_prometheus.py) unpacked into .venv/bin.
 tools: install
 	@bash tests/ensure_docker_compose.sh
 	@bash tests/ensure_promtool.sh

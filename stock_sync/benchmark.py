@@ -151,7 +151,13 @@ TERMINAL = (OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.C
 ACCOUNT = "bench-shop"
 ROWS_SPREAD_S = 30 * 86_400  # the finished operations are spread over the last 30 days
 SWEEP_INDEX = "ix_pending_stock_operations_status_updated_at"
-TABLES = ("operation_events", "stock_movements", "stock_levels", "pending_stock_operations")
+TABLES = (
+    "operation_events",
+    "stock_movements",
+    "stock_levels",
+    "pending_stock_operations",
+    "metric_counters",
+)
 KEY_TTL_S = 3600
 
 NOOP = "stock_sync.benchmark.noop"
@@ -1393,6 +1399,18 @@ SELECT id, :action, 'processing', 'failed', last_error_type, failed_at
 FROM pending_stock_operations WHERE status = 'failed'
 """
 
+# What the producer and the stages would have counted in metric_counters for those rows.
+_INSERT_COUNTERS = """
+INSERT INTO metric_counters (name, label, value)
+SELECT 'operations_created', '', count(*) FROM pending_stock_operations
+UNION ALL
+SELECT 'operations_finished', status, count(*) FROM pending_stock_operations GROUP BY status
+UNION ALL
+SELECT 'errors', error_type, count(*) FROM operation_events
+WHERE error_type IS NOT NULL GROUP BY error_type
+ON CONFLICT (name, label) DO UPDATE SET value = metric_counters.value + excluded.value
+"""
+
 
 def load_finished_operations(database: Database, rows: int) -> None:
     """``rows`` finished order deductions (90% completed, 5% failed, 5% cancelled) spread over
@@ -1404,6 +1422,7 @@ def load_finished_operations(database: Database, rows: int) -> None:
             {"account": ACCOUNT, "rows": rows, "spacing": ROWS_SPREAD_S / rows},
         )
         session.execute(text(_INSERT_ERROR_EVENTS), {"action": LogAction.OPERATION_FAILED.value})
+        session.execute(text(_INSERT_COUNTERS))
     with database.engine.connect() as connection:
         autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
         autocommit.execute(text("VACUUM ANALYZE pending_stock_operations"))

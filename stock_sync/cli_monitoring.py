@@ -10,13 +10,21 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import click
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync import render
@@ -26,12 +34,11 @@ from stock_sync.db import Database, describe_database_error, get_database
 from stock_sync.metrics import (
     FINISHED_STATUSES,
     LIVE_STATUSES,
-    PROMETHEUS_CONTENT_TYPE,
+    DatabaseCollector,
     MetricsCache,
     MetricsSnapshot,
     queue_length,
     read_metrics,
-    render_prometheus,
 )
 from stock_sync.settings import Settings, get_settings
 
@@ -51,9 +58,20 @@ def _broker_queue_length(settings: Settings) -> QueueLengthFn:
 def snapshot_now(
     database: Database, settings: Settings, queue_length_fn: QueueLengthFn | None = None
 ) -> MetricsSnapshot:
-    """The metrics at this moment; the broker is asked before the database transaction."""
+    """The metrics at this moment; the broker is asked before the database transaction.
+
+    A broker that does not answer is logged (one line) and reported as down."""
     queue = queue_length_fn() if queue_length_fn is not None else None
-    return read_metrics(database, settings, now=datetime.now(UTC), queue_length=queue)
+    broker_up = None if queue_length_fn is None else queue is not None
+    if broker_up is False:
+        logger.error(
+            "metrics: the broker does not answer; stock_sync_queue_length %s left out",
+            settings.queue_name,
+            extra={"action": "metrics_broker_down"},
+        )
+    return read_metrics(
+        database, settings, now=datetime.now(UTC), queue_length=queue, broker_up=broker_up
+    )
 
 
 # --- stats ----------------------------------------------------------------------------------
@@ -101,72 +119,132 @@ def stats(as_json: bool) -> None:
 
 # --- metrics-server -------------------------------------------------------------------------
 
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-class MetricsHandler(BaseHTTPRequestHandler):
-    """GET /metrics (Prometheus text 0.0.4) and GET /healthz; nothing else."""
 
-    protocol_version = "HTTP/1.1"
-    # One write per answer: keep-alive answers in two writes stall on delayed ACKs.
+def healthz_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Liveness: "ok" whenever the process serves, whatever the database or broker say."""
+    body = b"ok\n"
+    start_response(
+        "200 OK",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [body] if environ.get("REQUEST_METHOD") != "HEAD" else []
+
+
+def not_found_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = b"not found: try /metrics\n"
+    start_response(
+        "404 Not Found",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [body]
+
+
+def answering_head(app: WsgiApp) -> WsgiApp:
+    """``app`` with HEAD answered as GET without the body: prometheus_client's app (0.26)
+    refuses HEAD with 405."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        for _ in app({**environ, "REQUEST_METHOD": "GET"}, start_response):
+            pass  # the headers (Content-Length included) are those of the GET
+        return []
+
+    return wrapped
+
+
+def dispatch(routes: Mapping[str, WsgiApp]) -> WsgiApp:
+    """One WSGI app that hands each request to the app of its exact path (404 otherwise)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        return routes.get(environ.get("PATH_INFO", ""), not_found_app)(environ, start_response)
+
+    return app
+
+
+def metrics_registry(cache: MetricsCache, database_url: str = "") -> CollectorRegistry:
+    """stock-sync's figures (database as the source, through ``cache``) and prometheus_client's
+    process, platform and garbage-collector metrics, in one registry."""
+    registry = CollectorRegistry(auto_describe=False)
+
+    def database_failed(error: Exception) -> None:
+        assert isinstance(error, SQLAlchemyError)  # the only failure the collector catches
+        reason = describe_database_error(error, database_url)
+        logger.error(
+            "metrics: database unavailable, stock_sync_database_up 0: %s",
+            reason,
+            extra={"action": "metrics_failed"},
+        )
+
+    registry.register(
+        DatabaseCollector(cache.get, failure=SQLAlchemyError, on_failure=database_failed)
+    )
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def metrics_server_app(
+    registry: CollectorRegistry, extra_routes: Mapping[str, WsgiApp] | None = None
+) -> WsgiApp:
+    """The metrics server's WSGI app: ``/metrics`` is prometheus_client's own app (gzip,
+    OpenMetrics negotiation, OPTIONS; HEAD added here), ``/healthz`` the liveness probe.
+
+    The place to mount another route (``/readyz`` from stock_sync/health.py) is
+    ``extra_routes``, or the ``routes`` dict below."""
+    routes: dict[str, WsgiApp] = {
+        "/metrics": answering_head(make_wsgi_app(registry)),
+        "/healthz": healthz_app,
+        **(extra_routes or {}),
+    }
+    return dispatch(routes)
+
+
+class MetricsRequestHandler(WSGIRequestHandler):
+    """wsgiref's handler with an idle timeout, and its request lines logged at DEBUG."""
+
+    # One request per connection (wsgiref answers HTTP/1.0 and closes): no keep-alive stalls.
     disable_nagle_algorithm = True
-    wbufsize = -1
     server: MetricsServer
 
     def setup(self) -> None:
         super().setup()
-        # A keep-alive connection that sends nothing for this long is closed (the read times
-        # out, http.server ends the connection) instead of holding a thread forever.
+        # A connection that sends nothing for this long is closed instead of holding a
+        # thread forever.
         self.connection.settimeout(self.server.idle_timeout_s)
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._metrics()
-        elif path == "/healthz":
-            self._answer(200, "ok\n", "text/plain; charset=utf-8")
-        else:
-            self._answer(404, "not found: try /metrics\n", "text/plain; charset=utf-8")
-
-    def _metrics(self) -> None:
+    def handle(self) -> None:
         try:
-            snapshot = self.server.cache.get()
-        except SQLAlchemyError as error:
-            reason = describe_database_error(error, self.server.database_url)
-            logger.error("metrics unavailable: %s", reason, extra={"action": "metrics_failed"})
-            self._answer(503, "metrics unavailable: database error\n", "text/plain")
-            return
-        self._answer(200, render_prometheus(snapshot), PROMETHEUS_CONTENT_TYPE)
-
-    def _answer(self, status: int, body: str, content_type: str) -> None:
-        payload = body.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-        self.wfile.flush()
+            super().handle()
+        except TimeoutError:
+            self.close_connection = True  # idle past the timeout: the connection is closed
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug(format, *args)  # a scrape every few seconds is not worth a line each
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """A threaded HTTP server that answers scrapes from one shared :class:`MetricsCache`."""
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """A threaded wsgiref server (one thread per connection) for :func:`metrics_server_app`."""
 
     daemon_threads = True
 
     def __init__(
         self,
         address: tuple[str, int],
-        cache: MetricsCache,
+        app: WsgiApp,
         *,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
-        database_url: str = "",
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.cache = cache
         self.idle_timeout_s = idle_timeout_s
-        self.database_url = database_url
-        super().__init__(address, MetricsHandler)
+        super().__init__(address, MetricsRequestHandler)
+        self.set_app(app)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.exception("metrics server: request from %s failed", client_address[0])
 
 
 def make_metrics_server(
@@ -177,7 +255,7 @@ def make_metrics_server(
     queue_length_fn: QueueLengthFn | None = None,
     *,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
-) -> ThreadingHTTPServer:
+) -> MetricsServer:
     """A bound, not yet serving, metrics server (port 0 picks a free port: see server_port).
 
     Scrapes within ``settings.metrics_cache_s`` of each other share one computation; a
@@ -186,9 +264,8 @@ def make_metrics_server(
     cache = MetricsCache(
         lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
     )
-    return MetricsServer(
-        (host, port), cache, idle_timeout_s=idle_timeout_s, database_url=database.url
-    )
+    app = metrics_server_app(metrics_registry(cache, database.url))
+    return MetricsServer((host, port), app, idle_timeout_s=idle_timeout_s)
 
 
 @click.command("metrics-server")

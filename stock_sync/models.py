@@ -133,6 +133,13 @@ class PendingStockOperation(Base):
             sqlite_where=text("operation_type = 'order_deduction'"),
         ),
         Index("ix_pending_stock_operations_order_id", "order_id"),
+        # Failed rollbacks (a metric and an alert): without it the query visits every
+        # failed order deduction (about 120 ms over 1,000,000 finished operations).
+        Index(
+            "ix_pending_stock_operations_operation_type_status",
+            "operation_type",
+            "status",
+        ),
     )
 
     @property
@@ -250,8 +257,23 @@ class AlertState(Base):
     delivering_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class MetricCounter(Base):
+    """A cumulative count of audit events (operations created, reaching each final status,
+    errors by type), raised in the transaction that writes the events: the metrics read a few
+    rows instead of counting a table that only grows.
+
+    ``label`` is the status or error type, "" for a count without one."""
+
+    __tablename__ = "metric_counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
 # The tables themselves, for Core statements on the hot path (no ORM unit of work).
 OPERATIONS_TABLE = cast(Table, PendingStockOperation.__table__)
 STOCK_LEVELS_TABLE = cast(Table, StockLevel.__table__)
 STOCK_MOVEMENTS_TABLE = cast(Table, StockMovement.__table__)
 OPERATION_EVENTS_TABLE = cast(Table, OperationEvent.__table__)
+METRIC_COUNTERS_TABLE = cast(Table, MetricCounter.__table__)

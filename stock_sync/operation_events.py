@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from stock_sync.db import TransactionOwner, before_commit
-from stock_sync.models import OPERATION_EVENTS_TABLE, OperationEvent, utcnow
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.models import (
+    METRIC_COUNTERS_TABLE,
+    OPERATION_EVENTS_TABLE,
+    OperationEvent,
+    utcnow,
+)
 
 _PENDING_EVENTS = "stock_sync.pending_events"
 _INSERT_EVENTS = insert(OPERATION_EVENTS_TABLE)
+# The counters of stock_sync.metrics (table metric_counters), by (name, label).
+CREATED_COUNTER = "operations_created"
+FINISHED_COUNTER = "operations_finished"
+ERRORS_COUNTER = "errors"
+_FINAL_STATUSES = frozenset(
+    status.value
+    for status in (OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.CANCELLED)
+)
 
 
 class SqlEventStore:
@@ -87,6 +105,34 @@ def _write_pending_events(owner: TransactionOwner) -> None:
         owner.flush()  # a new operation row must exist before its events point at it
         owner = owner.connection()
     owner.execute(_INSERT_EVENTS, pending)
+    _raise_counters(owner, counter_increments(pending))
+
+
+def counter_increments(events: Iterable[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    """What ``events`` add to each (counter, label) of ``metric_counters``."""
+    increments: Counter[tuple[str, str]] = Counter()
+    for event in events:
+        if event["action"] == LogAction.OPERATION_CREATED.value:
+            increments[(CREATED_COUNTER, "")] += 1
+        if event["to_status"] in _FINAL_STATUSES:
+            increments[(FINISHED_COUNTER, event["to_status"])] += 1
+        if event["error_type"]:
+            increments[(ERRORS_COUNTER, event["error_type"][:64])] += 1
+    return increments
+
+
+def _raise_counters(connection: Connection, increments: Counter[tuple[str, str]]) -> None:
+    """Upserts in key order: concurrent transactions lock the counter rows in one order."""
+    if not increments:
+        return
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(METRIC_COUNTERS_TABLE)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["name", "label"],
+        set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
+    )
+    for (name, label), value in sorted(increments.items()):
+        connection.execute(upsert, {"name": name, "label": label, "value": value})
 
 
 def _event_row(

@@ -35,6 +35,7 @@ TABLES = (
     "pending_stock_operations",
     "maintenance_runs",
     "alert_states",
+    "metric_counters",
 )
 
 

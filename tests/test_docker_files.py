@@ -64,11 +64,14 @@ COMMANDS = {
 }
 # alert name -> (metric, comparison, threshold, for)
 ALERTS = {
+    # alert: (a metric its expression reads, comparison, threshold, for)
     "StockSyncStuckOperations": ("stock_sync_stuck_operations", ">=", 1.0, "5m"),
-    "StockSyncHighErrorRate": ("stock_sync_error_ratio", ">=", 0.2, "10m"),
-    "StockSyncSlowProcessing": ("stock_sync_processing_seconds_p95", ">", 300.0, "10m"),
-    "StockSyncFrequentCancellations": ("stock_sync_cancellation_ratio", ">=", 0.1, "30m"),
+    "StockSyncHighErrorRate": ("stock_sync_operations_finished_total", ">=", 0.2, "10m"),
+    "StockSyncSlowProcessing": ("stock_sync_processing_seconds", ">", 300.0, "10m"),
+    "StockSyncFrequentCancellations": ("stock_sync_cancellations_total", ">=", 0.1, "30m"),
     "StockSyncFailedRollbacks": ("stock_sync_failed_rollbacks", ">=", 1.0, "1m"),
+    "StockSyncMetricsDatabaseDown": ("stock_sync_database_up", "==", 0.0, "5m"),
+    "StockSyncBrokerDown": ("stock_sync_broker_up", "==", 0.0, "5m"),
 }
 
 
@@ -432,9 +435,9 @@ def test_the_four_alerts_watch_the_metrics_server_at_the_default_thresholds() ->
     rules = alert_rules()
     for name, (metric, comparison, threshold, duration) in ALERTS.items():
         rule = rules[name]
-        match = re.fullmatch(r"(\w+)\s*(>=|>)\s*([0-9.]+)", rule["expr"].strip())
+        match = re.fullmatch(r"(.+?)\s*(>=|>|==)\s*([0-9.]+)", rule["expr"].strip(), re.DOTALL)
         assert match, f"{name}: unexpected expression {rule['expr']!r}"
-        assert match.group(1) == metric, name
+        assert re.search(rf"\b{metric}\b", match.group(1)), name
         assert match.group(2) == comparison, name
         assert float(match.group(3)) == threshold, name
         assert rule["for"] == duration, name
@@ -458,6 +461,7 @@ def test_prometheus_scrapes_the_metrics_server_and_flower() -> None:
     assert document["rule_files"] == ["/etc/prometheus/prometheus-alerts.yml"]
 
 
+# The counters grow by a steady amount a minute, so increase() over 1h gives their ratio.
 PROMTOOL_TESTS = """
 rule_files: [rules.yml]
 evaluation_interval: 1m
@@ -466,23 +470,39 @@ tests:
     input_series:
       - {series: 'stock_sync_stuck_operations{case="at"}', values: '1x60'}
       - {series: 'stock_sync_stuck_operations{case="below"}', values: '0x60'}
-      - {series: 'stock_sync_error_ratio{case="at"}', values: '0.2x60'}
-      - {series: 'stock_sync_error_ratio{case="below"}', values: '0.19x60'}
-      - {series: 'stock_sync_processing_seconds_p95{case="above"}', values: '301x60'}
-      - {series: 'stock_sync_processing_seconds_p95{case="at"}', values: '300x60'}
-      - {series: 'stock_sync_cancellation_ratio{case="at"}', values: '0.1x60'}
-      - {series: 'stock_sync_cancellation_ratio{case="below"}', values: '0.09x60'}
+      - {series: 'stock_sync_operations_finished_total{status="failed",case="at"}',
+         values: '0+1x60'}
+      - {series: 'stock_sync_operations_finished_total{status="completed",case="at"}',
+         values: '0+4x60'}
+      - {series: 'stock_sync_operations_finished_total{status="cancelled",case="at"}',
+         values: '0+50x60'}
+      - {series: 'stock_sync_operations_finished_total{status="failed",case="below"}',
+         values: '0+19x60'}
+      - {series: 'stock_sync_operations_finished_total{status="completed",case="below"}',
+         values: '0+81x60'}
+      - {series: 'stock_sync_processing_seconds{quantile="0.95",case="above"}', values: '301x60'}
+      - {series: 'stock_sync_processing_seconds{quantile="0.95",case="at"}', values: '300x60'}
+      - {series: 'stock_sync_cancellations_total{case="at"}', values: '0+1x60'}
+      - {series: 'stock_sync_operations_created_total{case="at"}', values: '0+10x60'}
+      - {series: 'stock_sync_cancellations_total{case="below"}', values: '0+9x60'}
+      - {series: 'stock_sync_operations_created_total{case="below"}', values: '0+100x60'}
       - {series: 'stock_sync_failed_rollbacks{case="at"}', values: '1x60'}
       - {series: 'stock_sync_failed_rollbacks{case="below"}', values: '0x60'}
+      - {series: 'stock_sync_database_up{case="at"}', values: '0x60'}
+      - {series: 'stock_sync_database_up{case="below"}', values: '1x60'}
+      - {series: 'stock_sync_broker_up{case="at"}', values: '0x60'}
+      - {series: 'stock_sync_broker_up{case="below"}', values: '1x60'}
     alert_rule_test:
 """
 PROMTOOL_CASES = {
-    # alert name: (minutes before it may fire, minutes after, the series that fires)
-    "StockSyncStuckOperations": (4, 6, "at"),
-    "StockSyncHighErrorRate": (9, 11, "at"),
-    "StockSyncSlowProcessing": (9, 11, "above"),
-    "StockSyncFrequentCancellations": (29, 31, "at"),
-    "StockSyncFailedRollbacks": (0, 2, "at"),
+    # alert name: (minutes before it may fire, minutes after, the labels of the firing series)
+    "StockSyncStuckOperations": (4, 6, {"case": "at"}),
+    "StockSyncHighErrorRate": (9, 11, {"case": "at"}),
+    "StockSyncSlowProcessing": (9, 11, {"case": "above", "quantile": "0.95"}),
+    "StockSyncFrequentCancellations": (29, 31, {"case": "at"}),
+    "StockSyncFailedRollbacks": (0, 2, {"case": "at"}),
+    "StockSyncMetricsDatabaseDown": (4, 6, {"case": "at"}),
+    "StockSyncBrokerDown": (4, 6, {"case": "at"}),
 }
 
 
@@ -506,7 +526,7 @@ def test_promtool_accepts_the_rules_and_they_fire_at_their_thresholds(tmp_path: 
     cases = []
     rules = alert_rules()
     for name, (before, after, firing) in PROMTOOL_CASES.items():
-        labels = {**rules[name]["labels"], "case": firing}
+        labels = {**rules[name]["labels"], **firing}
         cases.append({"eval_time": f"{before}m", "alertname": name, "exp_alerts": []})
         cases.append(
             {"eval_time": f"{after}m", "alertname": name, "exp_alerts": [{"exp_labels": labels}]}

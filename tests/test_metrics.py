@@ -3,7 +3,9 @@ the metrics server over real HTTP, the scrape cache and ``stock-sync stats``."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import os
 import re
 import socket
@@ -24,19 +26,29 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from stock_sync import schema
-from stock_sync.cli_monitoring import IDLE_TIMEOUT_S, MetricsServer, make_metrics_server
+from stock_sync.cli_monitoring import (
+    IDLE_TIMEOUT_S,
+    MetricsServer,
+    make_metrics_server,
+    metrics_registry,
+    metrics_server_app,
+)
 from stock_sync.db import Database
+from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationType
 from stock_sync.metrics import (
+    KNOWN_ERROR_TYPES,
     MetricsCache,
     MetricsSnapshot,
     collect_metrics,
+    counter_values,
     percentile_cont,
     queue_length,
     read_metrics,
     render_prometheus,
 )
 from stock_sync.models import OperationEvent
+from stock_sync.operation_events import SqlEventStore
 from stock_sync.settings import Settings
 from tests.conftest import REDIS_URL, run_queue_name
 from tests.support import insert_operation
@@ -275,18 +287,18 @@ def assert_known_exposition(text: str) -> None:
     samples = parse_exposition(text)
     for status, count in LIVE.items():
         assert samples[("stock_sync_operations", (("status", status),))] == count
-    for status, count in FINISHED.items():
-        assert samples[("stock_sync_operations_finished", (("status", status),))] == count
-    for error_type, count in ERRORS.items():
-        assert samples[("stock_sync_errors", (("error_type", error_type),))] == count
-    assert samples[("stock_sync_operations_created", ())] == CREATED
-    assert samples[("stock_sync_processing_seconds_avg", ())] == pytest.approx(PROCESSING_AVG_S)
-    assert samples[("stock_sync_processing_seconds_p95", ())] == pytest.approx(PROCESSING_P95_S)
-    assert samples[("stock_sync_cancellations", ())] == CANCELLATIONS
-    assert samples[("stock_sync_cancellation_ratio", ())] == pytest.approx(CANCELLATION_RATIO)
-    assert samples[("stock_sync_error_ratio", ())] == pytest.approx(ERROR_RATIO)
+    quantile = ("stock_sync_processing_seconds", (("quantile", "0.95"),))
+    assert samples[quantile] == pytest.approx(PROCESSING_P95_S)
     assert samples[("stock_sync_stuck_operations", ())] == STUCK
     assert samples[("stock_sync_metrics_window_seconds", ())] == WINDOW_S
+    assert samples[("stock_sync_database_up", ())] == 1
+    # The known set was inserted without events: every counter is there, at zero.
+    for status in FINISHED:
+        assert samples[("stock_sync_operations_finished_total", (("status", status),))] == 0
+    for error_type in KNOWN_ERROR_TYPES:
+        assert samples[("stock_sync_errors_total", (("error_type", error_type),))] == 0
+    assert samples[("stock_sync_operations_created_total", ())] == 0
+    assert samples[("stock_sync_cancellations_total", ())] == 0
 
 
 def test_the_exposition_parses_and_carries_the_figures(known: KnownOperations) -> None:
@@ -297,6 +309,72 @@ def test_the_exposition_parses_and_carries_the_figures(known: KnownOperations) -
     assert samples[("stock_sync_queue_length", (("queue", SETTINGS.queue_name),))] == 5
     assert "# HELP stock_sync_operations " in text
     assert "# TYPE stock_sync_stuck_operations gauge" in text
+    assert "# TYPE stock_sync_operations_finished_total counter" in text
+    assert "# TYPE stock_sync_errors_total counter" in text
+    build = [key for key in samples if key[0] == "stock_sync_build_info"]
+    assert len(build) == 1 and dict(build[0][1])["python_version"].startswith("3.")
+
+
+def record_events(database: Database, *events: tuple[str, str | None, str | None]) -> None:
+    """(action, to_status, error_type) events of one new operation, in one transaction."""
+    now = datetime.now(UTC)
+    operation_id = uuid.UUID(add_operation(database, "pending", created=now, updated=now))
+    with database.transaction() as session:
+        store = SqlEventStore(session)
+        for action, to_status, error_type in events:
+            store.record(
+                operation_id=operation_id,
+                action=action,
+                from_status=None,
+                to_status=to_status,
+                error_type=error_type,
+                details={},
+            )
+
+
+def test_events_raise_the_cumulative_counters_they_are_written_with(
+    any_database: Database,
+) -> None:
+    created = (LogAction.OPERATION_CREATED.value, "pending", None)
+    completed = ("status_changed", "completed", None)
+    failed = (LogAction.OPERATION_FAILED.value, "failed", "InsufficientStock")
+    record_events(any_database, created, completed)
+    record_events(any_database, created, failed, ("stock_deduction_failed", None, "UnknownSku"))
+    record_events(any_database, created, ("status_changed", "cancelled", None))
+
+    snapshot = read_metrics(any_database, SETTINGS, now=datetime.now(UTC))
+
+    assert snapshot.created_total == 3
+    assert dict(snapshot.finished_total) == {"completed": 1, "failed": 1, "cancelled": 1}
+    assert dict(snapshot.errors_total) == {"InsufficientStock": 1, "UnknownSku": 1}
+    samples = parse_exposition(render_prometheus(snapshot))
+    assert samples[("stock_sync_operations_created_total", ())] == 3
+    assert samples[("stock_sync_errors_total", (("error_type", "UnknownSku"),))] == 1
+    assert samples[("stock_sync_errors_total", (("error_type", "OrderNotFound"),))] == 0
+
+
+def test_events_of_a_rolled_back_transaction_count_nothing(clean_database: Database) -> None:
+    now = datetime.now(UTC)
+    operation_id = uuid.UUID(add_operation(clean_database, "pending", created=now, updated=now))
+    with pytest.raises(RuntimeError), clean_database.transaction() as session:
+        SqlEventStore(session).record(
+            operation_id=operation_id,
+            action=LogAction.OPERATION_FAILED.value,
+            from_status="pending",
+            to_status="failed",
+            error_type="InsufficientStock",
+            details={},
+        )
+        raise RuntimeError("the change fails")
+
+    with clean_database.transaction() as session:
+        assert counter_values(session) == {}
+
+
+def test_the_known_error_types_are_the_domain_errors() -> None:
+    assert {"StockSyncError", "InsufficientStock", "MicroserviceUnavailable"} <= set(
+        KNOWN_ERROR_TYPES
+    )
 
 
 def test_the_queue_length_is_left_out_when_unknown() -> None:
@@ -345,10 +423,84 @@ def test_the_server_answers_metrics_that_parse(serve_metrics: tuple[str, list[in
     status, content_type, body = get(f"{url}/metrics")
 
     assert status == 200
-    assert content_type.startswith("text/plain; version=0.0.4")
+    assert content_type.startswith("text/plain; version=")
     assert_known_exposition(body)
-    queue = ("stock_sync_queue_length", (("queue", SETTINGS.queue_name),))
-    assert parse_exposition(body)[queue] == 3
+    samples = parse_exposition(body)
+    assert samples[("stock_sync_queue_length", (("queue", SETTINGS.queue_name),))] == 3
+    assert samples[("stock_sync_broker_up", ())] == 1
+    # prometheus_client's own collectors share the registry
+    assert ("process_cpu_seconds_total", ()) in samples
+    assert any(name == "python_info" for name, _ in samples)
+    assert any(name == "python_gc_objects_collected_total" for name, _ in samples)
+
+
+def request(url: str, method: str = "GET", **headers: str) -> tuple[int, dict[str, str], bytes]:
+    call = urllib.request.Request(url, method=method, headers=headers)
+    with urllib.request.urlopen(call, timeout=10) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+def test_the_server_negotiates_openmetrics_gzip_and_head(
+    serve_metrics: tuple[str, list[int]],
+) -> None:
+    url, _ = serve_metrics
+
+    _, headers, body = request(f"{url}/metrics", Accept="application/openmetrics-text")
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+    _, headers, body = request(f"{url}/metrics", **{"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert b"stock_sync_stuck_operations 3" in gzip.decompress(body)
+    status, _, body = request(f"{url}/metrics", method="HEAD")
+    assert status == 200 and body == b""
+
+
+def test_a_down_broker_is_reported_and_its_queue_left_out(
+    known: KnownOperations, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_metrics_server(known.database, SETTINGS, "127.0.0.1", 0, lambda: None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="stock_sync.metrics_server"):
+            status, _, body = get(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    assert status == 200
+    samples = parse_exposition(body)
+    assert samples[("stock_sync_broker_up", ())] == 0
+    assert not any(name == "stock_sync_queue_length" for name, _ in samples)
+    assert samples[("stock_sync_stuck_operations", ())] == STUCK
+    assert any("broker does not answer" in record.getMessage() for record in caplog.records)
+
+
+def test_a_down_database_still_answers_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cret-pw"
+    database = Database(f"postgresql+psycopg2://stock:{secret}@127.0.0.1:1/nothing")
+    server = make_metrics_server(database, SETTINGS, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="stock_sync.metrics_server"):
+            status, _, body = get(f"http://127.0.0.1:{server.server_port}/metrics")
+            health = get(f"http://127.0.0.1:{server.server_port}/healthz")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        database.dispose()
+
+    assert status == 200 and health[::2] == (200, "ok\n")
+    samples = parse_exposition(body)
+    assert samples[("stock_sync_database_up", ())] == 0
+    assert ("process_cpu_seconds_total", ()) in samples
+    assert not any(name == "stock_sync_stuck_operations" for name, _ in samples)
+    errors = [record.getMessage() for record in caplog.records]
+    assert any("database unavailable" in message for message in errors), errors
+    assert not any(secret in message for message in errors)
 
 
 def test_the_server_answers_healthz_and_refuses_other_paths(
@@ -367,7 +519,10 @@ def test_scrapes_within_the_cache_time_share_one_computation(
 
     first, second = get(f"{url}/metrics")[2], get(f"{url}/metrics")[2]
 
-    assert first == second
+    def own(text: str) -> list[str]:  # the process metrics move between scrapes; ours do not
+        return [line for line in text.splitlines() if line.startswith("stock_sync_")]
+
+    assert own(first) == own(second) and own(first)
     assert len(computations) == 1
 
 
@@ -375,7 +530,8 @@ def test_scrapes_within_the_cache_time_share_one_computation(
 def idle_server() -> Iterator[tuple[str, int]]:
     """A metrics server that closes a connection idle for 0.3 s (its snapshots never change)."""
     cache = MetricsCache(lambda: MetricsSnapshot(generated_at=datetime.now(UTC), window_s=60), 5)
-    server = MetricsServer(("127.0.0.1", 0), cache, idle_timeout_s=0.3)
+    app = metrics_server_app(metrics_registry(cache))
+    server = MetricsServer(("127.0.0.1", 0), app, idle_timeout_s=0.3)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -405,14 +561,14 @@ def test_an_idle_connection_is_closed(idle_server: tuple[str, int]) -> None:
 def test_a_keep_alive_connection_is_closed_once_idle(idle_server: tuple[str, int]) -> None:
     with socket.create_connection(idle_server) as keep_alive:
         keep_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: metrics\r\n\r\n")
-        assert keep_alive.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        assert keep_alive.recv(4096).startswith(b"HTTP/1.0 200 OK")
         assert closed_within(keep_alive, 5)
 
 
 def test_the_idle_timeout_is_thirty_seconds_by_default(known: KnownOperations) -> None:
     server = make_metrics_server(known.database, SETTINGS, "127.0.0.1", 0)
     try:
-        assert server.idle_timeout_s == IDLE_TIMEOUT_S == 30  # type: ignore[attr-defined]
+        assert server.idle_timeout_s == IDLE_TIMEOUT_S == 30
     finally:
         server.server_close()
 
