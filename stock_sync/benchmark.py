@@ -1401,14 +1401,14 @@ FROM pending_stock_operations WHERE status = 'failed'
 
 # What the producer and the stages would have counted in metric_counters for those rows.
 _INSERT_COUNTERS = """
-INSERT INTO metric_counters (name, label, value)
-SELECT 'operations_created', '', count(*) FROM pending_stock_operations
+INSERT INTO metric_counters (name, label, shard, value)
+SELECT 'operations_created', '', 0, count(*) FROM pending_stock_operations
 UNION ALL
-SELECT 'operations_finished', status, count(*) FROM pending_stock_operations GROUP BY status
+SELECT 'operations_finished', status, 0, count(*) FROM pending_stock_operations GROUP BY status
 UNION ALL
-SELECT 'errors', error_type, count(*) FROM operation_events
+SELECT 'errors', error_type, 0, count(*) FROM operation_events
 WHERE error_type IS NOT NULL GROUP BY error_type
-ON CONFLICT (name, label) DO UPDATE SET value = metric_counters.value + excluded.value
+ON CONFLICT (name, label, shard) DO UPDATE SET value = metric_counters.value + excluded.value
 """
 
 

@@ -258,10 +258,13 @@ def read_metrics(
 
 
 def counter_values(session: Session) -> dict[str, dict[str, int]]:
-    """``metric_counters`` as {counter name: {label: value}} (a handful of rows)."""
+    """``metric_counters`` as {counter name: {label: value}}, the shards summed (a few rows)."""
     values: dict[str, dict[str, int]] = {}
+    counters = MetricCounter
     for name, label, value in session.execute(
-        select(MetricCounter.name, MetricCounter.label, MetricCounter.value)
+        select(counters.name, counters.label, func.sum(counters.value)).group_by(
+            counters.name, counters.label
+        )
     ):
         values.setdefault(name, {})[label] = int(value)
     return values

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -257,17 +258,23 @@ class AlertState(Base):
     delivering_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+COUNTER_SHARDS = 16
+
+
 class MetricCounter(Base):
     """A cumulative count of audit events (operations created, reaching each final status,
     errors by type), raised in the transaction that writes the events: the metrics read a few
     rows instead of counting a table that only grows.
 
-    ``label`` is the status or error type, "" for a count without one."""
+    ``label`` is the status or error type, "" for a count without one. Each worker process
+    raises its own ``shard`` (its pid modulo COUNTER_SHARDS), so the transactions that finish
+    operations on different processes do not queue on one counter row; readers sum the shards."""
 
     __tablename__ = "metric_counters"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, default=0)
     value: Mapped[int] = mapped_column(BigInteger)
 
 

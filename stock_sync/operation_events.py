@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from stock_sync.db import TransactionOwner, before_commit
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.models import (
+    COUNTER_SHARDS,
     METRIC_COUNTERS_TABLE,
     OPERATION_EVENTS_TABLE,
     OperationEvent,
@@ -128,11 +130,12 @@ def _raise_counters(connection: Connection, increments: Counter[tuple[str, str]]
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(METRIC_COUNTERS_TABLE)
     upsert = upsert.on_conflict_do_update(
-        index_elements=["name", "label"],
+        index_elements=["name", "label", "shard"],
         set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
     )
+    shard = os.getpid() % COUNTER_SHARDS  # this process's own rows: see MetricCounter
     for (name, label), value in sorted(increments.items()):
-        connection.execute(upsert, {"name": name, "label": label, "value": value})
+        connection.execute(upsert, {"name": name, "label": label, "shard": shard, "value": value})
 
 
 def _event_row(

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
-from stock_sync import schema
+from stock_sync import operation_events, schema
 from stock_sync.cli_monitoring import (
     IDLE_TIMEOUT_S,
     MetricsServer,
@@ -47,7 +48,7 @@ from stock_sync.metrics import (
     read_metrics,
     render_prometheus,
 )
-from stock_sync.models import OperationEvent
+from stock_sync.models import COUNTER_SHARDS, MetricCounter, OperationEvent
 from stock_sync.operation_events import SqlEventStore
 from stock_sync.settings import Settings
 from tests.conftest import REDIS_URL, run_queue_name
@@ -351,6 +352,26 @@ def test_events_raise_the_cumulative_counters_they_are_written_with(
     assert samples[("stock_sync_operations_created_total", ())] == 3
     assert samples[("stock_sync_errors_total", (("error_type", "UnknownSku"),))] == 1
     assert samples[("stock_sync_errors_total", (("error_type", "OrderNotFound"),))] == 0
+
+
+def test_each_process_raises_its_own_counter_rows_and_readers_sum_them(
+    any_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    completed = ("status_changed", "completed", None)
+    for pid in (4000, 4001, 4001 + COUNTER_SHARDS):  # two shards, one of them twice
+        monkeypatch.setattr(operation_events.os, "getpid", lambda pid=pid: pid)
+        record_events(any_database, completed)
+
+    with any_database.transaction() as session:
+        rows = session.execute(
+            select(MetricCounter.shard, MetricCounter.value).where(
+                MetricCounter.name == "operations_finished"
+            )
+        ).all()
+        summed = counter_values(session)
+    # separate rows: finishing transactions on different processes never wait on one row
+    assert sorted(rows) == [(4000 % COUNTER_SHARDS, 1), (4001 % COUNTER_SHARDS, 2)]
+    assert summed["operations_finished"] == {"completed": 3}
 
 
 def test_events_of_a_rolled_back_transaction_count_nothing(clean_database: Database) -> None:

@@ -18,13 +18,13 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 COUNTED = """
-SELECT 'operations_created', '', count(*) FROM operation_events
+SELECT 'operations_created', '', 0, count(*) FROM operation_events
 WHERE action = 'operation_created'
 UNION ALL
-SELECT 'operations_finished', to_status, count(*) FROM operation_events
+SELECT 'operations_finished', to_status, 0, count(*) FROM operation_events
 WHERE to_status IN ('completed', 'failed', 'cancelled') GROUP BY to_status
 UNION ALL
-SELECT 'errors', error_type, count(*) FROM operation_events
+SELECT 'errors', error_type, 0, count(*) FROM operation_events
 WHERE error_type IS NOT NULL GROUP BY error_type
 """
 
@@ -34,8 +34,9 @@ def upgrade() -> None:
         "metric_counters",
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("label", sa.String(length=64), nullable=False),
+        sa.Column("shard", sa.SmallInteger(), nullable=False),
         sa.Column("value", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("name", "label", name=op.f("pk_metric_counters")),
+        sa.PrimaryKeyConstraint("name", "label", "shard", name=op.f("pk_metric_counters")),
     )
     op.create_index(
         "ix_pending_stock_operations_operation_type_status",
@@ -43,7 +44,7 @@ def upgrade() -> None:
         ["operation_type", "status"],
     )
     # The counts so far, from the audit trail the counters are kept from from now on.
-    op.execute(f"INSERT INTO metric_counters (name, label, value) {COUNTED}")
+    op.execute(f"INSERT INTO metric_counters (name, label, shard, value) {COUNTED}")
 
 
 def downgrade() -> None:
