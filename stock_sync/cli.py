@@ -4,7 +4,8 @@ Exit status of every command: 0 done; 1 an error (bad input, refused, unknown id
 database...); 2 a usage error (unknown option, malformed argument). Errors are one line
 ``error: ...`` on stderr with passwords and tokens masked, never a traceback. ``submit`` exits 3
 when the operation was saved but not enqueued, ``cancel --wait`` 4 when the microservice
-rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run.
+rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run, ``health`` 1
+when a check failed.
 """
 
 from __future__ import annotations
@@ -469,7 +470,8 @@ def _register_monitoring_commands() -> None:
 
 
 _register_monitoring_commands()
-from stock_sync import cli_rollback  # noqa: E402, F401  (its `rollback` group adds itself)
+# Each adds its own command to `cli` (`rollback`, `health`).
+from stock_sync import cli_health, cli_rollback  # noqa: E402, F401
 
 
 def main() -> None:
