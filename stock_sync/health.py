@@ -147,7 +147,8 @@ def _run_isolated(
         try:
             result = check(settings, now, timeout_s)
         except Exception as error:  # a check must never take the others down with it
-            result = CheckResult(name, FAILED, f"unexpected {type(error).__name__}: {error}")
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            result = CheckResult(name, FAILED, f"unexpected {type(error).__name__}: {first_line}")
         # One line, passwords masked, whatever a library put in its message.
         results[name] = CheckResult(
             name, result.status, one_line(redact(result.detail, secrets)), result.data
