@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -186,12 +186,16 @@ def _probe_engine(settings: Settings, timeout_s: float) -> Engine:
     return create_engine(
         url,
         poolclass=NullPool,
-        connect_args={
-            # libpq takes whole seconds (and at least 2)
-            "connect_timeout": max(2, round(timeout_s)),
-            "options": f"-c statement_timeout={int(timeout_s * 1000)}",
-        },
+        # libpq takes whole seconds (and at least 2)
+        connect_args={"connect_timeout": max(2, round(timeout_s))},
     )
+
+
+def _limit_statements(connection: Connection, timeout_s: float) -> None:
+    """A statement timeout for this transaction only: SET LOCAL rather than a startup
+    ``options`` parameter, which PgBouncer refuses unless told to ignore it."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}"))
 
 
 @contextlib.contextmanager
@@ -218,6 +222,7 @@ def check_database(settings: Settings, _now: datetime, timeout_s: float) -> Chec
     where = redact_url(settings.effective_database_url)
     try:
         with _probe(settings, timeout_s) as engine, engine.connect() as connection:
+            _limit_statements(connection, timeout_s)
             state = revision_of(connection)
     except Exception as error:
         return CheckResult(DATABASE, FAILED, _database_failure(error, settings))
@@ -331,6 +336,7 @@ def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResu
 
     try:
         with _probe(settings, timeout_s) as engine, Session(engine) as session:
+            _limit_statements(session.connection(), timeout_s)
             runs = last_runs(session)
     except Exception as error:
         detail = f"cannot read the maintenance runs: {_database_failure(error, settings)}"
