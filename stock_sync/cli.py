@@ -4,7 +4,8 @@ Exit status of every command: 0 done; 1 an error (bad input, refused, unknown id
 database...); 2 a usage error (unknown option, malformed argument). Errors are one line
 ``error: ...`` on stderr with passwords and tokens masked, never a traceback. ``submit`` exits 3
 when the operation was saved but not enqueued, ``cancel --wait`` 4 when the microservice
-rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run.
+rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run, ``health`` 1
+when a check failed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from stock_sync.cli_common import (
     fail,
     safe_message,
 )
+from stock_sync.cli_health import health
 from stock_sync.cli_monitoring import flower, metrics_server, stats
 from stock_sync.cli_params import PLAIN_TEXT, QUANTITY, FiniteFloatRange
 from stock_sync.cli_rollback import rollback
@@ -377,6 +379,7 @@ cli.add_command(stats)
 cli.add_command(metrics_server)
 cli.add_command(flower)
 cli.add_command(rollback)
+cli.add_command(health)
 _add_plugin_commands(cli)
 
 

@@ -31,6 +31,8 @@ from stock_sync import render
 from stock_sync.cli_common import emit, fail
 from stock_sync.cli_params import PLAIN_TEXT
 from stock_sync.db import Database, describe_database_error, get_database
+from stock_sync.health import readiness_app
+from stock_sync.logging_setup import configure_server_logging
 from stock_sync.metrics import (
     FINISHED_STATUSES,
     LIVE_STATUSES,
@@ -264,7 +266,11 @@ def make_metrics_server(
     cache = MetricsCache(
         lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
     )
-    app = metrics_server_app(metrics_registry(cache, database.url))
+    # /readyz: the health checks of `stock-sync health` (database at head, broker, microservice,
+    # beat); /healthz stays the liveness probe that answers while the process serves.
+    app = metrics_server_app(
+        metrics_registry(cache, database.url), {"/readyz": readiness_app(settings)}
+    )
     return MetricsServer((host, port), app, idle_timeout_s=idle_timeout_s)
 
 
@@ -272,8 +278,10 @@ def make_metrics_server(
 @click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
 def metrics_server(host: str, port: int) -> None:
-    """Serve Prometheus metrics on /metrics (and /healthz) until Ctrl-C."""
+    """Serve Prometheus metrics on /metrics, liveness on /healthz and readiness (the checks of
+    `stock-sync health`) on /readyz until Ctrl-C."""
     settings = get_settings()
+    configure_server_logging(settings.log_level)  # its own records as JSON, at its level
     try:
         server = make_metrics_server(
             get_database(settings), settings, host, port, _broker_queue_length(settings)

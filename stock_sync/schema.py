@@ -16,6 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
+from sqlalchemy import Connection
 
 from stock_sync.db import build_engine, normalise_database_url
 
@@ -113,11 +114,16 @@ def history() -> list[Revision]:
 def current(database_url: str) -> DatabaseRevision:
     """The database's revision(s) and the scripts' head(s); raises SQLAlchemyError when the
     database cannot be read."""
-    heads = tuple(_scripts().get_heads())
     engine = build_engine(database_url)
     try:
         with engine.connect() as connection:
-            found = MigrationContext.configure(connection).get_current_heads()
+            return revision_of(connection)
     finally:
         engine.dispose()
-    return DatabaseRevision(current=tuple(found), heads=heads)
+
+
+def revision_of(connection: Connection) -> DatabaseRevision:
+    """As :func:`current`, on a connection the caller opened (the health check opens its own,
+    with short timeouts)."""
+    found = MigrationContext.configure(connection).get_current_heads()
+    return DatabaseRevision(current=tuple(found), heads=tuple(_scripts().get_heads()))

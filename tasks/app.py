@@ -6,10 +6,11 @@ from typing import Any
 
 from celery import Celery
 from celery._state import get_current_task
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 
 from stock_sync.composition import reset_services
 from stock_sync.db import reset_databases
+from stock_sync.health import log_embedded_warning
 from stock_sync.instrumentation import count_sql_if_asked
 from stock_sync.logging_setup import (
     TaskContextFilter,
@@ -43,3 +44,11 @@ def build_fresh_connections(**_: Any) -> None:
     """A forked child must not reuse its parent's database or HTTP connections."""
     reset_databases(close=False)
     reset_services()
+
+
+@celeryd_after_setup.connect
+def warn_on_the_embedded_default(**_: Any) -> None:
+    """A worker started on the embedded default says so once, at WARNING: a production host
+    that lost its STOCK_SYNC_DATABASE_URL would otherwise run on a private SQLite file.
+    (This signal follows the logging set-up: the record is a JSON line like the others.)"""
+    log_embedded_warning(get_settings(), "worker")

@@ -218,7 +218,8 @@ def test_the_long_running_services_have_healthchecks(services: dict[str, Any]) -
     assert "celery -A tasks inspect ping" in worker
     assert "celery@$" in worker
     assert "HOSTNAME" in worker
-    assert "http://127.0.0.1:9808/healthz" in healthcheck_of(services["metrics"])
+    assert "http://127.0.0.1:9808/readyz" in healthcheck_of(services["metrics"])
+    assert healthcheck_of(services["beat"]) == "CMD stock-sync health --only beat"
     assert "http://127.0.0.1:8765/_admin/health" in healthcheck_of(services["fake-microservice"])
     assert "/healthcheck" in healthcheck_of(services["flower"])
 
