@@ -61,7 +61,7 @@ test: install services tools lint typecheck
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/python -m stock_sync.demo
+	$(BIN)/python -m stock_sync.devtools.demo
 
 worker: install
 	$(BIN)/celery -A tasks worker --loglevel=INFO
@@ -82,17 +82,17 @@ fake-microservice: install
 	$(BIN)/stock-sync fake-microservice --port 8765
 
 benchmark: install services
-	$(BIN)/python -m stock_sync.benchmark
+	$(BIN)/python -m stock_sync.devtools.benchmark
 
 # The worker's memory over 20,000 operations (about 5-10 minutes on 2 cores): apart from
 # `make benchmark`, which it would more than double.
 soak: install services
-	$(BIN)/python -m stock_sync.benchmark --soak-only --soak 20000
+	$(BIN)/python -m stock_sync.devtools.benchmark --soak-only --soak 20000
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
 chaos: install services
-	$(BIN)/python -m stock_sync.chaos
+	$(BIN)/python -m stock_sync.devtools.chaos
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache

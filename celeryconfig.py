@@ -12,7 +12,7 @@ from typing import Any
 from celery.schedules import crontab
 from kombu.entity import Exchange, Queue
 
-from stock_sync.settings import (
+from stock_sync.adapters.settings import (
     Settings,
     exit_on_configuration_error,
     get_settings,

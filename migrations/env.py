@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from stock_sync.db import build_engine, normalise_database_url
-from stock_sync.models import Base
-from stock_sync.settings import get_settings
+from stock_sync.adapters.db import build_engine, normalise_database_url
+from stock_sync.adapters.models import Base
+from stock_sync.adapters.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

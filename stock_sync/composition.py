@@ -14,16 +14,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stock_sync.db import Database, get_database
-from stock_sync.dispatch import Dispatcher
+from stock_sync.adapters.db import Database, get_database
+from stock_sync.adapters.microservice_client import MicroserviceClient
+from stock_sync.adapters.notifications import LoggingNotifier, Notifier, load_sender
+from stock_sync.adapters.settings import Settings, get_settings
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.microservice_client import MicroserviceClient
-from stock_sync.notifications import LoggingNotifier, Notifier, load_sender
-from stock_sync.operation_cancellation_service import OperationCancellationService
-from stock_sync.settings import Settings, get_settings
-from stock_sync.standardized_logger import StandardizedLogger
-from stock_sync.stock_synchronization_service import StockSynchronizationService
-from stock_sync.sweeps import StuckOperationSweeper
+from stock_sync.services.dispatch import Dispatcher
+from stock_sync.services.operation_cancellation_service import OperationCancellationService
+from stock_sync.services.standardized_logger import StandardizedLogger
+from stock_sync.services.stock_synchronization_service import StockSynchronizationService
+from stock_sync.services.sweeps import StuckOperationSweeper
 
 
 @dataclass

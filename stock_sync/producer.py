@@ -14,19 +14,19 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from stock_sync.composition import Services, get_services
-from stock_sync.domain.errors import EnqueueFailed, InvalidInput
-from stock_sync.domain.log_actions import LogAction
-from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.domain.text import checked_text
-from stock_sync.models import (
+from stock_sync.adapters.models import (
     ACCOUNT_NAME_MAX_LENGTH,
     OPERATIONS_TABLE,
     ORDER_ID_MAX_LENGTH,
     utcnow,
 )
-from stock_sync.operation_cancellation_service import CancellationResult
-from stock_sync.operations import operation_logger
+from stock_sync.composition import Services, get_services
+from stock_sync.domain.errors import EnqueueFailed, InvalidInput
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.domain.text import checked_text
+from stock_sync.services.operation_cancellation_service import CancellationResult
+from stock_sync.services.operations import operation_logger
 
 
 def _checked_order_id(order_id: object) -> str:

@@ -8,16 +8,16 @@ from celery import Celery
 from celery._state import get_current_task
 from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
 
-from stock_sync.composition import reset_services
-from stock_sync.db import reset_databases
-from stock_sync.health import log_embedded_warning
-from stock_sync.instrumentation import count_sql_if_asked
-from stock_sync.logging_setup import (
+from stock_sync.adapters.db import reset_databases
+from stock_sync.adapters.instrumentation import count_sql_if_asked
+from stock_sync.adapters.logging_setup import (
     TaskContextFilter,
     configure_json_logging,
     worker_log_level,
 )
-from stock_sync.settings import exit_on_configuration_error, get_settings
+from stock_sync.adapters.settings import exit_on_configuration_error, get_settings
+from stock_sync.composition import reset_services
+from stock_sync.services.health import log_embedded_warning
 
 # `celery -A tasks worker|beat|flower` with a bad setting: one line and exit 1, before Celery
 # gets to wrap the error in its own traceback.

@@ -7,10 +7,10 @@ import uuid
 
 from celery import Task
 
+from stock_sync.adapters.logging_setup import operation_log_context
 from stock_sync.composition import get_services
 from stock_sync.domain.stages import Stage
-from stock_sync.logging_setup import operation_log_context
-from stock_sync.standardized_logger import measure_execution_time
+from stock_sync.services.standardized_logger import measure_execution_time
 
 logger = logging.getLogger("stock_sync.tasks")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stock_sync.alert_notices import update_alert_states
-from stock_sync.alerts import RECONCILIATION_MISMATCH, Alert
+from stock_sync.adapters.maintenance_runs import RECONCILE, SWEEP, recorded_run
+from stock_sync.adapters.models import utcnow
 from stock_sync.composition import get_services, sweeper_for
-from stock_sync.maintenance_runs import RECONCILE, SWEEP, recorded_run
-from stock_sync.models import utcnow
-from stock_sync.reconciliation import ReconciliationReport, reconcile_database
+from stock_sync.services.alert_notices import update_alert_states
+from stock_sync.services.alerts import RECONCILIATION_MISMATCH, Alert
+from stock_sync.services.reconciliation import ReconciliationReport, reconcile_database
 from tasks.app import app
 
 logger = logging.getLogger("stock_sync.tasks")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from stock_sync.alerts import run_alert_check
-from stock_sync.db import get_database
-from stock_sync.maintenance_runs import ALERTS, recorded_run
-from stock_sync.settings import get_settings
+from stock_sync.adapters.db import get_database
+from stock_sync.adapters.maintenance_runs import ALERTS, recorded_run
+from stock_sync.adapters.settings import get_settings
+from stock_sync.services.alerts import run_alert_check
 from tasks.app import app
 
 

@@ -17,11 +17,11 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from stock_sync import schema
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import Database, normalise_database_url, reset_databases
+from stock_sync.adapters.settings import get_settings
 from stock_sync.composition import reset_services
-from stock_sync.db import Database, normalise_database_url, reset_databases
-from stock_sync.fake_microservice import FakeMicroservice
-from stock_sync.settings import get_settings
+from stock_sync.devtools.fake_microservice import FakeMicroservice
 from tests.support import Pipeline, capture_operation_logs
 
 ADMIN_URL = os.environ.get(

@@ -1,5 +1,5 @@
 """The documented bounds of every setting (README, Configuration), written out independently of
-stock_sync/settings.py, and a way to run code under a chosen STOCK_SYNC_* environment."""
+stock_sync/adapters/settings.py, and a way to run code under a chosen STOCK_SYNC_* environment."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from stock_sync.settings import Settings
+from stock_sync.adapters.settings import Settings
 
 DAY = 86_400
 WEEK = 7 * DAY

@@ -18,20 +18,20 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 
 from stock_sync import producer
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.microservice_client import MicroserviceClient
+from stock_sync.adapters.models import PendingStockOperation
+from stock_sync.adapters.settings import load_settings
+from stock_sync.adapters.stock_ledger import get_stock, set_stock
 from stock_sync.composition import Services, build_services
-from stock_sync.db import Database
+from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.errors import RevisionConflict
 from stock_sync.domain.revisions import revision_from_text
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.fake_microservice import FakeMicroservice
-from stock_sync.microservice_client import MicroserviceClient
-from stock_sync.models import PendingStockOperation
 from stock_sync.producer import submit_operation
-from stock_sync.settings import load_settings
-from stock_sync.stock_ledger import get_stock, set_stock
-from stock_sync.stock_synchronization_service import sync_idempotency_key
+from stock_sync.services.stock_synchronization_service import sync_idempotency_key
 from tests.support import order
 
 S = OperationStatus

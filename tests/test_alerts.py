@@ -16,7 +16,12 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from stock_sync.alert_notices import (
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.logging_setup import json_formatter
+from stock_sync.adapters.models import AlertState
+from stock_sync.adapters.settings import Settings
+from stock_sync.adapters.stock_ledger import set_stock
+from stock_sync.services.alert_notices import (
     ALERT_STATE_LOCK_KEY,
     DELIVERY_LEASE_S,
     Notice,
@@ -25,7 +30,7 @@ from stock_sync.alert_notices import (
     post_notice,
     update_alert_states,
 )
-from stock_sync.alerts import (
+from stock_sync.services.alerts import (
     ALERTS_LOGGER,
     FAILED_ROLLBACKS,
     FREQUENT_CANCELLATIONS,
@@ -38,12 +43,7 @@ from stock_sync.alerts import (
     evaluate_alerts,
     run_alert_check,
 )
-from stock_sync.db import Database
-from stock_sync.logging_setup import json_formatter
-from stock_sync.metrics import MetricsSnapshot
-from stock_sync.models import AlertState
-from stock_sync.settings import Settings
-from stock_sync.stock_ledger import set_stock
+from stock_sync.services.metrics import MetricsSnapshot
 from tests.support import insert_operation, wait_for_lock_waiters
 from tests.webhook import Webhook, recording_webhook
 

@@ -1,11 +1,11 @@
-"""``python -m stock_sync.benchmark --quick --json`` runs end to end against the real PostgreSQL
-and Redis: it exits 0, reports every metric as a number, oversells nothing and leaves a ledger
-that sums; the costs it measures (CPU by process, SQL statements, transactions and HTTP
+"""``python -m stock_sync.devtools.benchmark --quick --json`` runs end to end against the real
+PostgreSQL and Redis: it exits 0, reports every metric as a number, oversells nothing and leaves a
+ledger that sums; the costs it measures (CPU by process, SQL statements, transactions and HTTP
 requests per operation, latency percentiles, the worker's memory) are present and sane. No
 speed is asserted: the targets are measured by the benchmark, never by a test.
 
 The measuring helpers (``/proc`` readers, the least-squares slope, the SQL counters of
-``stock_sync.instrumentation``) are checked on their own, quickly."""
+``stock_sync.adapters.instrumentation``) are checked on their own, quickly."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from stock_sync import instrumentation
-from stock_sync.benchmark import (
+from stock_sync.adapters import instrumentation
+from stock_sync.devtools.benchmark import (
     LatencyRun,
     least_squares_slope,
     parse_options,
@@ -102,7 +102,7 @@ NEW_METRICS = (
 
 def run_quick_benchmark() -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, "-m", "stock_sync.benchmark", "--quick", "--json"],
+        [sys.executable, "-m", "stock_sync.devtools.benchmark", "--quick", "--json"],
         cwd=REPOSITORY,
         capture_output=True,
         text=True,

@@ -11,8 +11,8 @@ import pytest
 from celery import Celery
 
 import celeryconfig
+from stock_sync.adapters.settings import load_settings
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.settings import load_settings
 from tasks import app
 
 

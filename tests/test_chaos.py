@@ -1,5 +1,5 @@
-"""``python -m stock_sync.chaos`` sized down (200 orders, a 35 s fault phase): every fault of
-the suite at once, then every invariant it checks must hold. Takes one to two minutes.
+"""``python -m stock_sync.devtools.chaos`` sized down (200 orders, a 35 s fault phase): every fault
+of the suite at once, then every invariant it checks must hold. Takes one to two minutes.
 
 The suite prints each violated assertion with examples and timelines on stderr; the failure
 message below carries them.
@@ -25,7 +25,7 @@ EXIT_HARNESS_FAILED = 2
 def run_chaos(evidence: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     result = subprocess.run(
         [
-            sys.executable, "-m", "stock_sync.chaos", "--orders", str(ORDERS),
+            sys.executable, "-m", "stock_sync.devtools.chaos", "--orders", str(ORDERS),
             "--fault-seconds", str(FAULT_SECONDS), "--json", "--evidence-dir", str(evidence),
         ],
         cwd=REPOSITORY,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stock_sync.db import Database
+from stock_sync.adapters.db import Database
 
 CLI = [str(Path(sys.executable).with_name("stock-sync"))]
 

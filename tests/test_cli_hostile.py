@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from stock_sync import cli as cli_module
-from stock_sync import schema
-from stock_sync.cli import cli
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.settings import get_settings
+from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
-from stock_sync.db import Database
-from stock_sync.settings import get_settings
-from stock_sync.stock_ledger import set_stock
+from stock_sync.entrypoints import cli as cli_module
+from stock_sync.entrypoints.cli import cli
 from tests.support import insert_operation
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))

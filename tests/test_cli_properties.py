@@ -21,12 +21,13 @@ from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from stock_sync import composition, producer, schema
-from stock_sync.cli import cli
+from stock_sync import composition, producer
+from stock_sync.adapters import schema
+from stock_sync.adapters.settings import get_settings
+from stock_sync.adapters.stock_ledger import MAX_STOCK_QUANTITY
 from stock_sync.composition import Services, build_services
 from stock_sync.domain.statuses import OperationStatus
-from stock_sync.settings import get_settings
-from stock_sync.stock_ledger import MAX_STOCK_QUANTITY
+from stock_sync.entrypoints.cli import cli
 
 EXAMPLES = 1000
 PROPERTY = settings(

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
-from stock_sync import schema
-from stock_sync.redaction import redact_url
+from stock_sync.adapters import schema
+from stock_sync.adapters.redaction import redact_url
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 VERSIONS = Path(__file__).resolve().parent.parent / "migrations" / "versions"

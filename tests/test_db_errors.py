@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from stock_sync.db import (
+from stock_sync.adapters.db import (
     Database,
     configured_database_url,
     describe_database_error,
     normalise_database_url,
 )
+from stock_sync.adapters.settings import Settings
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.settings import Settings
 
 
 @pytest.mark.parametrize(

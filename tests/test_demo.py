@@ -1,4 +1,5 @@
-"""``python -m stock_sync.demo`` as ``make demo`` runs it: a real process with a real worker.
+"""``python -m stock_sync.devtools.demo`` as ``make demo`` runs it: a real process with a real
+worker.
 
 Once embedded (no server: SQLite + Celery's filesystem transport) and once against the test
 PostgreSQL and Redis. Each run must exit 0 and print the outcome every scenario must reach.
@@ -46,7 +47,7 @@ def run_demo(tmp_path: Path, **settings: str) -> str:
         filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")])
     )
     result = subprocess.run(
-        [sys.executable, "-m", "stock_sync.demo"],
+        [sys.executable, "-m", "stock_sync.devtools.demo"],
         cwd=tmp_path,
         env=environment,
         capture_output=True,

@@ -18,6 +18,8 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
+from stock_sync.adapters.microservice_client import MicroserviceClient, Revision
+from stock_sync.devtools.fake_microservice import FakeMicroservice, load_orders_file, serve
 from stock_sync.domain.errors import (
     ContractViolation,
     InvalidInput,
@@ -28,8 +30,6 @@ from stock_sync.domain.errors import (
     OrderNotFound,
     RevisionConflict,
 )
-from stock_sync.fake_microservice import FakeMicroservice, load_orders_file, serve
-from stock_sync.microservice_client import MicroserviceClient, Revision
 
 
 def an_order(order_id: str = "o-1", **changes: Any) -> dict[str, Any]:

@@ -16,11 +16,15 @@ from typing import Any
 
 import pytest
 
-from stock_sync import health, schema
-from stock_sync.cli_monitoring import make_metrics_server
-from stock_sync.db import Database
-from stock_sync.fake_microservice import FakeMicroservice
-from stock_sync.health import (
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, recorded_run
+from stock_sync.adapters.models import utcnow
+from stock_sync.adapters.settings import Settings
+from stock_sync.devtools.fake_microservice import FakeMicroservice
+from stock_sync.entrypoints.cli_monitoring import make_metrics_server
+from stock_sync.services import health
+from stock_sync.services.health import (
     BEAT,
     BROKER,
     CHECK_NAMES,
@@ -33,9 +37,6 @@ from stock_sync.health import (
     readiness_app,
     run_health_checks,
 )
-from stock_sync.maintenance_runs import ALERTS, SWEEP, recorded_run
-from stock_sync.models import utcnow
-from stock_sync.settings import Settings
 from tests import celery_processes
 from tests.conftest import REDIS_URL, run_queue_name
 
@@ -320,7 +321,7 @@ def test_beat_allows_more_time_when_its_interval_is_longer(healthy: Settings) ->
 
 
 def test_a_failed_last_sweep_is_a_warning_naming_its_error(healthy: Settings) -> None:
-    from stock_sync.db import get_database
+    from stock_sync.adapters.db import get_database
 
     with pytest.raises(RuntimeError), recorded_run(get_database(healthy), SWEEP):
         raise RuntimeError("lock timeout")

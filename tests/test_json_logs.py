@@ -23,8 +23,8 @@ from typing import Any
 import click
 import pytest
 
-from stock_sync.db import Database
-from stock_sync.logging_setup import (
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.logging_setup import (
     configure_cli_logging,
     configure_server_logging,
     json_formatter,

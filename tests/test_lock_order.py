@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from stock_sync import schema
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.microservice_client import MicroserviceClient
+from stock_sync.adapters.settings import load_settings
+from stock_sync.adapters.stock_ledger import deduct_for_operation, get_stock, set_stock
 from stock_sync.composition import Services, build_services
-from stock_sync.db import Database
+from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import LineItem, in_lock_order
-from stock_sync.fake_microservice import FakeMicroservice
-from stock_sync.microservice_client import MicroserviceClient
-from stock_sync.settings import load_settings
-from stock_sync.stock_ledger import deduct_for_operation, get_stock, set_stock
 from tests.support import insert_operation, wait_for_lock_waiters
 
 S = OperationStatus

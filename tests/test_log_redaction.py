@@ -9,8 +9,8 @@ import json
 import logging
 import sys
 
-from stock_sync.logging_setup import configure_cli_logging, json_formatter
-from stock_sync.redaction import remember_secrets
+from stock_sync.adapters.logging_setup import configure_cli_logging, json_formatter
+from stock_sync.adapters.redaction import remember_secrets
 
 DATABASE_URL = "postgresql://stock:S3CRETPW@db-host/stock"
 WEBHOOK_TOKEN = "XOXB-WEBHOOK-TOKEN"

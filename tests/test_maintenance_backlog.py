@@ -30,11 +30,11 @@ from celery import Celery
 from sqlalchemy import insert
 
 import celeryconfig
-from stock_sync.db import Database
-from stock_sync.fake_microservice import FakeMicroservice
-from stock_sync.maintenance_runs import ALERTS, SWEEP, last_runs
-from stock_sync.models import PendingStockOperation
-from stock_sync.settings import Settings
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, last_runs
+from stock_sync.adapters.models import PendingStockOperation
+from stock_sync.adapters.settings import Settings
+from stock_sync.devtools.fake_microservice import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import order

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stock_sync.db import Database
-from stock_sync.maintenance_runs import SWEEP, last_runs, recorded_run
-from stock_sync.models import utcnow
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.maintenance_runs import SWEEP, last_runs, recorded_run
+from stock_sync.adapters.models import utcnow
 
 
 def runs(database: Database) -> dict[str, tuple[bool, dict[str, object]]]:

@@ -26,18 +26,21 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from stock_sync import operation_events, schema
-from stock_sync.cli_monitoring import (
+from stock_sync.adapters import operation_events, schema
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import COUNTER_SHARDS, MetricCounter, OperationEvent
+from stock_sync.adapters.operation_events import SqlEventStore
+from stock_sync.adapters.settings import Settings
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import OperationType
+from stock_sync.entrypoints.cli_monitoring import (
     IDLE_TIMEOUT_S,
     MetricsServer,
     make_metrics_server,
     metrics_registry,
     metrics_server_app,
 )
-from stock_sync.db import Database
-from stock_sync.domain.log_actions import LogAction
-from stock_sync.domain.statuses import OperationType
-from stock_sync.metrics import (
+from stock_sync.services.metrics import (
     KNOWN_ERROR_TYPES,
     MetricsCache,
     MetricsSnapshot,
@@ -48,9 +51,6 @@ from stock_sync.metrics import (
     read_metrics,
     render_prometheus,
 )
-from stock_sync.models import COUNTER_SHARDS, MetricCounter, OperationEvent
-from stock_sync.operation_events import SqlEventStore
-from stock_sync.settings import Settings
 from tests.conftest import REDIS_URL, run_queue_name
 from tests.support import insert_operation
 

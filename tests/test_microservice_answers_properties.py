@@ -22,6 +22,12 @@ import responses
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from stock_sync.adapters.microservice_client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    MicroserviceClient,
+    MicroserviceOrder,
+)
+from stock_sync.devtools.fake_microservice import FULFILLMENT_STATUSES, FakeMicroservice
 from stock_sync.domain.errors import (
     ContractViolation,
     MicroserviceError,
@@ -30,12 +36,6 @@ from stock_sync.domain.errors import (
     OrderNotFound,
     RevisionConflict,
     UnprocessableRequest,
-)
-from stock_sync.fake_microservice import FULFILLMENT_STATUSES, FakeMicroservice
-from stock_sync.microservice_client import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    MicroserviceClient,
-    MicroserviceOrder,
 )
 
 BASE_URL = "http://microservice.test"

@@ -12,6 +12,15 @@ import pytest
 import requests
 import responses
 
+from stock_sync.adapters.microservice_client import (
+    FULFILLMENT_STATUS_MAX_CHARS,
+    TEXT_MAX_CHARS,
+    MicroserviceClient,
+    MicroserviceOrder,
+    OrderLineItem,
+    Revision,
+)
+from stock_sync.adapters.models import PendingStockOperation, StockLevel, StockMovement
 from stock_sync.domain.errors import (
     ContractViolation,
     InvalidInput,
@@ -23,15 +32,6 @@ from stock_sync.domain.errors import (
     RevisionConflict,
     UnprocessableRequest,
 )
-from stock_sync.microservice_client import (
-    FULFILLMENT_STATUS_MAX_CHARS,
-    TEXT_MAX_CHARS,
-    MicroserviceClient,
-    MicroserviceOrder,
-    OrderLineItem,
-    Revision,
-)
-from stock_sync.models import PendingStockOperation, StockLevel, StockMovement
 
 BASE_URL = "http://microservice.test"
 ORDER_URL = f"{BASE_URL}/v1/orders/o-1"

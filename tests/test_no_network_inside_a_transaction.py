@@ -11,20 +11,20 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.adapters.models import PendingStockOperation
+from stock_sync.adapters.notifications import Notification
+from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import Services, build_services
-from stock_sync.db import Database
+from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.errors import InvalidInput
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
-from stock_sync.fake_microservice import FakeMicroservice
-from stock_sync.microservice_client import MicroserviceClient, MicroserviceOrder
-from stock_sync.models import PendingStockOperation
-from stock_sync.notifications import Notification
 from stock_sync.producer import submit_operation
-from stock_sync.settings import load_settings
-from stock_sync.standardized_logger import StandardizedLogger
+from stock_sync.services.standardized_logger import StandardizedLogger
 from tests.support import order
 
 S = OperationStatus
@@ -114,7 +114,7 @@ def run(services: Services, stage: stages.Stage, operation_id: uuid.UUID) -> Sta
 def test_no_stage_calls_out_while_holding_a_connection(
     services: Services, fake_microservice: FakeMicroservice
 ) -> None:
-    from stock_sync.stock_ledger import set_stock
+    from stock_sync.adapters.stock_ledger import set_stock
 
     with services.database.transaction() as session:
         set_stock(session, "SKU-N", 3)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from stock_sync import schema
+from stock_sync.adapters import schema
 
 REPO = Path(__file__).resolve().parent.parent
 # What docker/Dockerfile's wheel stage copies (tests/test_docker_files.py checks that it does).
@@ -164,7 +164,7 @@ def show(result: subprocess.CompletedProcess[str]) -> str:
 
 PROBE = """
 import json, celeryconfig, stock_sync, tasks
-from stock_sync import schema
+from stock_sync.adapters import schema
 print(json.dumps({
     "stock_sync": stock_sync.__file__,
     "tasks": tasks.__file__,

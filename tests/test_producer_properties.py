@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import OperationEvent, PendingStockOperation
+from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import Services, build_services
-from stock_sync.db import Database
 from stock_sync.domain.errors import CancellationRefused, InvalidInput, OperationNotFound
 from stock_sync.domain.statuses import OperationStatus
-from stock_sync.models import OperationEvent, PendingStockOperation
-from stock_sync.operation_cancellation_service import CancellationResult
 from stock_sync.producer import request_cancellation, submit_operation
-from stock_sync.settings import load_settings
+from stock_sync.services.operation_cancellation_service import CancellationResult
 from tests.support import insert_operation
 
 CASES = settings(

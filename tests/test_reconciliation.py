@@ -14,13 +14,13 @@ import pytest
 from sqlalchemy import delete, text
 from sqlalchemy.orm import Session
 
-from stock_sync import reconciliation
-from stock_sync.db import Database
-from stock_sync.models import PendingStockOperation, StockMovement
-from stock_sync.operations import line_items_of, load_operation
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import PendingStockOperation, StockMovement
+from stock_sync.adapters.stock_ledger import deduct_for_operation, set_stock
 from stock_sync.producer import request_cancellation, submit_operation
-from stock_sync.reconciliation import reconcile, reconcile_database
-from stock_sync.stock_ledger import deduct_for_operation, set_stock
+from stock_sync.services import reconciliation
+from stock_sync.services.operations import line_items_of, load_operation
+from stock_sync.services.reconciliation import reconcile, reconcile_database
 from tests.support import Pipeline, insert_operation, order
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))

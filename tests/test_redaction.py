@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from stock_sync.redaction import one_line, redact, redact_url, shown_value, url_secrets
-from stock_sync.settings import get_settings
+from stock_sync.adapters.redaction import one_line, redact, redact_url, shown_value, url_secrets
+from stock_sync.adapters.settings import get_settings
 from tests.settings_support import environment
 
 WEBHOOK = "https://hooks.example.com/services/T0AB/B0CD/XoXbSeCrEt%2Ftok%20en?sig=S1GNATURE"

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from stock_sync.alerts import FAILED_ROLLBACKS, run_alert_check
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import PendingStockOperation, utcnow
+from stock_sync.adapters.settings import get_settings
 from stock_sync.composition import Services, build_services, get_services
-from stock_sync.db import Database
 from stock_sync.domain.errors import OperationNotFound, RollbackRetryRefused
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.models import PendingStockOperation, utcnow
 from stock_sync.producer import request_cancellation, submit_operation
-from stock_sync.settings import get_settings
+from stock_sync.services.alerts import FAILED_ROLLBACKS, run_alert_check
 from tests.support import Pipeline, insert_operation, order
 from tests.webhook import recording_webhook
 

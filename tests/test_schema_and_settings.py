@@ -11,12 +11,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from stock_sync import schema
-from stock_sync.db import Database, normalise_database_url
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import Database, normalise_database_url
+from stock_sync.adapters.models import Base
+from stock_sync.adapters.settings import load_settings
+from stock_sync.adapters.stock_ledger import get_stock, set_stock
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.models import Base
-from stock_sync.settings import load_settings
-from stock_sync.stock_ledger import get_stock, set_stock
 
 TABLES = {"pending_stock_operations", "stock_levels", "stock_movements", "operation_events"}
 

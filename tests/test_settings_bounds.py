@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from stock_sync.adapters.settings import load_settings, prepared_data_dir
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.settings import load_settings, prepared_data_dir
 from tests.settings_support import DOCUMENTED_BOUNDS, environment
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stock_sync.adapters.settings import load_settings
 from stock_sync.domain.errors import ConfigurationError
-from stock_sync.settings import load_settings
 from tests.settings_support import DOCUMENTED_BOUNDS, environment, out_of_bounds
 
 EXAMPLES = 1000

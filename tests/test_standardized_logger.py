@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from stock_sync.db import Database
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.logging_setup import json_handler
+from stock_sync.adapters.models import OperationEvent, PendingStockOperation
+from stock_sync.adapters.operation_events import SqlEventStore
 from stock_sync.domain.errors import InsufficientStock, MicroserviceTimeout, StockShortage
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import LineItem, validate_stock_levels
-from stock_sync.logging_setup import json_handler
-from stock_sync.models import OperationEvent, PendingStockOperation
-from stock_sync.operation_events import SqlEventStore
-from stock_sync.standardized_logger import StandardizedLogger, measure_execution_time
+from stock_sync.services.standardized_logger import StandardizedLogger, measure_execution_time
 
 
 class RecordingEventStore:

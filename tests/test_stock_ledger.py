@@ -10,18 +10,18 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from stock_sync.db import Database
-from stock_sync.domain.errors import InsufficientStock, InvalidInput, UnknownSku
-from stock_sync.domain.statuses import OperationType
-from stock_sync.domain.stock import LineItem
-from stock_sync.models import PendingStockOperation, StockLevel, StockMovement
-from stock_sync.stock_ledger import (
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import PendingStockOperation, StockLevel, StockMovement
+from stock_sync.adapters.stock_ledger import (
     deduct_for_operation,
     get_stock,
     ledger_sum,
     restore_for_operation,
     set_stock,
 )
+from stock_sync.domain.errors import InsufficientStock, InvalidInput, UnknownSku
+from stock_sync.domain.statuses import OperationType
+from stock_sync.domain.stock import LineItem
 
 
 def new_operation(

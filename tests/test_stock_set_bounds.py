@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import func, select
 
-from stock_sync import schema
-from stock_sync.db import Database
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import StockMovement
+from stock_sync.adapters.stock_ledger import MAX_STOCK_QUANTITY, get_stock, ledger_sum, set_stock
 from stock_sync.domain.errors import InvalidInput
-from stock_sync.models import StockMovement
-from stock_sync.stock_ledger import MAX_STOCK_QUANTITY, get_stock, ledger_sum, set_stock
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from typing import Any
 
 from sqlalchemy import text
 
+from stock_sync.adapters.db import Database
+from stock_sync.adapters.models import PendingStockOperation, utcnow
+from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import build_services, get_services, sweeper_for
-from stock_sync.db import Database
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.models import PendingStockOperation, utcnow
-from stock_sync.settings import load_settings
-from stock_sync.sweeps import StuckOperationSweeper
+from stock_sync.services.sweeps import StuckOperationSweeper
 from tests.support import Pipeline, order
 
 S = OperationStatus
@@ -192,7 +192,7 @@ def test_a_sweep_holding_the_lock_makes_another_skip(
 ) -> None:
     from sqlalchemy import create_engine
 
-    from stock_sync.sweeps import SWEEP_ADVISORY_LOCK_KEY
+    from stock_sync.services.sweeps import SWEEP_ADVISORY_LOCK_KEY
 
     stuck_operation(clean_database, "waiting")
     holder = create_engine(postgres_url).connect()
@@ -209,7 +209,7 @@ def test_a_sweep_holding_the_lock_makes_another_skip(
 def test_the_sweep_query_uses_the_status_updated_at_index(clean_database: Database) -> None:
     from sqlalchemy import select
 
-    from stock_sync.stuck import is_stuck
+    from stock_sync.services.stuck import is_stuck
 
     with clean_database.transaction() as session:
         session.execute(text("set local enable_seqscan = off"))

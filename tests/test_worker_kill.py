@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from stock_sync.db import Database
-from stock_sync.fake_microservice import FakeMicroservice
+from stock_sync.adapters.db import Database
+from stock_sync.devtools.fake_microservice import FakeMicroservice
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import Pipeline, order
 

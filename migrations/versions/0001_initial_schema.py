@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import stock_sync.models
+import stock_sync.adapters.models
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -30,21 +30,41 @@ def upgrade() -> None:
         sa.Column("line_items", sa.JSON(), nullable=True),
         sa.Column("order_revision", sa.Integer(), nullable=True),
         sa.Column("retry_count", sa.Integer(), nullable=False),
-        sa.Column("next_retry_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "next_retry_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("last_error_type", sa.String(length=64), nullable=True),
-        sa.Column("created_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
         sa.Column(
-            "line_items_loaded_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True
+            "created_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
         ),
-        sa.Column("stock_deducted_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
         sa.Column(
-            "microservice_synced_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True
+            "updated_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
         ),
-        sa.Column("completed_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
-        sa.Column("failed_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
-        sa.Column("cancelled_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "line_items_loaded_at",
+            stock_sync.adapters.models.UtcDateTime(timezone=True),
+            nullable=True,
+        ),
+        sa.Column(
+            "stock_deducted_at",
+            stock_sync.adapters.models.UtcDateTime(timezone=True),
+            nullable=True,
+        ),
+        sa.Column(
+            "microservice_synced_at",
+            stock_sync.adapters.models.UtcDateTime(timezone=True),
+            nullable=True,
+        ),
+        sa.Column(
+            "completed_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
+        sa.Column(
+            "failed_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
+        sa.Column(
+            "cancelled_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
         sa.Column("cancelled_by", sa.String(length=128), nullable=True),
         sa.Column("cancellation_reason", sa.Text(), nullable=True),
         sa.Column("rollback_operations", sa.JSON(), nullable=True),
@@ -93,7 +113,9 @@ def upgrade() -> None:
         "stock_levels",
         sa.Column("sku", sa.String(length=128), nullable=False),
         sa.Column("quantity", sa.Integer(), nullable=False),
-        sa.Column("updated_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
+        sa.Column(
+            "updated_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
+        ),
         sa.CheckConstraint("quantity >= 0", name=op.f("ck_stock_levels_quantity_not_negative")),
         sa.PrimaryKeyConstraint("sku", name=op.f("pk_stock_levels")),
     )
@@ -111,7 +133,7 @@ def upgrade() -> None:
         sa.Column("to_status", sa.String(length=20), nullable=True),
         sa.Column("error_type", sa.String(length=64), nullable=True),
         sa.Column("details", sa.JSON(), nullable=True),
-        sa.Column("at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
+        sa.Column("at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["operation_id"],
             ["pending_stock_operations.id"],
@@ -150,7 +172,9 @@ def upgrade() -> None:
             sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
             nullable=True,
         ),
-        sa.Column("created_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
+        sa.Column(
+            "created_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
+        ),
         sa.CheckConstraint("delta <> 0", name=op.f("ck_stock_movements_delta_not_zero")),
         sa.ForeignKeyConstraint(
             ["operation_id"],

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import stock_sync.models
+import stock_sync.adapters.models
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -49,7 +49,9 @@ def upgrade() -> None:
         )
         batch_op.add_column(
             sa.Column(
-                "sync_put_sent_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True
+                "sync_put_sent_at",
+                stock_sync.adapters.models.UtcDateTime(timezone=True),
+                nullable=True,
             )
         )
         batch_op.drop_index(

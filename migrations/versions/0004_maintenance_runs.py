@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import stock_sync.models
+import stock_sync.adapters.models
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -22,8 +22,12 @@ def upgrade() -> None:
     op.create_table(
         "maintenance_runs",
         sa.Column("task", sa.String(length=64), nullable=False),
-        sa.Column("started_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
-        sa.Column("finished_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
+        sa.Column(
+            "started_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
+        ),
+        sa.Column(
+            "finished_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
+        ),
         sa.Column("ok", sa.Boolean(), nullable=False),
         sa.Column("host", sa.String(length=255), nullable=False),
         sa.Column("summary", sa.JSON(), nullable=True),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import stock_sync.models
+import stock_sync.adapters.models
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -24,17 +24,27 @@ def upgrade() -> None:
         "alert_states",
         sa.Column("rule", sa.String(length=64), nullable=False),
         sa.Column("firing", sa.Boolean(), nullable=False),
-        sa.Column("firing_since", stock_sync.models.UtcDateTime(timezone=True), nullable=False),
-        sa.Column("resolved_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "firing_since", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=False
+        ),
+        sa.Column(
+            "resolved_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
         sa.Column("last_value", sa.Float(), nullable=True),
         sa.Column("details", sa.JSON(), nullable=True),
         sa.Column(
-            "last_evaluated_at", stock_sync.models.UtcDateTime(timezone=True), nullable=False
+            "last_evaluated_at",
+            stock_sync.adapters.models.UtcDateTime(timezone=True),
+            nullable=False,
         ),
-        sa.Column("last_notified_at", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "last_notified_at", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
         sa.Column("pending_notice", sa.JSON(), nullable=True),
         sa.Column("delivery_attempts", sa.Integer(), nullable=False),
-        sa.Column("delivering_until", stock_sync.models.UtcDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "delivering_until", stock_sync.adapters.models.UtcDateTime(timezone=True), nullable=True
+        ),
         sa.PrimaryKeyConstraint("rule", name=op.f("pk_alert_states")),
     )
 

@@ -1,0 +1,260 @@
+"""Engines and sessions, built once per process (never at import time).
+
+A Celery prefork worker forks after importing this module, so the engine is keyed by the
+process id: a forked child builds its own pool instead of sharing its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from stock_sync.adapters.redaction import one_line, redact, redact_url, shown_value, url_secrets
+from stock_sync.adapters.settings import (
+    ENV_PREFIX,
+    Settings,
+    database_kind,
+    get_settings,
+    prepared_data_dir,
+)
+from stock_sync.domain.errors import ConfigurationError
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
+
+
+def normalise_database_url(url: str) -> str:
+    """Pin PostgreSQL URLs to psycopg2, the driver we ship; refuse what we cannot open.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not installed. The
+    error names the variable and shows the URL with its password masked.
+    """
+    try:
+        database_kind(url)
+        parsed = make_url(url)
+    except ValueError as error:
+        raise ConfigurationError(
+            f"{DATABASE_URL_VARIABLE}: {error} (got {shown_value(redact_url(url))})"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed.render_as_string(hide_password=False)
+
+
+def configured_database_url(settings: Settings) -> str:
+    """The database URL to open; on the embedded default its folder, STOCK_SYNC_DATA_DIR,
+    is made ready first so a bad one is named instead of failing inside SQLite."""
+    if not settings.database_url:
+        prepared_data_dir(settings)
+    return settings.effective_database_url
+
+
+def _prepare_sqlite_folder(database: str) -> None:
+    folder = os.path.dirname(os.path.abspath(database))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"{DATABASE_URL_VARIABLE}: cannot create the folder of the SQLite database "
+            f"{one_line(folder)}: {error.strerror or error}"
+        ) from None
+
+
+def describe_database_error(error: SQLAlchemyError, url: str) -> str:
+    """One line for an operator: what went wrong with the database at ``url`` (its password
+    masked), and what to do when we know."""
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    text = one_line(redact(lines[0], url_secrets(url)))
+    where = redact_url(url)
+    if ("does not exist" in text and "relation" in text) or "no such table" in text:
+        return f"the database at {where} has no schema yet: run 'stock-sync db upgrade'"
+    if "connect" in text.lower():
+        return f"cannot reach the database at {where}: {text}"
+    return f"database error at {where}: {text}"
+
+
+def _enable_sqlite_concurrency(engine: Engine) -> None:
+    """WAL + busy timeout + BEGIN IMMEDIATE, so two worker processes queue instead of failing.
+
+    pysqlite's own lazy BEGIN lets a reader upgrade to a writer mid-transaction and fail at once
+    with 'database is locked'; taking the write lock up front makes writers wait their turn.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def build_engine(url: str, *, autocommit: bool = False) -> Engine:
+    """An engine for ``url`` with the pool and dialect settings stock-sync relies on."""
+    url = normalise_database_url(url)
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            _prepare_sqlite_folder(database)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _enable_sqlite_concurrency(engine)
+        return engine
+    # No pre-ping: it costs a round trip on every checkout (about a fifth of the pipeline's
+    # throughput, measured). A connection broken by a server restart fails one statement and
+    # SQLAlchemy then invalidates the whole pool; the stage's retry runs on fresh connections.
+    return create_engine(
+        url,
+        pool_pre_ping=False,
+        pool_recycle=1800,
+        pool_size=2 if autocommit else 5,
+        max_overflow=10,
+        connect_args={"connect_timeout": 5},
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
+    )
+
+
+class Database:
+    """One engine and its session factory."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_database_url(url)
+        self.engine = build_engine(self.url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Connections opened in autocommit once, so a lock-free read never switches modes.
+        self._peek_engine = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if not self.is_postgresql
+            else build_engine(self.url, autocommit=True)
+        )
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session inside one transaction: committed on success, rolled back on error.
+
+        Callbacks registered with :func:`before_commit` run last inside it; those registered
+        with :func:`after_commit` once it has committed and its connection is back in the
+        pool (never when it rolls back).
+        """
+        with self.sessions() as session:
+            with session.begin():
+                yield session
+                _run(session, _BEFORE_COMMIT)
+            callbacks = session.info.pop(_AFTER_COMMIT, [])
+        for callback in callbacks:
+            callback()
+
+    @contextmanager
+    def core_transaction(self) -> Iterator[Connection]:
+        """As :meth:`transaction`, on a bare connection: for the stages' hot path, which speaks
+        Core and has no use for a Session's unit of work."""
+        with self.engine.connect() as connection:
+            try:
+                with connection.begin():
+                    yield connection
+                    _run(connection, _BEFORE_COMMIT)
+                callbacks = connection.info.pop(_AFTER_COMMIT, [])
+            finally:
+                # A connection's info outlives it in the pool: the transaction's own state
+                # (hooks, buffered events: keys under "stock_sync.") must not leak to the next.
+                for key in [k for k in connection.info if str(k).startswith(_STATE_PREFIX)]:
+                    del connection.info[key]
+        for callback in callbacks:
+            callback()
+
+    @contextmanager
+    def peek(self) -> Iterator[Connection]:
+        """A connection for a lock-free read outside any transaction of ours: on PostgreSQL in
+        autocommit, so no BEGIN or COMMIT round trip. For checks that a locked transaction
+        repeats before acting (the stages' "does this still apply?")."""
+        engine = self._peek_engine if self.is_postgresql else self.engine
+        with engine.connect() as connection:
+            yield connection
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only transaction that sees one consistent snapshot of the whole database
+        (REPEATABLE READ on PostgreSQL; SQLite's transactions are serializable already)."""
+        with self.sessions() as session, session.begin():
+            if self.is_postgresql:
+                session.connection(
+                    execution_options={
+                        "isolation_level": "REPEATABLE READ",
+                        "postgresql_readonly": True,
+                    }
+                )
+            yield session
+
+    def dispose(self, *, close: bool = True) -> None:
+        """Drop the pooled connections; after a fork, ``close=False`` leaves the parent's be."""
+        self.engine.dispose(close=close)
+        self._peek_engine.dispose(close=close)
+
+
+# Per-transaction state kept in a Session's or Connection's ``info`` uses keys under this.
+_STATE_PREFIX = "stock_sync."
+_BEFORE_COMMIT = _STATE_PREFIX + "before_commit"
+_AFTER_COMMIT = _STATE_PREFIX + "after_commit"
+
+TransactionOwner = Session | Connection
+
+
+def before_commit(owner: TransactionOwner, callback: Callable[[], None]) -> None:
+    """Run ``callback`` at the end of ``owner``'s transaction, inside it, just before it
+    commits (from :meth:`Database.transaction` or :meth:`Database.core_transaction`)."""
+    owner.info.setdefault(_BEFORE_COMMIT, []).append(callback)
+
+
+def after_commit(owner: TransactionOwner, callback: Callable[[], None]) -> None:
+    """Run ``callback`` after ``owner``'s transaction commits, outside it; dropped on rollback.
+
+    For side effects that must neither run inside a transaction (a network call would hold
+    its locks) nor announce a change that rolled back: notifications, enqueues.
+    """
+    owner.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def _run(owner: TransactionOwner, key: str) -> None:
+    for callback in owner.info.pop(key, []):
+        callback()
+
+
+_databases: dict[tuple[int, str], Database] = {}
+_databases_lock = threading.Lock()
+
+
+def get_database(settings: Settings | None = None) -> Database:
+    """The process's Database for the configured URL, built on first use in this process."""
+    settings = settings or get_settings()
+    key = (os.getpid(), settings.effective_database_url)
+    with _databases_lock:
+        database = _databases.get(key)
+        if database is None:
+            database = _databases[key] = Database(configured_database_url(settings))
+        return database
+
+
+def reset_databases(*, close: bool = True) -> None:
+    """Forget every cached engine; after a fork pass ``close=False`` so the parent's
+    connections are left alone rather than closed under it."""
+    with _databases_lock:
+        for database in _databases.values():
+            database.dispose(close=close)
+        _databases.clear()

@@ -1,0 +1,168 @@
+"""The operation event table: the audit trail behind ``show`` timelines and the metrics."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from stock_sync.adapters.db import TransactionOwner, before_commit
+from stock_sync.adapters.models import (
+    COUNTER_SHARDS,
+    METRIC_COUNTERS_TABLE,
+    OPERATION_EVENTS_TABLE,
+    OperationEvent,
+    utcnow,
+)
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import OperationStatus
+
+_PENDING_EVENTS = "stock_sync.pending_events"
+_INSERT_EVENTS = insert(OPERATION_EVENTS_TABLE)
+# The counters of stock_sync.services.metrics (table metric_counters), by (name, label).
+CREATED_COUNTER = "operations_created"
+FINISHED_COUNTER = "operations_finished"
+ERRORS_COUNTER = "errors"
+_FINAL_STATUSES = frozenset(
+    status.value
+    for status in (OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.CANCELLED)
+)
+
+
+class SqlEventStore:
+    """Writes audit events into the current transaction of a Session or a Connection (never
+    commits).
+
+    Events are buffered and written as one multi-row INSERT just before the transaction
+    commits (a stage writes several: one statement instead of one per event). They commit,
+    or roll back, with the change they record.
+    """
+
+    def __init__(self, owner: TransactionOwner) -> None:
+        self._owner = owner
+
+    def record(
+        self,
+        *,
+        operation_id: UUID,
+        action: str,
+        from_status: str | None,
+        to_status: str | None,
+        error_type: str | None,
+        details: dict[str, Any],
+    ) -> None:
+        pending_events(self._owner).append(
+            _event_row(operation_id, action, from_status, to_status, error_type, details)
+        )
+
+
+class DeferredEvents:
+    """Events of a step that ran outside any transaction (a lock-free check, an HTTP call),
+    kept until the transaction that records its outcome writes them, in order, first."""
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+
+    def record(
+        self,
+        *,
+        operation_id: UUID,
+        action: str,
+        from_status: str | None,
+        to_status: str | None,
+        error_type: str | None,
+        details: dict[str, Any],
+    ) -> None:
+        self._events.append(
+            _event_row(operation_id, action, from_status, to_status, error_type, details)
+        )
+
+    def write_into(self, owner: TransactionOwner) -> None:
+        pending_events(owner).extend(self._events)
+        self._events = []
+
+
+def pending_events(owner: TransactionOwner) -> list[dict[str, Any]]:
+    """The events waiting to be written by ``owner``'s transaction (registering the write
+    before its commit the first time)."""
+    pending: list[dict[str, Any]] | None = owner.info.get(_PENDING_EVENTS)
+    if pending is None:
+        pending = owner.info[_PENDING_EVENTS] = []
+        before_commit(owner, lambda: _write_pending_events(owner))
+    return pending
+
+
+def _write_pending_events(owner: TransactionOwner) -> None:
+    """One INSERT for the events of the transaction, after the rows they refer to."""
+    pending = owner.info.pop(_PENDING_EVENTS, None)
+    if not pending:
+        return
+    if isinstance(owner, Session):
+        owner.flush()  # a new operation row must exist before its events point at it
+        owner = owner.connection()
+    owner.execute(_INSERT_EVENTS, pending)
+    _raise_counters(owner, counter_increments(pending))
+
+
+def counter_increments(events: Iterable[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    """What ``events`` add to each (counter, label) of ``metric_counters``."""
+    increments: Counter[tuple[str, str]] = Counter()
+    for event in events:
+        if event["action"] == LogAction.OPERATION_CREATED.value:
+            increments[(CREATED_COUNTER, "")] += 1
+        if event["to_status"] in _FINAL_STATUSES:
+            increments[(FINISHED_COUNTER, event["to_status"])] += 1
+        if event["error_type"]:
+            increments[(ERRORS_COUNTER, event["error_type"][:64])] += 1
+    return increments
+
+
+def _raise_counters(connection: Connection, increments: Counter[tuple[str, str]]) -> None:
+    """Upserts in key order: concurrent transactions lock the counter rows in one order."""
+    if not increments:
+        return
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(METRIC_COUNTERS_TABLE)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["name", "label", "shard"],
+        set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
+    )
+    shard = os.getpid() % COUNTER_SHARDS  # this process's own rows: see MetricCounter
+    for (name, label), value in sorted(increments.items()):
+        connection.execute(upsert, {"name": name, "label": label, "shard": shard, "value": value})
+
+
+def _event_row(
+    operation_id: UUID,
+    action: str,
+    from_status: str | None,
+    to_status: str | None,
+    error_type: str | None,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "operation_id": operation_id,
+        "action": action,
+        "from_status": from_status,
+        "to_status": to_status,
+        "error_type": error_type,
+        "details": details,
+        "at": utcnow(),
+    }
+
+
+def timeline(session: Session, operation_id: UUID) -> list[OperationEvent]:
+    """Every event of an operation, oldest first."""
+    return list(
+        session.scalars(
+            select(OperationEvent)
+            .where(OperationEvent.operation_id == operation_id)
+            .order_by(OperationEvent.id)
+        )
+    )

@@ -1,0 +1,388 @@
+"""The ``stock-sync`` command line: human output by default, ``--json`` where asked.
+
+Exit status of every command: 0 done; 1 an error (bad input, refused, unknown id, unreachable
+database...); 2 a usage error (unknown option, malformed argument). Errors are one line
+``error: ...`` on stderr with passwords and tokens masked, never a traceback. ``submit`` exits 3
+when the operation was saved but not enqueued, ``cancel --wait`` 4 when the microservice
+rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run, ``health`` 1
+when a check failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+import click
+
+from stock_sync.adapters import schema
+from stock_sync.adapters.db import configured_database_url, get_database
+from stock_sync.adapters.logging_setup import configure_cli_logging
+from stock_sync.adapters.redaction import one_line, redact_url
+from stock_sync.adapters.settings import get_settings
+from stock_sync.adapters.stock_ledger import get_stock, set_stock, validate_sku
+from stock_sync.domain.errors import EnqueueFailed
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.entrypoints import render
+from stock_sync.entrypoints.cli_common import (
+    EXIT_CHECK_COULD_NOT_RUN,
+    EXIT_CHECK_MISMATCH,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_ENQUEUED,
+    EXIT_ROLLBACK_UNSETTLED,
+    StockSyncGroup,
+    describe_failure,
+    emit,
+    fail,
+    safe_message,
+)
+from stock_sync.entrypoints.cli_health import health
+from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
+from stock_sync.entrypoints.cli_params import PLAIN_TEXT, QUANTITY, FiniteFloatRange
+from stock_sync.entrypoints.cli_rollback import rollback
+from stock_sync.services.queries import list_operations, operation_details
+
+PLUGIN_COMMANDS = "stock_sync.commands"
+
+# click 8.2+ raises this for a group called without a command (8.1 printed the help itself).
+NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_problem(error: click.ClickException) -> str:
+    message = error.format_message()
+    context = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and context is not None:
+        message += f" (see '{context.command_path} --help')"
+    return message
+
+
+class StockSyncCli(StockSyncGroup):
+    """The root command: click's usage errors become one ``error:`` line as well, and an
+    unexpected exception one line naming its type rather than a traceback."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NO_ARGS_IS_HELP as error:
+            error.show()  # plain `stock-sync`: the help, as click prints it
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            fail(_usage_problem(error), error.exit_code)
+        except click.Abort:
+            fail("aborted: nothing changed")
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as error:  # the last guard: one line, never a traceback
+            fail(describe_failure(error))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=StockSyncCli)
+def cli() -> None:
+    """stock-sync: keeps warehouse stock in step with Allegro orders.
+
+    Exit status: 0 done, 1 an error (one 'error:' line on stderr), 2 a usage error; see each
+    command's help for its own codes.
+    """
+    configure_cli_logging()
+
+
+@cli.group(cls=StockSyncGroup)
+def db() -> None:
+    """Database schema."""
+
+
+def stdin_is_interactive() -> bool:
+    """Whether a person can answer a prompt (a terminal on stdin)."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+@db.command("upgrade")
+@click.option("--revision", type=PLAIN_TEXT, default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (alembic upgrade)."""
+    url = configured_database_url(get_settings())
+    schema.upgrade(url, revision)
+    click.echo(f"database at {redact_url(url)} is at {revision}")
+
+
+# ignore_unknown_options: alembic's relative revisions ("-1") look like options to click.
+@db.command("downgrade", context_settings={"ignore_unknown_options": True})
+@click.argument("revision", type=PLAIN_TEXT)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+def db_downgrade(revision: str, yes: bool) -> None:
+    """Revert migrations down to REVISION ('base' drops every table and its data; '-1' goes
+    one step back).
+
+    Asks for confirmation unless --yes is given; without --yes it refuses to run when stdin
+    is not a terminal.
+    """
+    url = configured_database_url(get_settings())
+    if not yes:
+        _confirm_downgrade(url, revision)
+    schema.downgrade(url, revision)
+    click.echo(f"database at {redact_url(url)} is at {revision}")
+
+
+@db.command("current")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def db_current(as_json: bool) -> None:
+    """Print the database's revision and whether it is the latest (the head)."""
+    url = configured_database_url(get_settings())
+    state = schema.current(url)
+    payload = {"database": redact_url(url), **state.to_dict()}
+    emit(as_json, payload, lambda: render_current(redact_url(url), state))
+
+
+def render_current(where: str, state: schema.DatabaseRevision) -> str:
+    heads = ", ".join(state.heads)
+    if not state.current:
+        return f"database at {where} has no schema yet (head: {heads}): run 'stock-sync db upgrade'"
+    current = ", ".join(state.current)
+    if state.is_head:
+        return f"database at {where} is at {current} (head)"
+    return f"database at {where} is at {current}, not at the head {heads}"
+
+
+@db.command("history")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def db_history(as_json: bool) -> None:
+    """List the migrations, newest first, with their messages (reads no database)."""
+    revisions = schema.history()
+    emit(
+        as_json,
+        [revision.to_dict() for revision in revisions],
+        lambda: render_history(revisions),
+    )
+
+
+def render_history(revisions: Sequence[schema.Revision]) -> str:
+    return render.table(
+        ("revision", "revises", "message"),
+        [
+            (
+                f"{revision.revision}{' (head)' if revision.is_head else ''}",
+                revision.down_revision or "-",
+                revision.message,
+            )
+            for revision in revisions
+        ],
+    )
+
+
+def _confirm_downgrade(url: str, revision: str) -> None:
+    if not stdin_is_interactive():
+        fail("refusing to downgrade without confirmation: stdin is not a terminal (pass --yes)")
+    question = (
+        f"Downgrade the database at {redact_url(url)} to {one_line(revision)}? "
+        "Tables of later revisions are dropped with their data"
+    )
+    if not click.confirm(question, default=False, err=True):
+        fail("downgrade cancelled: nothing changed")
+
+
+@cli.group(cls=StockSyncGroup)
+def stock() -> None:
+    """Stock levels."""
+
+
+@stock.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("sku", type=PLAIN_TEXT)
+@click.argument("quantity", type=QUANTITY)
+def stock_set(sku: str, quantity: int) -> None:
+    """Set SKU's level to QUANTITY, 0 to 2147483647 (the change is recorded as a correction)."""
+    with get_database().transaction() as session:
+        change = set_stock(session, sku, quantity)
+    click.echo(f"{change.sku}: {change.previous} -> {change.quantity}")
+
+
+@stock.command("get")
+@click.argument("sku", type=PLAIN_TEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stock_get(sku: str, as_json: bool) -> None:
+    """Print SKU's level."""
+    sku = validate_sku(sku)
+    with get_database().transaction() as session:
+        quantity = get_stock(session, sku)
+    if quantity is None:
+        fail(f"unknown SKU: {sku}")
+    emit(as_json, {"sku": sku, "quantity": quantity}, lambda: f"{sku}: {quantity}")
+
+
+# --- operations -----------------------------------------------------------------------
+
+
+@cli.command("submit")
+@click.argument("order_id", type=PLAIN_TEXT)
+@click.option(
+    "--account", "account_name", type=PLAIN_TEXT, default=None, help="Allegro account name."
+)
+def submit(order_id: str, account_name: str | None) -> None:
+    """Record ORDER_ID's stock operation and enqueue it; prints the operation id alone.
+
+    Exits 3 when the operation was saved but could not be enqueued (the sweep re-drives it).
+    """
+    from stock_sync.producer import submit_operation
+
+    try:
+        operation_id = submit_operation(order_id, account_name)
+    except EnqueueFailed as error:
+        click.echo(str(error.operation_id))
+        click.echo(f"warning: {safe_message(str(error))}", err=True)
+        sys.exit(EXIT_NOT_ENQUEUED)
+    click.echo(str(operation_id))
+
+
+@cli.command("show")
+@click.argument("operation_id", type=PLAIN_TEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(operation_id: str, as_json: bool) -> None:
+    """Print an operation, its line items and its timeline of events."""
+    from stock_sync.producer import parse_operation_id
+
+    with get_database().transaction() as session:
+        details = operation_details(session, parse_operation_id(operation_id))
+    emit(as_json, details, lambda: render.operation(details))
+
+
+@cli.command("list")
+@click.option(
+    "--status",
+    type=click.Choice([s.value for s in OperationStatus]),
+    default=None,
+    help="Only operations in this status.",
+)
+@click.option(
+    "--order", "order_id", type=PLAIN_TEXT, default=None, help="Only this order's operations."
+)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(status: str | None, order_id: str | None, limit: int, as_json: bool) -> None:
+    """List operations, newest first (order deductions and adjustments alike)."""
+    with get_database().transaction() as session:
+        rows = list_operations(
+            session,
+            status=OperationStatus(status) if status else None,
+            order_id=order_id,
+            limit=limit,
+        )
+    emit(as_json, rows, lambda: render.operation_table(rows))
+
+
+@cli.command("cancel")
+@click.argument("operation_id", type=PLAIN_TEXT)
+@click.option("--by", "cancelled_by", type=PLAIN_TEXT, required=True, help="Who cancels.")
+@click.option("--reason", type=PLAIN_TEXT, required=True, help="Why (stored).")
+@click.option("--wait", is_flag=True, help="Wait until the microservice rollback settles.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=FiniteFloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds --wait waits at most.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel(
+    operation_id: str, cancelled_by: str, reason: str, wait: bool, timeout_s: float, as_json: bool
+) -> None:
+    """Cancel an operation and roll back what it changed; prints the CancellationResult.
+
+    With --wait, exits 4 when the microservice rollback is still pending or failed.
+    """
+    from stock_sync.producer import default_services, request_cancellation
+
+    result = request_cancellation(operation_id, cancelled_by, reason)
+    deadline = time.monotonic() + timeout_s
+    while wait and result.microservice_rollback == "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        result = default_services().cancellation.result_of(result.operation_id)
+    payload = result.to_dict()
+    emit(as_json, payload, lambda: render.cancellation(payload))
+    if wait and result.microservice_rollback in ("pending", "failed"):
+        sys.exit(EXIT_ROLLBACK_UNSETTLED)
+
+
+@cli.command("sweep")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sweep(as_json: bool) -> None:
+    """Re-drive stuck operations now (what the beat entry does)."""
+    from stock_sync.composition import sweeper_for
+    from stock_sync.producer import default_services
+
+    report = sweeper_for(default_services()).sweep()
+    payload = report.to_dict()
+    emit(
+        as_json,
+        payload,
+        lambda: (
+            "another sweep is running: skipped"
+            if not report.ran
+            else f"re-driven: {len(report.redriven)}, failed: {len(report.failed)}, "
+            f"not enqueued: {len(report.not_enqueued)}"
+        ),
+    )
+
+
+@cli.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def check(as_json: bool) -> None:
+    """Reconcile stock levels, the ledger and the operations.
+
+    Exit status: 0 everything reconciles, 1 a mismatch was found, 2 the check could not run
+    (database unreachable, bad configuration...).
+    """
+    from stock_sync.services.reconciliation import reconcile_database
+
+    try:
+        report = reconcile_database(get_database())
+    except Exception as error:  # whatever stopped it, it is "could not run", never "mismatch"
+        fail(describe_failure(error), EXIT_CHECK_COULD_NOT_RUN)
+    payload = report.to_dict()
+    emit(as_json, payload, lambda: render.reconciliation(payload))
+    if not report.ok:
+        sys.exit(EXIT_CHECK_MISMATCH)
+
+
+# --- processes --------------------------------------------------------------------------
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a Celery worker (extra arguments go to 'celery worker')."""
+    from tasks import app
+
+    app.worker_main(["worker", "--loglevel", get_settings().log_level, *ctx.args])
+
+
+def _add_plugin_commands(group: click.Group) -> None:
+    """Commands other packages add (entry point group ``stock_sync.commands``): the
+    development tools' ``fake-microservice`` plugs in this way, so the runtime command line
+    never imports them."""
+    for entry in entry_points(group=PLUGIN_COMMANDS):
+        group.add_command(entry.load(), entry.name)
+
+
+cli.add_command(stats)
+cli.add_command(metrics_server)
+cli.add_command(flower)
+cli.add_command(rollback)
+cli.add_command(health)
+_add_plugin_commands(cli)
+
+
+def main() -> None:
+    cli(prog_name="stock-sync")
