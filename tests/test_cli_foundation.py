@@ -80,14 +80,3 @@ def test_a_database_without_schema_says_to_upgrade(make_throwaway_database: obje
     result = run("stock", "get", "A", env={"STOCK_SYNC_DATABASE_URL": url})
     assert result.returncode != 0
     assert "run 'stock-sync db upgrade'" in result.stderr
-
-
-def test_the_domain_imports_no_infrastructure() -> None:
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("lint-imports"))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 2 kept, 0 broken" in result.stdout
