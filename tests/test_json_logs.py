@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -226,6 +227,47 @@ def test_the_cli_logs_a_services_warnings_and_errors_as_json_lines(
     assert any("could not enqueue" in record["message"] for record in records), records
     assert "BROKER-S3CRET" not in swept.stderr + swept.stdout
     assert "Traceback" not in swept.stderr
+
+
+def test_the_metrics_server_logs_its_own_records_as_json(tmp_path: Path) -> None:
+    """`stock-sync metrics-server` with its database down and STOCK_SYNC_LOG_LEVEL=DEBUG: a
+    scrape still answers; the failure and the request line (DEBUG, below the CLI's WARNING)
+    reach stderr as JSON records, the password masked."""
+    with socket.socket() as probe:  # a port nothing listens on: the database is "down"
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "STOCK_SYNC_DATABASE_URL": f"postgresql://u:DB-S3CRET@127.0.0.1:{closed}/x",
+        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_DATA_DIR": str(tmp_path),
+        "STOCK_SYNC_LOG_LEVEL": "DEBUG",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "stock-sync"), "metrics-server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert server.stdout is not None and server.stderr is not None
+    try:
+        banner = server.stdout.readline()  # "serving metrics on http://127.0.0.1:PORT/metrics"
+        url = banner.split(" on ", 1)[1].strip()
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            body = answer.read().decode()
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+
+    assert "stock_sync_database_up 0.0" in body
+    records = json_lines(stderr)
+    failures = [record for record in records if record["logger"] == "stock_sync.metrics_server"]
+    assert failures, stderr
+    for record in failures:
+        assert_record_shape(record)
+    assert {record["level"] for record in failures} == {"DEBUG", "ERROR"}, failures
+    assert "DB-S3CRET" not in stderr + body
 
 
 # --- a real worker process ---------------------------------------------------------------------
