@@ -168,6 +168,18 @@ def test_a_server_command_replaces_the_cli_handler_with_one_at_its_level() -> No
     assert "Traceback" in error["exc_info"]  # a service keeps its tracebacks, as the worker does
 
 
+def test_a_server_command_leaves_out_alembics_per_probe_info_lines() -> None:
+    alembic = logging.getLogger("alembic.runtime.migration")
+    saved = alembic.level
+    try:
+        with bare_root_logger():
+            configure_server_logging("DEBUG", io.StringIO())
+            assert not alembic.isEnabledFor(logging.INFO)  # each /readyz would log two
+            assert alembic.isEnabledFor(logging.WARNING)
+    finally:
+        alembic.setLevel(saved)
+
+
 def test_a_server_command_leaves_a_root_logger_configured_by_someone_else() -> None:
     with bare_root_logger() as root:
         foreign = logging.StreamHandler(io.StringIO())

@@ -124,6 +124,9 @@ def configure_cli_logging(stream: IO[str] | None = None) -> None:
     root.addHandler(handler)
 
 
+ALEMBIC_MIGRATION_LOGGER = "alembic.runtime.migration"
+
+
 def configure_server_logging(
     level: str | int, stream: IO[str] | None = None
 ) -> logging.Handler | None:
@@ -133,6 +136,9 @@ def configure_server_logging(
     Replaces the CLI's handler (:func:`configure_cli_logging`); a root logger configured by
     someone else (a test runner invoking the command in-process) is left alone: returns None.
     """
+    # /readyz opens an alembic migration context on every probe: two INFO lines each time
+    # ("Context impl", "Will assume transactional DDL") would drown the server's own records.
+    logging.getLogger(ALEMBIC_MIGRATION_LOGGER).setLevel(logging.WARNING)
     root = logging.getLogger()
     if any(not isinstance(handler, JsonLogHandler) for handler in root.handlers):
         return None
