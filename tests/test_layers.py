@@ -97,3 +97,20 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
         assert import_cycles("cyclic") == [["cyclic.a", "cyclic.b"]]
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_the_runtime_command_line_loads_the_devtools_only_for_their_command() -> None:
+    probe = (
+        "import sys, click\n"
+        "from stock_sync.entrypoints.cli import cli\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('stock_sync.devtools'))\n"
+        "before = loaded()\n"
+        "listed = 'fake-microservice' in cli.list_commands(click.Context(cli))\n"
+        "command = cli.get_command(click.Context(cli), 'fake-microservice')\n"
+        "print(before, listed, command.name, 'stock_sync.devtools.commands' in loaded())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert result.stdout.split() == ["[]", "True", "fake-microservice", "True"]

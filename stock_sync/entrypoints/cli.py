@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from importlib.metadata import entry_points
-from typing import Any
+from importlib.metadata import EntryPoints, entry_points
+from typing import Any, cast
 
 import click
 
@@ -47,6 +47,11 @@ from stock_sync.services.queries import list_operations, operation_details
 
 PLUGIN_COMMANDS = "stock_sync.commands"
 
+
+def _plugin_entries() -> EntryPoints:
+    return entry_points(group=PLUGIN_COMMANDS)
+
+
 # click 8.2+ raises this for a group called without a command (8.1 printed the help itself).
 NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -61,7 +66,22 @@ def _usage_problem(error: click.ClickException) -> str:
 
 class StockSyncCli(StockSyncGroup):
     """The root command: click's usage errors become one ``error:`` line as well, and an
-    unexpected exception one line naming its type rather than a traceback."""
+    unexpected exception one line naming its type rather than a traceback.
+
+    It also offers the commands other packages add (entry point group
+    ``stock_sync.commands``: the development tools' ``fake-microservice``), loaded only when
+    one is asked for, so the runtime command line never imports them."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(e.name for e in _plugin_entries())})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            for entry in _plugin_entries():
+                if entry.name == cmd_name:
+                    return cast(click.Command, entry.load())
+        return command
 
     def main(
         self,
@@ -368,20 +388,11 @@ def worker(ctx: click.Context) -> None:
     app.worker_main(["worker", "--loglevel", get_settings().log_level, *ctx.args])
 
 
-def _add_plugin_commands(group: click.Group) -> None:
-    """Commands other packages add (entry point group ``stock_sync.commands``): the
-    development tools' ``fake-microservice`` plugs in this way, so the runtime command line
-    never imports them."""
-    for entry in entry_points(group=PLUGIN_COMMANDS):
-        group.add_command(entry.load(), entry.name)
-
-
 cli.add_command(stats)
 cli.add_command(metrics_server)
 cli.add_command(flower)
 cli.add_command(rollback)
 cli.add_command(health)
-_add_plugin_commands(cli)
 
 
 def main() -> None:
