@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from stock_sync.adapters.db import describe_database_error, normalise_database_url
+from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, last_runs
 from stock_sync.adapters.redaction import one_line, redact, redact_url
 from stock_sync.adapters.settings import Settings, database_kind
 
@@ -217,6 +218,7 @@ def _database_failure(error: Exception, settings: Settings) -> str:
 
 def check_database(settings: Settings, _now: datetime, timeout_s: float) -> CheckResult:
     """Reachable and at the migration head."""
+    # imported here: alembic costs every worker ~80 ms at start, and only this check needs it
     from stock_sync.adapters.schema import revision_of
 
     where = redact_url(settings.effective_database_url)
@@ -332,8 +334,6 @@ def describe_age(seconds: float) -> str:
 def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
     """The stuck sweep and the alert evaluation each ran within :func:`allowed_age_s` of
     their interval."""
-    from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, last_runs
-
     try:
         with _probe(settings, timeout_s) as engine, Session(engine) as session:
             _limit_statements(session.connection(), timeout_s)
