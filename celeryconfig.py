@@ -23,14 +23,17 @@ MIN_VISIBILITY_TIMEOUT_S = 3600
 # Beat's tasks; they are routed to the maintenance queue.
 MAINTENANCE_TASKS = (
     "stock_sync.sweep_stuck_operations",
+    "stock_sync.release_due_retries",
     "stock_sync.evaluate_alerts",
     "stock_sync.reconcile",
 )
 
 
 def visibility_timeout_s(settings: Settings) -> int:
-    """Longer than the longest countdown plus the hard time limit, with room to spare."""
-    longest = settings.retry_backoff_max_s + settings.task_time_limit_s
+    """Longer than the longest countdown plus the hard time limit, with room to spare (a
+    longer wait is parked in the database, never a countdown message)."""
+    countdown = min(settings.retry_backoff_max_s, settings.retry_park_after_s)
+    longest = countdown + settings.task_time_limit_s
     return int(max(MIN_VISIBILITY_TIMEOUT_S, 2 * longest))
 
 
@@ -42,6 +45,11 @@ def maintenance_schedule(settings: Settings) -> dict[str, Any]:
             "task": "stock_sync.sweep_stuck_operations",
             "schedule": settings.sweep_interval_s,
             "options": {"expires": settings.sweep_interval_s},
+        },
+        "release-due-retries": {
+            "task": "stock_sync.release_due_retries",
+            "schedule": settings.retry_release_interval_s,
+            "options": {"expires": settings.retry_release_interval_s},
         },
         "evaluate-alerts": {
             "task": "stock_sync.evaluate_alerts",

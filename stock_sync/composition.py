@@ -21,6 +21,7 @@ from stock_sync.adapters.settings import Settings, get_settings
 from stock_sync.domain.errors import ConfigurationError
 from stock_sync.services.dispatch import Dispatcher
 from stock_sync.services.operation_cancellation_service import OperationCancellationService
+from stock_sync.services.recovery import OperationRecoveryService
 from stock_sync.services.standardized_logger import StandardizedLogger
 from stock_sync.services.stock_synchronization_service import StockSynchronizationService
 from stock_sync.services.sweeps import StuckOperationSweeper
@@ -35,6 +36,7 @@ class Services:
     dispatcher: Dispatcher
     synchronization: StockSynchronizationService
     cancellation: OperationCancellationService
+    recovery: OperationRecoveryService
 
 
 def build_services(
@@ -70,7 +72,10 @@ def build_services(
         settings=settings,
         cancellation=cancellation,
     )
-    return Services(settings, database, client, logger, dispatcher, synchronization, cancellation)
+    recovery = OperationRecoveryService(database=database, logger=logger, dispatcher=dispatcher)
+    return Services(
+        settings, database, client, logger, dispatcher, synchronization, cancellation, recovery
+    )
 
 
 _dispatcher_factory: Callable[[], Dispatcher] | None = None

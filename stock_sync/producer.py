@@ -18,6 +18,7 @@ from stock_sync.adapters.models import (
     ACCOUNT_NAME_MAX_LENGTH,
     OPERATIONS_TABLE,
     ORDER_ID_MAX_LENGTH,
+    db_now,
     utcnow,
 )
 from stock_sync.composition import Services, get_services
@@ -26,7 +27,8 @@ from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
 from stock_sync.services.operation_cancellation_service import CancellationResult
-from stock_sync.services.operations import operation_logger
+from stock_sync.services.operations import FIRST_DISPATCH, operation_logger
+from stock_sync.services.recovery import RetryResult
 
 
 def _checked_order_id(order_id: object) -> str:
@@ -41,15 +43,19 @@ def _checked_account_name(account_name: object) -> str | None:
 
 _operations = OPERATIONS_TABLE.c
 # Built once: the shop backend calls this for every order.
+# The order's live deduction: the submitted one, or the last retry of it (see retry_operation).
 _FIND_DEDUCTION = select(_operations.id, _operations.account_name).where(
     _operations.order_id == bindparam("find_order_id"),
     _operations.operation_type == OperationType.ORDER_DEDUCTION.value,
+    _operations.successor_operation_id.is_(None),
 )
-_INSERT_OPERATION = insert(OPERATIONS_TABLE)
+# Published right after the commit: its first dispatch, stamped by the database's clock.
+_INSERT_OPERATION = insert(OPERATIONS_TABLE).values(dispatched_at=db_now())
 
 
 def _existing(connection: Connection, order_id: str, account_name: str | None) -> uuid.UUID | None:
-    """The order's deduction, if any (one per order, whatever the account).
+    """The order's deduction, if any (one per order, whatever the account; after a retry, the
+    successor).
 
     An operation recorded without an account matches any account; one recorded for another
     account is a contradiction (an Allegro order belongs to one account): InvalidInput.
@@ -90,6 +96,7 @@ def _create(services: Services, order_id: str, account_name: str | None) -> tupl
             line_items=None,
             created_at=now,
             updated_at=now,
+            dispatch_generation=FIRST_DISPATCH,
         )
         connection.execute(_INSERT_OPERATION, asdict(created))
         operation_logger(connection, created, services.logger).log_action_with_timing(
@@ -112,6 +119,7 @@ class NewOperation:
     line_items: list[dict[str, Any]] | None
     created_at: datetime
     updated_at: datetime
+    dispatch_generation: int
 
 
 def submit_operation(
@@ -138,7 +146,9 @@ def submit_operation(
         return found
     if created:
         try:
-            services.dispatcher.enqueue_pipeline(operation_id, OperationStatus.PENDING)
+            services.dispatcher.enqueue_pipeline(
+                operation_id, OperationStatus.PENDING, FIRST_DISPATCH
+            )
         except Exception as error:
             raise EnqueueFailed(operation_id, f"{type(error).__name__}: {error}") from error
     return operation_id
@@ -157,6 +167,18 @@ def request_cancellation(
     return services.cancellation.cancel_operation(
         parse_operation_id(operation_id), cancelled_by, reason
     )
+
+
+def retry_operation(
+    operation_id: uuid.UUID | str, *, services: Services | None = None
+) -> RetryResult:
+    """Give a FAILED order deduction a successor that starts where it stopped (see
+    :mod:`stock_sync.services.recovery`) and enqueue it; ``submit_operation`` of that order
+    returns the successor from then on. Raises OperationNotFound for an unknown id and
+    RetryRefused when the operation is not a FAILED order deduction or was retried already
+    (nothing written either way)."""
+    services = services or default_services()
+    return services.recovery.retry_operation(parse_operation_id(operation_id))
 
 
 def parse_operation_id(value: object) -> uuid.UUID:

@@ -27,8 +27,11 @@ class OperationTask(Task):  # type: ignore[misc]
     acks_late = True
     ignore_result = True
 
-    def run_stage(self, stage: Stage, operation_id: str) -> str:
-        """Run ``stage`` for ``operation_id``; returns the id for the next link."""
+    def run_stage(self, stage: Stage, operation_id: str, generation: int | None = None) -> str:
+        """Run ``stage`` for ``operation_id``; returns the id for the next link.
+
+        ``generation``: the dispatch this message belongs to (every link of a chain carries
+        it; None in a message published before dispatches were counted)."""
         with operation_log_context(operation_id=operation_id, stage=stage.name):
             try:
                 parsed = uuid.UUID(str(operation_id))
@@ -37,7 +40,9 @@ class OperationTask(Task):  # type: ignore[misc]
                 self.request.chain = None
                 return operation_id
             with measure_execution_time() as timer:
-                result = get_services().synchronization.execute(stage, parsed)
+                result = get_services().synchronization.execute(
+                    stage, parsed, _generation(generation)
+                )
             logger.debug(
                 "stage %s finished: %s",
                 stage.name,
@@ -49,3 +54,9 @@ class OperationTask(Task):  # type: ignore[misc]
         if not result.continues_chain:
             self.request.chain = None  # cancelled, failed or gave up: stop the chain quietly
         return operation_id
+
+
+def _generation(value: object) -> int | None:
+    """The message's dispatch generation, or None when it carries none (or a malformed one:
+    such a message is treated as one of the current dispatch)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

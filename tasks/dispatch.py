@@ -5,14 +5,20 @@ from __future__ import annotations
 import uuid
 
 from stock_sync.domain.statuses import OperationStatus
-from tasks.stages import pipeline_for, rollback
+from tasks.stages import pipeline_for, queue_probe_task, rollback
 
 
 class CeleryDispatcher:
-    """Enqueues chains and rollbacks on the configured broker."""
+    """Enqueues chains, rollbacks and queue probes on the configured broker (the probes on the
+    pipeline queue, behind whatever waits in it)."""
 
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
-        pipeline_for(str(operation_id), status).apply_async()
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None:
+        pipeline_for(str(operation_id), status, generation).apply_async()
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        rollback.apply_async((str(adjustment_operation_id),))
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
+        rollback.apply_async((str(adjustment_operation_id),), {"generation": generation})
+
+    def enqueue_probe(self, probe_id: int) -> None:
+        queue_probe_task.apply_async((probe_id,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stock_sync.adapters.maintenance_runs import RECONCILE, SWEEP, recorded_run
+from stock_sync.adapters.maintenance_runs import RECONCILE, RELEASE, SWEEP, recorded_run
 from stock_sync.adapters.models import utcnow
 from stock_sync.composition import get_services, sweeper_for
 from stock_sync.services.alert_notices import update_alert_states
@@ -22,6 +22,16 @@ def sweep_stuck_operations_task() -> dict[str, Any]:
     services = get_services()
     with recorded_run(services.database, SWEEP) as run:
         run.summary = sweeper_for(services).sweep().to_dict()
+    return run.summary
+
+
+@app.task(name="stock_sync.release_due_retries", ignore_result=True, acks_late=False)
+def release_due_retries_task() -> dict[str, Any]:
+    """Re-enqueue the retries parked in the database that are due (acks early: a lost release
+    is simply the next one)."""
+    services = get_services()
+    with recorded_run(services.database, RELEASE) as run:
+        run.summary = sweeper_for(services).release_due_retries().to_dict()
     return run.summary
 
 

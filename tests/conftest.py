@@ -36,6 +36,7 @@ TABLES = (
     "maintenance_runs",
     "alert_states",
     "metric_counters",
+    "queue_probes",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -35,9 +36,10 @@ class RecordingHandler(logging.Handler):
 
 
 @contextmanager
-def capture_operation_logs() -> Iterator[list[logging.LogRecord]]:
+def capture_operation_logs(name: str = OPERATIONS_LOGGER) -> Iterator[list[logging.LogRecord]]:
+    """Every record of the logger ``name`` (default: the operations logger) while inside."""
     handler = RecordingHandler()
-    logger = logging.getLogger(OPERATIONS_LOGGER)
+    logger = logging.getLogger(name)
     previous_level = logger.level
     logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
@@ -46,6 +48,22 @@ def capture_operation_logs() -> Iterator[list[logging.LogRecord]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+def wait_for_record(
+    records: list[logging.LogRecord],
+    matches: Callable[[logging.LogRecord], bool],
+    timeout_s: float = WAIT_S,
+) -> logging.LogRecord:
+    """The first captured record that ``matches``, waiting for it (proof that an event
+    happened, before a test checks that what it follows did not)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for record in list(records):
+            if matches(record):
+                return record
+        assert time.monotonic() < deadline, f"no matching record in {timeout_s}s"
+        time.sleep(0.02)
 
 
 def order(
@@ -213,3 +231,32 @@ def wait_for_lock_waiters(database: Database, count: int, timeout_s: float = 30.
             return
         assert time.monotonic() < deadline, f"{count} lock waiters never showed up"
         time.sleep(0.02)
+
+
+class RecordingDispatcher:
+    """The services' Dispatcher port with no broker behind it: remembers what it was asked to
+    enqueue (``pipelines`` as (operation, status), the generation of each in
+    ``generations``)."""
+
+    def __init__(self) -> None:
+        self.pipelines: list[tuple[uuid.UUID, OperationStatus]] = []
+        self.rollbacks: list[uuid.UUID] = []
+        self.probes: list[int] = []
+        self.generations: dict[uuid.UUID, int] = {}
+        self._lock = threading.Lock()
+
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None:
+        with self._lock:
+            self.pipelines.append((operation_id, status))
+            self.generations[operation_id] = generation
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
+        with self._lock:
+            self.rollbacks.append(adjustment_operation_id)
+            self.generations[adjustment_operation_id] = generation
+
+    def enqueue_probe(self, probe_id: int) -> None:
+        with self._lock:
+            self.probes.append(probe_id)

@@ -32,23 +32,10 @@ from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import submit_operation
 from stock_sync.services.stock_synchronization_service import sync_idempotency_key
-from tests.support import order
+from tests.support import RecordingDispatcher, order
 
 S = OperationStatus
 CLIENT_TIMEOUT_S = 0.5
-
-
-class RecordingDispatcher:
-    """Nothing reaches a broker: the test runs each stage itself."""
-
-    def __init__(self) -> None:
-        self.rollbacks: list[uuid.UUID] = []
-
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
-        pass
-
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        self.rollbacks.append(adjustment_operation_id)
 
 
 class SoftLimitAfterPutClient(MicroserviceClient):

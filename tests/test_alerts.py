@@ -498,12 +498,16 @@ def add_operation(
     now: datetime = NOW,
 ) -> str:
     completed_at = now - timedelta(seconds=completed_ago_s) if completed_ago_s is not None else None
+    updated_at = now - timedelta(seconds=updated_ago_s)
+    live = status in ("pending", "processing", "stock_deducted")
     operation_id = insert_operation(
         database,
         status=status,
         created_at=now - timedelta(seconds=created_ago_s),
-        updated_at=now - timedelta(seconds=updated_ago_s),
+        updated_at=updated_at,
         completed_at=completed_at,
+        # a live row here is an attempt that started then and never ended
+        attempt_started_at=updated_at if live else None,
     )
     return str(operation_id)
 

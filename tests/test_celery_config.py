@@ -45,12 +45,22 @@ def test_task_events_are_sent_only_when_asked_for(
     assert config["worker_send_task_events"] is True and config["task_send_sent_event"] is True
 
 
-def test_the_visibility_timeout_outlasts_any_countdown(config: dict[str, object]) -> None:
+def test_the_visibility_timeout_outlasts_any_countdown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Waits longer than STOCK_SYNC_RETRY_PARK_AFTER_S are parked in the database, so the
+    longest countdown message is that long, whatever the backoff's maximum."""
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "redis://localhost:6379/0")
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STOCK_SYNC_RETRY_BACKOFF_MAX_S", "80000")
+    monkeypatch.setenv("STOCK_SYNC_RETRY_PARK_AFTER_S", "5000")
+    config = celeryconfig.build(load_settings())
     broker = config["broker_transport_options"]
     results = config["result_backend_transport_options"]
     assert isinstance(broker, dict) and isinstance(results, dict)
     assert broker["visibility_timeout"] == results["visibility_timeout"]
     assert broker["visibility_timeout"] > 5000 + float(str(config["task_time_limit"]))
+    assert broker["visibility_timeout"] < 80000
 
 
 def test_every_beat_entry_expires_and_names_a_registered_task(config: dict[str, object]) -> None:
@@ -58,6 +68,7 @@ def test_every_beat_entry_expires_and_names_a_registered_task(config: dict[str, 
     assert isinstance(schedule, dict)
     assert {entry["task"] for entry in schedule.values()} == {
         "stock_sync.sweep_stuck_operations",
+        "stock_sync.release_due_retries",
         "stock_sync.evaluate_alerts",
         "stock_sync.reconcile",
     }

@@ -23,7 +23,7 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.settings import get_settings
 from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
-from stock_sync.entrypoints import cli as cli_module
+from stock_sync.entrypoints import cli_common
 from stock_sync.entrypoints.cli import cli
 from tests.support import insert_operation
 
@@ -269,7 +269,7 @@ def test_downgrade_with_yes_drops_the_tables(migrated: Path) -> None:
 @pytest.fixture
 def terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """stdin claims to be a terminal (CliRunner's is not)."""
-    monkeypatch.setattr(cli_module, "stdin_is_interactive", lambda: True)
+    monkeypatch.setattr(cli_common, "stdin_is_interactive", lambda: True)
 
 
 @pytest.mark.usefixtures("terminal")

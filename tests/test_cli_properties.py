@@ -67,13 +67,18 @@ class FlakyDispatcher:
     def __init__(self) -> None:
         self.enqueued: list[uuid.UUID] = []
 
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None:
         if operation_id.int % 4 == 0:
             raise ConnectionError(f"cannot reach redis://:{BROKER_PASSWORD}@broker:6379/0")
         self.enqueued.append(operation_id)
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
         self.enqueued.append(adjustment_operation_id)
+
+    def enqueue_probe(self, probe_id: int) -> None:
+        pass
 
 
 class Workbench:

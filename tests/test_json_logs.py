@@ -13,11 +13,12 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from stock_sync.adapters.logging_setup import (
     worker_log_level,
 )
 from tests.conftest import REDIS_URL, run_queue_name
+from tests.support import insert_operation
 
 BIN = Path(sys.executable).parent
 ISO_UTC_MILLISECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -207,20 +209,11 @@ def test_the_cli_logs_a_services_warnings_and_errors_as_json_lines(
 ) -> None:
     """`stock-sync sweep` with the broker down: the sweep's own records reach stderr as JSON,
     the broker's password masked; the command's result still goes to stdout."""
-    env = {
-        **os.environ,
-        "STOCK_SYNC_BROKER_URL": "redis://:BROKER-S3CRET@127.0.0.1:1/0",
-        "STOCK_SYNC_STUCK_AFTER_S": "0.001",
-    }
-    submitted = subprocess.run(
-        [str(BIN / "stock-sync"), "submit", "json-logs-1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
+    env = {**os.environ, "STOCK_SYNC_BROKER_URL": "redis://:BROKER-S3CRET@127.0.0.1:1/0"}
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    dead = insert_operation(  # its attempt started an hour ago and never ended
+        clean_database, dispatched_at=long_ago, attempt_started_at=long_ago
     )
-    assert submitted.returncode == 3, submitted.stderr  # saved, not enqueued
-    time.sleep(0.05)
     swept = subprocess.run(
         [str(BIN / "stock-sync"), "sweep", "--json"],
         capture_output=True,
@@ -230,13 +223,15 @@ def test_the_cli_logs_a_services_warnings_and_errors_as_json_lines(
     )
 
     assert swept.returncode == 0, swept.stderr
-    assert json.loads(swept.stdout)["not_enqueued"] == [submitted.stdout.strip()]
+    report = json.loads(swept.stdout)
+    assert report["not_enqueued"] == [str(dead)] and report["probe_sent"] is False
     records = [json.loads(line) for line in swept.stderr.splitlines()]  # every line is JSON
     assert records, "the sweep logged nothing"
     for record in records:
         assert_record_shape(record)
         assert record["level"] in {"WARNING", "ERROR", "CRITICAL"}, record
     assert any("could not enqueue" in record["message"] for record in records), records
+    assert any("queue probe" in record["message"] for record in records), records
     assert "BROKER-S3CRET" not in swept.stderr + swept.stdout
     assert "Traceback" not in swept.stderr
 
@@ -263,14 +258,25 @@ def test_the_metrics_server_logs_its_own_records_as_json(tmp_path: Path) -> None
         env=env,
     )
     assert server.stdout is not None and server.stderr is not None
+    seen: list[str] = []
     try:
         banner = server.stdout.readline()  # "serving metrics on http://127.0.0.1:PORT/metrics"
         url = banner.split(" on ", 1)[1].strip()
         with urllib.request.urlopen(url, timeout=30) as answer:
             body = answer.read().decode()
+        # the request line is logged once the answer is sent: wait for it before stopping
+        # (bounded: the server is stopped anyway after 30 s, which ends the loop)
+        watchdog = threading.Timer(30, server.terminate)
+        watchdog.start()
+        for line in server.stderr:
+            seen.append(line)
+            if '"level": "DEBUG"' in line and "metrics_server" in line:
+                break
+        watchdog.cancel()
     finally:
         server.terminate()
-        _, stderr = server.communicate(timeout=30)
+        _, rest = server.communicate(timeout=30)
+    stderr = "".join(seen) + rest
 
     assert "stock_sync_database_up 0.0" in body
     records = json_lines(stderr)

@@ -8,7 +8,6 @@ made to queue on the same first row, so a wrong order on either side is a deadlo
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,18 +25,10 @@ from stock_sync.domain import stages
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import LineItem, in_lock_order
-from tests.support import insert_operation, wait_for_lock_waiters
+from tests.support import RecordingDispatcher, insert_operation, wait_for_lock_waiters
 
 S = OperationStatus
 SKUS = ("apple-1", "Zebra-1")
-
-
-class NoDispatch:
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
-        pass
-
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def services(icu_database: Database, fake_microservice: FakeMicroservice) -> Ite
     built = build_services(
         load_settings(),
         database=icu_database,
-        dispatcher=NoDispatch(),
+        dispatcher=RecordingDispatcher(),
         client=MicroserviceClient(fake_microservice.url),
     )
     yield built

@@ -172,7 +172,9 @@ def test_maintenance_runs_on_schedule_with_5000_pipeline_messages_queued(
         maintenance_only.stop()
 
         assert_on_schedule(dedicated)
-        assert {run.pipeline_queued for runs in dedicated.values() for run in runs} == {BACKLOG}
+        # the backlog untouched (the sweep's one probe may wait behind it: services.stuck)
+        queued = {run.pipeline_queued for runs in dedicated.values() for run in runs}
+        assert queued <= {BACKLOG, BACKLOG + 1}, queued
 
         # 2. The default worker (both queues), busy with the backlog.
         started.append(celery_processes.worker(environment, tmp_path / "worker.log"))

@@ -87,7 +87,11 @@ def add_operation(
     completed: datetime | None = None,
     next_retry_at: datetime | None = None,
     operation_type: str = ORDER_DEDUCTION,
+    started: datetime | None = None,
 ) -> str:
+    """A row last changed at ``updated``: a live one was dispatched then (``started``: its
+    attempt began then and never ended; ``next_retry_at``: its retry is parked)."""
+    live = status in ("pending", "processing", "stock_deducted")
     operation_id = insert_operation(
         database,
         status=status,
@@ -96,6 +100,8 @@ def add_operation(
         updated_at=updated,
         completed_at=completed,
         next_retry_at=next_retry_at,
+        dispatched_at=updated if live and next_retry_at is None else None,
+        attempt_started_at=started,
     )
     return str(operation_id)
 
@@ -128,12 +134,15 @@ def insert_known_operations(database: Database, now: datetime) -> KnownOperation
             **extra,  # type: ignore[arg-type]
         )
 
-    # live: pending 4 (one an adjustment), processing 1, stock_deducted 0
-    add("pending", 60, 60)  # fresh
-    stuck_pending = add("pending", 2000, 2000)
-    add("pending", 3000, 2000, next_retry_at=ago(now, -60))  # silent, but a retry is planned
-    stuck_processing = add("processing", 1100, 1000)
-    stuck_adjustment = add("pending", 5000, 5000, operation_type=STOCK_RESTORATION)
+    # live: pending 4 (one an adjustment), processing 1, stock_deducted 0; stuck: attempts
+    # that started long ago and never ended (no probe has come through: none is lost)
+    add("pending", 60, 60)  # waiting in the queue
+    stuck_pending = add("pending", 2000, 2000, started=ago(now, 2000))
+    add("pending", 3000, 2000, next_retry_at=ago(now, -60))  # silent, but a retry is parked
+    stuck_processing = add("processing", 1100, 1000, started=ago(now, 1000))
+    stuck_adjustment = add(
+        "pending", 5000, 5000, operation_type=STOCK_RESTORATION, started=ago(now, 5000)
+    )
 
     # completed in the window after 10, 20, 30 and 100 s; one long before; one adjustment
     completed = [
@@ -178,6 +187,8 @@ ERROR_RATIO = 0.2  # 1 failed / (4 completed + 1 failed)
 CANCELLATIONS = 2
 CANCELLATION_RATIO = 0.2  # 2 cancelled / 10 created
 STUCK = 3
+WAITING = 1  # the fresh pending one: its message waits in the queue
+PARKED = 1  # the silent pending one with a retry due in a minute
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -211,6 +222,7 @@ def assert_known_figures(figures: dict[str, Any]) -> None:
     assert figures["cancellations"] == CANCELLATIONS
     assert figures["cancellation_ratio"] == pytest.approx(CANCELLATION_RATIO)
     assert figures["stuck"]["count"] == STUCK
+    assert (figures["waiting"], figures["parked_retries"]) == (WAITING, PARKED)
     assert figures["window_s"] == WINDOW_S
 
 
@@ -256,7 +268,13 @@ def test_a_known_queue_length_is_reported_under_the_queue_name(clean_database: D
 def test_stuck_samples_stop_at_ten(clean_database: Database) -> None:
     now = datetime.now(UTC)
     for _ in range(12):
-        add_operation(clean_database, "processing", created=ago(now, 2000), updated=ago(now, 2000))
+        add_operation(
+            clean_database,
+            "processing",
+            created=ago(now, 2000),
+            updated=ago(now, 2000),
+            started=ago(now, 2000),
+        )
 
     snapshot = read_metrics(clean_database, SETTINGS, now=now)
 

@@ -62,13 +62,19 @@ class CheckingDispatcher:
         self.database = database
         self.enqueued: list[str] = []
 
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None:
         assert_no_connection_held(self.database, "enqueue_pipeline")
         self.enqueued.append(f"pipeline {status.value}")
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
         assert_no_connection_held(self.database, "enqueue_rollback")
         self.enqueued.append(f"rollback {adjustment_operation_id}")
+
+    def enqueue_probe(self, probe_id: int) -> None:
+        assert_no_connection_held(self.database, "enqueue_probe")
+        self.enqueued.append("probe")
 
 
 class CheckingNotifier:

@@ -269,7 +269,7 @@ def test_a_re_enqueued_operation_gets_no_fresh_retry_budget(pipeline: Pipeline) 
     operation_id = insert_operation(
         pipeline.database, order_id="spent", status=S.PENDING, lines=[], retry_count=3
     )
-    CeleryDispatcher().enqueue_pipeline(operation_id, S.PENDING)
+    CeleryDispatcher().enqueue_pipeline(operation_id, S.PENDING, 1)
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "failed" and done.retry_count == 3
     assert pipeline.actions(operation_id).count("retry_scheduled") == 0  # failed at once

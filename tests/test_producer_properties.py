@@ -20,7 +20,7 @@ from stock_sync.domain.errors import CancellationRefused, InvalidInput, Operatio
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.producer import request_cancellation, submit_operation
 from stock_sync.services.operation_cancellation_service import CancellationResult
-from tests.support import insert_operation
+from tests.support import RecordingDispatcher, insert_operation
 
 CASES = settings(
     max_examples=1000,
@@ -41,17 +41,11 @@ not_text = st.one_of(
 )
 
 
-class NoDispatch:
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
-        pass
-
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        pass
-
-
 @pytest.fixture
 def services(clean_database: Database) -> Services:
-    return build_services(load_settings(), database=clean_database, dispatcher=NoDispatch())
+    return build_services(
+        load_settings(), database=clean_database, dispatcher=RecordingDispatcher()
+    )
 
 
 def rows_written(database: Database) -> tuple[int, int]:

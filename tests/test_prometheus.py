@@ -156,8 +156,12 @@ def test_prometheus_scrapes_the_counters_and_fires_the_stuck_alert(
     prometheus: str, clean_database: Database
 ) -> None:
     long_ago = datetime.now(UTC) - timedelta(seconds=STUCK_AFTER_S + 600)
-    stuck = insert_operation(
-        clean_database, status="processing", created_at=long_ago, updated_at=long_ago
+    stuck = insert_operation(  # an attempt that started long ago and never ended
+        clean_database,
+        status="processing",
+        created_at=long_ago,
+        updated_at=long_ago,
+        attempt_started_at=long_ago,
     )
 
     def stuck_alert() -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from stock_sync.domain.errors import OperationNotFound, RollbackRetryRefused
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import request_cancellation, submit_operation
 from stock_sync.services.alerts import FAILED_ROLLBACKS, run_alert_check
-from tests.support import Pipeline, insert_operation, order
+from tests.support import Pipeline, RecordingDispatcher, insert_operation, order
 from tests.webhook import recording_webhook
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
@@ -130,20 +130,16 @@ def test_the_cancelled_operation_may_be_named_instead_of_its_failed_rollback(
 # --- refusals (rows as the pipeline leaves them; nothing is enqueued) -------------------------
 
 
-class RecordingDispatcher:
-    def __init__(self) -> None:
-        self.rollbacks: list[uuid.UUID] = []
-
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+class RollbackOnlyDispatcher(RecordingDispatcher):
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None:
         raise AssertionError("a retry enqueues no pipeline")
-
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        self.rollbacks.append(adjustment_operation_id)
 
 
 @pytest.fixture
 def services(pipeline_environment: str, clean_database: Database) -> Services:
-    return build_services(database=clean_database, dispatcher=RecordingDispatcher())
+    return build_services(database=clean_database, dispatcher=RollbackOnlyDispatcher())
 
 
 def cancelled_operation(database: Database, *rollback_statuses: str) -> list[uuid.UUID]:

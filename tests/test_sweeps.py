@@ -1,40 +1,43 @@
-"""The stuck-operation sweep on real PostgreSQL: re-drive, no fresh budget, one sweeper."""
+"""The stuck-operation sweep on real PostgreSQL: waiting is not stuck, a lost message is
+re-driven without spending the budget, a dead attempt counts as one, parked retries come back
+when due, one sweeper at a time."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import func, insert, select, text, update
 
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.models import PendingStockOperation, utcnow
+from stock_sync.adapters.models import (
+    QUEUE_PROBES_TABLE,
+    PendingStockOperation,
+    read_database_now,
+)
 from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import build_services, get_services, sweeper_for
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.services.sweeps import StuckOperationSweeper
-from tests.support import Pipeline, order
+from tasks.dispatch import CeleryDispatcher
+from tests.support import (
+    Pipeline,
+    RecordingDispatcher,
+    capture_operation_logs,
+    order,
+    wait_for_record,
+)
 
 S = OperationStatus
+HOUR = 3600.0
 
 
-class RecordingDispatcher:
-    """A fake dispatcher: remembers what it was asked to enqueue."""
-
-    def __init__(self) -> None:
-        self.pipelines: list[tuple[uuid.UUID, OperationStatus]] = []
-        self.rollbacks: list[uuid.UUID] = []
-        self._lock = threading.Lock()
-
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
-        with self._lock:
-            self.pipelines.append((operation_id, status))
-
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        with self._lock:
-            self.rollbacks.append(adjustment_operation_id)
+def database_now(database: Database) -> datetime:
+    with database.engine.connect() as connection:
+        return read_database_now(connection)
 
 
 def stuck_operation(
@@ -42,13 +45,20 @@ def stuck_operation(
     order_id: str,
     status: S = S.PENDING,
     *,
-    idle_s: float = 3600,
+    dispatched_ago_s: float | None = HOUR,
+    started_ago_s: float | None = None,
     retry_count: int = 0,
     operation_type: OperationType = OperationType.ORDER_DEDUCTION,
     **fields: Any,
 ) -> uuid.UUID:
+    """A live row whose message was published ``dispatched_ago_s`` ago (None: no message, a
+    parked retry) and, with ``started_ago_s``, whose attempt began then and never ended."""
     operation_id = uuid.uuid4()
-    long_ago = utcnow() - timedelta(seconds=idle_s)
+    now = database_now(database)
+
+    def ago(seconds: float | None) -> datetime | None:
+        return None if seconds is None else now - timedelta(seconds=seconds)
+
     with database.transaction() as session:
         session.add(
             PendingStockOperation(
@@ -57,85 +67,233 @@ def stuck_operation(
                 status=status.value,
                 operation_type=operation_type.value,
                 retry_count=retry_count,
-                created_at=long_ago,
-                updated_at=long_ago,
+                created_at=ago(2 * HOUR),
+                updated_at=ago(dispatched_ago_s or HOUR),
+                dispatched_at=ago(dispatched_ago_s),
+                attempt_started_at=ago(started_ago_s),
                 **fields,
             )
         )
     return operation_id
 
 
-def recording_sweeper(
-    database: Database, **environment: str
-) -> tuple[StuckOperationSweeper, RecordingDispatcher]:
+def probe(database: Database, *, dispatched_ago_s: float, consumed_ago_s: float | None) -> None:
+    """A probe of the configured pipeline queue, as the sweep sends and a worker records it."""
+    now = database_now(database)
+    with database.transaction() as session:
+        session.execute(
+            insert(QUEUE_PROBES_TABLE).values(
+                queue=load_settings().queue_name,
+                dispatched_at=now - timedelta(seconds=dispatched_ago_s),
+                consumed_at=(
+                    None if consumed_ago_s is None else now - timedelta(seconds=consumed_ago_s)
+                ),
+            )
+        )
+
+
+def row(database: Database, operation_id: uuid.UUID) -> PendingStockOperation:
+    with database.transaction() as session:
+        found = session.get(PendingStockOperation, operation_id)
+        assert found is not None
+        return found
+
+
+def recording_sweeper(database: Database) -> tuple[StuckOperationSweeper, RecordingDispatcher]:
     dispatcher = RecordingDispatcher()
     services = build_services(load_settings(), dispatcher=dispatcher, database=database)
     return sweeper_for(services), dispatcher
 
 
-def test_a_pending_row_with_no_message_is_completed_after_a_sweep(pipeline: Pipeline) -> None:
+# --- end to end ---------------------------------------------------------------------------
+
+
+def test_an_operation_whose_message_was_lost_completes_once_a_probe_has_come_through(
+    pipeline: Pipeline,
+) -> None:
     pipeline.set_stock(**{"SKU-W": 2})
     pipeline.fake.add_order(order("lost-message", ("SKU-W", 1)))
-    operation_id = stuck_operation(pipeline.database, "lost-message")
-    report = sweeper_for(get_services()).sweep()
-    assert report.redriven == [operation_id]
+    operation_id = stuck_operation(pipeline.database, "lost-message", retry_count=1)
+    sweeper = sweeper_for(get_services())
+
+    first = sweeper.sweep()
+    assert first.redriven == [] and first.probe_sent  # nothing proves the message lost yet
+    deadline = time.monotonic() + 30
+    while not probes_consumed(pipeline.database):
+        assert time.monotonic() < deadline, "the worker never took the probe"
+        time.sleep(0.05)
+    grace = timedelta(seconds=get_services().settings.task_time_limit_s + 1)
+    second = sweeper.sweep(now=database_now(pipeline.database) + grace)
+
+    assert second.redriven == [operation_id] and second.lost == [operation_id]
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed" and pipeline.stock("SKU-W") == 1
     assert pipeline.actions(operation_id)[0] == "retry_scheduled"  # the sweep's re-drive
+    assert "was lost" in str(pipeline.events(operation_id)[0].details)
 
 
-def test_only_stuck_operations_are_redriven(clean_database: Database) -> None:
-    stuck = stuck_operation(clean_database, "old")
-    stuck_operation(clean_database, "fresh", idle_s=1)
-    stuck_operation(clean_database, "finished", S.COMPLETED)
-    stuck_operation(clean_database, "retry-planned", next_retry_at=utcnow() + timedelta(seconds=60))
-    deducted = stuck_operation(clean_database, "mid-way", S.STOCK_DEDUCTED)
-    sweeper, dispatcher = recording_sweeper(clean_database)
-    sweeper.sweep()
-    assert sorted(dispatcher.pipelines) == sorted(
-        [(stuck, S.PENDING), (deducted, S.STOCK_DEDUCTED)]
+def probes_consumed(database: Database) -> int:
+    with database.transaction() as session:
+        query = select(func.count()).where(QUEUE_PROBES_TABLE.c.consumed_at.is_not(None))
+        return int(session.scalar(query) or 0)
+
+
+def test_a_copy_of_an_older_dispatch_is_dropped_at_once(pipeline: Pipeline) -> None:
+    pipeline.set_stock(**{"SKU-W": 2})
+    pipeline.fake.add_order(order("stale-copy", ("SKU-W", 1)))
+    operation_id = stuck_operation(
+        pipeline.database, "stale-copy", dispatched_ago_s=0, dispatch_generation=2
     )
+    with capture_operation_logs("stock_sync.stages") as records:
+        CeleryDispatcher().enqueue_pipeline(operation_id, S.PENDING, 1)
+        skipped = wait_for_record(records, lambda r: "a copy of dispatch 1" in r.getMessage())
+    assert skipped.operation_id == str(operation_id)  # type: ignore[attr-defined]
+    assert pipeline.actions(operation_id) == []  # it did not even start loading the order
+    assert row(pipeline.database, operation_id).status == "pending"
+
+    CeleryDispatcher().enqueue_pipeline(operation_id, S.PENDING, 2)
+    (done,) = pipeline.wait_for([operation_id])
+    assert done.status == "completed" and pipeline.stock("SKU-W") == 1
 
 
-def test_a_redrive_counts_as_an_attempt_of_the_stage(clean_database: Database) -> None:
-    operation_id = stuck_operation(clean_database, "half-used", retry_count=2)
+# --- waiting is not stuck -----------------------------------------------------------------
+
+
+def test_a_backlog_of_any_age_is_waiting_not_stuck(clean_database: Database) -> None:
+    """Messages three hours old that never started: the queue has not reached them (the
+    newest probe that came through was sent before them), so nothing is re-driven, no
+    budget is spent, nothing fails."""
+    waiting = [
+        stuck_operation(clean_database, f"backlog-{i}", dispatched_ago_s=3 * HOUR, retry_count=2)
+        for i in range(20)
+    ]
     sweeper, dispatcher = recording_sweeper(clean_database)
-    sweeper.sweep()
-    assert dispatcher.pipelines == [(operation_id, S.PENDING)]
-    with clean_database.transaction() as session:
-        assert session.get(PendingStockOperation, operation_id).retry_count == 3  # type: ignore[union-attr]
+    assert sweeper.sweep().redriven == []  # no probe has come through at all
+
+    probe(clean_database, dispatched_ago_s=4 * HOUR, consumed_ago_s=3.5 * HOUR)
+    probe(clean_database, dispatched_ago_s=2 * HOUR, consumed_ago_s=None)  # still queued
+    report = sweeper.sweep(now=database_now(clean_database) + timedelta(hours=24))
+
+    assert (report.redriven, report.failed, dispatcher.pipelines) == ([], [], [])
+    assert {row(clean_database, i).retry_count for i in waiting} == {2}
+    assert {row(clean_database, i).dispatch_generation for i in waiting} == {1}
 
 
-def test_a_lost_last_retry_is_run_once_more_rather_than_failed(
+def test_a_probe_that_came_through_within_the_grace_proves_nothing_yet(
     clean_database: Database,
 ) -> None:
+    """A worker may hold a message it took from the queue until its pool frees a slot (at most
+    the hard time limit): a probe run more recently than that proves nothing yet."""
+    operation_id = stuck_operation(clean_database, "held-by-a-busy-worker")
+    probe(clean_database, dispatched_ago_s=60, consumed_ago_s=10)
+    sweeper, _ = recording_sweeper(clean_database)
+    assert sweeper.sweep().redriven == []
+    later = database_now(clean_database) + timedelta(seconds=load_settings().task_time_limit_s)
+    assert sweeper.sweep(now=later).redriven == [operation_id]
+
+
+def test_a_lost_message_is_redriven_as_a_new_dispatch_without_spending_the_budget(
+    clean_database: Database,
+) -> None:
+    lost = stuck_operation(clean_database, "lost", S.PROCESSING, retry_count=2)
+    deducted = stuck_operation(clean_database, "lost-mid-way", S.STOCK_DEDUCTED)
+    fresh = stuck_operation(clean_database, "fresh", dispatched_ago_s=1)
+    stuck_operation(clean_database, "finished", S.COMPLETED)
+    probe(clean_database, dispatched_ago_s=0.5 * HOUR, consumed_ago_s=0.5 * HOUR)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+
+    report = sweeper.sweep()
+
+    assert sorted(report.lost) == sorted([lost, deducted]) and report.dead == []
+    assert sorted(dispatcher.pipelines) == sorted(
+        [(lost, S.PROCESSING), (deducted, S.STOCK_DEDUCTED)]
+    )
+    assert dispatcher.generations == {lost: 2, deducted: 2}
+    redriven = row(clean_database, lost)
+    assert (redriven.retry_count, redriven.dispatch_generation) == (2, 2)
+    assert redriven.dispatched_at is not None
+    assert redriven.dispatched_at > database_now(clean_database) - timedelta(minutes=1)
+    assert row(clean_database, fresh).dispatch_generation == 1
+
+
+def test_an_operation_is_redriven_at_most_once_per_stuck_window(clean_database: Database) -> None:
+    operation_id = stuck_operation(clean_database, "lost-twice")
+    probe(clean_database, dispatched_ago_s=0.5 * HOUR, consumed_ago_s=0.5 * HOUR)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    assert sweeper.sweep().redriven == [operation_id]
+    probe(clean_database, dispatched_ago_s=0, consumed_ago_s=0)  # the queue moves on at once
+    assert sweeper.sweep().redriven == []  # its new dispatch is not stuck-window old
+    assert len(dispatcher.pipelines) == 1
+
+
+def test_a_planned_retry_is_lost_only_once_it_is_overdue(clean_database: Database) -> None:
+    now = database_now(clean_database)
+    planned = stuck_operation(clean_database, "planned", next_retry_at=now + timedelta(seconds=60))
+    overdue = stuck_operation(clean_database, "overdue", next_retry_at=now - timedelta(hours=1))
+    probe(clean_database, dispatched_ago_s=0.5 * HOUR, consumed_ago_s=0.5 * HOUR)
+    sweeper, _ = recording_sweeper(clean_database)
+    report = sweeper.sweep()
+    assert report.redriven == [overdue] and planned not in report.redriven
+
+
+# --- dead attempts ------------------------------------------------------------------------
+
+
+def test_a_dead_attempt_counts_as_an_attempt_of_the_stage(clean_database: Database) -> None:
+    operation_id = stuck_operation(
+        clean_database, "half-used", dispatched_ago_s=HOUR, started_ago_s=HOUR, retry_count=2
+    )
+    sweeper, dispatcher = recording_sweeper(clean_database)  # no probe needed: it started
+    report = sweeper.sweep()
+    assert report.dead == [operation_id] and report.lost == []
+    assert dispatcher.pipelines == [(operation_id, S.PENDING)]
+    redriven = row(clean_database, operation_id)
+    assert (redriven.retry_count, redriven.attempt_started_at) == (3, None)
+
+
+def test_an_attempt_still_running_is_not_dead(clean_database: Database) -> None:
+    stuck_operation(clean_database, "running", dispatched_ago_s=HOUR, started_ago_s=5)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    assert sweeper.sweep().redriven == [] and dispatcher.pipelines == []
+
+
+def test_a_dead_last_retry_is_run_once_more_rather_than_failed(clean_database: Database) -> None:
     budget = load_settings().max_retries_processing
     operation_id = stuck_operation(
-        clean_database, "last-retry-lost", S.PROCESSING, retry_count=budget
+        clean_database, "last-retry-died", S.PROCESSING, started_ago_s=HOUR, retry_count=budget
     )
     sweeper, dispatcher = recording_sweeper(clean_database)
     report = sweeper.sweep()
     assert report.redriven == [operation_id] and report.failed == []
     assert dispatcher.pipelines == [(operation_id, S.PROCESSING)]
-    with clean_database.transaction() as session:
-        row = session.get(PendingStockOperation, operation_id)
-        assert row is not None and (row.status, row.retry_count) == ("processing", budget + 1)
+    redriven = row(clean_database, operation_id)
+    assert (redriven.status, redriven.retry_count) == ("processing", budget + 1)
 
 
 def test_a_stage_that_dies_every_time_ends_failed_instead_of_being_redriven_forever(
     clean_database: Database,
 ) -> None:
-    budget = load_settings().max_retries_processing
-    operation_id = stuck_operation(clean_database, "dies-always", S.PROCESSING, retry_count=0)
+    budget = load_settings().max_retries_pending
+    operation_id = stuck_operation(clean_database, "dies-always", started_ago_s=HOUR)
     sweeper, dispatcher = recording_sweeper(clean_database)
-    for _ in range(budget + 1):  # each re-driven run dies: the row is stuck again
-        assert sweeper.sweep(now=utcnow() + timedelta(hours=1)).redriven == [operation_id]
-    report = sweeper.sweep(now=utcnow() + timedelta(hours=1))
+    later = database_now(clean_database) + timedelta(hours=2)
+    for _ in range(budget + 1):  # each re-driven attempt starts, then its worker dies
+        assert sweeper.sweep(now=later).redriven == [operation_id]
+        start_attempt_of(clean_database, operation_id)
+    report = sweeper.sweep(now=later)
     assert report.failed == [operation_id]
     assert len(dispatcher.pipelines) == budget + 1
-    with clean_database.transaction() as session:
-        row = session.get(PendingStockOperation, operation_id)
-        assert row is not None and row.status == "failed"
+    failed = row(clean_database, operation_id)
+    assert (failed.status, failed.failed_stage) == ("failed", "load_line_items")
+
+
+def start_attempt_of(database: Database, operation_id: uuid.UUID) -> None:
+    """What a network stage does when its attempt begins (services.stuck)."""
+    op = PendingStockOperation
+    with database.transaction() as session:
+        session.execute(
+            update(op).where(op.id == operation_id).values(attempt_started_at=op.dispatched_at)
+        )
 
 
 def test_deduct_stock_is_redriven_on_its_own_budget(clean_database: Database) -> None:
@@ -144,15 +302,14 @@ def test_deduct_stock_is_redriven_on_its_own_budget(clean_database: Database) ->
         clean_database,
         "deduct-waiting",
         S.PROCESSING,
+        started_ago_s=HOUR,
         retry_count=validation_budget,  # validation used all of its own budget, then passed
         deduction_retry_count=1,
     )
     sweeper, _ = recording_sweeper(clean_database)
     assert sweeper.sweep().redriven == [operation_id]
-    with clean_database.transaction() as session:
-        row = session.get(PendingStockOperation, operation_id)
-        assert row is not None
-        assert (row.retry_count, row.deduction_retry_count) == (validation_budget, 2)
+    redriven = row(clean_database, operation_id)
+    assert (redriven.retry_count, redriven.deduction_retry_count) == (validation_budget, 2)
 
 
 def test_a_stuck_microservice_rollback_is_enqueued_again(clean_database: Database) -> None:
@@ -160,6 +317,7 @@ def test_a_stuck_microservice_rollback_is_enqueued_again(clean_database: Databas
     rollback = stuck_operation(
         clean_database,
         "parent",
+        started_ago_s=HOUR,
         operation_type=OperationType.MICROSERVICE_ROLLBACK,
         parent_operation_id=parent,
         target_fulfillment_status="NEW",
@@ -167,10 +325,68 @@ def test_a_stuck_microservice_rollback_is_enqueued_again(clean_database: Databas
     sweeper, dispatcher = recording_sweeper(clean_database)
     sweeper.sweep()
     assert dispatcher.rollbacks == [rollback] and dispatcher.pipelines == []
+    assert dispatcher.generations == {rollback: 2}
+
+
+# --- parked retries -----------------------------------------------------------------------
+
+
+def test_parked_retries_are_released_when_due_and_never_swept(clean_database: Database) -> None:
+    now = database_now(clean_database)
+    due = stuck_operation(
+        clean_database, "due", dispatched_ago_s=None, next_retry_at=now - timedelta(seconds=1)
+    )
+    later = stuck_operation(
+        clean_database, "later", dispatched_ago_s=None, next_retry_at=now + timedelta(hours=1)
+    )
+    probe(clean_database, dispatched_ago_s=0, consumed_ago_s=HOUR)
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    assert sweeper.sweep(now=now + timedelta(days=1)).redriven == []  # waiting in the row
+
+    report = sweeper.release_due_retries()
+
+    assert report.released == [due] and dispatcher.pipelines == [(due, S.PENDING)]
+    assert dispatcher.generations == {due: 2}
+    released = row(clean_database, due)
+    assert released.dispatched_at is not None and released.dispatch_generation == 2
+    assert row(clean_database, later).dispatched_at is None
+    assert sweeper.release_due_retries().released == []  # released once
+
+
+# --- probes -------------------------------------------------------------------------------
+
+
+def test_one_probe_waits_in_the_queue_at_a_time(clean_database: Database) -> None:
+    sweeper, dispatcher = recording_sweeper(clean_database)
+    assert sweeper.sweep().probe_sent and sweeper.sweep().probe_sent is False
+    assert len(dispatcher.probes) == 1
+    with clean_database.transaction() as session:
+        session.execute(update(QUEUE_PROBES_TABLE).values(consumed_at=func.now()))
+    assert sweeper.sweep().probe_sent  # that one came through: the next may go
+    assert len(dispatcher.probes) == 2
+
+
+def test_old_probes_are_deleted_but_the_newest_that_came_through(clean_database: Database) -> None:
+    probe(clean_database, dispatched_ago_s=3 * 24 * HOUR, consumed_ago_s=3 * 24 * HOUR)
+    probe(clean_database, dispatched_ago_s=2 * 24 * HOUR, consumed_ago_s=2 * 24 * HOUR)
+    probe(clean_database, dispatched_ago_s=2 * 24 * HOUR, consumed_ago_s=None)
+    sweeper, _ = recording_sweeper(clean_database)
+    sweeper.sweep()
+    with clean_database.transaction() as session:
+        kept = session.execute(
+            select(QUEUE_PROBES_TABLE.c.dispatched_at, QUEUE_PROBES_TABLE.c.consumed_at).order_by(
+                QUEUE_PROBES_TABLE.c.id
+            )
+        ).all()
+    assert len(kept) == 2  # the newest that came through, and the one just sent
+    assert kept[0].consumed_at is not None and kept[1].consumed_at is None
+
+
+# --- one sweeper at a time ----------------------------------------------------------------
 
 
 def test_two_concurrent_sweeps_redrive_an_operation_once(clean_database: Database) -> None:
-    ids = {stuck_operation(clean_database, f"stuck-{i}") for i in range(30)}
+    ids = {stuck_operation(clean_database, f"stuck-{i}", started_ago_s=HOUR) for i in range(30)}
     sweepers = [recording_sweeper(clean_database) for _ in range(2)]
     barrier = threading.Barrier(2)
 
@@ -194,7 +410,7 @@ def test_a_sweep_holding_the_lock_makes_another_skip(
 
     from stock_sync.services.sweeps import SWEEP_ADVISORY_LOCK_KEY
 
-    stuck_operation(clean_database, "waiting")
+    stuck_operation(clean_database, "waiting", started_ago_s=HOUR)
     holder = create_engine(postgres_url).connect()
     holder.execute(text("select pg_advisory_lock(:k)"), {"k": SWEEP_ADVISORY_LOCK_KEY})
     try:
@@ -206,14 +422,18 @@ def test_a_sweep_holding_the_lock_makes_another_skip(
     assert sweeper.sweep().ran is True and len(dispatcher.pipelines) == 1
 
 
-def test_the_sweep_query_uses_the_status_updated_at_index(clean_database: Database) -> None:
-    from sqlalchemy import select
+def test_the_sweep_query_reads_the_live_rows_only_by_index(
+    clean_database: Database,
+) -> None:
+    from stock_sync.services.stuck import StuckWindow, is_stuck
 
-    from stock_sync.services.stuck import is_stuck
-
+    now = database_now(clean_database)
+    window = StuckWindow(now, 900, 90, frontier=now - timedelta(minutes=5))
     with clean_database.transaction() as session:
         session.execute(text("set local enable_seqscan = off"))
-        statement = select(PendingStockOperation.id).where(is_stuck(utcnow(), 900))
+        statement = select(PendingStockOperation.id).where(is_stuck(window))
         compiled = statement.compile(session.get_bind(), compile_kwargs={"literal_binds": True})
-        plan = "\n".join(row[0] for row in session.execute(text(f"explain {compiled}")))
-    assert "ix_pending_stock_operations_status_updated_at" in plan
+        plan = "\n".join(r[0] for r in session.execute(text(f"explain {compiled}")))
+    # the live statuses are an index condition: the finished rows are never read
+    assert "Index Cond: ((status)::text = ANY ('{pending,processing,stock_deducted}'" in plan
+    assert "ix_pending_stock_operations_status_" in plan

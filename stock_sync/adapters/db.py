@@ -189,6 +189,18 @@ class Database:
             yield connection
 
     @contextmanager
+    def single_statement(self) -> Iterator[Connection]:
+        """A connection whose every statement commits on its own: on PostgreSQL in autocommit
+        (one round trip for a one-statement write such as a stamp), on SQLite one transaction
+        committed at the end."""
+        if self.is_postgresql:
+            with self._peek_engine.connect() as connection:
+                yield connection
+            return
+        with self.engine.begin() as connection:
+            yield connection
+
+    @contextmanager
     def snapshot(self) -> Iterator[Session]:
         """A read-only transaction that sees one consistent snapshot of the whole database
         (REPEATABLE READ on PostgreSQL; SQLite's transactions are serializable already)."""

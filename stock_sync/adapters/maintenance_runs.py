@@ -23,6 +23,7 @@ from stock_sync.adapters.models import MaintenanceRun, utcnow
 SWEEP = "sweep_stuck_operations"
 ALERTS = "evaluate_alerts"
 RECONCILE = "reconcile"
+RELEASE = "release_due_retries"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Connection,
     DateTime,
     Float,
     ForeignKey,
@@ -23,9 +24,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    select,
     text,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
 from stock_sync.domain.statuses import OperationStatus, OperationType
@@ -69,8 +73,34 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value
 
 
+class db_now(FunctionElement[datetime]):
+    """The database's clock, for every stamp that another host compares: the workers, beat and
+    the producer may run on hosts whose clocks disagree, the database is the one they share.
+
+    PostgreSQL: ``now()``, the start of the transaction. SQLite (one host, the embedded
+    default): the current time in the text form SQLAlchemy stores datetimes in, so the stamps
+    compare with the values it writes."""
+
+    type = UtcDateTime()
+    inherit_cache = True
+
+
+@compiles(db_now)
+def _db_now_postgresql(element: db_now, compiler: Any, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+FIRST_ORDER_DEDUCTION = "operation_type = 'order_deduction' AND predecessor_operation_id IS NULL"
+PARKED = "dispatched_at IS NULL AND next_retry_at IS NOT NULL"
 
 
 class PendingStockOperation(Base):
@@ -117,6 +147,25 @@ class PendingStockOperation(Base):
     sync_put_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     # For a microservice rollback adjustment: the fulfillment status to put back.
     target_fulfillment_status: Mapped[str | None] = mapped_column(String(32))
+    # The dispatch that drives the operation now (see stock_sync.services.stuck): every message
+    # our code publishes for it carries this generation, and a copy of an older one is dropped.
+    dispatch_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # When the message that should drive the operation now was published (database clock);
+    # NULL while a long retry waits in the row for next_retry_at (no message exists then).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # When the running attempt of a network stage began (database clock); NULL when none runs.
+    attempt_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The stage whose failure moved the operation to FAILED (what `stock-sync retry --stage`
+    # selects by).
+    failed_stage: Mapped[str | None] = mapped_column(String(32))
+    # A FAILED order deduction retried by `stock-sync retry` links to its successor, which
+    # links back; the successor is the order's deduction from then on.
+    predecessor_operation_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("pending_stock_operations.id"), unique=True
+    )
+    successor_operation_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("pending_stock_operations.id")
+    )
 
     __table_args__ = (
         Index("ix_pending_stock_operations_status_updated_at", "status", "updated_at"),
@@ -124,14 +173,31 @@ class PendingStockOperation(Base):
         Index("ix_pending_stock_operations_created_at", "created_at"),
         Index("ix_pending_stock_operations_completed_at", "completed_at"),
         Index("ix_pending_stock_operations_cancelled_at", "cancelled_at"),
-        # One order deduction per order, whatever account the producer named (a NULL account
-        # in a composite unique key would let two racing submits both insert).
+        # One submitted order deduction per order, whatever account the producer named (a
+        # NULL account in a composite unique key would let two racing submits both insert);
+        # a retry's successor is unique per predecessor instead, so an order's deductions form
+        # one line: the submitted one, then each retry of the last.
         Index(
             "uq_order_deduction_order",
             "order_id",
             unique=True,
-            postgresql_where=text("operation_type = 'order_deduction'"),
-            sqlite_where=text("operation_type = 'order_deduction'"),
+            postgresql_where=text(FIRST_ORDER_DEDUCTION),
+            sqlite_where=text(FIRST_ORDER_DEDUCTION),
+        ),
+        # The sweep's two questions, answered from the live rows only: whose message was
+        # published long ago and never started, whose attempt started long ago.
+        Index("ix_pending_stock_operations_status_dispatched_at", "status", "dispatched_at"),
+        Index(
+            "ix_pending_stock_operations_status_attempt_started_at",
+            "status",
+            "attempt_started_at",
+        ),
+        # Retries waiting in the row (no message) until next_retry_at.
+        Index(
+            "ix_pending_stock_operations_parked_next_retry_at",
+            "next_retry_at",
+            postgresql_where=text(PARKED),
+            sqlite_where=text(PARKED),
         ),
         Index("ix_pending_stock_operations_order_id", "order_id"),
         # Failed rollbacks (a metric and an alert): without it the query visits every
@@ -258,6 +324,22 @@ class AlertState(Base):
     delivering_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class QueueProbe(Base):
+    """A probe sent through the pipeline queue behind whatever waits in it: once a worker has
+    run it, every message published before ``dispatched_at`` has been taken from the queue
+    (it is FIFO), so an operation dispatched before that and never started was lost, not
+    queued (see stock_sync.services.stuck)."""
+
+    __tablename__ = "queue_probes"
+
+    id: Mapped[int] = mapped_column(BigIntegerKey, primary_key=True, autoincrement=True)
+    queue: Mapped[str] = mapped_column(String(200))
+    dispatched_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    consumed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index("ix_queue_probes_queue_dispatched_at", "queue", "dispatched_at"),)
+
+
 COUNTER_SHARDS = 16
 
 
@@ -284,3 +366,12 @@ STOCK_LEVELS_TABLE = cast(Table, StockLevel.__table__)
 STOCK_MOVEMENTS_TABLE = cast(Table, StockMovement.__table__)
 OPERATION_EVENTS_TABLE = cast(Table, OperationEvent.__table__)
 METRIC_COUNTERS_TABLE = cast(Table, MetricCounter.__table__)
+QUEUE_PROBES_TABLE = cast(Table, QueueProbe.__table__)
+
+
+def read_database_now(connection: Connection) -> datetime:
+    """The database's clock now (see :class:`db_now`), read in ``connection``'s transaction."""
+    if connection.dialect.name != "postgresql":
+        return utcnow()
+    now: datetime = connection.execute(select(db_now())).scalar_one()
+    return now

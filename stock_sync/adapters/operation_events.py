@@ -29,6 +29,7 @@ _INSERT_EVENTS = insert(OPERATION_EVENTS_TABLE)
 CREATED_COUNTER = "operations_created"
 FINISHED_COUNTER = "operations_finished"
 ERRORS_COUNTER = "errors"
+RETRIED_COUNTER = "operations_retried"
 _FINAL_STATUSES = frozenset(
     status.value
     for status in (OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.CANCELLED)
@@ -116,6 +117,8 @@ def counter_increments(events: Iterable[dict[str, Any]]) -> Counter[tuple[str, s
     for event in events:
         if event["action"] == LogAction.OPERATION_CREATED.value:
             increments[(CREATED_COUNTER, "")] += 1
+        if event["action"] == LogAction.OPERATION_RETRIED.value:
+            increments[(RETRIED_COUNTER, "")] += 1
         if event["to_status"] in _FINAL_STATUSES:
             increments[(FINISHED_COUNTER, event["to_status"])] += 1
         if event["error_type"]:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Update, bindparam, func, select, update
 
-from stock_sync.adapters.models import OPERATIONS_TABLE, utcnow
+from stock_sync.adapters.models import OPERATIONS_TABLE, db_now, utcnow
 from stock_sync.domain.errors import OperationNotFound
 from stock_sync.domain.statuses import (
     FINAL_STATUSES,
@@ -64,7 +64,18 @@ _LOCKED_COLUMNS = (
     _columns.order_revision,
     _columns.fulfillment_status_before_sync,
     _columns.sync_put_sent_at,
+    _columns.dispatch_generation,
 )
+
+
+class _DatabaseNow:
+    """A value that writes the database's clock (:func:`db_now`) into its column."""
+
+    def __repr__(self) -> str:
+        return "DATABASE_NOW"
+
+
+DATABASE_NOW: Any = _DatabaseNow()
 
 
 @dataclass
@@ -82,6 +93,7 @@ class OperationRow:
     order_revision: str | None
     fulfillment_status_before_sync: str | None
     sync_put_sent_at: datetime | None
+    dispatch_generation: int
 
     @property
     def status_enum(self) -> OperationStatus:
@@ -119,11 +131,14 @@ def _read_row(connection: Connection, operation_id: uuid.UUID, *, lock: bool) ->
 
 
 @functools.lru_cache(maxsize=64)
-def _update_statement(columns: tuple[str, ...], stamp: str | None, guarded: bool) -> Update:
-    """``UPDATE ... SET <columns> [, stamp = coalesce(stamp, :now)] WHERE id = :row_id
-    [AND status = :read_status]``, built once per shape."""
+def _update_statement(
+    columns: tuple[str, ...], now_columns: tuple[str, ...], stamp: str | None, guarded: bool
+) -> Update:
+    """``UPDATE ... SET <columns> [, <now_columns> = now()] [, stamp = coalesce(stamp, :now)]
+    WHERE id = :row_id [AND status = :read_status]``, built once per shape."""
     # parameters named after their column are reserved by SQLAlchemy in a SET clause
     values: dict[str, Any] = {name: bindparam(f"set_{name}") for name in columns}
+    values.update({name: db_now() for name in now_columns})
     if stamp is not None:
         values[stamp] = func.coalesce(_columns[stamp], bindparam("set_updated_at"))
     condition = _columns.id == bindparam("row_id")
@@ -140,9 +155,12 @@ def _write(
     stamp: str | None = None,
     read_status: str | None = None,
 ) -> int:
-    """Run the UPDATE of ``values`` (plus the stamp, plus the status guard); rows changed."""
-    statement = _update_statement(tuple(sorted(values)), stamp, read_status is not None)
-    parameters = {f"set_{name}": value for name, value in values.items()}
+    """Run the UPDATE of ``values`` (plus the stamp, plus the status guard); rows changed.
+    A value of :data:`DATABASE_NOW` writes the database's clock."""
+    bound = tuple(sorted(name for name, value in values.items() if value is not DATABASE_NOW))
+    now_columns = tuple(sorted(name for name, value in values.items() if value is DATABASE_NOW))
+    statement = _update_statement(bound, now_columns, stamp, read_status is not None)
+    parameters = {f"set_{name}": values[name] for name in bound}
     parameters["row_id"] = row_id
     if read_status is not None:
         parameters["read_status"] = read_status
@@ -158,7 +176,7 @@ def change_row(
     values.setdefault("updated_at", utcnow())
     _write(connection, row.id, values, stamp=stamp)
     for name, value in values.items():
-        if hasattr(row, name):
+        if hasattr(row, name) and value is not DATABASE_NOW:
             setattr(row, name, value)
 
 
@@ -181,10 +199,14 @@ def move_row(
 
 
 def _moved(to_status: OperationStatus, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` plus what every move to ``to_status`` writes."""
-    values.update(status=to_status.value, next_retry_at=None, updated_at=utcnow())
+    """``values`` plus what every move to ``to_status`` writes: the attempt has ended, and a
+    live status's next stage is published right after this commit (the chain's next link)."""
+    values.update(
+        status=to_status.value, next_retry_at=None, updated_at=utcnow(), attempt_started_at=None
+    )
     if to_status not in FINAL_STATUSES:
         values["retry_count"] = 0
+        values["dispatched_at"] = DATABASE_NOW
     return values
 
 
@@ -219,3 +241,34 @@ def move_row_if_still(
     log_outcome()
     log.log_status_transition(row.id, from_status, to_status, reason)
     return True
+
+
+# The start of a network stage's attempt: one statement that checks the row still waits for
+# this stage and this dispatch, stamps the attempt, and returns the row (see services.stuck).
+_START_ATTEMPT = (
+    update(OPERATIONS_TABLE)
+    .where(
+        _columns.id == bindparam("row_id"),
+        _columns.status == bindparam("stage_status"),
+    )
+    .values(attempt_started_at=db_now())
+    .returning(*_LOCKED_COLUMNS)
+)
+_START_DISPATCHED_ATTEMPT = _START_ATTEMPT.where(
+    _columns.dispatch_generation == bindparam("generation")
+)
+
+
+def start_attempt(
+    connection: Connection, operation_id: uuid.UUID, status: OperationStatus, generation: int | None
+) -> OperationRow | None:
+    """Stamp the start of an attempt on the row when it is in ``status`` and (for a message
+    that carries one) at dispatch ``generation``; the row as stamped, or None when it is not
+    (the caller reads it again to tell why)."""
+    parameters: dict[str, Any] = {"row_id": operation_id, "stage_status": status.value}
+    statement = _START_ATTEMPT
+    if generation is not None:
+        statement = _START_DISPATCHED_ATTEMPT
+        parameters["generation"] = generation
+    found = connection.execute(statement, parameters).first()
+    return None if found is None else OperationRow(**found._mapping)

@@ -155,7 +155,16 @@ class Settings(BaseSettings):
     retry_backoff_base_s: float = _seconds(2.0, at_most=ONE_DAY_S)
     retry_backoff_max_s: float = _seconds(600.0, at_most=ONE_DAY_S)
 
+    # A live operation is looked at by the sweep once its message was published this long ago
+    # and never started, or its attempt started this long ago and never finished. At least the
+    # hard time limit plus the microservice deadline: a running attempt is never taken for a
+    # dead one.
     stuck_after_s: float = _seconds(900.0)
+    # A retry that waits longer than this waits in the database row (next_retry_at), not as a
+    # countdown message held in a worker's memory; beat re-enqueues it when it is due.
+    retry_park_after_s: float = _seconds(30.0, at_most=ONE_DAY_S)
+    # How often beat re-enqueues the parked retries that are due.
+    retry_release_interval_s: float = _seconds(5.0, at_most=ONE_HOUR_S)
     sweep_batch_size: int = _count(200, at_least=1, at_most=MAX_SWEEP_BATCH_SIZE)
     sweep_interval_s: float = _seconds(60.0)
     alert_interval_s: float = _seconds(60.0)
@@ -257,6 +266,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "STOCK_SYNC_MICROSERVICE_DEADLINE_S must be >= STOCK_SYNC_MICROSERVICE_TIMEOUT_S"
                 " (the deadline bounds a whole request, the timeout one read)"
+            )
+        if self.stuck_after_s < self.task_time_limit_s + self.microservice_deadline_s:
+            raise ValueError(
+                "STOCK_SYNC_STUCK_AFTER_S must be >= STOCK_SYNC_TASK_TIME_LIMIT_S +"
+                f" STOCK_SYNC_MICROSERVICE_DEADLINE_S ({self.task_time_limit_s:g} +"
+                f" {self.microservice_deadline_s:g}): an attempt still running would be taken"
+                " for a dead one"
             )
         if self.effective_maintenance_queue_name == self.queue_name:
             raise ValueError(

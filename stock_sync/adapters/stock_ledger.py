@@ -227,17 +227,58 @@ def restore_for_operation(
     The restoration rows belong to the adjustment operation and name the deduction they
     reverse (unique), so no deduction is ever restored twice.
     """
-    restoration = aliased(StockMovement)
+    movements = [
+        _restore(session, deduction, adjustment_operation_id)
+        for deduction in outstanding_deductions(session, operation_id)
+    ]
+    return LedgerOutcome(movements=tuple(movements), already_done=not movements)
+
+
+def outstanding_deductions(session: Session, operation_id: uuid.UUID) -> list[StockMovement]:
+    """The deduction rows of ``operation_id`` that nothing reversed yet (restored or handed
+    over), in the lock order."""
+    reversal = aliased(StockMovement)
     outstanding = session.scalars(
         select(StockMovement).where(
             StockMovement.operation_id == operation_id,
             StockMovement.reason == MovementReason.DEDUCTION.value,
-            ~exists().where(restoration.reverses_movement_id == StockMovement.id),
+            ~exists().where(reversal.reverses_movement_id == StockMovement.id),
         )
     ).all()
     # Sorted here, not by SQL ORDER BY: the database collation may disagree with the lock order.
-    in_order = sorted(outstanding, key=lambda row: stock_lock_key(row.sku, row.line_item_id))
-    movements = [_restore(session, deduction, adjustment_operation_id) for deduction in in_order]
+    return sorted(outstanding, key=lambda row: stock_lock_key(row.sku, row.line_item_id))
+
+
+def hand_over_deduction(
+    session: Session, from_operation_id: uuid.UUID, to_operation_id: uuid.UUID
+) -> LedgerOutcome:
+    """Make the outstanding deduction of ``from_operation_id`` the deduction of
+    ``to_operation_id``: per line, a handover row reversing it and a deduction row of the new
+    owner. No stock level changes (the two rows cancel out), so nothing is deducted twice;
+    the ledger's unique reversal key lets a deduction be handed over (or restored) once."""
+    movements = []
+    for deduction in outstanding_deductions(session, from_operation_id):
+        session.add(
+            StockMovement(
+                sku=deduction.sku,
+                delta=-deduction.delta,
+                reason=MovementReason.HANDOVER.value,
+                operation_id=from_operation_id,
+                line_item_id=deduction.line_item_id,
+                reverses_movement_id=deduction.id,
+            )
+        )
+        session.add(
+            StockMovement(
+                sku=deduction.sku,
+                delta=deduction.delta,
+                reason=MovementReason.DEDUCTION.value,
+                operation_id=to_operation_id,
+                line_item_id=deduction.line_item_id,
+            )
+        )
+        movements.append(Movement(deduction.sku, deduction.delta, deduction.line_item_id))
+    session.flush()
     return LedgerOutcome(movements=tuple(movements), already_done=not movements)
 
 

@@ -116,7 +116,7 @@ from stock_sync.domain.stock import MovementReason
 from stock_sync.producer import submit_operation
 from stock_sync.services.metrics import collect_metrics
 from stock_sync.services.reconciliation import reconcile
-from stock_sync.services.stuck import is_stuck
+from stock_sync.services.stuck import is_stuck, stuck_window
 from stock_sync.services.sweeps import StuckOperationSweeper
 from tasks.app import app
 
@@ -150,7 +150,7 @@ HOT_SKU = "BENCH-HOT"
 TERMINAL = (OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.CANCELLED)
 ACCOUNT = "bench-shop"
 ROWS_SPREAD_S = 30 * 86_400  # the finished operations are spread over the last 30 days
-SWEEP_INDEX = "ix_pending_stock_operations_status_updated_at"
+SWEEP_INDEX = "ix_pending_stock_operations_status_"  # status_dispatched_at, status_attempt_...
 TABLES = (
     "operation_events",
     "stock_movements",
@@ -1434,10 +1434,15 @@ def load_finished_operations(database: Database, rows: int) -> None:
 class _NoDispatch:
     """A dispatcher that enqueues nothing: the timed sweep must not put work on a broker."""
 
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None:
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None:
         return None
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
+        return None
+
+    def enqueue_probe(self, probe_id: int) -> None:
         return None
 
 
@@ -1453,17 +1458,17 @@ def median_ms(action: Callable[[], object], runs: int) -> float:
 
 
 def explain_sweep_query(database: Database, settings: Settings) -> str:
-    """EXPLAIN ANALYZE of the sweep's claim query (the statement of
-    ``StuckOperationSweeper._claim_batch``, built from the same ``is_stuck`` predicate)."""
+    """EXPLAIN ANALYZE of the sweep's candidate query (the statement of
+    ``StuckOperationSweeper._candidates``, built from the same ``is_stuck`` predicate)."""
     op = PendingStockOperation
-    statement = (
-        select(op.id)
-        .where(is_stuck(utcnow(), settings.stuck_after_s))
-        .order_by(op.updated_at)
-        .limit(settings.sweep_batch_size)
-        .with_for_update(skip_locked=True)
-    )
     with database.engine.connect() as connection:
+        window = stuck_window(connection, settings)
+        statement = (
+            select(op.id)
+            .where(is_stuck(window))
+            .order_by(func.coalesce(op.attempt_started_at, op.dispatched_at))
+            .limit(settings.sweep_batch_size)
+        )
         compiled = statement.compile(
             dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
         )

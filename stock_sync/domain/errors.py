@@ -60,6 +60,16 @@ class RollbackRetryRefused(StockSyncError):
         super().__init__(f"cannot retry the rollback of {operation_id}: {reason}")
 
 
+class RetryRefused(StockSyncError):
+    """A FAILED operation cannot be retried: it is not FAILED, not an order deduction, or was
+    retried already."""
+
+    def __init__(self, operation_id: UUID | str, reason: str) -> None:
+        self.operation_id = operation_id
+        self.reason = reason
+        super().__init__(f"cannot retry {operation_id}: {reason}")
+
+
 @dataclass(frozen=True)
 class StockShortage:
     """One line that cannot be served: how much was asked for and how much there is."""

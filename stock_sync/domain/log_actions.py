@@ -47,3 +47,6 @@ class LogAction(str, Enum):
     RETRY_SCHEDULED = "retry_scheduled"
     MAX_RETRIES_REACHED = "max_retries_reached"
     OPERATION_FAILED = "operation_failed"
+
+    # recovery (not in the seed: `stock-sync retry` gives a FAILED operation a successor)
+    OPERATION_RETRIED = "operation_retried"

@@ -120,3 +120,6 @@ class MovementReason(str, Enum):
     CORRECTION = "correction"
     DEDUCTION = "deduction"
     RESTORATION = "restoration"
+    # A FAILED operation's deduction passed to the successor a retry made (the successor
+    # records it as its own deduction row): two rows of opposite sign, no level changes.
+    HANDOVER = "handover"

@@ -26,7 +26,7 @@ from stock_sync.adapters.settings import get_settings
 from stock_sync.adapters.stock_ledger import get_stock, set_stock, validate_sku
 from stock_sync.domain.errors import EnqueueFailed
 from stock_sync.domain.statuses import OperationStatus
-from stock_sync.entrypoints import render
+from stock_sync.entrypoints import cli_common, render
 from stock_sync.entrypoints.cli_common import (
     EXIT_CHECK_COULD_NOT_RUN,
     EXIT_CHECK_MISMATCH,
@@ -42,6 +42,7 @@ from stock_sync.entrypoints.cli_common import (
 from stock_sync.entrypoints.cli_health import health
 from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT, QUANTITY, FiniteFloatRange
+from stock_sync.entrypoints.cli_retry import retry
 from stock_sync.entrypoints.cli_rollback import rollback
 from stock_sync.services.queries import list_operations, operation_details
 
@@ -124,11 +125,6 @@ def db() -> None:
     """Database schema."""
 
 
-def stdin_is_interactive() -> bool:
-    """Whether a person can answer a prompt (a terminal on stdin)."""
-    return sys.stdin is not None and sys.stdin.isatty()
-
-
 @db.command("upgrade")
 @click.option("--revision", type=PLAIN_TEXT, default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
@@ -203,7 +199,7 @@ def render_history(revisions: Sequence[schema.Revision]) -> str:
 
 
 def _confirm_downgrade(url: str, revision: str) -> None:
-    if not stdin_is_interactive():
+    if not cli_common.stdin_is_interactive():
         fail("refusing to downgrade without confirmation: stdin is not a terminal (pass --yes)")
     question = (
         f"Downgrade the database at {redact_url(url)} to {one_line(revision)}? "
@@ -392,6 +388,7 @@ cli.add_command(stats)
 cli.add_command(metrics_server)
 cli.add_command(flower)
 cli.add_command(rollback)
+cli.add_command(retry)
 cli.add_command(health)
 
 

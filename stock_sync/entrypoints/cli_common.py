@@ -74,6 +74,11 @@ class StockSyncGroup(click.Group):
             fail(describe_failure(error))
 
 
+def stdin_is_interactive() -> bool:
+    """Whether a person can answer a prompt (a terminal on stdin)."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def emit(as_json: bool, payload: Any, human: Callable[[], str]) -> None:
     """Print ``payload`` as JSON, or the human rendering. Stored text (an error a service
     recorded, a reason an operator typed) is redacted, and escaped for the terminal."""

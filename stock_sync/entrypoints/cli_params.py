@@ -11,12 +11,15 @@ import click
 
 from stock_sync.adapters.redaction import shown_value
 from stock_sync.adapters.stock_ledger import MAX_STOCK_QUANTITY
+from stock_sync.domain.durations import parse_duration
+from stock_sync.domain.errors import InvalidInput
 
 if TYPE_CHECKING:  # click 8.2 made ParamType generic; 8.1, which pyproject allows, is not
     _IntParamType = click.ParamType[int]
     _TextParamType = click.ParamType[str]
+    _FloatParamType = click.ParamType[float]
 else:
-    _IntParamType = _TextParamType = click.ParamType
+    _IntParamType = _TextParamType = _FloatParamType = click.ParamType
 
 _WHOLE_NUMBER = re.compile(r"\s*(?P<sign>[+-]?)(?P<digits>[0-9]+)\s*")
 # Characters that would break a one-line message or cannot be stored as text: control
@@ -90,3 +93,22 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"must be a finite number, got {shown_value(value)}", param, ctx)
         return number
+
+
+class Duration(_FloatParamType):
+    """A duration as operators type it (``90s``, ``15m``, ``2h``, ``7d``), in seconds."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except InvalidInput as error:
+            self.fail(str(error), param, ctx)
+
+
+DURATION = Duration()

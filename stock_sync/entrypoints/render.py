@@ -38,6 +38,15 @@ def operation(details: dict[str, Any]) -> str:
         )
     if details.get("parent_operation_id"):
         lines.append(f"  parent:       {details['parent_operation_id']}")
+    if details.get("retry_of"):
+        lines.append(f"  retry of:     {details['retry_of']}")
+    if details.get("retried_as"):
+        lines.append(f"  retried as:   {details['retried_as']}")
+    if details.get("failed_stage"):
+        lines.append(f"  failed in:    {details['failed_stage']}")
+    if details.get("next_retry_at") and details["status"] in LIVE:
+        waits = "in the database" if not details.get("dispatched_at") else "as a countdown"
+        lines.append(f"  next retry:   {details['next_retry_at']} ({waits})")
     if details.get("last_error"):
         lines.append(f"  last error:   {details['last_error_type']}: {details['last_error']}")
     if details.get("cancelled_by"):
@@ -67,7 +76,7 @@ def operation_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "no operations"
     return table(
-        ("id", "order", "account", "type", "status", "retries", "created"),
+        ("id", "order", "account", "type", "status", "retries", "created", "retry"),
         [
             (
                 r["id"],
@@ -77,10 +86,41 @@ def operation_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["status"],
                 r["retry_count"],
                 r["created_at"][:19],
+                _retry_link(r),
             )
             for r in rows
         ],
     )
+
+
+def _retry_link(row: dict[str, Any]) -> str:
+    """``of <id8>`` for a successor, ``as <id8>`` for a retried operation."""
+    if row.get("retried_as"):
+        return f"as {row['retried_as'][:8]}"
+    if row.get("retry_of"):
+        return f"of {row['retry_of'][:8]}"
+    return ""
+
+
+LIVE = ("pending", "processing", "stock_deducted")
+
+
+def retries(results: Sequence[dict[str, Any]], refused: Sequence[str]) -> str:
+    """What ``stock-sync retry`` did: one line per successor, then what was refused."""
+    lines = [
+        f"{r['failed_operation_id']} (failed in {r['failed_stage'] or '?'}) -> "
+        f"{r['successor_operation_id']}: "
+        + (
+            "takes over the deduction, goes on to the sync"
+            if r["deduction_taken_over"]
+            else "starts from the load"
+        )
+        + ("" if r["enqueued"] else " (not enqueued: the sweep re-drives it)")
+        for r in results
+    ]
+    lines += [f"refused: {reason}" for reason in refused]
+    lines.append(f"retried {len(results)} operation(s)")
+    return "\n".join(lines)
 
 
 def cancellation(result: dict[str, Any]) -> str:

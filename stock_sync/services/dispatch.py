@@ -13,8 +13,16 @@ from stock_sync.domain.statuses import OperationStatus
 
 
 class Dispatcher(Protocol):
-    """Enqueues the pipeline from a status, and microservice rollbacks."""
+    """Enqueues the pipeline from a status, microservice rollbacks and queue probes.
 
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: OperationStatus) -> None: ...
+    ``generation`` is the operation's ``dispatch_generation`` that the caller committed before
+    enqueueing: every message of the dispatch carries it, and a stage drops a copy of an older
+    one (see stock_sync.services.stuck)."""
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None: ...
+    def enqueue_pipeline(
+        self, operation_id: uuid.UUID, status: OperationStatus, generation: int
+    ) -> None: ...
+
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None: ...
+
+    def enqueue_probe(self, probe_id: int) -> None: ...

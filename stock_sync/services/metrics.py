@@ -34,16 +34,32 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, exists, extract, func, select
+from sqlalchemy import ColumnElement, exists, extract, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.models import MetricCounter, OperationEvent, PendingStockOperation
-from stock_sync.adapters.operation_events import CREATED_COUNTER, ERRORS_COUNTER, FINISHED_COUNTER
+from stock_sync.adapters.models import (
+    PARKED,
+    MetricCounter,
+    OperationEvent,
+    PendingStockOperation,
+)
+from stock_sync.adapters.operation_events import (
+    CREATED_COUNTER,
+    ERRORS_COUNTER,
+    FINISHED_COUNTER,
+    RETRIED_COUNTER,
+)
 from stock_sync.adapters.settings import Settings
 from stock_sync.domain import errors
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.services.stuck import is_stuck
+from stock_sync.services.stuck import (
+    LIVE_STATUS_VALUES,
+    StuckWindow,
+    is_stuck,
+    is_waiting,
+    stuck_window,
+)
 
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LIVE_STATUSES = (
@@ -99,6 +115,9 @@ class MetricsSnapshot:
     cancelled_sample_ids: tuple[str, ...] = ()
     stuck_count: int = 0
     stuck_sample_ids: tuple[str, ...] = ()
+    # Waiting their turn in the queue, and retries waiting in the database: not faults.
+    waiting_count: int = 0
+    parked_count: int = 0
     # Microservice rollbacks that gave up: the marketplace still shows a cancelled order's
     # fulfillment as synced, and only an operator can put it right.
     failed_rollbacks: int = 0
@@ -107,6 +126,7 @@ class MetricsSnapshot:
     queue_length: int | None = None
     # Cumulative since the database was created (metric_counters), not windowed.
     created_total: int = 0
+    retried_total: int = 0
     finished_total: Mapping[str, int] = field(default_factory=dict)
     errors_total: Mapping[str, int] = field(default_factory=dict)
     # None: the broker was not asked; False: it did not answer (queue_length is then None).
@@ -163,6 +183,8 @@ class MetricsSnapshot:
                 "count": self.stuck_count,
                 "sample_operation_ids": list(self.stuck_sample_ids),
             },
+            "waiting": self.waiting_count,
+            "parked_retries": self.parked_count,
             "failed_rollbacks": {
                 "count": self.failed_rollbacks,
                 "sample_operation_ids": list(self.failed_rollback_ids),
@@ -174,6 +196,7 @@ class MetricsSnapshot:
             ),
             "totals": {
                 "created": self.created_total,
+                "retried": self.retried_total,
                 "finished": {
                     status: self.finished_total.get(status, 0) for status in FINISHED_STATUSES
                 },
@@ -216,6 +239,7 @@ def collect_metrics(
     since = now - timedelta(seconds=settings.alert_window_s)
     processing = processing_times(session, since)
     counters = counter_values(session)
+    window = stuck_window(session.connection(), settings, now=now)
     return MetricsSnapshot(
         generated_at=now,
         window_s=settings.alert_window_s,
@@ -229,13 +253,16 @@ def collect_metrics(
         errors_by_type=error_counts(session, since),
         failed_sample_ids=recently_finished_ids(session, OperationStatus.FAILED.value, since),
         cancelled_sample_ids=recently_finished_ids(session, OperationStatus.CANCELLED.value, since),
-        stuck_count=stuck_count(session, now, settings.stuck_after_s),
-        stuck_sample_ids=stuck_ids(session, now, settings.stuck_after_s),
+        stuck_count=stuck_count(session, window),
+        stuck_sample_ids=stuck_ids(session, window),
+        waiting_count=waiting_count(session, window),
+        parked_count=parked_count(session),
         failed_rollbacks=failed_rollback_count(session),
         failed_rollback_ids=failed_rollback_ids(session),
         queue_name=settings.queue_name if queue_length is not None else None,
         queue_length=queue_length,
         created_total=counters.get(CREATED_COUNTER, {}).get("", 0),
+        retried_total=counters.get(RETRIED_COUNTER, {}).get("", 0),
         finished_total=counters.get(FINISHED_COUNTER, {}),
         errors_total=counters.get(ERRORS_COUNTER, {}),
         broker_up=broker_up,
@@ -352,16 +379,31 @@ def failed_rollback_ids(session: Session) -> tuple[str, ...]:
     return tuple(str(operation_id) for operation_id in session.scalars(query))
 
 
-def stuck_count(session: Session, now: datetime, stuck_after_s: float) -> int:
-    return int(session.scalar(select(func.count()).where(is_stuck(now, stuck_after_s))) or 0)
+def stuck_count(session: Session, window: StuckWindow) -> int:
+    """Live operations whose message was lost or whose attempt died (see services.stuck)."""
+    return int(session.scalar(select(func.count()).where(is_stuck(window))) or 0)
 
 
-def stuck_ids(session: Session, now: datetime, stuck_after_s: float) -> tuple[str, ...]:
+def stuck_ids(session: Session, window: StuckWindow) -> tuple[str, ...]:
     """Up to :data:`SAMPLE_SIZE` stuck operations, the longest silent first."""
     query = (
-        select(Op.id).where(is_stuck(now, stuck_after_s)).order_by(Op.updated_at).limit(SAMPLE_SIZE)
+        select(Op.id)
+        .where(is_stuck(window))
+        .order_by(func.coalesce(Op.attempt_started_at, Op.dispatched_at))
+        .limit(SAMPLE_SIZE)
     )
     return tuple(str(operation_id) for operation_id in session.scalars(query))
+
+
+def waiting_count(session: Session, window: StuckWindow) -> int:
+    """Live operations whose message waits in the queue (a backlog, not a fault)."""
+    return int(session.scalar(select(func.count()).where(is_waiting(window))) or 0)
+
+
+def parked_count(session: Session) -> int:
+    """Live operations whose retry waits in the database for its time (no message)."""
+    query = select(func.count()).where(Op.status.in_(LIVE_STATUS_VALUES), text(PARKED))
+    return int(session.scalar(query) or 0)
 
 
 def _completed_since(since: datetime) -> tuple[ColumnElement[bool], ...]:
@@ -501,8 +543,13 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     )
     yield CounterMetricFamily(
         "stock_sync_operations_created",
-        "Order deductions created by the producer.",
+        "Order deductions created (by the producer, and by retries of failed ones).",
         value=snapshot.created_total,
+    )
+    yield CounterMetricFamily(
+        "stock_sync_operations_retried",
+        "FAILED order deductions given a successor by `stock-sync retry` or retry_operation.",
+        value=snapshot.retried_total,
     )
     yield _labelled_counter(
         "stock_sync_operations_finished",
@@ -532,8 +579,19 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     )
     yield _gauge(
         "stock_sync_stuck_operations",
-        "Live operations without progress for longer than the stuck threshold.",
+        "Live operations whose message was lost or whose attempt died (the sweep re-drives "
+        "them); waiting in a backlog is not stuck.",
         snapshot.stuck_count,
+    )
+    yield _gauge(
+        "stock_sync_waiting_operations",
+        "Live operations whose message waits its turn in the queue.",
+        snapshot.waiting_count,
+    )
+    yield _gauge(
+        "stock_sync_parked_retries",
+        "Live operations whose retry waits in the database for its time (no message).",
+        snapshot.parked_count,
     )
     yield _gauge(
         "stock_sync_failed_rollbacks",

@@ -21,6 +21,7 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation, StockMovement
 from stock_sync.adapters.operation_events import timeline
+from stock_sync.adapters.operation_rows import start_attempt
 from stock_sync.adapters.stock_ledger import Movement, restore_for_operation
 from stock_sync.domain.errors import CancellationRefused, RollbackRetryRefused
 from stock_sync.domain.log_actions import LogAction
@@ -29,6 +30,7 @@ from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
 from stock_sync.services.operations import (
+    FIRST_DISPATCH,
     load_operation,
     new_adjustment,
     operation_logger,
@@ -48,7 +50,7 @@ REASON_MAX_LENGTH = 2000
 class RollbackDispatcher(Protocol):
     """Enqueues the microservice rollback task (the Celery side implements it)."""
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None: ...
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None: ...
 
 
 def rollback_idempotency_key(adjustment_operation_id: uuid.UUID) -> str:
@@ -249,7 +251,8 @@ class OperationCancellationService:
     def _rollback_microservice_status(self, adjustment_operation_id: uuid.UUID) -> bool:
         """Enqueue the rollback task; False when the broker refused (the sweep re-drives)."""
         try:
-            self._dispatcher.enqueue_rollback(adjustment_operation_id)
+            # a new adjustment is at its first dispatch (see services.operations.new_adjustment)
+            self._dispatcher.enqueue_rollback(adjustment_operation_id, FIRST_DISPATCH)
         except Exception:
             return False
         return True
@@ -329,7 +332,9 @@ class OperationCancellationService:
 
     # --- the rollback task's work ----------------------------------------------------------
 
-    def rollback_microservice(self, adjustment_operation_id: uuid.UUID) -> StageOutcome:
+    def rollback_microservice(
+        self, adjustment_operation_id: uuid.UUID, generation: int | None = None
+    ) -> StageOutcome:
         """Put the microservice back to the recorded status; raises for the task to retry.
 
         It reads the order first and PUTs only when the fulfillment status differs from the
@@ -337,10 +342,14 @@ class OperationCancellationService:
         that PUT may still land (its answer was lost, not the request), and a PUT of the same
         status moves the revision on, so the late PUT gets a 409 instead of taking effect.
         """
+        with self._database.single_statement() as connection:
+            started = start_attempt(connection, adjustment_operation_id, S.PENDING, generation)
         with self._database.transaction() as session:
             adjustment = load_operation(session, adjustment_operation_id)
             if adjustment.status_enum is not S.PENDING:
                 return StageOutcome.ALREADY_PAST
+            if started is None:  # a copy of an older dispatch: the newer one runs it
+                return StageOutcome.STOPPED
             order_id, target = adjustment.order_id, adjustment.target_fulfillment_status
             parent_id = adjustment.parent_operation_id
             assert target is not None and parent_id is not None

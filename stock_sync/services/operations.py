@@ -9,8 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import TransactionOwner
-from stock_sync.adapters.models import PendingStockOperation, utcnow
+from stock_sync.adapters.models import PendingStockOperation, db_now, utcnow
 from stock_sync.adapters.operation_events import SqlEventStore
+from stock_sync.adapters.operation_rows import STAMP_COLUMNS
 from stock_sync.domain.errors import OperationNotFound
 from stock_sync.domain.stages import Stage
 from stock_sync.domain.statuses import (
@@ -24,14 +25,8 @@ from stock_sync.services.standardized_logger import StandardizedLogger
 
 S = OperationStatus
 
-# Stamp set when an operation enters a status.
-_STAMPS = {
-    S.COMPLETED: "completed_at",
-    S.FAILED: "failed_at",
-    S.CANCELLED: "cancelled_at",
-    S.STOCK_DEDUCTED: "stock_deducted_at",
-    S.PROCESSING: "line_items_loaded_at",
-}
+# The dispatch generation of a new operation's first message (see services.stuck).
+FIRST_DISPATCH = 1
 
 
 def load_operation(
@@ -120,9 +115,12 @@ def transition(
     operation.status = to_status.value
     if to_status not in FINAL_STATUSES:
         operation.retry_count = 0
+        # its next stage is published once this commits (a chain link, or an enqueue)
+        operation.dispatched_at = db_now()
+    operation.attempt_started_at = None
     operation.next_retry_at = None
     operation.updated_at = now
-    stamp = _STAMPS.get(to_status)
+    stamp = STAMP_COLUMNS.get(to_status)
     if stamp and getattr(operation, stamp) is None:
         setattr(operation, stamp, now)
     log.log_status_transition(operation.id, from_status, to_status, reason, additional_context)
@@ -146,4 +144,7 @@ def new_adjustment(
         line_items=parent.line_items,
         created_at=utcnow(),
         updated_at=utcnow(),
+        # published once the transaction commits (a restoration completes in it instead)
+        dispatch_generation=FIRST_DISPATCH,
+        dispatched_at=db_now(),
     )

@@ -31,6 +31,10 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _id(value: uuid.UUID | None) -> str | None:
+    return str(value) if value is not None else None
+
+
 def operation_summary(operation: PendingStockOperation) -> dict[str, Any]:
     """The fields ``list`` shows for an operation."""
     return {
@@ -43,6 +47,9 @@ def operation_summary(operation: PendingStockOperation) -> dict[str, Any]:
             str(operation.parent_operation_id) if operation.parent_operation_id else None
         ),
         "retry_count": operation.retry_count,
+        # a FAILED operation retried by `stock-sync retry`, and the retry
+        "retry_of": _id(operation.predecessor_operation_id),
+        "retried_as": _id(operation.successor_operation_id),
         "created_at": _iso(operation.created_at),
         "updated_at": _iso(operation.updated_at),
     }
@@ -57,6 +64,9 @@ def operation_details(session: Session, operation_id: uuid.UUID) -> dict[str, An
         {
             "line_items": operation.line_items or [],
             "next_retry_at": _iso(operation.next_retry_at),
+            "failed_stage": operation.failed_stage,
+            "dispatched_at": _iso(operation.dispatched_at),
+            "attempt_started_at": _iso(operation.attempt_started_at),
             "last_error": operation.last_error,
             "last_error_type": operation.last_error_type,
             "cancelled_by": operation.cancelled_by,

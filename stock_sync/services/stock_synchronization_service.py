@@ -22,16 +22,18 @@ from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database, after_commit
 from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
-from stock_sync.adapters.models import PendingStockOperation, utcnow
+from stock_sync.adapters.models import PendingStockOperation, read_database_now, utcnow
 from stock_sync.adapters.notifications import Notification, Notifier
 from stock_sync.adapters.operation_events import DeferredEvents
 from stock_sync.adapters.operation_rows import (
+    DATABASE_NOW,
     OperationRow,
     change_row,
     lock_row,
     move_row,
     move_row_if_still,
     peek_row,
+    start_attempt,
 )
 from stock_sync.adapters.settings import Settings
 from stock_sync.adapters.stock_ledger import deduct_for_operation, get_levels
@@ -116,7 +118,7 @@ class StockSynchronizationService:
         self._notifier = notifier
         self._settings = settings
         self._cancellation = cancellation
-        self._stages: dict[str, Callable[[uuid.UUID], StageOutcome]] = {
+        self._stages: dict[str, Callable[[uuid.UUID, int | None], StageOutcome]] = {
             LOAD_LINE_ITEMS.name: self.load_line_items,
             VALIDATE_STOCK.name: self.validate_stock,
             DEDUCT_STOCK.name: self.deduct_stock,
@@ -126,10 +128,15 @@ class StockSynchronizationService:
 
     # --- entry point for the tasks --------------------------------------------------------
 
-    def execute(self, stage: Stage, operation_id: uuid.UUID) -> StageResult:
-        """Run one stage; a failure becomes a scheduled retry or, past the limit, FAILED."""
+    def execute(
+        self, stage: Stage, operation_id: uuid.UUID, generation: int | None = None
+    ) -> StageResult:
+        """Run one stage; a failure becomes a scheduled retry or, past the limit, FAILED.
+
+        ``generation``: the dispatch the message belongs to (None for a message that carries
+        none); a copy of an older dispatch is dropped at once (see services.stuck)."""
         try:
-            return StageResult(self._stages[stage.name](operation_id))
+            return StageResult(self._stages[stage.name](operation_id, generation))
         except _CancelledMeanwhile:
             return StageResult(StageOutcome.STOPPED)
         except OperationNotFound:
@@ -154,14 +161,16 @@ class StockSynchronizationService:
 
     # --- stage 1: PENDING -> PROCESSING ------------------------------------------------------
 
-    def load_line_items(self, operation_id: uuid.UUID) -> StageOutcome:
+    def load_line_items(
+        self, operation_id: uuid.UUID, generation: int | None = None
+    ) -> StageOutcome:
         """Load the order's lines from the microservice once it is paid.
 
-        Whether the stage applies is read without a lock; the lines are stored with one
-        UPDATE guarded by the status read (it takes the row lock), in the transaction that
-        also writes the stage's events, "loading" included.
+        Whether the stage applies is checked by the statement that stamps the attempt's
+        start; the lines are stored with one UPDATE guarded by the status read (it takes the
+        row lock), in the transaction that also writes the stage's events, "loading" included.
         """
-        found = self._peek(operation_id, LOAD_LINE_ITEMS)
+        found = self._start(operation_id, LOAD_LINE_ITEMS, generation)
         if isinstance(found, StageOutcome):
             return found
         order_id = found.order_id
@@ -232,9 +241,11 @@ class StockSynchronizationService:
 
     # --- stage 2: PROCESSING, validation -------------------------------------------------
 
-    def validate_stock(self, operation_id: uuid.UUID) -> StageOutcome:
+    def validate_stock(
+        self, operation_id: uuid.UUID, generation: int | None = None
+    ) -> StageOutcome:
         """Check every SKU exists and has enough stock; advisory, the deduction decides."""
-        with self._stage_transaction(operation_id, VALIDATE_STOCK) as stage:
+        with self._stage_transaction(operation_id, VALIDATE_STOCK, generation) as stage:
             if stage.skip:
                 return stage.skip
             operation, log = stage.operation, stage.log
@@ -254,13 +265,15 @@ class StockSynchronizationService:
                 f"{len(lines)} lines can be served",
                 timer.elapsed_ms,
             )
+            # deduct_stock's message is published once this commits (the chain's next link)
+            change_row(stage.connection, operation, dispatched_at=DATABASE_NOW)
             return StageOutcome.DONE
 
     # --- stage 3: PROCESSING -> STOCK_DEDUCTED -------------------------------------------
 
-    def deduct_stock(self, operation_id: uuid.UUID) -> StageOutcome:
+    def deduct_stock(self, operation_id: uuid.UUID, generation: int | None = None) -> StageOutcome:
         """Take the lines out of stock in one short transaction (authoritative)."""
-        with self._stage_transaction(operation_id, DEDUCT_STOCK) as stage:
+        with self._stage_transaction(operation_id, DEDUCT_STOCK, generation) as stage:
             if stage.skip:
                 return stage.skip
             operation, log = stage.operation, stage.log
@@ -296,7 +309,9 @@ class StockSynchronizationService:
 
     # --- stage 4: STOCK_DEDUCTED -> COMPLETED --------------------------------------------
 
-    def sync_microservice(self, operation_id: uuid.UUID) -> StageOutcome:
+    def sync_microservice(
+        self, operation_id: uuid.UUID, generation: int | None = None
+    ) -> StageOutcome:
         """Tell the microservice the stock is taken (fulfillment PROCESSING) with one PUT.
 
         The revision and the fulfillment status to restore were recorded at load, and the
@@ -306,7 +321,7 @@ class StockSynchronizationService:
         Whether the stage applies is read without a lock; the order is read again only after
         a 409 (or for a row recorded before these columns existed).
         """
-        found = self._peek(operation_id, SYNC_MICROSERVICE)
+        found = self._start(operation_id, SYNC_MICROSERVICE, generation)
         if isinstance(found, StageOutcome):
             return found
         started = DeferredEvents()
@@ -318,13 +333,13 @@ class StockSynchronizationService:
         request = _sync_request(found)
         with self._measure_execution_time() as timer:
             if request is None:
-                request = self._reload_for_sync(operation_id)
+                request = self._reload_for_sync(operation_id, generation)
                 if request is None:
                     return StageOutcome.STOPPED
             try:
                 self._send_sync_put(request)
             except RevisionConflict:
-                request = self._reload_for_sync(operation_id)
+                request = self._reload_for_sync(operation_id, generation)
                 if request is None:
                     return StageOutcome.STOPPED
                 self._send_sync_put(request)  # a second 409 is retried with backoff
@@ -347,15 +362,17 @@ class StockSynchronizationService:
                 raise _CancelledMeanwhile() from error
             raise
 
-    def _reload_for_sync(self, operation_id: uuid.UUID) -> SyncRequest | None:
+    def _reload_for_sync(
+        self, operation_id: uuid.UUID, generation: int | None
+    ) -> SyncRequest | None:
         """GET the order (after a 409), record its revision for the next PUT; None when the
         operation left STOCK_DEDUCTED meanwhile."""
-        with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
+        with self._stage_transaction(operation_id, SYNC_MICROSERVICE, generation) as stage:
             if stage.skip:
                 return None
             order_id = stage.operation.order_id
         order = self._client.get_order(order_id)
-        with self._stage_transaction(operation_id, SYNC_MICROSERVICE) as stage:
+        with self._stage_transaction(operation_id, SYNC_MICROSERVICE, generation) as stage:
             if stage.skip:
                 return None
             operation = stage.operation
@@ -402,7 +419,11 @@ class StockSynchronizationService:
 
     def record_retry(self, operation_id: uuid.UUID, stage: Stage, error: Exception) -> StageResult:
         """Count a retry of ``stage`` in the row (the truth), or fail the operation past the
-        stage's limit. Notifications leave after the commit."""
+        stage's limit. Notifications leave after the commit.
+
+        A short wait is a countdown message (``retry_in_s``); a wait longer than
+        ``retry_park_after_s`` is *parked* in the row (``next_retry_at``, no message), so a
+        worker holds nothing in memory for it: beat re-enqueues it when it is due."""
         with self._database.transaction() as session:
             operation = lock_operation(session, operation_id)
             if operation.status_enum is not stage.status:
@@ -418,12 +439,20 @@ class StockSynchronizationService:
                     f"stage {stage.name} gave up after {used} retries",
                     status="error",
                 )
-                self._fail(session, operation, log, error, f"retry limit of {stage.name} reached")
+                self._fail(
+                    session, operation, log, error, f"retry limit of {stage.name} reached", stage
+                )
                 return StageResult(StageOutcome.STOPPED)
             used += 1
             set_retries_used(operation, stage, used)
             delay = policy.delay_for(used, at_least_s=getattr(error, "retry_after_s", None))
-            operation.next_retry_at = utcnow() + timedelta(seconds=delay)
+            parked = delay > self._settings.retry_park_after_s
+            now = read_database_now(session.connection())
+            operation.next_retry_at = now + timedelta(seconds=delay)
+            # parked: no message exists until beat releases it; otherwise the countdown copy
+            # is published right after this commits
+            operation.dispatched_at = None if parked else now
+            operation.attempt_started_at = None
             operation.last_error = _one_line(error)
             operation.last_error_type = type(error).__name__
             operation.updated_at = utcnow()
@@ -439,12 +468,15 @@ class StockSynchronizationService:
             self._log_failure(
                 session, log, operation, stage, error, next_retry_at=operation.next_retry_at
             )
+            waits = "waits in the database" if parked else "in"
             log.log_action_with_timing(
                 operation_id,
                 LogAction.RETRY_SCHEDULED,
-                f"retry {used} of {policy.max_retries} of {stage.name} in {delay:.3f}s",
+                f"retry {used} of {policy.max_retries} of {stage.name} {waits} {delay:.3f}s",
                 status="warning",
             )
+            if parked:
+                return StageResult(StageOutcome.STOPPED)
             return StageResult(StageOutcome.STOPPED, retry_in_s=delay)
 
     def fail_operation(self, operation_id: uuid.UUID, stage: Stage, error: Exception) -> None:
@@ -455,7 +487,7 @@ class StockSynchronizationService:
                 return
             log = operation_logger(session, operation, self._logger)
             self._log_failure(session, log, operation, stage, error, next_retry_at=None)
-            self._fail(session, operation, log, error, f"permanent error in {stage.name}")
+            self._fail(session, operation, log, error, f"permanent error in {stage.name}", stage)
 
     def fail_exhausted(self, operation_id: uuid.UUID, stage: Stage) -> bool:
         """FAILED for an operation whose stage kept dying past its budget (a killed worker, a
@@ -480,6 +512,7 @@ class StockSynchronizationService:
                 log,
                 error,
                 f"retry limit of {stage.name} reached",
+                stage,
                 error_type=operation.last_error_type,
             )
             return True
@@ -491,14 +524,17 @@ class StockSynchronizationService:
         log: StandardizedLogger,
         error: Exception,
         reason: str,
+        stage: Stage,
         *,
         error_type: str | None = None,
     ) -> None:
-        """FAILED with ``error``; ``error_type`` names the error's type when ``error`` only
-        carries the message of one recorded earlier (the sweep failing a lost stage)."""
+        """FAILED in ``stage`` with ``error``; ``error_type`` names the error's type when
+        ``error`` only carries the message of one recorded earlier (the sweep failing a dead
+        stage)."""
         error_type = error_type or type(error).__name__
         operation.last_error = _one_line(error)
         operation.last_error_type = error_type
+        operation.failed_stage = stage.name
         log.log_action_with_timing(
             operation.id,
             LogAction.OPERATION_FAILED,
@@ -558,7 +594,9 @@ class StockSynchronizationService:
         after_commit(session, lambda: self._notifier.notify(notification))
 
     @contextmanager
-    def _stage_transaction(self, operation_id: uuid.UUID, stage: Stage) -> Iterator[StageContext]:
+    def _stage_transaction(
+        self, operation_id: uuid.UUID, stage: Stage, generation: int | None = None
+    ) -> Iterator[StageContext]:
         """A transaction holding the locked operation row, with the verdict on whether
         ``stage`` still applies (None: go ahead; otherwise the outcome to return at once).
 
@@ -567,9 +605,7 @@ class StockSynchronizationService:
         """
         with self._database.core_transaction() as connection:
             operation = lock_row(connection, operation_id)
-            verdict = stage_outcome_for(operation.status_enum, stage)
-            if verdict is not None:
-                _log_skip(operation.id, operation.order_id, operation.status, stage, verdict)
+            verdict = _verdict(operation, stage, generation)
             yield StageContext(
                 connection,
                 operation,
@@ -577,16 +613,29 @@ class StockSynchronizationService:
                 verdict,
             )
 
-    def _peek(self, operation_id: uuid.UUID, stage: Stage) -> OperationRow | StageOutcome:
+    def _start(
+        self, operation_id: uuid.UUID, stage: Stage, generation: int | None
+    ) -> OperationRow | StageOutcome:
+        """Stamp the start of a network stage's attempt and return the row, or the outcome to
+        return when ``stage`` does not apply (a duplicate delivery, a stale copy of an older
+        dispatch, a chain ahead of its operation, a cancel)."""
+        with self._database.single_statement() as connection:
+            started = start_attempt(connection, operation_id, stage.status, generation)
+        if started is not None:
+            return started
+        found = self._peek(operation_id, stage, generation)
+        return found if isinstance(found, StageOutcome) else StageOutcome.STOPPED
+
+    def _peek(
+        self, operation_id: uuid.UUID, stage: Stage, generation: int | None = None
+    ) -> OperationRow | StageOutcome:
         """The operation read without a lock, or the outcome to return when ``stage`` does
-        not apply to it (a duplicate delivery, a chain ahead of its operation, a cancel)."""
+        not apply to it (a duplicate delivery, a stale copy, a chain ahead of its operation,
+        a cancel)."""
         with self._database.peek() as connection:
             found = peek_row(connection, operation_id)
-        verdict = stage_outcome_for(found.status_enum, stage)
-        if verdict is not None:
-            _log_skip(operation_id, found.order_id, found.status, stage, verdict)
-            return verdict
-        return found
+        verdict = _verdict(found, stage, generation)
+        return found if verdict is None else verdict
 
     def _verdict_now(self, operation_id: uuid.UUID, stage: Stage) -> StageOutcome:
         """Why ``stage`` no longer applies, read again after a guarded move found the status
@@ -642,6 +691,31 @@ class StageContext:
     operation: OperationRow
     log: StandardizedLogger
     skip: StageOutcome | None
+
+
+def _verdict(row: OperationRow, stage: Stage, generation: int | None) -> StageOutcome | None:
+    """None when ``stage`` applies to ``row`` for a message of dispatch ``generation``;
+    otherwise the outcome to return at once, logged. A copy of an older dispatch stops its
+    chain whatever the status: the newer dispatch drives the operation."""
+    if generation is not None and row.dispatch_generation != generation:
+        stage_logger.info(
+            "stage %s skipped: a copy of dispatch %d, the operation is at dispatch %d",
+            stage.name,
+            generation,
+            row.dispatch_generation,
+            extra={
+                "operation_id": str(row.id),
+                "order_id": row.order_id,
+                "status": row.status,
+                "stage": stage.name,
+                "chain": "stops",
+            },
+        )
+        return StageOutcome.STOPPED
+    verdict = stage_outcome_for(row.status_enum, stage)
+    if verdict is not None:
+        _log_skip(row.id, row.order_id, row.status, stage, verdict)
+    return verdict
 
 
 def _log_skip(
