@@ -91,8 +91,15 @@ soak: install services
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
+# MODE=backlog: 1,200 orders queued with no worker for 12 stuck thresholds; MODE=outage: the
+# microservice down longer than the retry budgets, then `stock-sync retry --failed`.
+MODE ?= storm
 chaos: install services
+ifeq ($(MODE),storm)
 	$(BIN)/python -m stock_sync.devtools.chaos
+else
+	$(BIN)/python -m stock_sync.devtools.chaos_time --mode $(MODE)
+endif
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache

@@ -56,3 +56,38 @@ def test_every_invariant_holds_under_the_fault_suite(tmp_path: Path) -> None:
     }
     assert violated == {}, report["summary"] + "\n" + result.stderr[-8000:]
     assert result.returncode == 0
+
+
+def run_time_mode(mode: str, *arguments: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "stock_sync.devtools.chaos_time", "--mode", mode, "--json",
+         *arguments],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert result.returncode != EXIT_HARNESS_FAILED, result.stderr[-6000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    violated = [a["name"] for a in report["assertions"] if not a["ok"]]
+    assert violated == [] and result.returncode == 0, report["summary"] + result.stderr[-6000:]
+    return report
+
+
+@pytest.mark.slow
+def test_a_backlog_older_than_the_stuck_threshold_only_waits() -> None:
+    """120 orders queued with no worker for four stuck thresholds: nothing fails, nothing is
+    re-driven, no stage runs twice (the full run: make chaos MODE=backlog)."""
+    report = run_time_mode("backlog", "--orders", "120", "--backlog-age", "4")
+    assert report["longest_wait_x_stuck"] >= 4  # the queue really was that old
+    assert (report["failed"], report["redriven"], report["duplicate_stage_runs"]) == (0, 0, 0)
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_the_budgets_is_recovered_by_retry_failed() -> None:
+    """40 orders FAILED by a microservice outage (half before, half after deducting), then
+    `stock-sync retry --failed`: every order completes with one deduction and one sync (the
+    full run: make chaos MODE=outage)."""
+    report = run_time_mode("outage", "--orders", "40")
+    assert report["failed_before"] == 40 and report["failed_after_deducting"] == 20
+    assert report["retried"] == 40 and report["latest_completed"] == 40

@@ -118,8 +118,8 @@ DEFAULT_ORDERS = 2000
 DEFAULT_SEED = 1
 
 # Pace: at most this many orders a second, and none while the broker's queue holds more
-# than MAX_BACKLOG messages: a message older than STUCK_AFTER_S would be re-driven by the
-# sweep, and the copies would lengthen the queue further.
+# than MAX_BACKLOG messages, so this mode stays a storm of faults while the orders flow (a
+# backlog of any age is the backlog mode's subject: chaos_time).
 SUBMITS_PER_S = 14.0
 MAX_BACKLOG = 30
 MIN_FAULT_S = 25.0
@@ -169,8 +169,15 @@ CHAOS_SETTINGS = {
     "MAX_RETRIES_DEDUCTION": "18",
     "MAX_RETRIES_STOCK_DEDUCTED": "20",
     "MAX_RETRIES_ROLLBACK": "25",
+    # A dead attempt is found after STUCK_AFTER_S, which must exceed the hard time limit plus
+    # the microservice deadline (so a running attempt is never taken for a dead one); a lost
+    # message once a probe sent after it came through TASK_TIME_LIMIT_S ago.
+    "MICROSERVICE_DEADLINE_S": "2",
+    "TASK_SOFT_TIME_LIMIT_S": "4",
+    "TASK_TIME_LIMIT_S": "5",
     "SWEEP_INTERVAL_S": "1",
-    "STUCK_AFTER_S": "3",
+    "STUCK_AFTER_S": "8",
+    "RETRY_RELEASE_INTERVAL_S": "1",
     "ALERT_INTERVAL_S": "3600",
 }
 RETRY_BUDGETS = {
@@ -519,10 +526,18 @@ def save_evidence(rig: Rig, assertions: Sequence[Assertion], folder: Path) -> No
 # --- the run ----------------------------------------------------------------------------------
 
 
-def start_rig(stack: contextlib.ExitStack, options: Options, workdir: Path) -> Rig:
-    """The servers and processes of a run, each stopped and removed when ``stack`` closes."""
+def start_rig(
+    stack: contextlib.ExitStack,
+    options: Options,
+    workdir: Path,
+    *,
+    scenario: Scenario | None = None,
+    start_fleet: bool = True,
+) -> Rig:
+    """The servers and processes of a run, each stopped and removed when ``stack`` closes
+    (the Celery processes started now, or by the caller with ``rig.fleet.start()``)."""
     tag = uuid.uuid4().hex[:8]
-    scenario = build_scenario(options.orders, options.seed, tag)
+    scenario = scenario or build_scenario(options.orders, options.seed, tag)
     broker = stack.enter_context(ChaosRedis(workdir))
     database_url = stack.enter_context(
         throwaway_database(
@@ -544,7 +559,8 @@ def start_rig(stack: contextlib.ExitStack, options: Options, workdir: Path) -> R
     logs.mkdir()
     fleet = Fleet(variables, logs)
     stack.callback(fleet.stop)
-    fleet.start()
+    if start_fleet:
+        fleet.start()
     say(
         f"    redis-server on port {broker.port}, fake microservice {fake.url}, "
         f"{len(scenario.initial_stock)} SKUs, logs in {logs}"

@@ -197,10 +197,17 @@ def read_snapshot(
 ) -> Snapshot:
     op, movement = PendingStockOperation, StockMovement
     with database.transaction() as session:
-        deducted = set(
+        handed_over = select(movement.reverses_movement_id).where(
+            movement.reason == MovementReason.HANDOVER.value,
+            movement.reverses_movement_id.is_not(None),
+        )
+        deducted = set(  # deductions still their operation's (a retry takes one over)
             session.scalars(
                 select(movement.operation_id)
-                .where(movement.reason == MovementReason.DEDUCTION.value)
+                .where(
+                    movement.reason == MovementReason.DEDUCTION.value,
+                    movement.id.not_in(handed_over),
+                )
                 .distinct()
             )
         )
@@ -474,13 +481,17 @@ def failures_by_design(
 
 
 def one_deduction_per_order(database: Database) -> Assertion:
-    check = Assertion("one_deduction_per_order", "no order has two order-deduction operations")
+    check = Assertion(
+        "one_deduction_per_order",
+        "no order has two submitted order-deduction operations (a retry's successor continues "
+        "its order's one line)",
+    )
     op = PendingStockOperation
     with database.transaction() as session:
         doubled = list(
             session.scalars(
                 select(op.order_id)
-                .where(op.operation_type == ORDER_DEDUCTION)
+                .where(op.operation_type == ORDER_DEDUCTION, op.predecessor_operation_id.is_(None))
                 .group_by(op.order_id)
                 .having(func.count() > 1)
                 .order_by(op.order_id)
@@ -489,7 +500,11 @@ def one_deduction_per_order(database: Database) -> Assertion:
         for order_id in doubled:
             rows = session.execute(
                 select(op.id, op.account_name, op.status)
-                .where(op.order_id == order_id, op.operation_type == ORDER_DEDUCTION)
+                .where(
+                    op.order_id == order_id,
+                    op.operation_type == ORDER_DEDUCTION,
+                    op.predecessor_operation_id.is_(None),
+                )
                 .order_by(op.created_at)
             ).all()
             listed = "; ".join(f"{i} (account {a or '-'}, {s})" for i, a, s in rows)
