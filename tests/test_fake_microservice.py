@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,12 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from stock_sync.adapters.microservice_client import MicroserviceClient, Revision
-from stock_sync.devtools.fake_microservice import FakeMicroservice, load_orders_file, serve
+from stock_sync.devtools.fake_microservice import (
+    DEFAULT_STRICT,
+    FakeMicroservice,
+    load_orders_file,
+    serve,
+)
 from stock_sync.domain.errors import (
     ContractViolation,
     InvalidInput,
@@ -112,6 +122,8 @@ def test_records_what_each_put_sent(fake: FakeMicroservice, client: Microservice
         "expected_revision": 1,
         "outcome": "applied",
         "http_status": 204,
+        "changed": True,
+        "held": False,
     }
 
 
@@ -715,18 +727,20 @@ def test_serve_takes_the_revision_form(tmp_path: Path) -> None:
 
 
 def test_a_trickled_body_is_cut_at_the_deadline(fake: FakeMicroservice) -> None:
-    fake.add_order(an_order(), trickle_s=0.1)  # each byte beats the read timeout by far
+    # each byte beats the read timeout tenfold; the 183-byte body takes about 37 s
+    fake.add_order(an_order(), trickle_s=0.2)
 
     started = time.monotonic()
     with (
-        MicroserviceClient(fake.url, timeout_s=1.0, deadline_s=0.5) as microservice,
+        MicroserviceClient(fake.url, timeout_s=2.0, deadline_s=0.5) as microservice,
         pytest.raises(
             MicroserviceTimeout, match=r"exchange not finished within its 0\.5s deadline"
         ),
     ):
         microservice.get_order("o-1")
 
-    assert time.monotonic() - started < 1.0  # the body alone would take about 20 s
+    # ten times the deadline, for a loaded machine; read to its end, the body takes 37 s
+    assert time.monotonic() - started < 5.0
 
 
 def test_a_slow_but_timely_body_is_accepted(fake: FakeMicroservice) -> None:
@@ -753,7 +767,8 @@ def test_a_gzip_bomb_is_refused_after_reading_about_the_cap(fake: FakeMicroservi
 
 
 def test_a_header_section_trickled_past_the_deadline_is_a_timeout() -> None:
-    with trickling_server(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n") as url:
+    # a byte every 0.05 s beats the read timeout; the 526-byte head takes about 26 s
+    with trickling_server(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 500 + b"\r\n") as url:
         started = time.monotonic()
         with (
             MicroserviceClient(url, timeout_s=1.0, deadline_s=0.5) as microservice,
@@ -761,7 +776,7 @@ def test_a_header_section_trickled_past_the_deadline_is_a_timeout() -> None:
         ):
             microservice.get_order("o-1")
 
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # ten times the deadline, for a loaded machine
 
 
 @contextmanager
@@ -817,28 +832,39 @@ def test_the_pool_stays_healthy_through_hostile_answers(fake: FakeMicroservice) 
 
 
 def test_a_deadline_shuts_only_its_own_exchange_down(fake: FakeMicroservice) -> None:
-    fake.add_order(an_order("slow"), trickle_s=0.05)
+    # the readers' answers take about 0.2 s each: they are in flight nearly all the time, so
+    # while the slow exchanges' deadlines fire; their 3 s deadline leaves a loaded machine 15x
+    fake.add_order(an_order("timely"), trickle_s=0.001)
+    fake.add_order(an_order("slow"), trickle_s=0.05)  # 9 s of body: always past the deadline
     failures: list[BaseException] = []
+    reads: list[str] = []
+    slow_done = threading.Event()
 
-    with MicroserviceClient(fake.url, timeout_s=1.0, deadline_s=0.3) as microservice:
+    with MicroserviceClient(fake.url, timeout_s=2.0, deadline_s=3.0) as microservice:
 
-        def read_many() -> None:
+        def read_until_the_slow_ones_ended() -> None:
             try:
-                for _ in range(40):
-                    assert microservice.get_order("o-1").id == "o-1"
+                while not slow_done.is_set():
+                    reads.append(microservice.get_order("timely").id)
             except BaseException as exc:  # reported by the main thread
                 failures.append(exc)
 
-        readers = [threading.Thread(target=read_many) for _ in range(4)]
+        readers = [threading.Thread(target=read_until_the_slow_ones_ended) for _ in range(4)]
         for reader in readers:
             reader.start()
-        for _ in range(4):
-            with pytest.raises(MicroserviceTimeout):
-                microservice.get_order("slow")
+        # later than the readers' first reads: their deadlines too fall due during the reads
+        wait_until(lambda: len(reads) >= 8 or bool(failures))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            slow = [pool.submit(microservice.get_order, "slow") for _ in range(4)]
+            errors = [future.exception(timeout=60) for future in slow]
+        slow_done.set()
         for reader in readers:
             reader.join(30)
 
+    assert [type(error) for error in errors] == [MicroserviceTimeout] * 4
+    assert not any(reader.is_alive() for reader in readers)
     assert failures == []
+    assert len(reads) >= 4 and set(reads) == {"timely"}
 
 
 LINE = {"id": "li-1", "offer_id": "off-1", "sku": "SKU-1", "quantity": 2}
@@ -862,7 +888,7 @@ def test_an_order_id_of_any_characters_round_trips(
 def test_the_deadline_holds_in_a_forked_child(fake: FakeMicroservice) -> None:
     """Celery's prefork pool forks after the parent may have used a client: the deadline
     watchdog's thread does not survive a fork and must be started again in the child."""
-    fake.add_order(an_order("slow"), trickle_s=0.1)
+    fake.add_order(an_order("slow"), trickle_s=0.2)  # 37 s of body, each byte within 2 s
     with MicroserviceClient(fake.url) as microservice:
         microservice.get_order("o-1")  # the watchdog thread runs in this process now
     context = multiprocessing.get_context("fork")
@@ -870,7 +896,7 @@ def test_the_deadline_holds_in_a_forked_child(fake: FakeMicroservice) -> None:
 
     child = context.Process(target=read_slow_order, args=(fake.url, outcome))
     child.start()
-    child.join(10)
+    child.join(60)
 
     assert outcome.get(timeout=1) == ("MicroserviceTimeout", True)
 
@@ -878,8 +904,586 @@ def test_the_deadline_holds_in_a_forked_child(fake: FakeMicroservice) -> None:
 def read_slow_order(url: str, outcome: Any) -> None:
     started = time.monotonic()
     try:
-        with MicroserviceClient(url, timeout_s=1.0, deadline_s=0.5) as microservice:
+        with MicroserviceClient(url, timeout_s=2.0, deadline_s=0.5) as microservice:
             microservice.get_order("slow")
         outcome.put(("no error", False))
     except Exception as exc:
-        outcome.put((type(exc).__name__, time.monotonic() - started < 1.5))
+        # cut within ten times its deadline (a loaded machine), not after the 37 s body
+        outcome.put((type(exc).__name__, time.monotonic() - started < 5.0))
+
+
+# --- modes: strict (Allegro's and the idempotency-key draft's) and lenient ------------------
+
+
+@pytest.fixture
+def strict_fake() -> Iterator[FakeMicroservice]:
+    """Strict mode, integer revisions (compared as numbers below)."""
+    with FakeMicroservice(orders=[an_order()], revision_form="integer", strict=True) as started:
+        yield started
+
+
+@pytest.fixture
+def strict_client(strict_fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
+    with MicroserviceClient(strict_fake.url, timeout_s=5.0) as microservice:
+        yield microservice
+
+
+@pytest.fixture
+def lenient_fake() -> Iterator[FakeMicroservice]:
+    with FakeMicroservice(orders=[an_order()], revision_form="integer", strict=False) as started:
+        yield started
+
+
+@pytest.fixture
+def background() -> Iterator[ThreadPoolExecutor]:
+    """Requests sent from other threads, so a test can act while they wait in the fake."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        yield pool
+
+
+def put(
+    fake: FakeMicroservice,
+    *,
+    key: str = "k-1",
+    status: str = "PROCESSING",
+    revision: object = 1,
+    order_id: str = "o-1",
+) -> requests.Response:
+    return requests.put(
+        f"{fake.url}/v1/orders/{order_id}/fulfillment",
+        json={"status": status, "expected_revision": revision},
+        headers={"Idempotency-Key": key},
+        timeout=30,
+    )
+
+
+def answer(response: requests.Response) -> tuple[int, str | None, bool | None]:
+    """Status code, error code and retryable flag (None, None for a 204)."""
+    if response.status_code == 204:
+        return 204, None, None
+    error = response.json()["error"]
+    return response.status_code, error["code"], error["retryable"]
+
+
+def state_of(fake: FakeMicroservice, order_id: str = "o-1") -> tuple[str, str, Any]:
+    order = fake.order(order_id)
+    return order["status"], order["fulfillment_status"], order["revision"]
+
+
+def test_modes_default_to_the_module_constant_everywhere(tmp_path: Path) -> None:
+    orders_file = tmp_path / "orders.json"
+    orders_file.write_text(json.dumps([an_order()]))
+    served: list[bool] = []
+
+    def ask_mode_then_stop(url: str) -> None:
+        served.append(requests.get(f"{url}/_admin/mode", timeout=5).json()["strict"])
+        raise KeyboardInterrupt  # serve() stops on Ctrl-C
+
+    serve(
+        host="127.0.0.1",
+        port=0,
+        orders_file=str(orders_file),
+        faults={},
+        on_ready=ask_mode_then_stop,
+    )
+
+    assert DEFAULT_STRICT is False  # the lead flips it once the product copes with strict mode
+    assert FakeMicroservice().strict is DEFAULT_STRICT
+    assert served == [DEFAULT_STRICT]
+
+
+def test_strict_a_put_that_keeps_the_status_answers_204_and_moves_no_revision(
+    strict_fake: FakeMicroservice,
+) -> None:
+    kept = put(strict_fake, key="k-1", status="NEW", revision=1)
+    moved = put(strict_fake, key="k-2", status="PROCESSING", revision=1)
+
+    assert (kept.status_code, moved.status_code) == (204, 204)
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "PROCESSING", 2)
+    recorded = [(r["outcome"], r["changed"]) for r in strict_fake.fulfillment_requests()]
+    assert recorded == [("applied", False), ("applied", True)]
+    assert answer(put(strict_fake, key="k-1", status="NEW", revision=1)) == (204, None, None)
+    assert outcomes(strict_fake)[-1] == "replayed"  # the unchanged PUT's key counts as applied
+
+
+def test_lenient_a_put_that_keeps_the_status_still_moves_the_revision(
+    lenient_fake: FakeMicroservice,
+) -> None:
+    assert put(lenient_fake, key="k-1", status="NEW", revision=1).status_code == 204
+
+    assert state_of(lenient_fake) == ("READY_FOR_PROCESSING", "NEW", 2)
+    [recorded] = lenient_fake.fulfillment_requests()
+    assert (recorded["outcome"], recorded["changed"]) == ("applied", False)
+
+
+def test_strict_a_key_applied_then_sent_with_another_body_is_refused_422(
+    strict_fake: FakeMicroservice,
+) -> None:
+    strict_fake.add_order(an_order("o-2"))
+    assert put(strict_fake, key="k-1", status="PROCESSING", revision=1).status_code == 204
+
+    other_status = put(strict_fake, key="k-1", status="SENT", revision=2)
+    other_order = put(strict_fake, key="k-1", status="PROCESSING", revision=1, order_id="o-2")
+
+    assert answer(other_status) == (422, "IDEMPOTENCY_KEY_REUSED", False)
+    assert answer(other_order) == (422, "IDEMPOTENCY_KEY_REUSED", False)
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "PROCESSING", 2)
+    assert state_of(strict_fake, "o-2") == ("READY_FOR_PROCESSING", "NEW", 1)
+    assert outcomes(strict_fake) == ["applied", "key_reused", "key_reused"]
+
+
+def test_lenient_a_key_applied_then_sent_with_another_body_is_replayed_without_effect(
+    lenient_fake: FakeMicroservice,
+) -> None:
+    assert put(lenient_fake, key="k-1", status="PROCESSING", revision=1).status_code == 204
+
+    assert put(lenient_fake, key="k-1", status="SENT", revision=2).status_code == 204
+
+    assert state_of(lenient_fake) == ("READY_FOR_PROCESSING", "PROCESSING", 2)
+    assert outcomes(lenient_fake) == ["applied", "replayed"]
+
+
+def test_strict_a_key_refused_with_a_conflict_is_bound_to_that_body(
+    strict_fake: FakeMicroservice,
+) -> None:
+    conflict = put(strict_fake, key="k-1", revision=7)
+
+    reloaded = put(strict_fake, key="k-1", revision=1)  # the right revision, the same key
+
+    assert answer(conflict) == (409, "REVISION_CONFLICT", True)
+    assert answer(reloaded) == (422, "IDEMPOTENCY_KEY_REUSED", False)
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "NEW", 1)
+    assert outcomes(strict_fake) == ["conflict", "key_reused"]
+
+
+def test_lenient_a_key_refused_with_a_conflict_may_be_sent_with_another_body(
+    lenient_fake: FakeMicroservice,
+) -> None:
+    assert put(lenient_fake, key="k-1", revision=7).status_code == 409
+
+    assert put(lenient_fake, key="k-1", revision=1).status_code == 204
+
+    assert outcomes(lenient_fake) == ["conflict", "applied"]
+
+
+def test_strict_a_request_refused_with_a_conflict_applies_when_retried_unchanged(
+    strict_fake: FakeMicroservice,
+) -> None:
+    assert answer(put(strict_fake, key="k-1", revision=2)) == (409, "REVISION_CONFLICT", True)
+    strict_fake.buyer_edit("o-1")  # the order reaches the revision the request expected
+
+    assert put(strict_fake, key="k-1", revision=2).status_code == 204
+
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "PROCESSING", 3)
+    assert outcomes(strict_fake) == ["conflict", "applied"]
+
+
+@pytest.mark.parametrize(
+    ("knobs", "faults"), [({"fail_puts": 1}, {}), ({}, {"error_rate": 1.0})], ids=["knob", "rate"]
+)
+def test_strict_a_key_answered_503_is_bound_yet_may_be_retried_unchanged(
+    strict_fake: FakeMicroservice, knobs: dict[str, Any], faults: dict[str, Any]
+) -> None:
+    strict_fake.add_order(an_order(), **knobs)
+    strict_fake.set_faults(**faults)
+    assert answer(put(strict_fake, key="k-1")) == (503, "SERVICE_UNAVAILABLE", True)
+    strict_fake.set_faults(error_rate=0.0)
+
+    other = put(strict_fake, key="k-1", status="SENT")
+    same = put(strict_fake, key="k-1")
+
+    assert answer(other) == (422, "IDEMPOTENCY_KEY_REUSED", False)
+    assert same.status_code == 204
+    assert outcomes(strict_fake) == ["fault", "key_reused", "applied"]
+
+
+def test_strict_a_key_is_in_flight_while_its_put_waits_at_the_hold_puts_gate(
+    strict_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    strict_fake.add_order(an_order(), hold_puts=1)
+    first = background.submit(put, strict_fake, key="k-1")
+    wait_until(lambda: strict_fake.held_puts("o-1") == 1)
+
+    same = put(strict_fake, key="k-1")
+    other = put(strict_fake, key="k-1", status="SENT")
+    strict_fake.release_puts("o-1")
+
+    assert answer(same) == (409, "IDEMPOTENCY_KEY_IN_FLIGHT", True)
+    assert answer(other) == (422, "IDEMPOTENCY_KEY_REUSED", False)
+    assert first.result(timeout=30).status_code == 204
+    assert put(strict_fake, key="k-1").status_code == 204
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "PROCESSING", 2)  # one effect
+    assert outcomes(strict_fake) == ["in_flight", "key_reused", "applied", "replayed"]
+    assert [r["held"] for r in strict_fake.fulfillment_requests()] == [False, False, True, False]
+
+
+def test_strict_a_key_is_in_flight_while_its_put_is_held_for_hold_puts_s(
+    strict_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    strict_fake.add_order(an_order(), hold_puts_s=2.0)  # the replay is sent within it
+    first = background.submit(put, strict_fake, key="k-1")
+    wait_until(lambda: strict_fake.puts_in_flight("o-1") == 1)
+
+    same = put(strict_fake, key="k-1")
+
+    assert answer(same) == (409, "IDEMPOTENCY_KEY_IN_FLIGHT", True)
+    assert strict_fake.order("o-1")["fulfillment_status"] == "NEW"  # not applied yet
+    assert first.result(timeout=30).status_code == 204
+    assert strict_fake.puts_in_flight("o-1") == 0
+    assert put(strict_fake, key="k-1").status_code == 204  # answered on arrival: no hold
+    assert strict_fake.order("o-1")["revision"] == 2
+    assert outcomes(strict_fake) == ["in_flight", "applied", "replayed"]
+
+
+def test_strict_a_key_is_in_flight_while_its_put_sleeps_on_a_global_timeout(
+    strict_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    strict_fake.set_faults(timeout_rate=1.0, timeout_s=2.0)
+    first = background.submit(put, strict_fake, key="k-1")
+    wait_until(lambda: strict_fake.puts_in_flight("o-1") == 1)
+    strict_fake.set_faults(timeout_rate=0.0)
+
+    assert answer(put(strict_fake, key="k-1")) == (409, "IDEMPOTENCY_KEY_IN_FLIGHT", True)
+    assert first.result(timeout=30).status_code == 204
+    assert outcomes(strict_fake) == ["in_flight", "applied"]
+
+
+def test_strict_a_put_refused_after_waiting_lets_the_in_flight_retry_apply(
+    strict_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    strict_fake.add_order(an_order(), hold_puts=1, fail_puts=1)
+    first = background.submit(put, strict_fake, key="k-1")
+    wait_until(lambda: strict_fake.held_puts("o-1") == 1)
+    assert put(strict_fake, key="k-1").status_code == 409  # in flight
+    strict_fake.release_puts("o-1")
+    assert first.result(timeout=30).status_code == 503  # refused after the gate
+
+    retried = put(strict_fake, key="k-1")
+
+    assert retried.status_code == 204
+    assert outcomes(strict_fake) == ["in_flight", "fault", "applied"]
+
+
+def test_lenient_two_puts_with_one_key_may_wait_together_and_apply_once(
+    lenient_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    lenient_fake.add_order(an_order(), hold_puts=2)
+    sent = [background.submit(put, lenient_fake, key="k-1") for _ in range(2)]
+    wait_until(lambda: lenient_fake.held_puts("o-1") == 2)
+
+    lenient_fake.release_puts("o-1")
+
+    assert [future.result(timeout=30).status_code for future in sent] == [204, 204]
+    assert sorted(outcomes(lenient_fake)) == ["applied", "replayed"]
+    assert lenient_fake.order("o-1")["revision"] == 2
+
+
+@pytest.mark.parametrize(
+    ("knob", "error"),
+    [
+        ("fail_puts_after_apply", MicroserviceServerError),
+        ("drop_puts_after_apply", MicroserviceUnavailable),
+    ],
+)
+def test_strict_answers_lost_after_apply_are_replayed_without_a_second_effect(
+    strict_fake: FakeMicroservice,
+    strict_client: MicroserviceClient,
+    knob: str,
+    error: type[Exception],
+) -> None:
+    strict_fake.add_order(an_order(), **{knob: 1})
+
+    with pytest.raises(error):
+        sync(strict_client, revision=1, key="k-1")
+    assert put(strict_fake, key="k-1").status_code == 204
+
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "PROCESSING", 2)
+    assert outcomes(strict_fake) == ["applied", "replayed"]
+
+
+def test_strict_the_buyer_edits_right_after_the_chosen_read(
+    strict_fake: FakeMicroservice, strict_client: MicroserviceClient
+) -> None:
+    strict_fake.add_order(an_order(), edit_after_reads=2)
+
+    read = [strict_client.get_order("o-1").revision for _ in range(3)]
+
+    assert read == [1, 1, 2]  # the second read answered what it saw, then the buyer edited
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "NEW", 2)
+    assert [(e["order_id"], e["kind"], e["revision"]) for e in strict_fake.buyer_events()] == [
+        ("o-1", "edit", 2)
+    ]
+    with pytest.raises(RevisionConflict):  # a sync with the revision of the load
+        sync(strict_client, revision=1, key="k-1")
+
+
+def test_strict_the_buyer_cancels_right_after_the_chosen_read(
+    strict_fake: FakeMicroservice, strict_client: MicroserviceClient
+) -> None:
+    strict_fake.add_order(an_order(), cancel_after_reads=1)
+
+    loaded = strict_client.get_order("o-1")
+
+    assert (loaded.status, loaded.revision) == ("READY_FOR_PROCESSING", 1)
+    assert state_of(strict_fake) == ("CANCELLED", "NEW", 2)
+    assert [(e["kind"], e["revision"]) for e in strict_fake.buyer_events()] == [("cancel", 2)]
+    assert strict_client.get_order("o-1").status == "CANCELLED"
+    assert len(strict_fake.buyer_events()) == 1  # once
+
+
+def test_a_held_get_answers_an_older_state_after_a_newer_read(
+    strict_fake: FakeMicroservice, strict_client: MicroserviceClient, background: ThreadPoolExecutor
+) -> None:
+    strict_fake.add_order(an_order(), hold_get_answers=1)
+    older = background.submit(strict_client.get_order, "o-1")
+    wait_until(lambda: strict_fake.held_get_answers("o-1") == 1)
+    sync(strict_client, revision=1, key="k-1")
+
+    newer = strict_client.get_order("o-1")  # only the first GET was held
+    assert strict_fake.held_get_answers("o-1") == 1  # the older one is still waiting
+    strict_fake.release_get_answers("o-1")
+
+    assert (newer.revision, newer.fulfillment_status) == (2, "PROCESSING")
+    assert (older.result(timeout=30).revision, older.result().fulfillment_status) == (1, "NEW")
+    assert strict_fake.held_get_answers("o-1") == 0
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_set_fulfillment_status_changes_the_order_behind_the_products_back(strict: bool) -> None:
+    with FakeMicroservice(orders=[an_order()], revision_form="integer", strict=strict) as fake:
+        fake.set_fulfillment_status("o-1", "SENT")
+        fake.set_fulfillment_status("o-1", "SENT")  # no change: no new revision
+
+        assert state_of(fake) == ("READY_FOR_PROCESSING", "SENT", 2)
+        assert fake.buyer_events() == []
+        with pytest.raises(InvalidInput, match=r"status must be one of .*, got 'LOST'"):
+            fake.set_fulfillment_status("o-1", "LOST")
+        with pytest.raises(InvalidInput, match="no order 'nope'"):
+            fake.set_fulfillment_status("nope", "SENT")
+
+
+def test_the_buyer_edit_rate_is_drawn_from_the_seed() -> None:
+    def revisions_read(seed: int) -> list[int]:
+        with FakeMicroservice(orders=[an_order()], seed=seed, revision_form="integer") as fake:
+            fake.set_faults(buyer_edit_rate=0.5)
+            read = [
+                requests.get(f"{fake.url}/v1/orders/o-1", timeout=5).json()["revision"]
+                for _ in range(20)
+            ]
+            status, fulfillment, revision = state_of(fake)
+            assert [e["revision"] for e in fake.buyer_events()] == list(range(2, revision + 1))
+            assert (status, fulfillment) == (
+                "READY_FOR_PROCESSING",
+                "NEW",
+            )  # edits change nothing else
+            return read
+
+    first = revisions_read(7)
+
+    assert first == revisions_read(7)
+    assert 1 < first[-1] < 20  # some reads were followed by an edit, some not
+
+
+def test_the_buyer_edit_rate_touches_only_orders_ready_for_processing(
+    strict_fake: FakeMicroservice, strict_client: MicroserviceClient
+) -> None:
+    strict_fake.add_order(an_order(status="BOUGHT"))
+    strict_fake.set_faults(buyer_edit_rate=1.0)
+
+    assert strict_client.get_order("o-1").revision == 1
+    assert strict_fake.buyer_events() == []
+
+
+def test_the_buyer_cancel_rate_is_drawn_from_the_seed() -> None:
+    ids = [f"o-{n}" for n in range(20)]
+
+    def cancelled(seed: int) -> list[str]:
+        orders = [an_order(order_id) for order_id in ids]
+        with FakeMicroservice(orders=orders, seed=seed, revision_form="integer") as fake:
+            fake.set_faults(buyer_cancel_rate=0.5)
+            for order_id in ids:
+                requests.get(f"{fake.url}/v1/orders/{order_id}", timeout=5).raise_for_status()
+            events = fake.buyer_events()
+            assert all(state_of(fake, e["order_id"]) == ("CANCELLED", "NEW", 2) for e in events)
+            return [e["order_id"] for e in events if e["kind"] == "cancel"]
+
+    first = cancelled(7)
+
+    assert first == cancelled(7)
+    assert 0 < len(first) < len(ids)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"fulfillment_status": "PROCESSING"}, {"status": "BOUGHT"}], ids=str
+)
+def test_the_buyer_cancel_rate_touches_only_new_orders_ready_for_processing(
+    strict_fake: FakeMicroservice, strict_client: MicroserviceClient, changes: dict[str, str]
+) -> None:
+    strict_fake.add_order(an_order(**changes))
+    strict_fake.set_faults(buyer_cancel_rate=1.0)
+
+    strict_client.get_order("o-1")
+
+    assert strict_fake.order("o-1")["revision"] == 1
+    assert strict_fake.buyer_events() == []
+
+
+def test_the_hold_rate_is_drawn_from_the_seed() -> None:
+    def held(seed: int) -> list[bool]:
+        with FakeMicroservice(orders=[an_order()], seed=seed, strict=True) as fake:
+            fake.set_faults(hold_rate=0.5, hold_s=0.01)
+            revision = fake.order("o-1")["revision"]
+            for n in range(12):
+                assert put(fake, key=f"k-{n}", status="NEW", revision=revision).status_code == 204
+            return [r["held"] for r in fake.fulfillment_requests()]
+
+    first = held(7)
+
+    assert first == held(7)
+    assert any(first) and not all(first)
+
+
+def test_a_put_held_by_the_hold_rate_is_in_flight_until_it_applies(
+    strict_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    strict_fake.set_faults(hold_rate=1.0, hold_s=2.0)
+    first = background.submit(put, strict_fake, key="k-1")
+    wait_until(lambda: strict_fake.puts_in_flight("o-1") == 1)
+
+    assert put(strict_fake, key="k-1").status_code == 409
+    assert first.result(timeout=30).status_code == 204
+    assert [(r["outcome"], r["held"]) for r in strict_fake.fulfillment_requests()] == [
+        ("in_flight", False),
+        ("applied", True),
+    ]
+
+
+def test_admin_routes_for_the_mode_the_buyer_and_the_holds(
+    strict_fake: FakeMicroservice, background: ThreadPoolExecutor
+) -> None:
+    admin = f"{strict_fake.url}/_admin"
+    assert requests.get(f"{admin}/mode", timeout=5).json() == {"strict": True}
+    assert requests.post(f"{admin}/mode", json={"strict": False}, timeout=5).json() == {
+        "strict": False
+    }
+    assert strict_fake.strict is False
+    strict_fake.set_strict(True)
+
+    edited = requests.post(f"{admin}/orders/o-1/edit", timeout=5).json()
+    changed = requests.post(
+        f"{admin}/orders/o-1/fulfillment", json={"status": "SENT"}, timeout=5
+    ).json()
+    events = requests.get(f"{admin}/buyer_events", timeout=5).json()["buyer_events"]
+
+    assert (edited["revision"], changed["revision"], changed["fulfillment_status"]) == (
+        2,
+        3,
+        "SENT",
+    )
+    assert [(e["kind"], e["revision"]) for e in events] == [("edit", 2)]
+    strict_fake.add_order(an_order(), hold_get_answers=1)
+    held = background.submit(requests.get, f"{strict_fake.url}/v1/orders/o-1", timeout=30)
+    wait_until(lambda: strict_fake.held_get_answers("o-1") == 1)
+    holds = requests.get(f"{admin}/orders/o-1/holds", timeout=5).json()
+    assert holds == {"held_puts": 0, "puts_in_flight": 0, "held_get_answers": 1}
+    assert requests.post(f"{admin}/orders/o-1/release_gets", timeout=5).status_code == 200
+    assert held.result(timeout=30).status_code == 200
+    assert requests.post(f"{admin}/orders/nope/edit", timeout=5).status_code == 404
+    assert requests.get(f"{admin}/orders/nope/holds", timeout=5).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("route", "payload", "named"),
+    [
+        ("mode", {"strict": "yes"}, "strict must be true or false, got 'yes'"),
+        ("mode", {"strict": True, "lenient": False}, "unknown keys lenient"),
+        ("orders/o-1/fulfillment", {"status": "LOST"}, "status must be one of"),
+        ("orders/o-1/fulfillment", {}, "missing status"),
+        ("orders", {**an_order("o-2"), "hold_puts_s": -1}, "o-2: hold_puts_s must be a number"),
+        ("orders", {**an_order("o-2"), "edit_after_reads": 1.5}, "edit_after_reads must be"),
+        ("orders", {**an_order("o-2"), "cancel_after_reads": -1}, "cancel_after_reads must be"),
+        ("orders", {**an_order("o-2"), "hold_get_answers": "2"}, "hold_get_answers must be"),
+        ("faults", {"hold_rate": 2}, "hold_rate must be a number between 0 and 1"),
+        ("faults", {"hold_s": -1}, "hold_s must be a number of seconds"),
+        ("faults", {"buyer_edit_rate": True}, "buyer_edit_rate must be a number between"),
+        ("faults", {"buyer_cancel_rate": -0.1}, "buyer_cancel_rate must be a number between"),
+    ],
+)
+def test_admin_refuses_bad_values_naming_them_in_one_line(
+    strict_fake: FakeMicroservice, route: str, payload: dict[str, Any], named: str
+) -> None:
+    response = requests.post(f"{strict_fake.url}/_admin/{route}", json=payload, timeout=5)
+
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert named in message and "\n" not in message
+    assert strict_fake.strict is True
+    assert state_of(strict_fake) == ("READY_FOR_PROCESSING", "NEW", 1)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "named"),
+    [
+        ({"hold_puts_s": -1}, "hold_puts_s must be a number of seconds >= 0"),
+        ({"edit_after_reads": -1}, "edit_after_reads must be an integer >= 0"),
+        ({"cancel_after_reads": True}, "cancel_after_reads must be an integer >= 0"),
+        ({"hold_get_answers": 0.5}, "hold_get_answers must be an integer >= 0"),
+    ],
+)
+def test_add_order_refuses_bad_new_knobs_naming_them(
+    strict_fake: FakeMicroservice, knobs: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(InvalidInput, match=named):
+        strict_fake.add_order(an_order(), **knobs)
+
+
+def test_the_mode_refuses_anything_but_a_boolean() -> None:
+    with pytest.raises(InvalidInput, match="strict must be true or false, got 1"):
+        FakeMicroservice(strict=1)  # type: ignore[arg-type]  # refused on purpose
+    with FakeMicroservice() as fake, pytest.raises(InvalidInput, match="got 'yes'"):
+        fake.set_strict("yes")  # type: ignore[arg-type]  # refused on purpose
+
+
+def test_reset_restores_the_constructors_mode_and_forgets_keys_and_events(
+    strict_fake: FakeMicroservice,
+) -> None:
+    assert put(strict_fake, key="k-1").status_code == 204
+    strict_fake.buyer_edit("o-1")
+    strict_fake.set_strict(False)
+
+    strict_fake.reset()
+
+    assert strict_fake.strict is True
+    assert strict_fake.buyer_events() == []
+    strict_fake.add_order(an_order())
+    assert put(strict_fake, key="k-1", status="SENT").status_code == 204  # a new key again
+
+
+@pytest.mark.parametrize(("flag", "strict"), [("--strict", True), ("--lenient", False)])
+def test_the_command_takes_the_mode(flag: str, strict: bool) -> None:
+    url, process = start_command("fake-microservice", "--port", "0", flag)
+    try:
+        mode = requests.get(f"{url}/_admin/mode", timeout=5).json()
+    finally:
+        process.send_signal(signal.SIGINT)  # how an operator stops it
+        process.wait(30)
+
+    assert mode == {"strict": strict}
+    assert process.returncode == 0
+
+
+def start_command(*arguments: str) -> tuple[str, subprocess.Popen[str]]:
+    """``stock-sync ARGUMENTS`` started; the URL it announces on stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from stock_sync.entrypoints.cli import main; main()", *arguments],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    announced = process.stderr.readline()  # blocks until it listens (or exits)
+    match = re.search(r"listening on (http://\S+)", announced)
+    if match is None:
+        process.kill()
+        process.wait(30)
+        pytest.fail(f"the command did not announce its URL: {announced!r}")
+    return match.group(1), process

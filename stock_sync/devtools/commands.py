@@ -8,7 +8,7 @@ import contextlib
 
 import click
 
-from stock_sync.devtools.fake_microservice import serve
+from stock_sync.devtools.fake_microservice import DEFAULT_STRICT, serve
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT, FiniteFloatRange
 
 
@@ -27,6 +27,13 @@ from stock_sync.entrypoints.cli_params import PLAIN_TEXT, FiniteFloatRange
     show_default=True,
     help="Serve revisions as Allegro does (opaque strings) or as integers.",
 )
+@click.option(
+    "--strict/--lenient",
+    default=DEFAULT_STRICT,
+    show_default=True,
+    help="Behave as Allegro does (revisions move only on changes, Idempotency-Keys bound to "
+    "their first request) or the kinder way.",
+)
 def fake_microservice(
     host: str,
     port: int,
@@ -36,6 +43,7 @@ def fake_microservice(
     rate_limit_rate: float,
     timeout_rate: float,
     revision_form: str,
+    strict: bool,
 ) -> None:
     """Serve the microservice contract from orders held in memory (tests, demo, benchmarks)."""
     faults = {
@@ -51,4 +59,5 @@ def fake_microservice(
             orders_file=orders_file,
             faults=faults,
             revision_form=revision_form,  # type: ignore[arg-type]  # click.Choice checked it
+            strict=strict,
         )

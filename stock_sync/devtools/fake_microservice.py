@@ -7,9 +7,42 @@ Contract endpoints (faults apply to these only):
 
 - ``GET /v1/orders/{id}`` -> 200 order, or 404 ``ORDER_NOT_FOUND``.
 - ``PUT /v1/orders/{id}/fulfillment`` with ``Idempotency-Key`` and ``{"status",
-  "expected_revision"}`` -> 204; a key already applied -> 204 with no second effect; a wrong
-  revision -> 409 ``REVISION_CONFLICT``; no key or a bad body -> 422. Only applied keys are
-  remembered, so a request refused with 409/422/503 can be retried with the same key.
+  "expected_revision"}`` -> 204; a replay of an applied key -> 204 with no second effect; a wrong
+  revision -> 409 ``REVISION_CONFLICT``; no key or a bad body -> 422. What else a key means
+  depends on the mode.
+
+Modes (``strict``; the default is ``DEFAULT_STRICT``, followed by the constructor, ``serve``
+and the ``--strict/--lenient`` option of the command; ``set_strict`` and ``/_admin/mode`` change
+it, ``reset`` restores the constructor's). They differ in two rules only:
+
+- Strict, as Allegro and the IETF idempotency-key draft behave (DESIGN.md, "What the contract
+  does not promise"):
+  - The revision moves only when the order changes. A PUT that sets the fulfillment status the
+    order already has answers 204 (its key counts as applied) and moves nothing.
+  - An Idempotency-Key is bound, on arrival, to the first request sent with it (order id,
+    status and expected_revision, the revision's type included), whatever that request's
+    answer (204, 409, 422, 503, an injected fault, a 404). The same key with another request
+    -> 422 ``IDEMPOTENCY_KEY_REUSED`` (not retryable); with the same request while the first
+    one is in flight -> 409 ``IDEMPOTENCY_KEY_IN_FLIGHT`` (retryable); once the first was
+    applied -> 204, no second effect (outcome ``replayed``); once it was refused (409, 503,
+    ...) -> handled again as a new request. A request is in flight from its arrival until it
+    is applied or refused: while it sleeps on a global fault (``latency_s``, ``timeout_s``),
+    waits at the ``hold_puts`` gate or in a timed hold (``hold_puts_s``, ``hold_rate``); the
+    delays and losses of its answer (``put_latency_s``, late, failed or dropped answers) come
+    after. The key check comes before the injected faults: a refused request gets only their
+    delay.
+- Lenient (the kinder behaviour the fake had first): every applied PUT moves the revision, even
+  when it leaves the status as it was; only applied keys are remembered (replayed with 204,
+  whatever their body, on any order), so a key refused with 409/422/503 may be sent again with
+  another body, and two requests with one key may be in flight together (the first to apply
+  wins, the other is replayed).
+
+Everything else works the same in both modes. The buyer and the seller touch an order only when
+asked: by a helper (``cancel_order``, ``buyer_edit``, ``set_fulfillment_status``), a per-order
+knob or a global rate. Besides a PUT that changes the status, these move the revision: a buyer's
+edit (nothing else changes), a buyer's cancellation (status CANCELLED, fulfillment unchanged), the
+readiness flip of ``ready_after_reads`` and a fulfillment change made with
+``set_fulfillment_status`` (``POST /_admin/orders/{id}/fulfillment``, when the status changes).
 
 Revisions (``revision_form``): ``"string"`` (the default, Allegro's way) serves an opaque token,
 the first 8 hex digits of sha1 over the order id, how many times the id was added and a counter
@@ -33,24 +66,53 @@ Per-order knobs (``ORDER_KNOBS``; given with the order, as keyword arguments or 
   answer (a reset after sending).
 - ``hold_puts``: the next N PUTs wait at a gate, before taking effect, until
   ``release_puts(order_id)`` (``POST /_admin/orders/{id}/release``): a PUT that lands late,
-  after its sender gave up.
+  after its sender gave up. ``held_puts(order_id)`` counts those waiting.
+- ``hold_puts_s``: every PUT of the order waits this many seconds before taking effect (after
+  the gate, if any), in flight all along: a proxy or a queue that held it.
+- ``hold_get_answers``: the next N GETs read the order, then wait at a gate before answering
+  what they read, until ``release_get_answers(order_id)`` (``POST
+  /_admin/orders/{id}/release_gets``), so an older read can answer after a newer one.
+  ``held_get_answers(order_id)`` counts those waiting.
+- ``edit_after_reads``: right after the Nth answered GET (once), the buyer edits the order.
+- ``cancel_after_reads``: right after the Nth answered GET (once), the buyer cancels the order.
 - ``trickle_s``: GET answers send their headers at once, then the body one byte every
   ``trickle_s`` seconds (each byte beats a read timeout, the whole body does not).
 - ``gzip_bomb_bytes``: GET answers 200 with ``Content-Encoding: gzip`` and a body that inflates
   to this many zero bytes (a 50 MB bomb is about 50 KB on the wire).
+
+"Answered GET" means a 200 (not a 404/503 knob, nor a global fault); a buyer's change right
+after it is not in that answer. ``puts_in_flight(order_id)`` counts the order's PUTs that have
+arrived and are neither applied nor refused yet: tests poll it (and ``held_puts``,
+``held_get_answers``) to place a request while another waits.
 
 Global faults (``FAULT_KNOBS``, ``set_faults``): ``error_rate`` (share answered 503),
 ``latency_s`` (added to every request), ``timeout_rate`` + ``timeout_s`` (share that sleeps
 ``timeout_s`` before being handled, so a PUT lands after its sender gave up),
 ``rate_limit_rate`` + ``retry_after_s`` (share answered 429 with ``Retry-After``;
 ``retry_after_s=None`` sends none), ``late_answer_rate`` + ``late_answer_s`` (share of applied
-PUTs answered only ``late_answer_s`` after taking effect). Draws come from ``random.Random(seed)``.
+PUTs answered only ``late_answer_s`` after taking effect), ``hold_rate`` + ``hold_s`` (share of
+PUTs, past the faults above, held ``hold_s`` seconds in flight before taking effect),
+``buyer_edit_rate`` (share of answered GETs of a READY_FOR_PROCESSING order right after which
+the buyer edits it), ``buyer_cancel_rate`` (share of answered GETs of a READY_FOR_PROCESSING
+order still in fulfillment NEW right after which the buyer cancels it). Draws come from
+``random.Random(seed)``; a rate of 0 draws nothing, so adding a knob does not shift the others.
 
-Admin API (JSON): ``POST /_admin/orders`` (an order or ``{"orders": [...]}``, knobs as extra
-keys), ``GET /_admin/orders/{id}``, ``POST /_admin/orders/{id}/cancel``, ``POST
-/_admin/orders/{id}/release``, ``GET|POST
-/_admin/faults``, ``GET|POST /_admin/revision_form`` (``{"revision_form": "string"}``), ``GET
-/_admin/fulfillments``, ``POST /_admin/reset``, ``GET /_admin/health``.
+Observability: ``fulfillment_requests()`` (``GET /_admin/fulfillments``) lists every PUT with
+its outcome: ``applied``, ``replayed``, ``conflict`` (409 revision), ``key_reused`` and
+``in_flight`` (strict mode), ``error`` (404, 422), ``fault`` (injected 503/429); ``changed``
+(the fulfillment status changed) and ``held`` (it waited at a gate or a timed hold).
+``buyer_events()`` (``GET /_admin/buyer_events``) lists the buyer's edits and cancellations:
+``{order_id, kind: "edit"|"cancel", at, revision}``, the revision being the one they made.
+
+Admin API (JSON; a bad value is a 422 ``INVALID_REQUEST`` naming it): ``POST /_admin/orders``
+(an order or ``{"orders": [...]}``, knobs as extra keys), ``GET /_admin/orders/{id}``, ``POST
+/_admin/orders/{id}/cancel``, ``POST /_admin/orders/{id}/edit``, ``POST
+/_admin/orders/{id}/fulfillment`` (``{"status": "SENT"}``), ``POST /_admin/orders/{id}/release``,
+``POST /_admin/orders/{id}/release_gets``, ``GET /_admin/orders/{id}/holds`` (``{"held_puts",
+"puts_in_flight", "held_get_answers"}``), ``GET|POST /_admin/faults``, ``GET|POST
+/_admin/revision_form`` (``{"revision_form": "string"}``), ``GET|POST /_admin/mode``
+(``{"strict": true}``), ``GET /_admin/fulfillments``, ``GET /_admin/buyer_events``, ``POST
+/_admin/reset``, ``GET /_admin/health``.
 """
 
 from __future__ import annotations
@@ -99,6 +161,9 @@ _ORDER_FIELDS = frozenset(
 )
 _LINE_FIELDS = frozenset({"id", "offer_id", "sku", "quantity"})
 _NOT_PAID = ("BOUGHT", "FILLED_IN")
+# Allegro and the IETF idempotency-key draft (see the module docstring); lenient is the kinder
+# behaviour the fake had first. Every entry point (constructor, serve, the command) follows this.
+DEFAULT_STRICT = False
 _MAX_BODY_BYTES = 10 * 1024 * 1024
 _MAX_HOLD_S = 300.0
 _TRUNCATED_ORDER_JSON = b'{"id": "truncated", "line_items": ['
@@ -126,6 +191,10 @@ class _OrderKnobs:
     hold_puts: int = 0
     trickle_s: float = 0.0
     gzip_bomb_bytes: int = 0
+    edit_after_reads: int = 0
+    cancel_after_reads: int = 0
+    hold_puts_s: float = 0.0
+    hold_get_answers: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +207,10 @@ class _Faults:
     retry_after_s: float | None = 1.0
     late_answer_rate: float = 0.0
     late_answer_s: float = 10.0
+    buyer_edit_rate: float = 0.0
+    buyer_cancel_rate: float = 0.0
+    hold_rate: float = 0.0
+    hold_s: float = 10.0
 
 
 ORDER_KNOBS = tuple(knob.name for knob in fields(_OrderKnobs))
@@ -207,6 +280,38 @@ class _PutBody:
     expected_revision: Revision | None = None
     problem: str | None = None
 
+    def fingerprint(self, order_id: str) -> tuple[object, ...]:
+        """What binds an Idempotency-Key in strict mode: the order and the body, the revision's
+        type included ("1" is not 1)."""
+        revision = self.expected_revision
+        return (order_id, self.status, type(revision).__name__, revision)
+
+
+@dataclass
+class _KeyBinding:
+    """Strict mode: an Idempotency-Key, the request it was first sent with, and whether a
+    request with it is being handled now or has taken effect."""
+
+    fingerprint: tuple[object, ...]
+    in_flight: bool = False
+    applied: bool = False
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A PUT past the idempotency check, in flight until it is applied or refused."""
+
+    order_id: str
+    binding: _KeyBinding | None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A PUT answered at once by the idempotency check (strict mode)."""
+
+    reply: _Reply
+    outcome: str
+
 
 # --- input validation (orders, knobs, faults) ---------------------------------------------
 
@@ -227,6 +332,12 @@ def _rate(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise InvalidInput(f"{name} must be a number between 0 and 1, got {value!r}")
     return float(value)
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _text(value: object, name: str) -> str:
@@ -300,6 +411,12 @@ def _order_knobs(values: Mapping[str, Any], where: str) -> _OrderKnobs:
         hold_puts=_count(values.get("hold_puts", 0), f"{where}: hold_puts"),
         trickle_s=_seconds(values.get("trickle_s", 0.0), f"{where}: trickle_s"),
         gzip_bomb_bytes=_bomb_size(values.get("gzip_bomb_bytes", 0), f"{where}: gzip_bomb_bytes"),
+        edit_after_reads=_count(values.get("edit_after_reads", 0), f"{where}: edit_after_reads"),
+        cancel_after_reads=_count(
+            values.get("cancel_after_reads", 0), f"{where}: cancel_after_reads"
+        ),
+        hold_puts_s=_seconds(values.get("hold_puts_s", 0.0), f"{where}: hold_puts_s"),
+        hold_get_answers=_count(values.get("hold_get_answers", 0), f"{where}: hold_get_answers"),
     )
 
 
@@ -491,33 +608,48 @@ def _encode_response(reply: _Reply, *, close: bool) -> bytes:
 
 
 class _FakeState:
-    """Orders, faults and recorded PUTs behind one lock; never sleeps while holding it."""
+    """Orders, faults, recorded PUTs and Idempotency-Keys behind one lock; never sleeps while
+    holding it."""
 
-    def __init__(self, seed: int, revision_form: RevisionForm) -> None:
+    def __init__(
+        self, seed: int, revision_form: RevisionForm, *, strict: bool = DEFAULT_STRICT
+    ) -> None:
         self._lock = threading.Lock()
         self._seed = seed
         self._initial_revision_form = revision_form
         self._revision_form = revision_form
+        self._initial_strict = _flag(strict, "strict")
+        self._strict = self._initial_strict
         self._orders: dict[str, _StoredOrder] = {}
         self._generations: dict[str, int] = {}
         self._faults = _Faults()
         self._applied_keys: dict[str, str] = {}
+        self._keys: dict[str, _KeyBinding] = {}  # strict mode: every key seen
         self._fulfillments: list[dict[str, Any]] = []
+        self._buyer_events: list[dict[str, Any]] = []
         self._random = random.Random(seed)
-        self._gates: dict[str, threading.Event] = {}
+        self._gates: dict[str, threading.Event] = {}  # hold_puts
+        self._get_gates: dict[str, threading.Event] = {}  # hold_get_answers
+        # counts kept across reset(): the waiting threads take themselves off
         self._held: dict[str, int] = {}
+        self._held_gets: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}
 
     def reset(self) -> None:
         with self._lock:
             self._orders.clear()
             self._generations.clear()
             self._revision_form = self._initial_revision_form
+            self._strict = self._initial_strict
             self._faults = _Faults()
             self._applied_keys.clear()
+            self._keys.clear()
             self._fulfillments.clear()
+            self._buyer_events.clear()
             self._random = random.Random(self._seed)
-            gates, self._gates = self._gates, {}
-        for gate in gates.values():
+            gates = [*self._gates.values(), *self._get_gates.values()]
+            self._gates, self._get_gates = {}, {}
+        for gate in gates:
             gate.set()
 
     def add_orders(self, raw_orders: Iterable[object], overrides: Mapping[str, Any]) -> list[str]:
@@ -555,6 +687,16 @@ class _FakeState:
             self._revision_form = checked
             return checked
 
+    def strict(self) -> bool:
+        with self._lock:
+            return self._strict
+
+    def set_strict(self, strict: object) -> bool:
+        checked = _flag(strict, "strict")
+        with self._lock:
+            self._strict = checked
+            return checked
+
     def set_faults(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
             self._faults = _updated_faults(self._faults, changes)
@@ -570,14 +712,38 @@ class _FakeState:
             return None if stored is None else stored.served(self._revision_form)
 
     def cancel(self, order_id: str) -> dict[str, Any] | None:
+        """The buyer cancels: status CANCELLED and a new revision (once)."""
         with self._lock:
             stored = self._orders.get(order_id)
             if stored is None:
                 return None
-            if stored.body["status"] != "CANCELLED":
-                stored.body["status"] = "CANCELLED"
+            self._buyer_cancel(stored)
+            return stored.served(self._revision_form)
+
+    def buyer_edit(self, order_id: str) -> dict[str, Any] | None:
+        """The buyer edits the order (address, delivery): only the revision moves."""
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None:
+                return None
+            self._buyer_edit(stored)
+            return stored.served(self._revision_form)
+
+    def set_fulfillment_status(self, order_id: str, status: object) -> dict[str, Any] | None:
+        """A change made behind the product's back (the seller, another tool)."""
+        checked = _one_of(status, FULFILLMENT_STATUSES, "status")
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None:
+                return None
+            if stored.body["fulfillment_status"] != checked:
+                stored.body["fulfillment_status"] = checked
                 stored.bump()
             return stored.served(self._revision_form)
+
+    def buyer_events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._buyer_events)
 
     def fulfillment_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -599,6 +765,8 @@ class _FakeState:
             return _FaultDraw(faults.latency_s + timeout)
 
     def get_order(self, order_id: str) -> _Reply:
+        """A GET after its global faults: the order as read now, answered at once or, for a
+        ``hold_get_answers`` order, once its gate opens."""
         with self._lock:
             stored = self._orders.get(order_id)
             if stored is None:
@@ -612,15 +780,55 @@ class _FakeState:
                 return _unavailable("injected GET failure")
             self._advance_readiness(stored)
             stored.answered_reads += 1
-            return _order_reply(stored.served(self._revision_form), knobs)
+            reply = _order_reply(stored.served(self._revision_form), knobs)
+            self._buyer_after_read(stored)
+            gate = None
+            if knobs.hold_get_answers:
+                knobs.hold_get_answers -= 1
+                gate = self._get_gates.setdefault(order_id, threading.Event())
+        if gate is not None:
+            self._wait_at(gate, self._held_gets, order_id)
+        return reply
 
     def put_fulfillment(self, order_id: str, idempotency_key: str | None, raw: bytes) -> _Reply:
+        """One PUT from arrival to answer: the Idempotency-Key check (strict mode), the global
+        faults, the holds, then the effect. The request is in flight from its arrival until it
+        is applied or refused; the delays of its answer come after."""
         body = _parse_put_body(raw)
-        self._wait_at_gate(order_id)
+        fault = self.draw_fault()
         with self._lock:
-            reply, outcome = self._apply_put(order_id, idempotency_key, body)
-            self._record_put(order_id, idempotency_key, body, outcome, reply.status)
+            arrival = self._arrive(order_id, idempotency_key, body)
+            if isinstance(arrival, _Refusal):
+                reply = arrival.reply
+                self._record_put(order_id, idempotency_key, body, arrival.outcome, reply.status)
+                return replace(reply, delay_s=fault.delay_s)
+        if fault.delay_s > 0:
+            time.sleep(fault.delay_s)
+        if fault.reply is not None:
+            with self._lock:
+                self._finish(arrival, applied=False)
+                self._record_put(order_id, idempotency_key, body, "fault", fault.reply.status)
+            return fault.reply
+        held = self._hold(order_id)
+        with self._lock:
+            reply, outcome, changed = self._apply_put(order_id, idempotency_key, body)
+            self._finish(arrival, applied=outcome == "applied")
+            self._record_put(
+                order_id, idempotency_key, body, outcome, reply.status, changed=changed, held=held
+            )
         return reply
+
+    def record_faulted_put(
+        self, order_id: str, idempotency_key: str | None, raw: bytes, status: int
+    ) -> None:
+        """Record a PUT answered by an injected fault outside ``put_fulfillment`` (its key is
+        bound in strict mode, as not applied)."""
+        body = _parse_put_body(raw)
+        with self._lock:
+            arrival = self._arrive(order_id, idempotency_key, body)
+            if isinstance(arrival, _Claim):
+                self._finish(arrival, applied=False)
+            self._record_put(order_id, idempotency_key, body, "fault", status)
 
     def release_puts(self, order_id: str) -> dict[str, Any] | None:
         """Open the gate of a ``hold_puts`` order: held PUTs take effect, later ones pass."""
@@ -630,34 +838,93 @@ class _FakeState:
                 return None
             stored.knobs.hold_puts = 0
             gate = self._gates.pop(order_id, None)
-        if gate is not None:
-            gate.set()
-        return self.order(order_id)
+        return self._opened(gate, order_id)
+
+    def release_get_answers(self, order_id: str) -> dict[str, Any] | None:
+        """Open the gate of a ``hold_get_answers`` order: held GETs answer what they read,
+        later ones answer at once."""
+        with self._lock:
+            stored = self._orders.get(order_id)
+            if stored is None:
+                return None
+            stored.knobs.hold_get_answers = 0
+            gate = self._get_gates.pop(order_id, None)
+        return self._opened(gate, order_id)
 
     def held_puts(self, order_id: str) -> int:
         """How many PUTs of the order wait at its gate now."""
         with self._lock:
             return self._held.get(order_id, 0)
 
-    def _wait_at_gate(self, order_id: str) -> None:
+    def held_get_answers(self, order_id: str) -> int:
+        """How many GETs of the order have read it and wait at its gate now."""
         with self._lock:
-            stored = self._orders.get(order_id)
-            if stored is None or not stored.knobs.hold_puts:
-                return
-            stored.knobs.hold_puts -= 1
-            gate = self._gates.setdefault(order_id, threading.Event())
-            self._held[order_id] = self._held.get(order_id, 0) + 1
+            return self._held_gets.get(order_id, 0)
+
+    def puts_in_flight(self, order_id: str) -> int:
+        """How many PUTs of the order have arrived and are neither applied nor refused yet."""
+        with self._lock:
+            return self._in_flight.get(order_id, 0)
+
+    def _opened(self, gate: threading.Event | None, order_id: str) -> dict[str, Any] | None:
+        if gate is not None:
+            gate.set()
+        return self.order(order_id)
+
+    def _wait_at(self, gate: threading.Event, waiting: dict[str, int], order_id: str) -> None:
+        with self._lock:
+            waiting[order_id] = waiting.get(order_id, 0) + 1
         try:
             gate.wait(_MAX_HOLD_S)  # bounded: a test that forgets to release cannot hang us
         finally:
             with self._lock:
-                self._held[order_id] -= 1
+                waiting[order_id] -= 1
 
-    def record_faulted_put(
-        self, order_id: str, idempotency_key: str | None, raw: bytes, status: int
-    ) -> None:
+    def _hold(self, order_id: str) -> bool:
+        """Wait at the ``hold_puts`` gate, then for ``hold_puts_s`` and a drawn ``hold_s``;
+        True when the PUT waited at all."""
         with self._lock:
-            self._record_put(order_id, idempotency_key, _parse_put_body(raw), "fault", status)
+            hold_s = self._faults.hold_s if self._chance(self._faults.hold_rate) else 0.0
+            stored = self._orders.get(order_id)
+            gate = None
+            if stored is not None:
+                hold_s += stored.knobs.hold_puts_s
+                if stored.knobs.hold_puts:
+                    stored.knobs.hold_puts -= 1
+                    gate = self._gates.setdefault(order_id, threading.Event())
+        if gate is not None:
+            self._wait_at(gate, self._held, order_id)
+        if hold_s > 0:
+            time.sleep(hold_s)
+        return gate is not None or hold_s > 0
+
+    def _arrive(
+        self, order_id: str, idempotency_key: str | None, body: _PutBody
+    ) -> _Claim | _Refusal:
+        """Strict mode binds a new key to this request, or refuses a request whose key is bound
+        to another one, in flight, or already applied; lenient mode lets every request in."""
+        binding = None
+        if self._strict and idempotency_key:
+            fingerprint = body.fingerprint(order_id)
+            binding = self._keys.setdefault(idempotency_key, _KeyBinding(fingerprint))
+            if binding.fingerprint != fingerprint:
+                message = "this Idempotency-Key was first sent with another request"
+                return _Refusal(_error_reply(422, "IDEMPOTENCY_KEY_REUSED", message), "key_reused")
+            if binding.in_flight:
+                message = "a request with this Idempotency-Key is still being handled"
+                reply = _error_reply(409, "IDEMPOTENCY_KEY_IN_FLIGHT", message, retryable=True)
+                return _Refusal(reply, "in_flight")
+            if binding.applied:
+                return _Refusal(_Reply(204), "replayed")
+            binding.in_flight = True
+        self._in_flight[order_id] = self._in_flight.get(order_id, 0) + 1
+        return _Claim(order_id, binding)
+
+    def _finish(self, claim: _Claim, *, applied: bool) -> None:
+        if claim.binding is not None:
+            claim.binding.in_flight = False
+            claim.binding.applied = claim.binding.applied or applied
+        self._in_flight[claim.order_id] -= 1
 
     def _chance(self, rate: float) -> bool:
         return rate > 0 and self._random.random() < rate
@@ -672,29 +939,71 @@ class _FakeState:
                 body["status"] = "READY_FOR_PROCESSING"
                 stored.bump()
 
+    def _buyer_after_read(self, stored: _StoredOrder) -> None:
+        """What the buyer does right after a GET read the order: the per-order knobs, then the
+        global rates (only for an order ready for processing)."""
+        knobs, body = stored.knobs, stored.body
+        if knobs.edit_after_reads and stored.answered_reads >= knobs.edit_after_reads:
+            knobs.edit_after_reads = 0
+            self._buyer_edit(stored)
+        if knobs.cancel_after_reads and stored.answered_reads >= knobs.cancel_after_reads:
+            knobs.cancel_after_reads = 0
+            self._buyer_cancel(stored)
+        if body["status"] != "READY_FOR_PROCESSING":
+            return
+        if self._chance(self._faults.buyer_edit_rate):
+            self._buyer_edit(stored)
+        if body["fulfillment_status"] == "NEW" and self._chance(self._faults.buyer_cancel_rate):
+            self._buyer_cancel(stored)
+
+    def _buyer_edit(self, stored: _StoredOrder) -> None:
+        stored.bump()
+        self._buyer_event(stored, "edit")
+
+    def _buyer_cancel(self, stored: _StoredOrder) -> None:
+        if stored.body["status"] != "CANCELLED":
+            stored.body["status"] = "CANCELLED"
+            stored.bump()
+            self._buyer_event(stored, "cancel")
+
+    def _buyer_event(self, stored: _StoredOrder, kind: str) -> None:
+        self._buyer_events.append(
+            {
+                "order_id": stored.body["id"],
+                "kind": kind,
+                "at": datetime.now(UTC).isoformat(),
+                "revision": stored.revision(self._revision_form),
+            }
+        )
+
     def _apply_put(
         self, order_id: str, idempotency_key: str | None, body: _PutBody
-    ) -> tuple[_Reply, str]:
+    ) -> tuple[_Reply, str, bool]:
+        """The answer, the outcome and whether the fulfillment status changed."""
         stored = self._orders.get(order_id)
         if stored is None:
-            return _not_found(order_id), "error"
+            return _not_found(order_id), "error", False
         if stored.knobs.fail_puts:
             stored.knobs.fail_puts -= 1
-            return _unavailable("injected PUT failure"), "fault"
+            return _unavailable("injected PUT failure"), "fault", False
         if not idempotency_key:
-            return _error_reply(422, "MISSING_IDEMPOTENCY_KEY", "Idempotency-Key required"), "error"
+            reply = _error_reply(422, "MISSING_IDEMPOTENCY_KEY", "Idempotency-Key required")
+            return reply, "error", False
         if body.problem is not None:
-            return _error_reply(422, "INVALID_BODY", body.problem), "error"
-        if idempotency_key in self._applied_keys:
-            return _Reply(204), "replayed"
+            return _error_reply(422, "INVALID_BODY", body.problem), "error", False
+        if idempotency_key in self._applied_keys:  # lenient mode (strict ones stop on arrival)
+            return _Reply(204), "replayed", False
         revision = stored.revision(self._revision_form)
         if not _same_revision(body.expected_revision, revision):
             message = f"expected revision {body.expected_revision!r}, order is at {revision!r}"
-            return _error_reply(409, "REVISION_CONFLICT", message, retryable=True), "conflict"
+            reply = _error_reply(409, "REVISION_CONFLICT", message, retryable=True)
+            return reply, "conflict", False
+        changed = stored.body["fulfillment_status"] != body.status
         stored.body["fulfillment_status"] = body.status
-        stored.bump()
+        if changed or not self._strict:  # strict: the revision moves only when the order does
+            stored.bump()
         self._applied_keys[idempotency_key] = order_id
-        return self._answer_to_applied_put(stored.knobs), "applied"
+        return self._answer_to_applied_put(stored.knobs), "applied", changed
 
     def _answer_to_applied_put(self, knobs: _OrderKnobs) -> _Reply:
         """204, unless a knob loses the answer of a PUT that has already taken effect."""
@@ -718,6 +1027,9 @@ class _FakeState:
         body: _PutBody,
         outcome: str,
         http_status: int,
+        *,
+        changed: bool = False,
+        held: bool = False,
     ) -> None:
         self._fulfillments.append(
             {
@@ -727,6 +1039,8 @@ class _FakeState:
                 "expected_revision": body.expected_revision,
                 "outcome": outcome,
                 "http_status": http_status,
+                "changed": changed,
+                "held": held,
                 "at": datetime.now(UTC).isoformat(),
             }
         )
@@ -876,17 +1190,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_contract(self, order_id: str, body: bytes) -> _Reply:
         state = self.server.state
+        if self.command == "PUT":  # its key is looked at before the faults: see put_fulfillment
+            idempotency_key = (self.headers.get("Idempotency-Key") or "").strip() or None
+            return state.put_fulfillment(order_id, idempotency_key, body)
         fault = state.draw_fault()
         if fault.delay_s > 0:
             time.sleep(fault.delay_s)
-        idempotency_key = (self.headers.get("Idempotency-Key") or "").strip() or None
-        if fault.reply is not None:
-            if self.command == "PUT":
-                state.record_faulted_put(order_id, idempotency_key, body, fault.reply.status)
-            return fault.reply
-        if self.command == "GET":
-            return state.get_order(order_id)
-        return state.put_fulfillment(order_id, idempotency_key, body)
+        return fault.reply if fault.reply is not None else state.get_order(order_id)
 
     def _admin(self, segments: list[str], body: bytes) -> _Reply:
         try:
@@ -907,6 +1217,22 @@ class _Handler(BaseHTTPRequestHandler):
                 return _order_or_404(order_id, state.cancel(order_id))
             case ("POST", ["orders", order_id, "release"]):
                 return _order_or_404(order_id, state.release_puts(order_id))
+            case ("POST", ["orders", order_id, "release_gets"]):
+                return _order_or_404(order_id, state.release_get_answers(order_id))
+            case ("POST", ["orders", order_id, "edit"]):
+                return _order_or_404(order_id, state.buyer_edit(order_id))
+            case ("POST", ["orders", order_id, "fulfillment"]):
+                status = _fields(body, "status")["status"]
+                return _order_or_404(order_id, state.set_fulfillment_status(order_id, status))
+            case ("GET", ["orders", order_id, "holds"]):
+                return _holds_or_404(state, order_id)
+            case ("GET", ["buyer_events"]):
+                return _json_reply(200, {"buyer_events": state.buyer_events()})
+            case ("GET", ["mode"]):
+                return _json_reply(200, {"strict": state.strict()})
+            case ("POST", ["mode"]):
+                strict = _fields(body, "strict")["strict"]
+                return _json_reply(200, {"strict": state.set_strict(strict)})
             case ("GET", ["revision_form"]):
                 return _json_reply(200, {"revision_form": state.revision_form()})
             case ("POST", ["revision_form"]):
@@ -935,6 +1261,27 @@ def _json_object(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput("request body must be a JSON object")
     return value
+
+
+def _fields(body: bytes, *names: str) -> dict[str, Any]:
+    """A JSON object body with exactly these keys."""
+    payload = _json_object(_json_body(body))
+    _reject_unknown(payload, names, "request body")
+    missing = [name for name in names if name not in payload]
+    if missing:
+        raise InvalidInput(f"request body: missing {', '.join(missing)}")
+    return payload
+
+
+def _holds_or_404(state: _FakeState, order_id: str) -> _Reply:
+    if state.order(order_id) is None:
+        return _not_found(order_id)
+    holds = {
+        "held_puts": state.held_puts(order_id),
+        "puts_in_flight": state.puts_in_flight(order_id),
+        "held_get_answers": state.held_get_answers(order_id),
+    }
+    return _json_reply(200, holds)
 
 
 def _add_from_json(state: _FakeState, payload: object) -> list[str]:
@@ -969,10 +1316,11 @@ class FakeMicroservice:
         orders: Iterable[Mapping[str, Any]] = (),
         seed: int = 0,
         revision_form: RevisionForm = "string",
+        strict: bool = DEFAULT_STRICT,
     ) -> None:
         self._host = host
         self._port = port
-        self._state = _FakeState(seed, _revision_form(revision_form))
+        self._state = _FakeState(seed, _revision_form(revision_form), strict=strict)
         self._state.add_orders(list(orders), {})
         self._server: _FakeHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -1041,6 +1389,16 @@ class FakeMicroservice:
         """Serve revisions in ``form`` from now on (stored orders keep their counters)."""
         self._state.set_revision_form(form)
 
+    @property
+    def strict(self) -> bool:
+        """True when the fake behaves as Allegro does (see the module docstring), False when
+        lenient."""
+        return self._state.strict()
+
+    def set_strict(self, strict: bool) -> None:
+        """Strict (True) or lenient (False) from the next request on; keys and orders stay."""
+        self._state.set_strict(strict)
+
     def connections_accepted(self) -> int:
         """How many TCP connections the server has accepted since it started."""
         if self._server is None:
@@ -1056,17 +1414,33 @@ class FakeMicroservice:
         return self._state.faults()
 
     def fulfillment_requests(self) -> list[dict[str, Any]]:
-        """Every PUT received, oldest first: order_id, idempotency_key, status,
-        expected_revision, outcome (applied/replayed/conflict/error/fault), http_status, at."""
+        """Every PUT received, oldest first (recorded once answered or applied): order_id,
+        idempotency_key, status, expected_revision, outcome (applied, replayed, conflict,
+        key_reused, in_flight, error, fault), http_status, changed (the fulfillment status
+        changed), held (it waited at a gate or a timed hold), at."""
         return self._state.fulfillment_requests()
+
+    def buyer_events(self) -> list[dict[str, Any]]:
+        """The buyer's edits and cancellations, oldest first: order_id, kind ("edit" or
+        "cancel"), at, revision (the one the change made)."""
+        return self._state.buyer_events()
 
     def order(self, order_id: str) -> dict[str, Any]:
         """A copy of the order as stored now (its contract body)."""
         return self._existing(order_id, self._state.order(order_id))
 
     def cancel_order(self, order_id: str) -> None:
-        """Cancel the order upstream: status CANCELLED, a new revision."""
+        """The buyer cancels the order: status CANCELLED, a new revision (a buyer event)."""
         self._existing(order_id, self._state.cancel(order_id))
+
+    def buyer_edit(self, order_id: str) -> None:
+        """The buyer edits the order (address, delivery): a new revision, nothing else."""
+        self._existing(order_id, self._state.buyer_edit(order_id))
+
+    def set_fulfillment_status(self, order_id: str, status: str) -> None:
+        """Change the fulfillment status behind the product's back, as the seller or another
+        tool would; the revision moves when the status changes."""
+        self._existing(order_id, self._state.set_fulfillment_status(order_id, status))
 
     def release_puts(self, order_id: str) -> None:
         """Let the held PUTs of a ``hold_puts`` order take effect (and stop holding new ones)."""
@@ -1076,9 +1450,24 @@ class FakeMicroservice:
         """How many PUTs of a ``hold_puts`` order are waiting at its gate."""
         return self._state.held_puts(order_id)
 
+    def puts_in_flight(self, order_id: str) -> int:
+        """How many PUTs of the order have arrived and are neither applied nor refused yet
+        (sleeping on a global fault, at the gate, in a timed hold)."""
+        return self._state.puts_in_flight(order_id)
+
+    def release_get_answers(self, order_id: str) -> None:
+        """Let the held GETs of a ``hold_get_answers`` order answer what they read (and stop
+        holding new ones)."""
+        self._existing(order_id, self._state.release_get_answers(order_id))
+
+    def held_get_answers(self, order_id: str) -> int:
+        """How many GETs of a ``hold_get_answers`` order have read it and wait at its gate."""
+        return self._state.held_get_answers(order_id)
+
     def reset(self) -> None:
-        """Forget orders, recorded PUTs and applied keys; faults, the revision form given to the
-        constructor and the random draws restart."""
+        """Forget orders, recorded PUTs, Idempotency-Keys and buyer events, open every gate;
+        faults, the revision form and the mode given to the constructor and the random draws
+        restart."""
         self._state.reset()
 
     @staticmethod
@@ -1096,6 +1485,7 @@ def serve(
     faults: Mapping[str, Any],
     on_ready: Callable[[str], None] | None = None,
     revision_form: RevisionForm = "string",
+    strict: bool = DEFAULT_STRICT,
 ) -> None:
     """Serve the fake in the foreground until interrupted (the ``fake-microservice`` command).
 
@@ -1103,7 +1493,7 @@ def serve(
     ``on_ready`` gets the URL once listening; by default it is printed to stderr.
     """
     orders = load_orders_file(orders_file) if orders_file else []
-    fake = FakeMicroservice(host, port, orders=orders, revision_form=revision_form)
+    fake = FakeMicroservice(host, port, orders=orders, revision_form=revision_form, strict=strict)
     fake.set_faults(**faults)
     try:
         fake.start()
