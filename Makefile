@@ -99,7 +99,7 @@ netlab:
 	@bash tests/ensure_netlab.sh
 
 # The partition suite: 1,000 orders on separate hosts (network namespaces, root needed) while
-# links are cut and healed, then the invariants of `make chaos` (about 5-10 minutes). It runs
+# links are cut and healed, then the invariants of `make chaos` (about 5 minutes). It runs
 # its own PostgreSQL and Redis, so it does not need `make services`.
 chaos-partition: install netlab
 	$(BIN)/python -m stock_sync.devtools.chaos_partition
