@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lock test lint typecheck services tools demo worker beat flower metrics fake-microservice benchmark soak chaos clean
+.PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark soak chaos chaos-partition clean
 
 install: $(STAMP)
 
@@ -57,7 +57,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install services tools lint typecheck
+test: install services tools netlab lint typecheck
 	$(BIN)/pytest -q
 
 demo: install
@@ -100,6 +100,16 @@ ifeq ($(MODE),storm)
 else
 	$(BIN)/python -m stock_sync.devtools.chaos_time --mode $(MODE)
 endif
+
+# What the partition suite needs from Debian: iproute2, nftables, PostgreSQL 15's binaries.
+netlab:
+	@bash tests/ensure_netlab.sh
+
+# The partition suite: 1,000 orders on separate hosts (network namespaces, root needed) while
+# links are cut and healed, then the invariants of `make chaos` (about 5 minutes). It runs
+# its own PostgreSQL and Redis, so it does not need `make services`.
+chaos-partition: install netlab
+	$(BIN)/python -m stock_sync.devtools.chaos_partition
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache
