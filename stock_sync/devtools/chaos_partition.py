@@ -171,8 +171,14 @@ PARTITION_SETTINGS = {
     "MAX_RETRIES_DEDUCTION": "12",
     "MAX_RETRIES_STOCK_DEDUCTED": "30",
     "MAX_RETRIES_ROLLBACK": "40",
+    # The stuck threshold must exceed the hard time limit plus the microservice deadline (a
+    # running attempt is never taken for a dead one); a lost message is found once a probe
+    # sent after it came through TASK_TIME_LIMIT_S ago.
+    "TASK_SOFT_TIME_LIMIT_S": "8",
+    "TASK_TIME_LIMIT_S": "10",
     "SWEEP_INTERVAL_S": "2",
-    "STUCK_AFTER_S": "10",
+    "STUCK_AFTER_S": "16",
+    "RETRY_RELEASE_INTERVAL_S": "1",
     "ALERT_INTERVAL_S": "3600",
 }
 RETRY_BUDGETS = {
