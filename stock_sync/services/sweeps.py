@@ -19,9 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 
-from stock_sync.adapters.db import Database
+from stock_sync.adapters.db import Database, try_advisory_lock
 from stock_sync.adapters.models import PendingStockOperation, utcnow
 from stock_sync.adapters.settings import Settings
 from stock_sync.domain.log_actions import LogAction
@@ -199,22 +199,9 @@ class StuckOperationSweeper:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[bool]:
         if self._database.is_postgresql:
-            with self._database.engine.connect() as connection:
-                acquired = bool(
-                    connection.execute(
-                        text("select pg_try_advisory_lock(:key)"), {"key": SWEEP_ADVISORY_LOCK_KEY}
-                    ).scalar()
-                )
-                connection.commit()
-                try:
-                    yield acquired
-                finally:
-                    if acquired:
-                        connection.execute(
-                            text("select pg_advisory_unlock(:key)"),
-                            {"key": SWEEP_ADVISORY_LOCK_KEY},
-                        )
-                        connection.commit()
+            # Transaction-scoped, so that it can never stay behind on a pooled connection.
+            with try_advisory_lock(self._database, SWEEP_ADVISORY_LOCK_KEY) as acquired:
+                yield acquired
             return
         with _file_lock(self._settings.data_dir / "sweep.lock") as acquired:
             yield acquired
