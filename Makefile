@@ -99,8 +99,10 @@ soak: install services
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
+# BROKER=rabbitmq: RabbitMQ on a node of its own, stopped and started mid-run (stop_app).
+BROKER ?= redis
 chaos: install services
-	$(BIN)/python -m stock_sync.devtools.chaos
+	$(BIN)/python -m stock_sync.devtools.chaos --broker $(BROKER)
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache
