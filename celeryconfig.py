@@ -24,11 +24,11 @@ from stock_sync.adapters.settings import (
 )
 
 MIN_VISIBILITY_TIMEOUT_S = 3600
-# RabbitMQ drops a message of a quorum queue once it was handed out this many times more than
-# once (each time its worker died or lost its connection holding it). The stage itself never
-# counts such a death, so without a limit a message that kills its worker (memory, a native
-# crash) would loop forever; past the limit it is lost, and the stuck sweep re-drives the
-# operation on its stage's retry budget. RabbitMQ 4 defaults to 20; 3.x has no default.
+# A quorum queue drops a message returned to it more than this many times (on RabbitMQ 3.x
+# every return counts: its worker died, lost its connection or shut down holding it). A stage
+# never counts such a death, so without a limit a message that kills its worker (memory, a
+# native crash) would loop forever; past it the message is lost, and the stuck sweep re-drives
+# the operation on its stage's retry budget. RabbitMQ 4 defaults to 20; 3.x has no default.
 QUORUM_DELIVERY_LIMIT = 10
 # Beat's tasks; they are routed to the maintenance queue.
 MAINTENANCE_TASKS = (
