@@ -44,10 +44,12 @@ services:
 	@bash tests/ensure_services.sh
 
 # The checkers of docker/: Debian's docker-compose; promtool and the prometheus server
-# (tests/test_prometheus.py) unpacked into .venv/bin.
+# (tests/test_prometheus.py) unpacked into .venv/bin; Debian's pgbouncer (tests/test_pgbouncer.py
+# starts its own in front of the test database).
 tools: install
 	@bash tests/ensure_docker_compose.sh
 	@bash tests/ensure_promtool.sh
+	@bash tests/ensure_pgbouncer.sh
 
 lint: install
 	$(BIN)/ruff check .
@@ -57,8 +59,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The whole suite on Redis, then the pipeline, cancellation and fault tests again on RabbitMQ
+# (quorum queues, in a virtual host of the run's own: tests/conftest.py).
+RABBITMQ_TESTS := tests/test_pipeline.py tests/test_cancellation.py tests/test_agreement_under_faults.py \
+	tests/test_worker_kill.py tests/test_sweeps.py tests/test_rabbitmq.py
+
 test: install services tools netlab lint typecheck
 	$(BIN)/pytest -q
+	STOCK_SYNC_TEST_BROKER=rabbitmq $(BIN)/pytest -q $(RABBITMQ_TESTS)
 
 demo: install
 	$(BIN)/python -m stock_sync.devtools.demo
@@ -93,10 +101,12 @@ soak: install services
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
 # MODE=backlog: 1,200 orders queued with no worker for 12 stuck thresholds; MODE=outage: the
 # microservice down longer than the retry budgets, then `stock-sync retry --failed`.
+# BROKER=rabbitmq (storm mode): RabbitMQ on a node of its own, stopped and started mid-run.
 MODE ?= storm
+BROKER ?= redis
 chaos: install services
 ifeq ($(MODE),storm)
-	$(BIN)/python -m stock_sync.devtools.chaos
+	$(BIN)/python -m stock_sync.devtools.chaos --broker $(BROKER)
 else
 	$(BIN)/python -m stock_sync.devtools.chaos_time --mode $(MODE)
 endif

@@ -3,6 +3,10 @@
 The database row is the truth, so results are ignored; messages are acknowledged late and
 re-queued when a worker dies; every countdown stays far below the Redis visibility timeout,
 or Redis would hand a waiting retry to a second worker.
+
+On RabbitMQ (an ``amqp://`` broker URL) both queues are durable quorum queues with a delivery
+limit, publishes are confirmed, and countdowns wait in the broker (Celery's native delayed
+delivery) instead of in a worker's memory; see :func:`quorum_queue`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from stock_sync.adapters.settings import (
 )
 
 MIN_VISIBILITY_TIMEOUT_S = 3600
+# A quorum queue drops a message returned to it more than this many times (on RabbitMQ 3.x
+# every return counts: its worker died, lost its connection or shut down holding it). A stage
+# never counts such a death, so without a limit a message that kills its worker (memory, a
+# native crash) would loop forever; past it the message is lost, and the stuck sweep re-drives
+# the operation on its stage's retry budget. RabbitMQ 4 defaults to 20; 3.x has no default.
+QUORUM_DELIVERY_LIMIT = 10
 # Beat's tasks; they are routed to the maintenance queue.
 MAINTENANCE_TASKS = (
     "stock_sync.sweep_stuck_operations",
@@ -70,6 +80,20 @@ def _direct_queue(name: str) -> Queue:
     return Queue(name, Exchange(name), routing_key=name)  # type: ignore[no-untyped-call]
 
 
+def quorum_queue(name: str) -> Queue:
+    """A durable quorum queue (RabbitMQ) with the delivery limit above, on a topic exchange of
+    its name: Celery's native delayed delivery routes a countdown back to its queue through a
+    topic binding, and skips a queue on a direct exchange (its worker would then hold every
+    waiting retry, unacknowledged, until its time comes)."""
+    return Queue(  # type: ignore[no-untyped-call]
+        name,
+        Exchange(name, type="topic"),  # type: ignore[no-untyped-call]
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT},
+    )
+
+
 def queues(settings: Settings) -> dict[str, Any]:
     """The pipeline queue and the maintenance queue, with the routes to them.
 
@@ -80,9 +104,10 @@ def queues(settings: Settings) -> dict[str, Any]:
     a slot, and a dedicated ``-Q <maintenance queue>`` worker runs them whatever the backlog.
     """
     pipeline, maintenance = settings.queue_name, settings.effective_maintenance_queue_name
+    declare = quorum_queue if settings.uses_amqp_broker else _direct_queue
     return {
         "task_default_queue": pipeline,
-        "task_queues": (_direct_queue(pipeline), _direct_queue(maintenance)),
+        "task_queues": (declare(pipeline), declare(maintenance)),
         "task_routes": {name: {"queue": maintenance} for name in MAINTENANCE_TASKS},
     }
 
@@ -141,9 +166,31 @@ def build(settings: Settings) -> dict[str, Any]:
             # an idle worker re-lists the queue folder this often (kombu's default: 1 s)
             polling_interval=0.1,
         )
+    elif settings.uses_amqp_broker:
+        config.update(rabbitmq_settings())
+        transport_options.clear()  # a visibility timeout means nothing to RabbitMQ
+        transport_options.update(confirm_publish=True)
+        config["result_backend_transport_options"] = {}
     else:
         transport_options.update(socket_timeout=5, socket_connect_timeout=3)
     return config
+
+
+def rabbitmq_settings() -> dict[str, Any]:
+    """What quorum queues need from Celery (5.5 or later).
+
+    Quorum queues refuse a global QoS: Celery sees them among the declared queues and sets the
+    prefetch per consumer instead (it then no longer raises the prefetch for a waiting
+    countdown, which is why countdowns must wait in the broker). A countdown is published to
+    Celery's chain of ``celery_delayed_*`` queues, each holding it 2**n seconds, and comes back
+    to its queue when due; those queues are quorum queues too, so a waiting retry survives a
+    broker restart or the loss of a node. Native delayed delivery counts whole seconds
+    (``tasks.base.broker_countdown`` rounds up).
+    """
+    return {
+        "worker_detect_quorum_queues": True,
+        "broker_native_delayed_delivery_queue_type": "quorum",
+    }
 
 
 # Celery imports this module while starting a worker, beat or Flower: a bad setting or data

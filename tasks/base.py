@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
+from typing import Any
 
 from celery import Task
+from celery.utils.quorum_queues import detect_quorum_queues
 
 from stock_sync.adapters.logging_setup import operation_log_context
 from stock_sync.composition import get_services
@@ -50,7 +53,9 @@ class OperationTask(Task):  # type: ignore[misc]
                 extra={"execution_time_ms": timer.elapsed_ms},
             )
         if result.retry_in_s is not None:
-            raise self.retry(countdown=result.retry_in_s, max_retries=None)
+            raise self.retry(
+                countdown=broker_countdown(self.app, result.retry_in_s), max_retries=None
+            )
         if not result.continues_chain:
             self.request.chain = None  # cancelled, failed or gave up: stop the chain quietly
         return operation_id
@@ -60,3 +65,16 @@ def _generation(value: object) -> int | None:
     """The message's dispatch generation, or None when it carries none (or a malformed one:
     such a message is treated as one of the current dispatch)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def broker_countdown(app: Any, seconds: float) -> float:
+    """The countdown to publish for a wait of ``seconds``.
+
+    RabbitMQ's native delayed delivery (used by Celery as soon as a declared queue is a quorum
+    queue) counts whole seconds: Celery truncates the countdown, and refuses one under a second
+    outright. Rounded up, a retry never runs before the time its operation row records.
+    """
+    driver = app.producer_pool.connections.connection.transport.driver_type
+    if detect_quorum_queues(app, driver)[0]:
+        return float(max(1, math.ceil(seconds)))
+    return seconds

@@ -2,6 +2,10 @@
 
 PostgreSQL and Redis must answer on localhost (``make test`` makes sure they do). Override with
 STOCK_SYNC_TEST_POSTGRES_URL (an admin connection) and STOCK_SYNC_TEST_REDIS_URL.
+
+STOCK_SYNC_TEST_BROKER picks the broker of the pipeline tests: ``redis`` (the default) or
+``rabbitmq``, the machine's RabbitMQ (STOCK_SYNC_TEST_RABBITMQ_URL, without a virtual host;
+rabbitmqctl must reach its node), in a virtual host of this run's own, removed at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from stock_sync.adapters import schema
 from stock_sync.adapters.db import Database, normalise_database_url, reset_databases
 from stock_sync.adapters.settings import get_settings
 from stock_sync.composition import reset_services
+from stock_sync.devtools import rabbitmq
 from stock_sync.devtools.fake_microservice import FakeMicroservice
 from tests.support import Pipeline, capture_operation_logs
 
@@ -28,6 +33,18 @@ ADMIN_URL = os.environ.get(
     "STOCK_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
 )
 REDIS_URL = os.environ.get("STOCK_SYNC_TEST_REDIS_URL", "redis://localhost:6379/0")
+RABBITMQ_URL = os.environ.get("STOCK_SYNC_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+TEST_BROKERS = ("redis", "rabbitmq")
+TEST_BROKER = os.environ.get("STOCK_SYNC_TEST_BROKER", "redis")
+if TEST_BROKER not in TEST_BROKERS:
+    raise pytest.UsageError(
+        f"STOCK_SYNC_TEST_BROKER must be one of {', '.join(TEST_BROKERS)} (got {TEST_BROKER!r})"
+    )
+RUN_ID = uuid.uuid4().hex[:8]
+RABBITMQ_VHOST_PREFIX = "stock-sync-test"
+RABBITMQ_VHOST = rabbitmq.owned_vhost_name(RABBITMQ_VHOST_PREFIX, RUN_ID)
+# The broker of the pipeline tests and of the workers they start.
+BROKER_URL = REDIS_URL if TEST_BROKER == "redis" else f"{RABBITMQ_URL}/{RABBITMQ_VHOST}"
 TABLES = (
     "operation_events",
     "stock_movements",
@@ -121,9 +138,6 @@ def fake_microservice() -> Iterator[FakeMicroservice]:
         yield fake
 
 
-RUN_ID = uuid.uuid4().hex[:8]
-
-
 def run_queue_name(purpose: str) -> str:
     """A queue name unique to this test run, so its Redis keys can be removed at the end."""
     return f"stock-sync-test-{RUN_ID}-{purpose}-{uuid.uuid4().hex[:6]}"
@@ -147,6 +161,21 @@ def forget_this_runs_queues() -> Iterator[None]:
     client.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def rabbitmq_vhost() -> Iterator[str | None]:
+    """With STOCK_SYNC_TEST_BROKER=rabbitmq: this run's virtual host, deleted at the end (and
+    those of earlier runs that were killed before deleting theirs)."""
+    if TEST_BROKER != "rabbitmq":
+        yield None
+        return
+    rabbitmq.remove_abandoned_vhosts(RABBITMQ_VHOST_PREFIX)
+    rabbitmq.add_vhost(RABBITMQ_VHOST)
+    try:
+        yield RABBITMQ_VHOST
+    finally:
+        rabbitmq.delete_vhost(RABBITMQ_VHOST)
+
+
 @pytest.fixture(scope="session")
 def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice) -> Iterator[str]:
     """Configure this process for the pipeline tests; yields the run's queue name."""
@@ -154,7 +183,7 @@ def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice)
     environment = {
         **PIPELINE_ENVIRONMENT,
         "STOCK_SYNC_DATABASE_URL": postgres_url,
-        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_BROKER_URL": BROKER_URL,
         "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
         "STOCK_SYNC_QUEUE_NAME": queue,
     }
@@ -175,9 +204,10 @@ def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice)
 # --- the in-process worker: pytest-celery's session fixtures -----------------------------------
 # pytest-celery (the design card's test plugin) re-exports celery.contrib.pytest's fixtures:
 # celery_session_worker runs a real worker in a thread of this process, here against the real
-# Redis, configured by the three overrides below. Its Docker-based fixtures (celery_setup,
-# celery_worker, celery_broker, ...) are never requested: this machine has no Docker engine
-# (tests/test_in_process_worker.py checks that the pipeline's fixtures use none of them).
+# Redis (or RabbitMQ), configured by the three overrides below. Its Docker-based fixtures
+# (celery_setup, celery_worker, celery_broker, ...) are never requested: this machine has no
+# Docker engine (tests/test_in_process_worker.py checks that the pipeline's fixtures use none
+# of them).
 
 
 @pytest.fixture(scope="session")

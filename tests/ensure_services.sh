@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure PostgreSQL and Redis answer on localhost: start an installed but stopped one,
+# Makes sure PostgreSQL, Redis and RabbitMQ answer on localhost: start an installed but stopped one,
 # fail with what to install when one is missing.
 set -u
 
@@ -35,4 +35,16 @@ if ! redis_up; then
     exit 1
   fi
 fi
-echo "PostgreSQL and Redis answer on localhost"
+rabbitmq_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! rabbitmq_up; then
+  if command -v rabbitmq-server >/dev/null; then
+    echo "RabbitMQ is not answering: starting it"
+    rabbitmq-server -detached || true
+    wait_for rabbitmq_up || { echo "RabbitMQ did not start on localhost:5672" >&2; exit 1; }
+    rabbitmqctl await_startup >/dev/null 2>&1 || true
+  else
+    echo "RabbitMQ is needed on localhost:5672: install it (apt-get install rabbitmq-server)" >&2
+    exit 1
+  fi
+fi
+echo "PostgreSQL, Redis and RabbitMQ answer on localhost"

@@ -216,3 +216,90 @@ def test_build_names_a_data_dir_that_cannot_be_created(
     monkeypatch.setenv("STOCK_SYNC_DATA_DIR", "/proc/stock-sync-data")
     with pytest.raises(ConfigurationError, match="STOCK_SYNC_DATA_DIR: cannot create"):
         celeryconfig.build(load_settings())
+
+
+# --- RabbitMQ -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rabbitmq_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, object]:
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/stock")
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("STOCK_SYNC_QUEUE_NAME", "orders")
+    monkeypatch.delenv("STOCK_SYNC_MAINTENANCE_QUEUE_NAME", raising=False)
+    return celeryconfig.build(load_settings())
+
+
+def test_on_rabbitmq_both_queues_are_durable_quorum_queues_with_a_delivery_limit(
+    rabbitmq_config: dict[str, object],
+) -> None:
+    declared = rabbitmq_config["task_queues"]
+    assert isinstance(declared, tuple)
+    assert [queue.name for queue in declared] == ["orders", "orders_maintenance"]
+    for queue in declared:
+        assert queue.durable and not queue.auto_delete
+        assert queue.queue_arguments == {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": celeryconfig.QUORUM_DELIVERY_LIMIT,
+        }
+        # native delayed delivery skips queues bound to a direct exchange
+        assert (queue.exchange.name, queue.exchange.type, queue.routing_key) == (
+            queue.name,
+            "topic",
+            queue.name,
+        )
+
+
+def test_on_rabbitmq_publishes_are_confirmed_and_countdowns_wait_in_the_broker(
+    rabbitmq_config: dict[str, object],
+) -> None:
+    assert rabbitmq_config["broker_transport_options"] == {"confirm_publish": True}
+    assert rabbitmq_config["worker_detect_quorum_queues"] is True
+    assert rabbitmq_config["broker_native_delayed_delivery_queue_type"] == "quorum"
+    # what Redis needs stays Redis's
+    assert "visibility_timeout" not in str(rabbitmq_config["result_backend_transport_options"])
+
+
+def test_on_redis_the_queues_stay_classic_on_direct_exchanges(config: dict[str, object]) -> None:
+    for queue in config["task_queues"]:  # type: ignore[attr-defined]
+        assert queue.queue_arguments is None and queue.exchange.type == "direct"
+    assert "worker_detect_quorum_queues" not in config
+    assert set(config["broker_transport_options"]) == {  # type: ignore[call-overload]
+        "visibility_timeout",
+        "socket_timeout",
+        "socket_connect_timeout",
+    }
+
+
+@pytest.mark.parametrize("name", ["orders.eu", "orders*", "#orders"])
+def test_on_rabbitmq_a_queue_name_with_a_topic_character_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    monkeypatch.setenv("STOCK_SYNC_QUEUE_NAME", name)
+    monkeypatch.delenv("STOCK_SYNC_MAINTENANCE_QUEUE_NAME", raising=False)
+    with pytest.raises(ConfigurationError, match="STOCK_SYNC_QUEUE_NAME: on RabbitMQ a queue name"):
+        load_settings()
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "redis://localhost:6379/0")
+    assert load_settings().queue_name == name  # Redis has no such routing
+
+
+def probe_app(config: dict[str, object]) -> Celery:
+    probe = Celery("probe", set_as_current=False)
+    probe.config_from_object(config)
+    return probe
+
+
+@pytest.mark.parametrize(("wait_s", "countdown"), [(0.05, 1.0), (1.0, 1.0), (2.2, 3.0)])
+def test_on_rabbitmq_a_countdown_is_rounded_up_to_whole_seconds(
+    rabbitmq_config: dict[str, object], wait_s: float, countdown: float
+) -> None:
+    from tasks.base import broker_countdown
+
+    assert broker_countdown(probe_app(rabbitmq_config), wait_s) == countdown
+
+
+def test_on_redis_a_countdown_is_kept_as_computed(config: dict[str, object]) -> None:
+    from tasks.base import broker_countdown
+
+    assert broker_countdown(probe_app(config), 0.05) == 0.05

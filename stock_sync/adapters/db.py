@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -218,6 +218,27 @@ class Database:
         """Drop the pooled connections; after a fork, ``close=False`` leaves the parent's be."""
         self.engine.dispose(close=close)
         self._peek_engine.dispose(close=close)
+
+
+@contextmanager
+def try_advisory_lock(database: Database, key: int) -> Iterator[bool]:
+    """Try once, without waiting, to take PostgreSQL's advisory lock ``key``; yields whether it
+    was taken, and holds it until the block ends.
+
+    The lock belongs to a transaction kept open for the whole block, never to the connection:
+    behind PgBouncer in transaction pooling a session-level lock would stay on whichever server
+    connection ran the statement, after that connection went back to the pool (and every later
+    try would fail until it was recycled). The transaction only takes the lock: it writes
+    nothing and ends with a rollback, which releases the lock, as does a dropped connection.
+    It holds one server connection for the block, so a pool needs room for another besides it.
+    """
+    with database.engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            statement = text("select pg_try_advisory_xact_lock(:key)")
+            yield bool(connection.execute(statement, {"key": key}).scalar())
+        finally:
+            transaction.rollback()
 
 
 # Per-transaction state kept in a Session's or Connection's ``info`` uses keys under this.

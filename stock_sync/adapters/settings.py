@@ -49,6 +49,9 @@ MIB = 1024 * KIB
 # stock_ledger.MAX_STOCK_QUANTITY (that module pulls in the models; this one stays light).
 MAX_QUANTITY = 2**31 - 1
 MAX_QUEUE_NAME_CHARS = 200
+AMQP_TRANSPORTS = ("amqp", "amqps", "pyamqp")
+# The separator and wildcards of RabbitMQ's topic routing keys.
+AMQP_TOPIC_CHARACTERS = (".", "*", "#")
 
 SUPPORTED_DATABASES = ("postgresql", "sqlite")
 # SQLAlchemy driver names we can open: psycopg2 is the PostgreSQL driver we ship.
@@ -279,6 +282,17 @@ class Settings(BaseSettings):
                 "STOCK_SYNC_MAINTENANCE_QUEUE_NAME must differ from STOCK_SYNC_QUEUE_NAME"
                 " (maintenance has a queue of its own so that a backlog cannot starve it)"
             )
+        if self.uses_amqp_broker:
+            for variable, name in (
+                ("QUEUE_NAME", self.queue_name),
+                ("MAINTENANCE_QUEUE_NAME", self.effective_maintenance_queue_name),
+            ):
+                if any(char in name for char in AMQP_TOPIC_CHARACTERS):
+                    raise ValueError(
+                        f"{ENV_PREFIX}{variable}: on RabbitMQ a queue name must not contain"
+                        " '.', '*' or '#' (its delayed retries are routed by topic patterns"
+                        f" on the name; got {name!r})"
+                    )
         return self
 
     def secrets(self) -> list[str]:
@@ -314,6 +328,11 @@ class Settings(BaseSettings):
     @property
     def uses_filesystem_broker(self) -> bool:
         return self.effective_broker_url.startswith("filesystem://")
+
+    @property
+    def uses_amqp_broker(self) -> bool:
+        """RabbitMQ (kombu's amqp, amqps and pyamqp transports)."""
+        return self.effective_broker_url.partition("://")[0] in AMQP_TRANSPORTS
 
     def retry_policy(self, stage: str) -> RetryPolicy:
         """The retry budget of a stage (``Stage.retry_budget``): pending (load_line_items),

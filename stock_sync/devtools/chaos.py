@@ -8,7 +8,10 @@ The faults, during the fault phase:
 - the broker: a private ``redis-server`` (its own port, no persistence) is crashed without
   saving (``SHUTDOWN NOSAVE`` or SIGKILL) and restarted on the same port, once per 1,000
   orders and at least once: every queued message is lost and the beat sweep must re-drive the
-  stuck operations;
+  stuck operations; with ``--broker rabbitmq``, RabbitMQ (quorum queues, a virtual host of
+  the run's own on a node of its own, or on ``--rabbitmq-node``) is stopped and started
+  instead (``rabbitmqctl stop_app`` / ``start_app``): every connection is cut, the queues
+  keep their messages;
 - the workers: of two real ``celery worker`` processes (prefork and threads, 2 each), one is
   SIGKILLed with its children every few seconds and restarted; ``celery beat`` sweeps every
   second for operations idle for 3 s;
@@ -94,6 +97,8 @@ from stock_sync.devtools.chaos_checks import (
 from stock_sync.devtools.chaos_faults import (
     Agent,
     BrokerCrasher,
+    ChaosBroker,
+    ChaosRabbit,
     ChaosRedis,
     Fleet,
     FleetKeeper,
@@ -116,6 +121,9 @@ S = OperationStatus
 EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_ORDERS = 2000
 DEFAULT_SEED = 1
+BROKERS = ("redis", "rabbitmq")
+# Where --rabbitmq-node's AMQP listener is (user, password, host, port; no virtual host).
+RABBITMQ_URL = os.environ.get("STOCK_SYNC_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
 
 # Pace: at most this many orders a second, and none while the broker's queue holds more
 # than MAX_BACKLOG messages, so this mode stays a storm of faults while the orders flow (a
@@ -196,6 +204,8 @@ class Options:
     collation: str
     admin_url: str
     evidence_dir: Path | None
+    broker: str = "redis"
+    rabbitmq_node: str | None = None  # None: a node of its own
 
 
 @dataclass
@@ -203,7 +213,7 @@ class Rig:
     """What the phases share: the servers and processes of the run and its bookkeeping."""
 
     scenario: Scenario
-    broker: ChaosRedis
+    broker: ChaosBroker
     fake: FakeMicroservice
     database: Database
     fleet: Fleet
@@ -240,6 +250,7 @@ class ChaosReport:
     def figures(self) -> dict[str, Any]:
         """The summary's figures, in the order the line shows them."""
         return {
+            "broker": self.options.broker,
             "orders": self.options.orders,
             "operations": sum(self.statuses.values()),
             "completed": self.statuses.get(S.COMPLETED.value, 0),
@@ -538,7 +549,8 @@ def start_rig(
     (the Celery processes started now, or by the caller with ``rig.fleet.start()``)."""
     tag = uuid.uuid4().hex[:8]
     scenario = scenario or build_scenario(options.orders, options.seed, tag)
-    broker = stack.enter_context(ChaosRedis(workdir))
+    broker = chaos_broker(options, tag, workdir)
+    stack.enter_context(broker)  # started now, stopped (and removed) with the stack
     database_url = stack.enter_context(
         throwaway_database(
             options.admin_url,
@@ -562,10 +574,16 @@ def start_rig(
     if start_fleet:
         fleet.start()
     say(
-        f"    redis-server on port {broker.port}, fake microservice {fake.url}, "
+        f"    {broker.describe()}, fake microservice {fake.url}, "
         f"{len(scenario.initial_stock)} SKUs, logs in {logs}"
     )
     return Rig(scenario, broker, fake, database, fleet, variables)
+
+
+def chaos_broker(options: Options, tag: str, workdir: Path) -> ChaosRedis | ChaosRabbit:
+    if options.broker == "rabbitmq":
+        return ChaosRabbit(tag, node=options.rabbitmq_node, amqp_url=RABBITMQ_URL)
+    return ChaosRedis(workdir)
 
 
 def run(options: Options) -> ChaosReport:
@@ -658,6 +676,19 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         help="an admin connection allowed to CREATE/DROP DATABASE",
     )
     parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="redis",
+        help="the broker crashed mid-run: a private redis-server (default), or RabbitMQ",
+    )
+    parser.add_argument(
+        "--rabbitmq-node",
+        default=None,
+        help="with --broker rabbitmq: run on this running node (e.g. rabbit@localhost, at "
+        "STOCK_SYNC_TEST_RABBITMQ_URL) instead of a node of its own; it is stopped and "
+        "started like one",
+    )
+    parser.add_argument(
         "--evidence-dir",
         type=Path,
         default=None,
@@ -673,6 +704,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         collation=args.collation,
         admin_url=args.postgres_url,
         evidence_dir=args.evidence_dir,
+        broker=args.broker,
+        rabbitmq_node=args.rabbitmq_node,
     )
 
 

@@ -1,7 +1,7 @@
-"""The fault injectors of ``python -m stock_sync.devtools.chaos``: a private Redis that is crashed
-and restarted, Celery processes that are SIGKILLed, and the background threads ("agents") that
-submit orders twice at once, cancel operations at every stage, hold stock rows in slow
-transactions and release held PUTs.
+"""The fault injectors of ``python -m stock_sync.devtools.chaos``: a private broker that is crashed
+and restarted (a Redis server, or RabbitMQ stopped and started), Celery processes that are
+SIGKILLed, and the background threads ("agents") that submit orders twice at once, cancel
+operations at every stage, hold stock rows in slow transactions and release held PUTs.
 
 Every agent runs in a daemon thread until its stop event is set; an exception that escapes an
 agent is a fault of the harness, not of the product, and is kept for the run to report.
@@ -23,12 +23,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import redis
 from sqlalchemy import func, select
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, StockLevel
+from stock_sync.devtools import rabbitmq
 from stock_sync.devtools.benchmark import CeleryProcess, worker_arguments
 from stock_sync.devtools.chaos_scenario import PlannedOrder
 from stock_sync.devtools.fake_microservice import FakeMicroservice
@@ -46,6 +48,26 @@ CANCEL_FROM = (S.PENDING, S.PROCESSING, S.STOCK_DEDUCTED, S.COMPLETED)
 
 class HarnessError(Exception):
     """The harness could not do its job (a server would not start, an agent crashed)."""
+
+
+# --- the broker ---------------------------------------------------------------------------------
+
+
+class ChaosBroker(Protocol):
+    """A broker the run may crash: started (again, at the same address) by ``start``."""
+
+    @property
+    def url(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def crash(self) -> None: ...
+
+    def queue_length(self, queue: str) -> int: ...
+
+    def stop(self) -> None: ...
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -73,6 +95,9 @@ class ChaosRedis:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def describe(self) -> str:
+        return f"redis-server on port {self.port}"
 
     def start(self) -> None:
         """Start (or restart, on the same port) and wait until it answers PING."""
@@ -145,6 +170,104 @@ class ChaosRedis:
 
     def __enter__(self) -> ChaosRedis:
         self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+# --- RabbitMQ ---------------------------------------------------------------------------------
+
+
+class ChaosRabbit:
+    """RabbitMQ in a virtual host of the run's own, crashed by stopping the RabbitMQ application
+    of its node (``rabbitmqctl stop_app``: every connection is cut) and started again
+    (``start_app``). Unlike the Redis above it keeps what was queued: the queues are quorum
+    queues, on disk.
+
+    The node is one of its own (:class:`rabbitmq.PrivateNode`) unless ``node`` names a running
+    one (the machine's ``rabbit@localhost``, reached at ``amqp_url``); stopping that one stops
+    it for everyone using it, and a ``start_app`` that fails leaves it down.
+    """
+
+    def __init__(self, tag: str, node: str | None = None, amqp_url: str = "") -> None:
+        self._private = None if node else rabbitmq.PrivateNode(f"chaos-{tag}")
+        self._node = node or self._private.name  # type: ignore[union-attr]
+        self.vhost = f"stock-sync-chaos-{tag}"
+        self._amqp_url = amqp_url
+        self._started = False
+        self._connection: Any = None
+        self.crashes = 0
+
+    @property
+    def url(self) -> str:
+        if self._private is not None:
+            return self._private.url(self.vhost)
+        return f"{self._amqp_url.rstrip('/')}/{self.vhost}"
+
+    def describe(self) -> str:
+        where = "its own node" if self._private is not None else "the node"
+        return f"RabbitMQ on {where} {self._node}, virtual host {self.vhost}"
+
+    def start(self) -> None:
+        """Boot (the first time) or start the application again after a crash."""
+        try:
+            if self._started:
+                rabbitmq.rabbitmqctl("start_app", node=self._node)
+                rabbitmq.rabbitmqctl("await_startup", "--timeout", "60", node=self._node)
+                return
+            if self._private is not None:
+                self._private.start()
+            rabbitmq.add_vhost(self.vhost, node=self._node)
+            self._started = True
+        except rabbitmq.RabbitMQError as error:
+            raise HarnessError(str(error)) from None
+
+    def crash(self) -> None:
+        self.crashes += 1
+        self._forget_connection()
+        try:
+            rabbitmq.rabbitmqctl("stop_app", node=self._node)
+        except rabbitmq.RabbitMQError as error:
+            raise HarnessError(str(error)) from None
+
+    def queue_length(self, queue: str) -> int:
+        """Messages ready in ``queue``; 0 while the broker is down or the queue not declared."""
+        from kombu.connection import Connection
+
+        connect: Any = Connection  # kombu is untyped
+        try:
+            if self._connection is None:
+                self._connection = connect(self.url, connect_timeout=1)
+                self._connection.ensure_connection(max_retries=0)
+            channel = self._connection.default_channel
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except Exception:
+            self._forget_connection()
+            return 0
+
+    def _forget_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.release()
+
+    def stop(self) -> None:
+        """The node of its own halted and removed; on a shared node the virtual host deleted."""
+        self._forget_connection()
+        if self._private is not None:
+            self._private.stop()
+        elif self._started:
+            with contextlib.suppress(rabbitmq.RabbitMQError):
+                rabbitmq.delete_vhost(self.vhost, node=self._node)
+        self._started = False
+
+    def __enter__(self) -> ChaosRabbit:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -283,16 +406,16 @@ class FleetKeeper(Agent):
 
 
 class BrokerCrasher(Agent):
-    """Crashes the private Redis each time the submissions pass one of ``at_fractions`` (of
-    all orders) and restarts it on the same port after ``down_s``: every queued and
-    unacknowledged message is lost."""
+    """Crashes the private broker each time the submissions pass one of ``at_fractions`` (of
+    all orders) and restarts it at the same address after ``down_s``: on Redis every queued
+    and unacknowledged message is lost, on RabbitMQ every connection."""
 
     POLL_S = 0.2
 
     def __init__(
         self,
         stop: threading.Event,
-        broker: ChaosRedis,
+        broker: ChaosBroker,
         submitted_fraction: Callable[[], float],
         at_fractions: Sequence[float],
         down_s: float,

@@ -25,7 +25,7 @@ from typing import IO
 
 from sqlalchemy import delete, func, insert, select, text, update
 
-from stock_sync.adapters.db import Database
+from stock_sync.adapters.db import Database, try_advisory_lock
 from stock_sync.adapters.models import (
     PARKED,
     QUEUE_PROBES_TABLE,
@@ -388,22 +388,9 @@ class StuckOperationSweeper:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[bool]:
         if self._database.is_postgresql:
-            with self._database.engine.connect() as connection:
-                acquired = bool(
-                    connection.execute(
-                        text("select pg_try_advisory_lock(:key)"), {"key": SWEEP_ADVISORY_LOCK_KEY}
-                    ).scalar()
-                )
-                connection.commit()
-                try:
-                    yield acquired
-                finally:
-                    if acquired:
-                        connection.execute(
-                            text("select pg_advisory_unlock(:key)"),
-                            {"key": SWEEP_ADVISORY_LOCK_KEY},
-                        )
-                        connection.commit()
+            # Transaction-scoped, so that it can never stay behind on a pooled connection.
+            with try_advisory_lock(self._database, SWEEP_ADVISORY_LOCK_KEY) as acquired:
+                yield acquired
             return
         with _file_lock(self._settings.data_dir / "sweep.lock") as acquired:
             yield acquired
