@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
-from datetime import timedelta
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from stock_sync.adapters.db import Database
@@ -14,7 +17,7 @@ from stock_sync.adapters.models import PendingStockOperation, utcnow
 from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import build_services, get_services, sweeper_for
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.services.sweeps import StuckOperationSweeper
+from stock_sync.services.sweeps import StuckOperationSweeper, SweepReport
 from tests.support import Pipeline, order
 
 S = OperationStatus
@@ -66,10 +69,12 @@ def stuck_operation(
 
 
 def recording_sweeper(
-    database: Database, **environment: str
+    database: Database, **settings: Any
 ) -> tuple[StuckOperationSweeper, RecordingDispatcher]:
+    """A sweeper of ``database`` whose dispatcher records; ``settings`` override the loaded."""
     dispatcher = RecordingDispatcher()
-    services = build_services(load_settings(), dispatcher=dispatcher, database=database)
+    configured = load_settings().model_copy(update=settings)
+    services = build_services(configured, dispatcher=dispatcher, database=database)
     return sweeper_for(services), dispatcher
 
 
@@ -169,22 +174,65 @@ def test_a_stuck_microservice_rollback_is_enqueued_again(clean_database: Databas
     assert dispatcher.rollbacks == [rollback] and dispatcher.pipelines == []
 
 
-def test_two_concurrent_sweeps_redrive_an_operation_once(clean_database: Database) -> None:
+def sweep_during_the_first_claim(
+    monkeypatch: pytest.MonkeyPatch, first: StuckOperationSweeper, second: StuckOperationSweeper
+) -> tuple[SweepReport, SweepReport]:
+    """Run ``first.sweep()``; once its first batch is claimed (committed, not yet re-driven),
+    run the whole of ``second.sweep()`` in another thread. Both reports; any error raised."""
+    claim = first._claim_batch
+    during: list[Future[SweepReport]] = []
+
+    def claim_then_let_the_other_sweep(now: datetime) -> list[uuid.UUID]:
+        claimed = claim(now)
+        if not during:
+            assert claimed, "the first sweep found nothing to claim"
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                during.append(pool.submit(second.sweep))
+                during[0].result(timeout=60)
+        return claimed
+
+    monkeypatch.setattr(first, "_claim_batch", claim_then_let_the_other_sweep)
+    report = first.sweep()
+    assert during, "the second sweep never ran inside the first"
+    return report, during[0].result()
+
+
+def test_a_sweep_started_while_another_holds_a_claimed_batch_skips(
+    clean_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids = {stuck_operation(clean_database, f"stuck-{i}") for i in range(30)}
-    sweepers = [recording_sweeper(clean_database) for _ in range(2)]
-    barrier = threading.Barrier(2)
+    (first, first_sent), (second, second_sent) = [
+        recording_sweeper(clean_database) for _ in range(2)
+    ]
 
-    def run(sweeper: StuckOperationSweeper) -> None:
-        barrier.wait()
-        sweeper.sweep()
+    first_report, second_report = sweep_during_the_first_claim(monkeypatch, first, second)
 
-    threads = [threading.Thread(target=run, args=(s,)) for s, _ in sweepers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    redriven = [op for _, dispatcher in sweepers for op, _ in dispatcher.pipelines]
-    assert sorted(redriven) == sorted(ids)  # each exactly once
+    assert second_report.ran is False and second_sent.pipelines == []
+    assert first_report.ran is True and sorted(first_report.redriven) == sorted(ids)
+    assert sorted(op for op, _ in first_sent.pipelines) == sorted(ids)  # each exactly once
+
+
+def test_two_sweeps_past_the_lock_split_the_stuck_operations_between_them(
+    clean_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim is the second guard: should two sweeps run at once (the advisory lock goes
+    with its connection, and a dropped connection leaves the sweep running), they still
+    never re-drive an operation twice."""
+    ids = {stuck_operation(clean_database, f"stuck-{i}") for i in range(30)}
+    (first, first_sent), (second, second_sent) = [
+        recording_sweeper(clean_database, sweep_batch_size=10) for _ in range(2)
+    ]
+    for sweeper in (first, second):
+        monkeypatch.setattr(sweeper, "_exclusive", lambda: contextlib.nullcontext(True))
+
+    first_report, second_report = sweep_during_the_first_claim(monkeypatch, first, second)
+
+    first_ids = [op for op, _ in first_sent.pipelines]
+    second_ids = [op for op, _ in second_sent.pipelines]
+    assert sorted(first_ids + second_ids) == sorted(ids)  # each exactly once
+    # The first claimed one batch, the second swept the other two meanwhile.
+    assert (len(first_ids), len(second_ids)) == (10, 20)
+    assert (first_report.batches, second_report.batches) == (1, 2)
 
 
 def test_a_sweep_holding_the_lock_makes_another_skip(
