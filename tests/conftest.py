@@ -27,7 +27,7 @@ from stock_sync.adapters.settings import get_settings
 from stock_sync.composition import reset_services
 from stock_sync.devtools import rabbitmq
 from stock_sync.devtools.fake_microservice import FakeMicroservice
-from tests.support import Pipeline, capture_operation_logs
+from tests.support import Pipeline, TaskRuns, capture_operation_logs
 
 ADMIN_URL = os.environ.get(
     "STOCK_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"
@@ -247,8 +247,8 @@ def pipeline(
 ) -> Iterator[Pipeline]:
     """Everything an end-to-end test needs, reset: empty tables, a fresh fake."""
     fake_microservice.reset()
-    with capture_operation_logs() as records:
-        yield Pipeline(clean_database, fake_microservice, records)
+    with capture_operation_logs() as records, TaskRuns().recording() as task_runs:
+        yield Pipeline(clean_database, fake_microservice, records, task_runs)
 
 
 @pytest.fixture

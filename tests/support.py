@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.signals import task_postrun
 from sqlalchemy import func, select, text
 
 from stock_sync.adapters.db import Database
@@ -66,6 +67,76 @@ def wait_for_record(
         time.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class TaskRun:
+    """One run of a task by the in-process worker, seen as it ended."""
+
+    task_id: str
+    name: str
+    args: tuple[Any, ...]
+    state: str  # SUCCESS; RETRY when the run scheduled another of the same task id
+
+
+class TaskRuns:
+    """Every task run the in-process worker ends while recording (Celery's task_postrun
+    signal, sent from the worker's thread): the proof that a message was consumed."""
+
+    def __init__(self) -> None:
+        self._runs: list[TaskRun] = []
+        self._changed = threading.Condition()
+
+    def _record(self, task_id: str, task: Any, args: Any, state: str, **_: Any) -> None:
+        with self._changed:
+            self._runs.append(TaskRun(task_id, task.name, tuple(args or ()), state))
+            self._changed.notify_all()
+
+    @contextmanager
+    def recording(self) -> Iterator[TaskRuns]:
+        task_postrun.connect(self._record, weak=False)
+        try:
+            yield self
+        finally:
+            task_postrun.disconnect(self._record)
+
+    def wait_for_end(self, task_ids: Iterable[str], timeout_s: float = WAIT_S) -> list[TaskRun]:
+        """The last run of each task id, once each ended without scheduling another."""
+        wanted = list(task_ids)
+
+        def ends() -> dict[str, TaskRun]:
+            return {r.task_id: r for r in self._runs if r.task_id in wanted and r.state != "RETRY"}
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(ends()) == len(set(wanted)), timeout_s):
+                raise AssertionError(f"tasks {wanted} did not end in {timeout_s}s: {self._runs}")
+            found = ends()
+        return [found[task_id] for task_id in wanted]
+
+    def wait_for_chain_end(
+        self, task_name: str, operation_id: uuid.UUID, timeout_s: float = WAIT_S
+    ) -> TaskRun:
+        """The first run of ``task_name`` for ``operation_id`` that scheduled no other run:
+        the operation's chain, retrying that stage, has no message left."""
+
+        def end() -> TaskRun | None:
+            return next(
+                (
+                    r
+                    for r in self._runs
+                    if r.name == task_name
+                    and r.args[:1] == (str(operation_id),)
+                    and r.state != "RETRY"
+                ),
+                None,
+            )
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: end() is not None, timeout_s):
+                raise AssertionError(f"no run of {task_name} for {operation_id} ended its chain")
+            found = end()
+        assert found is not None
+        return found
+
+
 def order(
     order_id: str, *lines: tuple[str, int], account_name: str | None = "shop-1", **extra: Any
 ) -> dict[str, Any]:
@@ -93,6 +164,7 @@ class Pipeline:
     database: Database
     fake: FakeMicroservice
     log_records: list[logging.LogRecord] = field(default_factory=list)
+    task_runs: TaskRuns = field(default_factory=TaskRuns)
 
     def set_stock(self, **levels: int) -> None:
         with self.database.transaction() as session:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -230,26 +231,31 @@ def test_two_racing_submits_with_and_without_an_account_make_one_operation(
     both_looked = threading.Barrier(2, timeout=10)
     look_up = producer._existing
     first_look = threading.local()
+    looks: list[uuid.UUID | None] = []  # every look-up, in the order they answered
+    passed_the_barrier: list[str] = []
 
     def look_up_then_wait(*args: Any) -> uuid.UUID | None:
         found = look_up(*args)
+        looks.append(found)
         if not getattr(first_look, "done", False):
             first_look.done = True
             both_looked.wait()  # both found nothing before either inserts
+            passed_the_barrier.append(threading.current_thread().name)
         return found
 
     monkeypatch.setattr(producer, "_existing", look_up_then_wait)
-    results: dict[str, uuid.UUID] = {}
 
-    def submit(account: str | None) -> None:
-        results[str(account)] = submit_operation("twice", account, services=services)
+    def submit(account: str | None) -> uuid.UUID:
+        return submit_operation("twice", account, services=services)
 
-    threads = [threading.Thread(target=submit, args=(a,)) for a in (None, "shop")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {str(a): pool.submit(submit, a) for a in (None, "shop")}
+        results = {name: future.result(timeout=30) for name, future in futures.items()}
 
+    assert len(passed_the_barrier) == 2, passed_the_barrier
+    # Both first looks found nothing; the loser of the unique index looked again and found
+    # the winner's operation.
+    assert looks[:2] == [None, None] and looks[2:] == [results["None"]], looks
     assert results["None"] == results["shop"]
     with services.database.transaction() as session:
         count = session.scalar(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import create_engine, select, text
@@ -57,7 +57,8 @@ def test_cancel_while_pending_stops_the_pipeline(
     result = cancel(operation_id)
     assert (result.cancelled_from, result.final_status) == (S.PENDING, S.CANCELLED)
     assert not result.stock_restored and result.microservice_rollback == "not_needed"
-    time.sleep(0.3)  # let the retry already scheduled come and find CANCELLED
+    # The retry already scheduled came and found CANCELLED: it scheduled no other.
+    pipeline.task_runs.wait_for_chain_end("stock_sync.load_line_items", operation_id)
     row = pipeline.operation(operation_id)
     assert (
         row.status == "cancelled"
@@ -83,7 +84,10 @@ def test_cancel_while_processing_leaves_stock_alone(
     result = cancel(operation_id)
     assert result.cancelled_from is S.PROCESSING and not result.stock_restored
     pipeline.set_stock(**{"SKU-A": 3})  # stock arrives: the cancelled order must not take it
-    time.sleep(0.3)
+    pipeline.task_runs.wait_for_chain_end("stock_sync.validate_stock", operation_id)
+    redelivered = deduct_stock.apply_async((str(operation_id),))  # and no late stage does
+    (run,) = pipeline.task_runs.wait_for_end([redelivered.id])
+    assert run.state == "SUCCESS"
     assert pipeline.stock("SKU-A") == 3
     assert pipeline.movements(operation_id) == []
 
@@ -264,21 +268,21 @@ def test_cancel_arriving_while_deduct_stock_runs_restores_exactly_once(
     blocker.execute(text("select quantity from stock_levels where sku = 'SKU-R' for update"))
     deduct_stock.apply_async((str(operation_id),))
     wait_until_blocked_on_a_lock(postgres_url, 1)
-    results: list[CancellationResult] = []
-    canceller = threading.Thread(target=lambda: results.append(cancel(operation_id)))
-    canceller.start()
-    wait_until_blocked_on_a_lock(postgres_url, 2)  # the cancel now queues on the operation row
-    blocker_tx.rollback()
-    blocker.close()
-    canceller.join(30)
-    (result,) = results
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        cancelling = pool.submit(cancel, operation_id)
+        wait_until_blocked_on_a_lock(postgres_url, 2)  # the cancel now queues on the row
+        blocker_tx.rollback()
+        blocker.close()
+        result = cancelling.result(timeout=30)
     assert result.cancelled_from is S.STOCK_DEDUCTED and result.stock_restored
     assert pipeline.stock("SKU-R") == 5
     assert pipeline.movements(operation_id) == [("SKU-R", -2, "deduction")]
     assert pipeline.ledger_matches_stock("SKU-R")
-    deduct_stock.apply_async((str(operation_id),))  # a redelivery afterwards moves nothing
-    time.sleep(0.3)
+    redelivered = deduct_stock.apply_async((str(operation_id),))  # afterwards: moves nothing
+    (run,) = pipeline.task_runs.wait_for_end([redelivered.id])
+    assert run.state == "SUCCESS"
     assert pipeline.stock("SKU-R") == 5 and pipeline.operation(operation_id).status == "cancelled"
+    assert pipeline.movements(operation_id) == [("SKU-R", -2, "deduction")]
 
 
 def test_cancel_arriving_before_deduct_stock_means_no_deduction(pipeline: Pipeline) -> None:
@@ -288,8 +292,9 @@ def test_cancel_arriving_before_deduct_stock_means_no_deduction(pipeline: Pipeli
     )
     result = cancel(operation_id)
     assert result.cancelled_from is S.PROCESSING
-    deduct_stock.apply_async((str(operation_id),))
-    time.sleep(0.3)
+    redelivered = deduct_stock.apply_async((str(operation_id),))
+    (run,) = pipeline.task_runs.wait_for_end([redelivered.id])
+    assert run.state == "SUCCESS"
     assert pipeline.stock("SKU-R") == 5 and pipeline.movements(operation_id) == []
 
 
@@ -321,29 +326,25 @@ def test_cancel_while_the_sync_put_is_in_flight_is_compensated(pipeline: Pipelin
     assert [p["status"] for p in pipeline.applied_puts("race-sync")] == ["PROCESSING", "NEW"]
 
 
-def test_two_cancels_at_once_have_one_effect(pipeline: Pipeline) -> None:
+def test_two_cancels_at_once_have_one_effect(pipeline: Pipeline, postgres_url: str) -> None:
     pipeline.set_stock(**{"SKU-T": 1})
     operation_id = insert_operation(
         pipeline.database, order_id="race-cancel", status=S.PROCESSING, lines=[("SKU-T", 1)]
     )
     deduct_stock.apply_async((str(operation_id),))
     pipeline.wait_for_status(operation_id, S.STOCK_DEDUCTED)
-    results: list[CancellationResult] = []
-    barrier = threading.Barrier(2)
-
-    def cancel_now(who: str) -> None:
-        barrier.wait()
-        results.append(cancel(operation_id, who, "race"))
-
-    threads = [threading.Thread(target=cancel_now, args=(who,)) for who in ("a", "b")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert (
-        len(results) == 2
-        and results[0].adjustment_operation_ids == results[1].adjustment_operation_ids
-    )
+    # Hold the operation row until both cancels queue on it: they really are at once.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with pipeline.database.engine.connect() as blocker, blocker.begin():
+            blocker.execute(
+                text("select 1 from pending_stock_operations where id = :id for update"),
+                {"id": operation_id},
+            )
+            cancels = [pool.submit(cancel, operation_id, who, "race") for who in ("a", "b")]
+            wait_until_blocked_on_a_lock(postgres_url, 2)
+        first, second = (future.result(timeout=30) for future in cancels)
+    assert first.adjustment_operation_ids == second.adjustment_operation_ids
+    assert first.cancelled_by == second.cancelled_by and first.stock_restored
     assert pipeline.stock("SKU-T") == 1
     assert len(adjustments_of(pipeline, operation_id)) == 1
     assert pipeline.ledger_matches_stock("SKU-T")
@@ -356,9 +357,12 @@ def test_a_stage_redelivered_after_a_cancel_moves_nothing(pipeline: Pipeline) ->
         pipeline.database, order_id="redelivered", status=S.PENDING, lines=[]
     )
     cancel(operation_id)
-    for task in (load_line_items, deduct_stock, sync_microservice):
+    sent = [
         task.apply_async((str(operation_id),))
-    time.sleep(0.4)
+        for task in (load_line_items, deduct_stock, sync_microservice)
+    ]
+    runs = pipeline.task_runs.wait_for_end([result.id for result in sent])
+    assert [run.state for run in runs] == ["SUCCESS"] * 3
     row = pipeline.operation(operation_id)
     assert row.status == "cancelled" and row.line_items == []
     assert pipeline.stock("SKU-U") == 4 and pipeline.fake.fulfillment_requests() == []

@@ -229,6 +229,11 @@ def test_an_unreachable_microservice_fails(healthy: Settings) -> None:
     assert check.status == FAILED and "Connection refused" in check.detail
 
 
+# For the tests with one stuck check: the real checks beside it get the production timeout,
+# so that a slow moment of a loaded machine does not fail them (a 0.2 s limit could).
+ROOMY_TIMEOUT_S = health.DEFAULT_TIMEOUT_S
+
+
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """Accepts TCP connections (the kernel's backlog) and never answers."""
@@ -243,7 +248,7 @@ def test_a_microservice_that_never_answers_costs_its_timeout_and_the_others_are_
 ) -> None:
     settings = healthy.model_copy(update={"microservice_url": silent_server})
 
-    report = run_health_checks(settings, timeout_s=0.5)
+    report = run_health_checks(settings, timeout_s=ROOMY_TIMEOUT_S)
 
     assert statuses(report) == {**dict.fromkeys(CHECK_NAMES, OK), MICROSERVICE: FAILED}
     check = report.check(MICROSERVICE)
@@ -261,13 +266,13 @@ def test_a_check_that_hangs_is_reported_as_such_and_does_not_hold_the_others(
 
     monkeypatch.setitem(health.CHECKS, BROKER, hangs)
     try:
-        report = run_health_checks(healthy, timeout_s=0.2)
+        report = run_health_checks(healthy, timeout_s=ROOMY_TIMEOUT_S)
     finally:
         release.set()
 
     assert statuses(report) == {**dict.fromkeys(CHECK_NAMES, OK), BROKER: FAILED}
     check = report.check(BROKER)
-    assert check is not None and check.detail == "no answer within 0.2 s"
+    assert check is not None and check.detail == "no answer within 3 s"
 
 
 def test_a_check_that_raises_becomes_one_failed_line(

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import select
 import socket
 import subprocess
 import sys
@@ -258,25 +257,33 @@ def test_the_metrics_server_logs_its_own_records_as_json(tmp_path: Path) -> None
         env=env,
     )
     assert server.stdout is not None and server.stderr is not None
-    seen: list[str] = []
+    stderr_lines: list[str] = []
+    request_logged = threading.Event()
+
+    def read_stderr() -> None:
+        assert server.stderr is not None
+        for line in server.stderr:
+            stderr_lines.append(line)
+            if "GET /metrics" in line:
+                request_logged.set()
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
     try:
         banner = server.stdout.readline()  # "serving metrics on http://127.0.0.1:PORT/metrics"
         url = banner.split(" on ", 1)[1].strip()
         with urllib.request.urlopen(url, timeout=30) as answer:
             body = answer.read().decode()
-        # the request line is logged once the answer is sent: wait for it before stopping
-        # (bounded: the server is stopped anyway after 30 s, which ends the loop)
-        watchdog = threading.Timer(30, server.terminate)
-        watchdog.start()
-        for line in server.stderr:
-            seen.append(line)
-            if '"level": "DEBUG"' in line and "metrics_server" in line:
-                break
-        watchdog.cancel()
+        # wsgiref logs the request line after the answer went out: wait for it, or a stop
+        # right after the answer loses it.
+        assert request_logged.wait(30), "".join(stderr_lines)
     finally:
         server.terminate()
-        _, rest = server.communicate(timeout=30)
-    stderr = "".join(seen) + rest
+        server.wait(timeout=30)
+        reader.join(30)
+        server.stdout.close()
+        server.stderr.close()
+    stderr = "".join(stderr_lines)
 
     assert "stock_sync_database_up 0.0" in body
     records = json_lines(stderr)
@@ -309,18 +316,25 @@ def worker_records_until(
     )
     assert process.stderr is not None
     lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
+    seen = threading.Event()
+
+    def read_stderr() -> None:
+        # Blocking reads in a thread: select() on the pipe cannot see lines already pulled
+        # into the text stream's buffer, so a poll could miss ``done`` until its deadline.
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if done in line:
+                seen.set()
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
     try:
-        while time.monotonic() < deadline and not any(done in line for line in lines):
-            ready, _, _ = select.select([process.stderr], [], [], 1.0)
-            if ready:
-                line = process.stderr.readline()
-                if not line:
-                    break
-                lines.append(line)
+        seen.wait(timeout_s)
     finally:
         process.terminate()
         process.wait(30)
+        reader.join(30)
         process.stderr.close()
     assert any(done in line for line in lines), "".join(lines)[-3000:]
     return json_lines("".join(lines))

@@ -2,13 +2,15 @@
 
 On an ICU (en-US) database SQL sorts "apple-1" before "Zebra-1" and Python the other way
 round; a deduction and a restoration that disagreed about the order deadlocked. Here both are
-made to queue on the same first row, so a wrong order on either side is a deadlock, every time.
+made to queue on one held row, each row in turn: a side that locks in the wrong order takes
+the other row first, so the release is a deadlock, every time. Held "Zebra-1" (first in the
+lock order) catches a restoration in SQL order, held "apple-1" a deduction in SQL order.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -25,6 +27,8 @@ from stock_sync.domain import stages
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import LineItem, in_lock_order
+from stock_sync.services.operation_cancellation_service import CancellationResult
+from stock_sync.services.stock_synchronization_service import StageResult
 from tests.support import RecordingDispatcher, insert_operation, wait_for_lock_waiters
 
 S = OperationStatus
@@ -70,8 +74,9 @@ def test_the_collation_and_the_lock_order_disagree_here(icu_database: Database) 
     assert [line.sku for line in in_lock_order(lines)] == ["Zebra-1", "apple-1"]
 
 
+@pytest.mark.parametrize("held", SKUS)
 def test_a_deduction_and_a_restoration_sharing_skus_do_not_deadlock(
-    services: Services, icu_database: Database
+    services: Services, icu_database: Database, held: str
 ) -> None:
     lines = [(sku, 1) for sku in SKUS]
     to_cancel = insert_operation(icu_database, status=S.STOCK_DEDUCTED, lines=lines)
@@ -80,38 +85,28 @@ def test_a_deduction_and_a_restoration_sharing_skus_do_not_deadlock(
             session, to_cancel, [LineItem(f"c-{sku}", "o", sku, 1) for sku in SKUS]
         )
     to_deduct = insert_operation(icu_database, status=S.PROCESSING, lines=lines)
-    first_in_lock_order = in_lock_order([LineItem("x", "o", sku, 1) for sku in SKUS])[0].sku
 
-    blocker = icu_database.engine.connect()
-    blocker_transaction = blocker.begin()
-    blocker.execute(
-        text("select 1 from stock_levels where sku = :sku for update"), {"sku": first_in_lock_order}
-    )
-    outcomes: dict[str, Any] = {}
+    def deduct() -> StageResult:
+        return services.synchronization.execute(stages.DEDUCT_STOCK, to_deduct)
 
-    def deduct() -> None:
-        outcomes["deduct"] = services.synchronization.execute(stages.DEDUCT_STOCK, to_deduct)
+    def cancel() -> CancellationResult:
+        return services.cancellation.cancel_operation(to_cancel, "ops", "lock")
 
-    def cancel() -> None:
-        try:
-            outcomes["cancel"] = services.cancellation.cancel_operation(to_cancel, "ops", "lock")
-        except Exception as error:  # a deadlock surfaces here as an OperationalError
-            outcomes["cancel"] = error
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with icu_database.engine.connect() as blocker, blocker.begin():
+            blocker.execute(
+                text("select 1 from stock_levels where sku = :sku for update"), {"sku": held}
+            )
+            deducting = pool.submit(deduct)
+            wait_for_lock_waiters(icu_database, 1)  # the deduction waits first, at the held row
+            cancelling = pool.submit(cancel)
+            wait_for_lock_waiters(icu_database, 2)  # the restoration waits behind it
+        # Released: a deadlock now aborts one side (raised here, or a retry of the deduction).
+        deducted = deducting.result(timeout=60)
+        cancelled = cancelling.result(timeout=60)
 
-    deducting = threading.Thread(target=deduct)
-    deducting.start()
-    wait_for_lock_waiters(icu_database, 1)  # the deduction queues first on the first row
-    cancelling = threading.Thread(target=cancel)
-    cancelling.start()
-    wait_for_lock_waiters(icu_database, 2)  # the restoration queues behind it, holding nothing
-    blocker_transaction.rollback()
-    blocker.close()
-    deducting.join(30)
-    cancelling.join(30)
-
-    assert outcomes["deduct"].retry_in_s is None, "the deduction lost a deadlock"
-    assert outcomes["deduct"].outcome is StageOutcome.DONE
-    assert not isinstance(outcomes["cancel"], Exception), outcomes["cancel"]
-    assert outcomes["cancel"].final_status is S.CANCELLED
+    assert deducted.retry_in_s is None, "the deduction lost a deadlock"
+    assert deducted.outcome is StageOutcome.DONE
+    assert cancelled.final_status is S.CANCELLED and cancelled.stock_restored
     with icu_database.transaction() as session:
         assert [get_stock(session, sku) for sku in SKUS] == [9, 9]

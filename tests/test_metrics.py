@@ -372,12 +372,28 @@ def test_events_raise_the_cumulative_counters_they_are_written_with(
     assert samples[("stock_sync_errors_total", (("error_type", "OrderNotFound"),))] == 0
 
 
+class ProcessIdOfThisThread:
+    """``os`` as operation_events sees it, with ``getpid()`` answering ``pid`` in the thread
+    that made it only: the in-process worker's threads (and every other module) keep the real
+    process id, which is what they key their engines and services by."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._thread = threading.get_ident()
+
+    def getpid(self) -> int:
+        return self._pid if threading.get_ident() == self._thread else os.getpid()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
 def test_each_process_raises_its_own_counter_rows_and_readers_sum_them(
     any_database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     completed = ("status_changed", "completed", None)
     for pid in (4000, 4001, 4001 + COUNTER_SHARDS):  # two shards, one of them twice
-        monkeypatch.setattr(operation_events.os, "getpid", lambda pid=pid: pid)
+        monkeypatch.setattr(operation_events, "os", ProcessIdOfThisThread(pid))
         record_events(any_database, completed)
 
     with any_database.transaction() as session:

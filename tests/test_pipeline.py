@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 
@@ -250,13 +249,11 @@ def test_the_same_stage_delivered_twice_deducts_once_and_puts_once(pipeline: Pip
     operation_id = insert_operation(
         pipeline.database, order_id="dup", status=S.PROCESSING, lines=[("SKU-D", 2)]
     )
-    for _ in range(2):
-        deduct_stock.apply_async((str(operation_id),))
+    sent = [deduct_stock.apply_async((str(operation_id),)) for _ in range(2)]
     pipeline.wait_for_status(operation_id, S.STOCK_DEDUCTED)
-    for _ in range(2):
-        sync_microservice.apply_async((str(operation_id),))
+    sent += [sync_microservice.apply_async((str(operation_id),)) for _ in range(2)]
     pipeline.wait_for_status(operation_id, S.COMPLETED)
-    time.sleep(0.3)  # let the second copy of each finish too
+    pipeline.task_runs.wait_for_end([result.id for result in sent])  # the second copies too
     assert pipeline.stock("SKU-D") == 3
     assert pipeline.movements(operation_id) == [("SKU-D", -2, "deduction")]
     assert len(pipeline.applied_puts("dup")) == 1

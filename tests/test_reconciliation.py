@@ -103,18 +103,23 @@ def test_a_deduction_committed_while_the_check_runs_is_no_false_mismatch(
     with clean_database.transaction() as session:
         set_stock(session, "SKU-Q", 5)
     read_movements = reconciliation._movements_by_operation
+    deducted_between: list[list[Any]] = []
 
     def deduct_between_the_reads(session: Session, operation_ids: list[Any]) -> Any:
         # The check has read the operation as PROCESSING; now a stage deducts and commits.
-        with clean_database.transaction() as other:
-            operation = load_operation(other, operation_id, for_update=True)
-            deduct_for_operation(other, operation_id, line_items_of(operation))
-            operation.status = "stock_deducted"
+        if not deducted_between:
+            with clean_database.transaction() as other:
+                operation = load_operation(other, operation_id, for_update=True)
+                deduct_for_operation(other, operation_id, line_items_of(operation))
+                operation.status = "stock_deducted"
+            deducted_between.append(list(operation_ids))
         return read_movements(session, operation_ids)
 
     monkeypatch.setattr(reconciliation, "_movements_by_operation", deduct_between_the_reads)
 
     report = reconcile_database(clean_database)
 
+    # The deduction happened between the reads, for a check that had read this operation.
+    assert deducted_between and operation_id in deducted_between[0], deducted_between
     assert report.ok, report.mismatches
     assert check(clean_database) == []  # and afterwards the deduction is seen whole

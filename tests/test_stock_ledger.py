@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from stock_sync.adapters.db import Database
@@ -22,6 +24,9 @@ from stock_sync.adapters.stock_ledger import (
 from stock_sync.domain.errors import InsufficientStock, InvalidInput, UnknownSku
 from stock_sync.domain.statuses import OperationType
 from stock_sync.domain.stock import LineItem
+from tests.support import wait_for_lock_waiters
+
+T = TypeVar("T")
 
 
 def new_operation(
@@ -48,18 +53,37 @@ def stock_of(database: Database, sku: str) -> int | None:
         return get_stock(session, sku)
 
 
-def run_concurrently(count: int, work: Callable[[int], None]) -> None:
-    barrier = threading.Barrier(count)
+@contextmanager
+def rows_held(database: Database, skus: Sequence[str]) -> Iterator[None]:
+    """Hold the stock rows of ``skus`` (FOR UPDATE) for the block."""
+    with database.engine.connect() as connection, connection.begin():
+        for sku in skus:
+            connection.execute(
+                text("select 1 from stock_levels where sku = :sku for update"), {"sku": sku}
+            )
+        yield
 
-    def start(index: int) -> None:
-        barrier.wait()
-        work(index)
 
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+def run_concurrently(
+    database: Database, count: int, work: Callable[[int], T], *, queued_behind: Sequence[str]
+) -> list[T]:
+    """``work(0..count-1)`` in ``count`` threads; their results in index order. An exception
+    of any thread (a deadlock included) is raised here, not lost with its thread.
+
+    The stock rows of ``queued_behind`` are held until all ``count`` threads wait for a lock,
+    then released: every thread is inside its transaction, queued, when the race starts.
+    """
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        with rows_held(database, queued_behind):
+            futures = [pool.submit(work, index) for index in range(count)]
+            try:
+                wait_for_lock_waiters(database, count)
+            except AssertionError:
+                for future in futures:  # a thread that failed before queueing says why
+                    if future.done():
+                        future.result()
+                raise
+        return [future.result(timeout=60) for future in futures]
 
 
 def test_set_stock_records_the_difference_as_a_correction(clean_database: Database) -> None:
@@ -169,47 +193,62 @@ def test_two_threads_racing_for_the_last_unit_exactly_one_wins(clean_database: D
     operations = [new_operation(clean_database) for _ in range(2)]
     with clean_database.transaction() as session:
         set_stock(session, "LAST", 1)
-    winners: list[uuid.UUID] = []
-    losers: list[uuid.UUID] = []
 
-    def race(index: int) -> None:
+    def race(index: int) -> bool:
+        """True when this thread took the unit, False when it was refused."""
         try:
             with clean_database.transaction() as session:
                 deduct_for_operation(session, operations[index], [line("1", "LAST", 1)])
-            winners.append(operations[index])
         except InsufficientStock:
-            losers.append(operations[index])
+            return False
+        return True
 
-    run_concurrently(2, race)
-    assert len(winners) == 1 and len(losers) == 1
+    assert sorted(run_concurrently(clean_database, 2, race, queued_behind=["LAST"])) == [
+        False,
+        True,
+    ]
     assert stock_of(clean_database, "LAST") == 0
 
 
+RACERS = 24
+
+
+@pytest.fixture
+def racers(postgres_url: str) -> Iterator[Engine]:
+    """Connections for RACERS transactions at once (a Database's pool holds 15)."""
+    engine = create_engine(postgres_url, pool_size=RACERS, max_overflow=0)
+    yield engine
+    engine.dispose()
+
+
 def test_many_threads_on_one_sku_never_go_below_zero_and_the_ledger_adds_up(
-    clean_database: Database,
+    clean_database: Database, racers: Engine
 ) -> None:
-    threads, stock = 24, 10
-    operations = [new_operation(clean_database) for _ in range(threads)]
+    stock = 10
+    operations = [new_operation(clean_database) for _ in range(RACERS)]
     with clean_database.transaction() as session:
         set_stock(session, "HOT", stock)
         set_stock(session, "COLD", 100)
-    served: list[int] = []
 
-    def race(index: int) -> None:
+    def race(index: int) -> tuple[int, bool]:
+        """(quantity asked for, served); anything but a refusal (a deadlock) is raised."""
         quantity = 1 + index % 3
+        # Two SKUs per order, listed in opposite orders: half the threads queue on each row
+        # unless the deduction locks them in its one order.
+        lines = [line("1", "HOT", quantity), line("2", "COLD", 1)][:: 1 if index % 2 else -1]
         try:
-            with clean_database.transaction() as session:
-                # Two SKUs per order, listed in opposite orders, to exercise the lock order.
-                lines = [line("1", "HOT", quantity), line("2", "COLD", 1)]
-                deduct_for_operation(session, operations[index], lines[:: 1 if index % 2 else -1])
-            served.append(quantity)
+            with racers.begin() as connection:
+                deduct_for_operation(connection, operations[index], lines)
         except InsufficientStock:
-            pass
+            return quantity, False
+        return quantity, True
 
-    run_concurrently(threads, race)
+    outcomes = run_concurrently(clean_database, RACERS, race, queued_behind=["HOT", "COLD"])
+    served = [quantity for quantity, ok in outcomes if ok]
     remaining = stock_of(clean_database, "HOT")
-    assert remaining is not None and remaining >= 0
-    assert remaining == stock - sum(served)
+    # 48 units asked for 10 by eight orders each of 1, 2 and 3 units: in whatever order they
+    # are served the SKU sells out (no refusal leaves stock behind), in at least 4 deductions.
+    assert remaining == 0 and sum(served) == stock and len(served) >= 4
     assert stock_of(clean_database, "COLD") == 100 - len(served)
     with clean_database.transaction() as session:
         assert ledger_sum(session, "HOT") == remaining

@@ -4,12 +4,14 @@ when due, one sweeper at a time."""
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import func, insert, select, text, update
 
 from stock_sync.adapters.db import Database
@@ -21,7 +23,8 @@ from stock_sync.adapters.models import (
 from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import build_services, get_services, sweeper_for
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.services.sweeps import StuckOperationSweeper
+from stock_sync.services.stuck import StuckWindow
+from stock_sync.services.sweeps import StuckOperationSweeper, SweepReport
 from tasks.dispatch import CeleryDispatcher
 from tests.support import (
     Pipeline,
@@ -99,9 +102,13 @@ def row(database: Database, operation_id: uuid.UUID) -> PendingStockOperation:
         return found
 
 
-def recording_sweeper(database: Database) -> tuple[StuckOperationSweeper, RecordingDispatcher]:
+def recording_sweeper(
+    database: Database, **settings: Any
+) -> tuple[StuckOperationSweeper, RecordingDispatcher]:
+    """A sweeper of ``database`` whose dispatcher records; ``settings`` override the loaded."""
     dispatcher = RecordingDispatcher()
-    services = build_services(load_settings(), dispatcher=dispatcher, database=database)
+    configured = load_settings().model_copy(update=settings)
+    services = build_services(configured, dispatcher=dispatcher, database=database)
     return sweeper_for(services), dispatcher
 
 
@@ -385,22 +392,66 @@ def test_old_probes_are_deleted_but_the_newest_that_came_through(clean_database:
 # --- one sweeper at a time ----------------------------------------------------------------
 
 
-def test_two_concurrent_sweeps_redrive_an_operation_once(clean_database: Database) -> None:
+def sweep_during_the_first_batch(
+    monkeypatch: pytest.MonkeyPatch, first: StuckOperationSweeper, second: StuckOperationSweeper
+) -> tuple[SweepReport, SweepReport]:
+    """Run ``first.sweep()``; once it has read its first batch of stuck operations (not yet
+    re-driven), run the whole of ``second.sweep()`` in another thread. Both reports; any
+    error raised."""
+    candidates = first._candidates
+    during: list[Future[SweepReport]] = []
+
+    def read_then_let_the_other_sweep(window: StuckWindow) -> list[uuid.UUID]:
+        found = candidates(window)
+        if not during:
+            assert found, "the first sweep found nothing stuck"
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                during.append(pool.submit(second.sweep))
+                during[0].result(timeout=60)
+        return found
+
+    monkeypatch.setattr(first, "_candidates", read_then_let_the_other_sweep)
+    report = first.sweep()
+    assert during, "the second sweep never ran inside the first"
+    return report, during[0].result()
+
+
+def test_a_sweep_started_while_another_runs_skips(
+    clean_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids = {stuck_operation(clean_database, f"stuck-{i}", started_ago_s=HOUR) for i in range(30)}
-    sweepers = [recording_sweeper(clean_database) for _ in range(2)]
-    barrier = threading.Barrier(2)
+    (first, first_sent), (second, second_sent) = [
+        recording_sweeper(clean_database) for _ in range(2)
+    ]
 
-    def run(sweeper: StuckOperationSweeper) -> None:
-        barrier.wait()
-        sweeper.sweep()
+    first_report, second_report = sweep_during_the_first_batch(monkeypatch, first, second)
 
-    threads = [threading.Thread(target=run, args=(s,)) for s, _ in sweepers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    redriven = [op for _, dispatcher in sweepers for op, _ in dispatcher.pipelines]
-    assert sorted(redriven) == sorted(ids)  # each exactly once
+    assert second_report.ran is False and second_sent.pipelines == []
+    assert first_report.ran is True and sorted(first_report.redriven) == sorted(ids)
+    assert sorted(op for op, _ in first_sent.pipelines) == sorted(ids)  # each exactly once
+
+
+def test_two_sweeps_past_the_lock_still_redrive_each_operation_once(
+    clean_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second guard: should two sweeps run at once (a lock lost with its connection), each
+    re-checks an operation under its row lock before re-driving it, and a re-driven one is a
+    new dispatch, no longer stuck. The second sweep, run inside the first's first batch,
+    re-drives them all; the first finds its batch re-driven meanwhile and leaves it."""
+    ids = {stuck_operation(clean_database, f"stuck-{i}", started_ago_s=HOUR) for i in range(30)}
+    (first, first_sent), (second, second_sent) = [
+        recording_sweeper(clean_database, sweep_batch_size=10) for _ in range(2)
+    ]
+    for sweeper in (first, second):
+        monkeypatch.setattr(sweeper, "_exclusive", lambda: contextlib.nullcontext(True))
+
+    first_report, second_report = sweep_during_the_first_batch(monkeypatch, first, second)
+
+    first_ids = [op for op, _ in first_sent.pipelines]
+    second_ids = [op for op, _ in second_sent.pipelines]
+    assert sorted(first_ids + second_ids) == sorted(ids)  # each exactly once
+    assert (len(first_ids), len(second_ids)) == (0, 30)
+    assert (first_report.batches, second_report.batches) == (1, 3)
 
 
 def test_a_sweep_holding_the_lock_makes_another_skip(
