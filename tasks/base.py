@@ -8,6 +8,7 @@ import uuid
 from celery import Task
 
 from stock_sync.adapters.logging_setup import operation_log_context
+from stock_sync.adapters.telemetry import annotate_stage_span
 from stock_sync.composition import get_services
 from stock_sync.domain.stages import Stage
 from stock_sync.services.standardized_logger import measure_execution_time
@@ -30,6 +31,7 @@ class OperationTask(Task):  # type: ignore[misc]
     def run_stage(self, stage: Stage, operation_id: str) -> str:
         """Run ``stage`` for ``operation_id``; returns the id for the next link."""
         with operation_log_context(operation_id=operation_id, stage=stage.name):
+            annotate_stage_span(operation_id=operation_id, stage=stage.name)
             try:
                 parsed = uuid.UUID(str(operation_id))
             except ValueError:
