@@ -9,12 +9,14 @@ from celery._state import get_current_task
 from celery.signals import (
     beat_init,
     celeryd_after_setup,
+    celeryd_init,
     setup_logging,
     worker_init,
     worker_process_init,
 )
 
 from stock_sync.adapters.db import reset_databases
+from stock_sync.adapters.error_reporting import start_error_reporting
 from stock_sync.adapters.instrumentation import count_sql_if_asked
 from stock_sync.adapters.logging_setup import (
     TaskContextFilter,
@@ -67,10 +69,18 @@ def trace_a_worker_that_runs_tasks_itself(sender: Any = None, **_: Any) -> None:
         start_tracing("worker")
 
 
+@celeryd_init.connect
+def report_worker_errors(**_: Any) -> None:
+    """Sentry (SENTRY_DSN) in the worker, before its pool forks: the children inherit it."""
+    start_error_reporting("worker")
+
+
 @beat_init.connect
 def observe_beat(**_: Any) -> None:
-    """Beat's sends start the traces of the sweeps and alert evaluations."""
+    """Beat's sends start the traces of the sweeps and alert evaluations; Sentry reports its
+    errors and, with STOCK_SYNC_SENTRY_CRONS, checks each scheduled run in."""
     start_tracing("beat")
+    start_error_reporting("beat")
 
 
 @celeryd_after_setup.connect

@@ -88,7 +88,7 @@ def docker_compose() -> str:
 
 def compose_env(**overrides: str) -> dict[str, str]:
     """The caller's environment without settings that would change the resolved file."""
-    prefixes = ("STOCK_SYNC_", "FLOWER_", "COMPOSE_", "DOCKER_", "POSTGRES_")
+    prefixes = ("STOCK_SYNC_", "FLOWER_", "COMPOSE_", "DOCKER_", "POSTGRES_", "OTEL_", "SENTRY_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["FLOWER_BASIC_AUTH"] = FLOWER_AUTH
     env.update(overrides)
@@ -244,6 +244,25 @@ def test_an_operator_overrides_the_environment_from_the_shell(
     for name in APP_SERVICES:
         environment = services[name]["environment"]
         assert {k: environment[k] for k in overrides} == overrides, name
+
+
+def test_tracing_and_sentry_variables_reach_every_process_only_when_set(
+    run_config: Callable[..., Any],
+) -> None:
+    observability = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "SENTRY_DSN": "https://key@sentry.example.com/7",
+        "STOCK_SYNC_SENTRY_CRONS": "1",
+    }
+    unset = resolved(run_config)["services"]
+    services = resolved(run_config, **observability)["services"]
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert {k: environment[k] for k in observability} == observability, name
+        # unset in the shell: no value at all (an empty OTEL endpoint would be a broken one)
+        assert unset[name]["environment"].get("OTEL_EXPORTER_OTLP_ENDPOINT") is None, name
+        assert unset[name]["environment"]["STOCK_SYNC_SENTRY_CRONS"] == "0", name
 
 
 def test_flower_refuses_to_start_without_basic_auth(

@@ -21,6 +21,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database, after_commit
+from stock_sync.adapters.error_reporting import NO_ERROR_REPORTER, ErrorReporter, FailedOperation
 from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
 from stock_sync.adapters.models import PendingStockOperation, utcnow
 from stock_sync.adapters.notifications import Notification, Notifier
@@ -109,8 +110,10 @@ class StockSynchronizationService:
         notifier: Notifier,
         settings: Settings,
         cancellation: OperationCancellationService,
+        error_reporter: ErrorReporter = NO_ERROR_REPORTER,
     ) -> None:
         self._database = database
+        self._error_reporter = error_reporter
         self._client = client
         self._logger = logger
         self._notifier = notifier
@@ -418,7 +421,9 @@ class StockSynchronizationService:
                     f"stage {stage.name} gave up after {used} retries",
                     status="error",
                 )
-                self._fail(session, operation, log, error, f"retry limit of {stage.name} reached")
+                self._fail(
+                    session, operation, log, error, f"retry limit of {stage.name} reached", stage
+                )
                 return StageResult(StageOutcome.STOPPED)
             used += 1
             set_retries_used(operation, stage, used)
@@ -455,7 +460,7 @@ class StockSynchronizationService:
                 return
             log = operation_logger(session, operation, self._logger)
             self._log_failure(session, log, operation, stage, error, next_retry_at=None)
-            self._fail(session, operation, log, error, f"permanent error in {stage.name}")
+            self._fail(session, operation, log, error, f"permanent error in {stage.name}", stage)
 
     def fail_exhausted(self, operation_id: uuid.UUID, stage: Stage) -> bool:
         """FAILED for an operation whose stage kept dying past its budget (a killed worker, a
@@ -480,6 +485,7 @@ class StockSynchronizationService:
                 log,
                 error,
                 f"retry limit of {stage.name} reached",
+                stage,
                 error_type=operation.last_error_type,
             )
             return True
@@ -491,6 +497,7 @@ class StockSynchronizationService:
         log: StandardizedLogger,
         error: Exception,
         reason: str,
+        stage: Stage,
         *,
         error_type: str | None = None,
     ) -> None:
@@ -519,6 +526,10 @@ class StockSynchronizationService:
                 details={"error_type": error_type, "error": _one_line(error)},
             ),
         )
+        failure = FailedOperation(
+            operation.id, operation.order_id, stage.name, error_type, _one_line(error), reason
+        )
+        after_commit(session, lambda: self._error_reporter.operation_failed(failure))
 
     def _log_failure(
         self,
