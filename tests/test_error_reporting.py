@@ -327,3 +327,30 @@ def test_beats_schedule_is_checked_in_as_cron_monitors_when_enabled(
         "value": 1,
         "unit": "minute",
     }
+
+
+WITHOUT_THE_EXTRA = """
+import logging, sys
+sys.modules["sentry_sdk"] = None  # as if stock-sync[sentry] were not installed
+logging.basicConfig(format="%(levelname)s %(message)s")
+from stock_sync.adapters import error_reporting
+reporters = [error_reporting.process_error_reporter() for _ in range(2)]
+print(*(type(reporter).__name__ for reporter in reporters))
+"""
+
+
+def test_without_the_extra_a_dsn_is_one_warning_and_nothing_is_reported(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "SENTRY_DSN": "http://key@127.0.0.1:9/1",
+        "STOCK_SYNC_DATA_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_EXTRA], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["NoErrorReporter", "NoErrorReporter"]
+    assert result.stderr.splitlines() == [
+        "WARNING SENTRY_DSN is set but sentry-sdk is not installed "
+        "(pip install 'stock-sync[sentry]'): errors are not reported"
+    ]

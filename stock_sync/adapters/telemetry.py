@@ -70,7 +70,7 @@ class _Tracing:
 
 
 _tracing: _Tracing | None = None
-# (process, OTEL_TRACES_EXPORTER) for which tracing could not start: not tried (nor logged)
+# (process id, OTEL_TRACES_EXPORTER) for which tracing could not start: not tried (nor logged)
 # again on every submit.
 _declined: tuple[int, str] | None = None
 _lock = threading.Lock()
@@ -84,8 +84,9 @@ def tracing_enabled() -> bool:
 def start_tracing(process: str, *, exporters: Sequence[SpanExporter] | None = None) -> bool:
     """Set tracing up in this process, once: a tracer provider (its resource from
     OTEL_SERVICE_NAME/OTEL_RESOURCE_ATTRIBUTES, plus ``stock_sync.process``), a batch span
-    processor per exporter of OTEL_TRACES_EXPORTER, and the Celery, requests and SQLAlchemy
-    instrumentations. Returns whether tracing is on in this process.
+    processor per exporter of OTEL_TRACES_EXPORTER, and the Celery and requests
+    instrumentations (the SQL: :func:`traced_engine`). Returns whether tracing is on in this
+    process.
 
     ``exporters`` (tests, or an embedding application) replaces OTEL_TRACES_EXPORTER; its
     spans are exported as each one ends. A forked child starts afresh (its parent's exporter
@@ -127,14 +128,6 @@ def stop_tracing() -> None:
 
     EngineTracer.remove_all_event_listeners()  # type: ignore[no-untyped-call]
     tracing.provider.shutdown()
-
-
-def flush_spans(timeout_s: float = 10.0) -> bool:
-    """Export every span ended so far (a short-lived process before it exits, the tests)."""
-    if not tracing_enabled():
-        return True
-    assert _tracing is not None
-    return bool(_tracing.provider.force_flush(int(timeout_s * 1000)))
 
 
 def _new_provider(process: str, exporters: Sequence[SpanExporter] | None) -> TracerProvider | None:
