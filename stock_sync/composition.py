@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stock_sync.adapters.db import Database, get_database
+from stock_sync.adapters.error_reporting import ErrorReporter, process_error_reporter
 from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.notifications import LoggingNotifier, Notifier, load_sender
 from stock_sync.adapters.settings import Settings, get_settings
@@ -46,8 +47,10 @@ def build_services(
     database: Database | None = None,
     client: MicroserviceClient | None = None,
     notifier: Notifier | None = None,
+    error_reporter: ErrorReporter | None = None,
 ) -> Services:
-    """Wire the real services for ``settings`` (defaults: the environment, Celery dispatch)."""
+    """Wire the real services for ``settings`` (defaults: the environment, Celery dispatch,
+    Sentry when SENTRY_DSN is set)."""
     settings = settings or get_settings()
     database = database or get_database(settings)
     if dispatcher is None:
@@ -71,6 +74,7 @@ def build_services(
         notifier=notifier or LoggingNotifier(load_sender(settings.notification_sender)),
         settings=settings,
         cancellation=cancellation,
+        error_reporter=error_reporter or process_error_reporter(),
     )
     recovery = OperationRecoveryService(database=database, logger=logger, dispatcher=dispatcher)
     return Services(

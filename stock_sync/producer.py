@@ -21,6 +21,7 @@ from stock_sync.adapters.models import (
     db_now,
     utcnow,
 )
+from stock_sync.adapters.telemetry import traced_submit
 from stock_sync.composition import Services, get_services
 from stock_sync.domain.errors import EnqueueFailed, InvalidInput
 from stock_sync.domain.log_actions import LogAction
@@ -122,6 +123,7 @@ class NewOperation:
     dispatch_generation: int
 
 
+@traced_submit  # the root span of the operation's trace (when tracing is on)
 def submit_operation(
     order_id: str, account_name: str | None = None, *, services: Services | None = None
 ) -> uuid.UUID:

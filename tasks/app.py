@@ -6,9 +6,17 @@ from typing import Any
 
 from celery import Celery
 from celery._state import get_current_task
-from celery.signals import celeryd_after_setup, setup_logging, worker_process_init
+from celery.signals import (
+    beat_init,
+    celeryd_after_setup,
+    celeryd_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+)
 
 from stock_sync.adapters.db import reset_databases
+from stock_sync.adapters.error_reporting import start_error_reporting
 from stock_sync.adapters.instrumentation import count_sql_if_asked
 from stock_sync.adapters.logging_setup import (
     TaskContextFilter,
@@ -16,6 +24,7 @@ from stock_sync.adapters.logging_setup import (
     worker_log_level,
 )
 from stock_sync.adapters.settings import exit_on_configuration_error, get_settings
+from stock_sync.adapters.telemetry import start_tracing
 from stock_sync.composition import reset_services
 from stock_sync.services.health import log_embedded_warning
 
@@ -41,9 +50,37 @@ def configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> Non
 
 @worker_process_init.connect
 def build_fresh_connections(**_: Any) -> None:
-    """A forked child must not reuse its parent's database or HTTP connections."""
+    """A forked child must not reuse its parent's database or HTTP connections; it traces
+    with exporters of its own (OTEL_TRACES_EXPORTER: stock_sync/adapters/telemetry.py)."""
     reset_databases(close=False)
     reset_services()
+    start_tracing("worker")
+
+
+@worker_init.connect
+def trace_a_worker_that_runs_tasks_itself(sender: Any = None, **_: Any) -> None:
+    """The solo and threads pools run tasks in the worker's own process: it traces them.
+    Prefork's children set their tracing up each (``worker_process_init``)."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    pool = get_implementation(getattr(sender, "pool_cls", None) or "prefork")
+    if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
+        start_tracing("worker")
+
+
+@celeryd_init.connect
+def report_worker_errors(**_: Any) -> None:
+    """Sentry (SENTRY_DSN) in the worker, before its pool forks: the children inherit it."""
+    start_error_reporting("worker")
+
+
+@beat_init.connect
+def observe_beat(**_: Any) -> None:
+    """Beat's sends start the traces of the sweeps and alert evaluations; Sentry reports its
+    errors and, with STOCK_SYNC_SENTRY_CRONS, checks each scheduled run in."""
+    start_tracing("beat")
+    start_error_reporting("beat")
 
 
 @celeryd_after_setup.connect

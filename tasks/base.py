@@ -11,6 +11,7 @@ from celery import Task
 from celery.utils.quorum_queues import detect_quorum_queues
 
 from stock_sync.adapters.logging_setup import operation_log_context
+from stock_sync.adapters.telemetry import annotate_stage_span
 from stock_sync.composition import get_services
 from stock_sync.domain.stages import Stage
 from stock_sync.services.standardized_logger import measure_execution_time
@@ -36,6 +37,7 @@ class OperationTask(Task):  # type: ignore[misc]
         ``generation``: the dispatch this message belongs to (every link of a chain carries
         it; None in a message published before dispatches were counted)."""
         with operation_log_context(operation_id=operation_id, stage=stage.name):
+            annotate_stage_span(operation_id=operation_id, stage=stage.name)
             try:
                 parsed = uuid.UUID(str(operation_id))
             except ValueError:

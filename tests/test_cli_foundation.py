@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,10 @@ def test_a_database_without_schema_says_to_upgrade(make_throwaway_database: obje
     result = run("stock", "get", "A", env={"STOCK_SYNC_DATABASE_URL": url})
     assert result.returncode != 0
     assert "run 'stock-sync db upgrade'" in result.stderr
+
+
+def test_version_prints_the_installed_distributions_version_and_exits_0() -> None:
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"stock-sync {version('stock-sync')}\n"
+    assert result.stderr == ""

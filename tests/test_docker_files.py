@@ -58,7 +58,7 @@ COMMANDS = {
     "migrate": "stock-sync db upgrade",
     "worker": "celery -A tasks worker --loglevel=INFO",
     "beat": "celery -A tasks beat --loglevel=INFO",
-    "flower": "celery -A tasks flower --port=5555",
+    "flower": "stock-sync flower --address 0.0.0.0 --port 5555",
     "metrics": "stock-sync metrics-server --host 0.0.0.0 --port 9808",
     "fake-microservice": "stock-sync fake-microservice --host 0.0.0.0 --port 8765",
 }
@@ -88,7 +88,7 @@ def docker_compose() -> str:
 
 def compose_env(**overrides: str) -> dict[str, str]:
     """The caller's environment without settings that would change the resolved file."""
-    prefixes = ("STOCK_SYNC_", "FLOWER_", "COMPOSE_", "DOCKER_", "POSTGRES_")
+    prefixes = ("STOCK_SYNC_", "FLOWER_", "COMPOSE_", "DOCKER_", "POSTGRES_", "OTEL_", "SENTRY_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["FLOWER_BASIC_AUTH"] = FLOWER_AUTH
     env.update(overrides)
@@ -246,6 +246,25 @@ def test_an_operator_overrides_the_environment_from_the_shell(
         assert {k: environment[k] for k in overrides} == overrides, name
 
 
+def test_tracing_and_sentry_variables_reach_every_process_only_when_set(
+    run_config: Callable[..., Any],
+) -> None:
+    observability = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "SENTRY_DSN": "https://key@sentry.example.com/7",
+        "STOCK_SYNC_SENTRY_CRONS": "1",
+    }
+    unset = resolved(run_config)["services"]
+    services = resolved(run_config, **observability)["services"]
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert {k: environment[k] for k in observability} == observability, name
+        # unset in the shell: no value at all (an empty OTEL endpoint would be a broken one)
+        assert unset[name]["environment"].get("OTEL_EXPORTER_OTLP_ENDPOINT") is None, name
+        assert unset[name]["environment"]["STOCK_SYNC_SENTRY_CRONS"] == "0", name
+
+
 def test_flower_refuses_to_start_without_basic_auth(
     run_config: Callable[..., Any], services: dict[str, Any]
 ) -> None:
@@ -332,7 +351,9 @@ def test_the_image_installs_the_locked_dependencies_then_the_wheel_without_extra
         assert needed in copied, needed
     runs = dockerfile_values("RUN")
     (lock_step,) = [
-        i for i, run in enumerate(runs) if "pip install -r /tmp/requirements.lock" in run
+        i
+        for i, run in enumerate(runs)
+        if "pip install --require-hashes -r /tmp/requirements.lock" in run
     ]
     (package_step,) = [i for i, run in enumerate(runs) if "pip install --no-deps" in run]
     # the pinned set first, then the wheel alone, checked against it
@@ -374,22 +395,40 @@ def pyproject_requirements(*extras: str) -> list[Requirement]:
     return [Requirement(text) for text in texts]
 
 
-def locked_pins(path: Path) -> dict[str, Version]:
-    """NAME==VERSION per line (comments aside): exact pins only, nothing left to resolve."""
-    pins: dict[str, Version] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
+# The extras the image carries (tracing and error reporting, off until configured): the runtime
+# lock resolves them with the dependencies; the test lock adds the [test] extra.
+IMAGE_EXTRAS = ("otel", "sentry")
+_PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+_HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+
+
+def locked_requirements(path: Path) -> dict[str, tuple[Version, list[str]]]:
+    """NAME==VERSION with its ``--hash=sha256:...`` options (pip's --require-hashes format,
+    continuation lines joined), comments aside: exact pins only, nothing left to resolve."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    locked: dict[str, tuple[Version, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
-        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line.strip())
+        requirement, *options = line.split()
+        match = _PIN.fullmatch(requirement)
         assert match, f"{path.name}: not an exact pin: {line!r}"
         name = canonicalize_name(match.group(1))
-        assert name not in pins, f"{path.name}: {name} pinned twice"
-        pins[name] = Version(match.group(2))
-    return pins
+        assert name not in locked, f"{path.name}: {name} pinned twice"
+        assert all(_HASH.fullmatch(option) for option in options), f"{path.name}: {line!r}"
+        locked[name] = (Version(match.group(2)), options)
+    return locked
+
+
+def locked_pins(path: Path) -> dict[str, Version]:
+    return {name: version for name, (version, _) in locked_requirements(path).items()}
 
 
 @pytest.mark.parametrize(
-    ("lock", "extras"), [(RUNTIME_LOCK, ()), (TEST_LOCK, ("test",))], ids=["runtime", "test"]
+    ("lock", "extras"),
+    [(RUNTIME_LOCK, IMAGE_EXTRAS), (TEST_LOCK, (*IMAGE_EXTRAS, "test"))],
+    ids=["runtime", "test"],
 )
 def test_every_dependency_is_pinned_within_pyprojects_range(
     lock: Path, extras: tuple[str, ...]
@@ -406,17 +445,39 @@ def test_every_dependency_is_pinned_within_pyprojects_range(
     assert "stock-sync" not in pins  # the project itself is installed from its wheel
 
 
+@pytest.mark.parametrize("lock", [RUNTIME_LOCK, TEST_LOCK], ids=["runtime", "test"])
+def test_every_pin_carries_the_hashes_pip_checks(lock: Path) -> None:
+    """pip's --require-hashes refuses a lock with one pin lacking a hash: every pin has one
+    sha256 per published file (make lock asks uv for all of them)."""
+    missing = [name for name, (_, hashes) in locked_requirements(lock).items() if not hashes]
+    assert not missing, f"{lock.name}: pins without hashes, run `make lock`: {missing}"
+
+
 def test_the_test_lock_pins_the_images_versions() -> None:
     """make install (the tests, CI) uses the same versions as the image, plus test tools."""
-    runtime, test = locked_pins(RUNTIME_LOCK), locked_pins(TEST_LOCK)
-    assert {name: test.get(name) for name in runtime} == runtime
+    runtime, test = locked_requirements(RUNTIME_LOCK), locked_requirements(TEST_LOCK)
+    assert {name: test.get(name) for name in runtime} == runtime  # the same hashes too
     assert not {"pytest", "pytest-celery", "mypy", "ruff"} & set(runtime), "test tools in the image"
 
 
-def test_make_install_installs_with_the_test_lock_as_constraints() -> None:
+def test_make_install_installs_the_test_lock_with_hashes_then_the_project_alone() -> None:
     makefile = (REPO / "Makefile").read_text()
-    assert "-c requirements-test.lock -e '.[test]'" in makefile
+    locked = makefile.index("pip install --quiet --require-hashes -r requirements-test.lock")
+    project = makefile.index("pip install --quiet --no-deps -e .")
+    assert locked < project
     assert re.search(r"^\$\(STAMP\):.*requirements-test\.lock", makefile, re.MULTILINE)
+
+
+def test_make_lock_generates_hashes_for_both_locks_with_the_image_extras() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile[makefile.index("\nlock:") :].split("\n\n", 1)[0]
+    assert "--generate-hashes" in recipe
+    assert "-o requirements.lock" in recipe and "-o requirements-test.lock" in recipe
+    assert "--extra test -c requirements.lock" in recipe
+    image_extras = re.search(r"^IMAGE_EXTRAS := (.*)$", makefile, re.MULTILINE)
+    assert image_extras and image_extras.group(1).split() == [
+        word for extra in IMAGE_EXTRAS for word in ("--extra", extra)
+    ]
 
 
 # --- docker/prometheus*.yml ---------------------------------------------------------------

@@ -167,13 +167,14 @@ def running_flower(
     """`stock-sync flower` with credentials in the environment, once it answers."""
     tmp_path = tmp_path_factory.mktemp("flower")
     port = free_port()
-    process = subprocess.Popen(
-        [CLI, "flower", "--port", str(port)],
-        env=environment(FLOWER_BASIC_AUTH=CREDENTIALS, STOCK_SYNC_DATA_DIR=str(tmp_path)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    with open(tmp_path / "out", "w") as stdout, open(tmp_path / "err", "w") as stderr:
+        process = subprocess.Popen(
+            [CLI, "flower", "--port", str(port)],
+            env=environment(FLOWER_BASIC_AUTH=CREDENTIALS, STOCK_SYNC_DATA_DIR=str(tmp_path)),
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -211,6 +212,25 @@ def test_flower_listens_on_localhost_only_and_no_command_line_shows_the_password
     assert b"--address=127.0.0.1" in command_line
     assert not any(b"S3CRET" in argument for argument in command_line)
     assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, in /proc/net/tcp's hex
+
+
+def test_flower_logs_json_lines_like_every_other_process(
+    running_flower: tuple[subprocess.Popen[str], int],
+) -> None:
+    """Flower's, tornado's and Celery's records (the banner, the broker connection) reach
+    stderr as our JSON objects, passwords masked; nothing goes to stdout."""
+    process, port = running_flower
+    # The fixture sent both streams to files: read them through the running process's fds.
+    stdout, stderr = (Path(f"/proc/{process.pid}/fd/{fd}").read_text() for fd in (1, 2))
+    records = [json.loads(line) for line in stderr.splitlines()]  # one JSON object per line
+    assert records, "Flower logged nothing"
+    for record in records:
+        assert {"timestamp", "level", "logger", "pid", "message", "host"} <= set(record), record
+        assert record["pid"] == process.pid
+    banner = [record["message"] for record in records if record["logger"] == "flower.command"]
+    assert f"Visit me at http://127.0.0.1:{port}" in banner
+    assert any(message.startswith("Broker: redis://") for message in banner), banner
+    assert stdout == ""
 
 
 def listening_addresses(port: int) -> set[str]:

@@ -1,7 +1,7 @@
 """The built wheel works outside the repository: installed into a fresh virtual environment the
-way docker/Dockerfile installs it (the pinned requirements.lock, then the wheel with --no-deps),
-`stock-sync db upgrade` migrates a database from another folder, and `tasks` and `celeryconfig`
-import from site-packages.
+way docker/Dockerfile installs it (requirements.lock with --require-hashes, then the wheel with
+--no-deps), `stock-sync db upgrade` migrates a database from another folder, and `tasks` and
+`celeryconfig` import from site-packages.
 
 Why the dependencies come from requirements.lock and the package index rather than from this
 virtual environment: that is the image's recipe, so the test also proves the lock is complete
@@ -135,7 +135,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         [sys.executable, "-m", "venv", "--without-pip", str(workdir / "venv")], check=True
     )
     python = workdir / "venv" / "bin" / "python"
-    pip("install", "--quiet", "-r", str(REPO / "requirements.lock"), python=python)
+    lock = str(REPO / "requirements.lock")
+    pip("install", "--quiet", "--require-hashes", "-r", lock, python=python)
     pip("install", "--quiet", "--no-deps", str(wheel), python=python)
     pip("check", python=python)  # the lock satisfies every requirement of the wheel
     yield python

@@ -25,6 +25,7 @@ from stock_sync.adapters.settings import (
     get_settings,
     prepared_data_dir,
 )
+from stock_sync.adapters.telemetry import traced_engine
 from stock_sync.domain.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -112,11 +113,11 @@ def build_engine(url: str, *, autocommit: bool = False) -> Engine:
             _prepare_sqlite_folder(database)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _enable_sqlite_concurrency(engine)
-        return engine
+        return traced_engine(engine)
     # No pre-ping: it costs a round trip on every checkout (about a fifth of the pipeline's
     # throughput, measured). A connection broken by a server restart fails one statement and
     # SQLAlchemy then invalidates the whole pool; the stage's retry runs on fresh connections.
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=False,
         pool_recycle=1800,
@@ -125,6 +126,7 @@ def build_engine(url: str, *, autocommit: bool = False) -> Engine:
         connect_args={"connect_timeout": 5},
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
+    return traced_engine(engine)  # its SQL in the current trace, when tracing is on
 
 
 class Database:

@@ -351,6 +351,10 @@ class Settings(BaseSettings):
             max_s=self.retry_backoff_max_s,
         )
 
+    # Sentry (SENTRY_DSN, stock_sync/adapters/error_reporting.py): beat's schedule reported as
+    # cron monitors, each run checked in by beat and out by the worker that ran it.
+    sentry_crons: bool = False
+
 
 def _shown_input(field: str, value: object) -> str:
     """How the refused value is quoted: redacted before it is quoted (quoting escapes

@@ -111,6 +111,10 @@ class StockSyncCli(StockSyncGroup):
 
 
 @click.group(cls=StockSyncCli)
+# The installed distribution's version (importlib.metadata), e.g. "stock-sync 0.1.0".
+@click.version_option(
+    package_name="stock-sync", prog_name="stock-sync", message="%(prog)s %(version)s"
+)
 def cli() -> None:
     """stock-sync: keeps warehouse stock in step with Allegro orders.
 

@@ -28,7 +28,7 @@ from prometheus_client import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from stock_sync.adapters.db import Database, describe_database_error, get_database
-from stock_sync.adapters.logging_setup import configure_server_logging
+from stock_sync.adapters.logging_setup import configure_json_logging, configure_server_logging
 from stock_sync.adapters.settings import Settings, get_settings
 from stock_sync.entrypoints import render
 from stock_sync.entrypoints.cli_common import emit, fail
@@ -312,11 +312,34 @@ def _basic_auth_problem(credentials: str) -> str | None:
     return None
 
 
+# The Flower process starts here: JSON logging first, then Celery's command line as `celery`.
+_FLOWER_BOOT = "from stock_sync.entrypoints.cli_monitoring import run_flower; run_flower()"
+
+
 def flower_argv(address: str, port: int, extra: Sequence[str]) -> list[str]:
-    """``celery -A tasks flower`` for ``address:port``; credentials stay in the environment
-    (Flower reads FLOWER_BASIC_AUTH itself), where ``ps`` does not show them."""
-    celery = str(Path(sys.executable).with_name("celery"))
-    return [celery, "-A", "tasks", "flower", f"--address={address}", f"--port={port}", *extra]
+    """``celery -A tasks flower`` for ``address:port``, run by :func:`run_flower` so that it
+    logs JSON; credentials stay in the environment (Flower reads FLOWER_BASIC_AUTH itself),
+    where ``ps`` does not show them.
+
+    ``--logging=none`` keeps tornado's option parser from setting the root level (it would
+    force INFO over STOCK_SYNC_LOG_LEVEL); a later ``--logging=...`` among ``extra`` wins.
+    """
+    flower = ["-A", "tasks", "flower", f"--address={address}", f"--port={port}", "--logging=none"]
+    return [sys.executable, "-c", _FLOWER_BOOT, *flower, *extra]
+
+
+def run_flower() -> None:
+    """Flower (``celery ... flower`` with this process's arguments) logging like every other
+    stock-sync process: JSON lines on stderr at STOCK_SYNC_LOG_LEVEL, passwords masked.
+
+    Tornado, Flower and Celery log through the root logger; tornado adds its own plain-text
+    handler only to a root logger that has none, so the JSON handler goes in first.
+    """
+    from celery.bin.celery import main as celery_main
+
+    configure_json_logging(get_settings().log_level)
+    sys.argv[0] = str(Path(sys.executable).with_name("celery"))
+    celery_main()
 
 
 def _refuse_unsafe_flower(address: str, local_only: bool, extra: Sequence[str]) -> None:

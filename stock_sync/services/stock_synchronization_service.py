@@ -21,6 +21,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database, after_commit
+from stock_sync.adapters.error_reporting import NO_ERROR_REPORTER, ErrorReporter, FailedOperation
 from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
 from stock_sync.adapters.models import PendingStockOperation, read_database_now, utcnow
 from stock_sync.adapters.notifications import Notification, Notifier
@@ -111,8 +112,10 @@ class StockSynchronizationService:
         notifier: Notifier,
         settings: Settings,
         cancellation: OperationCancellationService,
+        error_reporter: ErrorReporter = NO_ERROR_REPORTER,
     ) -> None:
         self._database = database
+        self._error_reporter = error_reporter
         self._client = client
         self._logger = logger
         self._notifier = notifier
@@ -555,6 +558,10 @@ class StockSynchronizationService:
                 details={"error_type": error_type, "error": _one_line(error)},
             ),
         )
+        failure = FailedOperation(
+            operation.id, operation.order_id, stage.name, error_type, _one_line(error), reason
+        )
+        after_commit(session, lambda: self._error_reporter.operation_failed(failure))
 
     def _log_failure(
         self,
