@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark soak chaos chaos-partition clean
+.PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark soak backoff-rss chaos chaos-partition clean
 
 install: $(STAMP)
 
@@ -100,6 +100,11 @@ benchmark: install services
 # `make benchmark`, which it would more than double.
 soak: install services
 	$(BIN)/python -m stock_sync.devtools.benchmark --soak-only --soak 20000
+
+# A worker's memory with 20,000 operations waiting in backoff (about 10 minutes): flat, as the
+# long waits are parked in the database. COUNTDOWNS=1 keeps every wait in the worker instead.
+backoff-rss: install services
+	$(BIN)/python -m stock_sync.devtools.backoff_memory $(if $(filter 1,$(COUNTDOWNS)),--countdowns)
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from stock_sync.adapters.settings import Settings
+from stock_sync.adapters.settings import Settings, get_settings
+from stock_sync.composition import reset_services
 
 DAY = 86_400
 WEEK = 7 * DAY
@@ -117,3 +118,6 @@ def environment(variables: Mapping[str, str]) -> Iterator[None]:
         for name in [name for name in os.environ if name.startswith("STOCK_SYNC_")]:
             del os.environ[name]
         os.environ.update(saved)
+        # settings (and the services built from them) read inside must not outlive it
+        get_settings.cache_clear()
+        reset_services()

@@ -239,8 +239,13 @@ def test_an_order_a_cancellation_and_a_sweep_run_through_pgbouncer(
     pipeline.fake.add_order(order("stranded", ("SKU-P", 1)))
     long_ago = utcnow() - timedelta(hours=1)
     stranded = insert_operation(
-        pipeline.database, order_id="stranded", created_at=long_ago, updated_at=long_ago
-    )  # a PENDING row whose message was lost
+        pipeline.database,
+        order_id="stranded",
+        created_at=long_ago,
+        updated_at=long_ago,
+        dispatched_at=long_ago,
+        attempt_started_at=long_ago,
+    )  # a PENDING row whose attempt died an hour ago
     report = sweeper_for(get_services()).sweep()
     assert report.ran and report.redriven == [stranded]
     (redriven,) = pipeline.wait_for([stranded])
@@ -260,14 +265,17 @@ class HoldingDispatcher:
         self._held = ExitStack()
         self.enqueued: list[uuid.UUID] = []
 
-    def enqueue_pipeline(self, operation_id: uuid.UUID, status: object) -> None:
+    def enqueue_pipeline(self, operation_id: uuid.UUID, status: object, generation: int) -> None:
         self.enqueued.append(operation_id)
         connection = self._held.enter_context(self._database.engine.connect())
         self._held.enter_context(connection.begin())
         connection.execute(text("select 1"))  # the transaction now has its server connection
 
-    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> None:
-        self.enqueue_pipeline(adjustment_operation_id, None)
+    def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
+        self.enqueue_pipeline(adjustment_operation_id, None, generation)
+
+    def enqueue_probe(self, probe_id: int) -> None:
+        pass
 
     def release(self) -> None:
         self._held.close()
@@ -277,11 +285,21 @@ def test_the_sweep_lock_does_not_stay_behind_on_a_pooled_connection(
     pipeline: Pipeline, through_pgbouncer: Database
 ) -> None:
     long_ago = utcnow() - timedelta(hours=1)
-    stranded = insert_operation(pipeline.database, created_at=long_ago, updated_at=long_ago)
+    stranded = insert_operation(  # its attempt died an hour ago
+        pipeline.database,
+        created_at=long_ago,
+        updated_at=long_ago,
+        dispatched_at=long_ago,
+        attempt_started_at=long_ago,
+    )
     holder = HoldingDispatcher(through_pgbouncer)
     services = build_services(load_settings(), dispatcher=holder, database=through_pgbouncer)
+    held_sweeper = sweeper_for(services)
+    # the held transaction takes the pool's second connection until the sweep ends: the
+    # sweep's probe (its last transaction) would wait for it, so this round sends none
+    held_sweeper._send_probe = lambda window: False  # type: ignore[method-assign]
     try:
-        assert sweeper_for(services).sweep().redriven == [stranded] == holder.enqueued
+        assert held_sweeper.sweep().redriven == [stranded] == holder.enqueued
     finally:
         holder.release()
     assert advisory_locks(pipeline) == 0  # let go, although the connection was busy

@@ -23,6 +23,7 @@ from stock_sync.adapters.models import (
 from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import build_services, get_services, sweeper_for
 from stock_sync.domain.statuses import OperationStatus, OperationType
+from stock_sync.producer import submit_operation
 from stock_sync.services.stuck import StuckWindow
 from stock_sync.services.sweeps import StuckOperationSweeper, SweepReport
 from tasks.dispatch import CeleryDispatcher
@@ -488,3 +489,30 @@ def test_the_sweep_query_reads_the_live_rows_only_by_index(
     # the live statuses are an index condition: the finished rows are never read
     assert "Index Cond: ((status)::text = ANY ('{pending,processing,stock_deducted}'" in plan
     assert "ix_pending_stock_operations_status_" in plan
+
+
+def test_a_long_retry_waits_in_the_row_with_no_message_until_released(
+    pipeline: Pipeline, retry_limits: Any
+) -> None:
+    """Every wait of this test is longer than the park threshold: the load that finds the order
+    unpaid ends its chain without a countdown message (no message waits in a worker), the row
+    records the retry, and only the release brings it back."""
+    retry_limits(retry_backoff_base_s=0.4, retry_backoff_max_s=0.4, retry_park_after_s=0.1)
+    pipeline.set_stock(**{"SKU-P": 1})
+    pipeline.fake.add_order(order("parked", ("SKU-P", 1)), ready_after_reads=1)
+    operation_id = submit_operation("parked")
+
+    ended = pipeline.task_runs.wait_for_chain_end("stock_sync.load_line_items", operation_id)
+    assert ended.state == "SUCCESS"  # it did not retry itself: no countdown message exists
+    parked = row(pipeline.database, operation_id)
+    assert (parked.status, parked.dispatched_at, parked.retry_count) == ("pending", None, 1)
+    assert parked.next_retry_at is not None
+    assert "waits in the database" in str(pipeline.events(operation_id)[-1].details)
+
+    sweeper = sweeper_for(get_services())
+    deadline = time.monotonic() + 30
+    while not sweeper.release_due_retries().released:  # due within 0.2-0.4 s
+        assert time.monotonic() < deadline, "the parked retry was never released"
+        time.sleep(0.05)
+    (done,) = pipeline.wait_for([operation_id])
+    assert done.status == "completed" and done.dispatch_generation == 2
