@@ -34,6 +34,7 @@ QUORUM_DELIVERY_LIMIT = 10
 MAINTENANCE_TASKS = (
     "stock_sync.sweep_stuck_operations",
     "stock_sync.release_due_retries",
+    "stock_sync.marketplace_audit",
     "stock_sync.evaluate_alerts",
     "stock_sync.reconcile",
 )
@@ -65,6 +66,11 @@ def maintenance_schedule(settings: Settings) -> dict[str, Any]:
             "task": "stock_sync.evaluate_alerts",
             "schedule": settings.alert_interval_s,
             "options": {"expires": settings.alert_interval_s},
+        },
+        "marketplace-audit": {
+            "task": "stock_sync.marketplace_audit",
+            "schedule": settings.marketplace_audit_interval_s,
+            "options": {"expires": settings.marketplace_audit_interval_s},
         },
         "reconcile-daily": {
             "task": "stock_sync.reconcile",

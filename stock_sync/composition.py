@@ -21,6 +21,7 @@ from stock_sync.adapters.notifications import LoggingNotifier, Notifier, load_se
 from stock_sync.adapters.settings import Settings, get_settings
 from stock_sync.domain.errors import ConfigurationError
 from stock_sync.services.dispatch import Dispatcher
+from stock_sync.services.marketplace_audit import MarketplaceAudit
 from stock_sync.services.operation_cancellation_service import OperationCancellationService
 from stock_sync.services.recovery import OperationRecoveryService
 from stock_sync.services.standardized_logger import StandardizedLogger
@@ -117,6 +118,18 @@ def reset_services() -> None:
     """Forget the built services (after a fork, or when tests change the settings)."""
     with _lock:
         _services.clear()
+
+
+def audit_for(services: Services) -> MarketplaceAudit:
+    """The marketplace audit wired to this process's services."""
+    return MarketplaceAudit(
+        database=services.database,
+        client=services.client,
+        synchronization=services.synchronization,
+        cancellation=services.cancellation,
+        rate_per_s=services.settings.marketplace_audit_rate_per_s,
+        batch_size=services.settings.marketplace_audit_batch_size,
+    )
 
 
 def sweeper_for(services: Services) -> StuckOperationSweeper:

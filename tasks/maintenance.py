@@ -5,9 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stock_sync.adapters.maintenance_runs import RECONCILE, RELEASE, SWEEP, recorded_run
+from stock_sync.adapters.maintenance_runs import (
+    MARKETPLACE_AUDIT,
+    RECONCILE,
+    RELEASE,
+    SWEEP,
+    recorded_run,
+)
 from stock_sync.adapters.models import utcnow
-from stock_sync.composition import get_services, sweeper_for
+from stock_sync.composition import audit_for, get_services, sweeper_for
 from stock_sync.services.alert_notices import update_alert_states
 from stock_sync.services.alerts import RECONCILIATION_MISMATCH, Alert
 from stock_sync.services.reconciliation import ReconciliationReport, reconcile_database
@@ -32,6 +38,22 @@ def release_due_retries_task() -> dict[str, Any]:
     services = get_services()
     with recorded_run(services.database, RELEASE) as run:
         run.summary = sweeper_for(services).release_due_retries().to_dict()
+    return run.summary
+
+
+@app.task(name="stock_sync.marketplace_audit", ignore_result=True, acks_late=False)
+def marketplace_audit_task() -> dict[str, Any]:
+    """Read the orders of the operations settled within the audit window and put right the
+    drift found (STOCK_SYNC_MARKETPLACE_AUDIT_REPAIR); its counts are the run's summary, which
+    the metrics export (stock_sync_marketplace_drift)."""
+    services = get_services()
+    settings = services.settings
+    with recorded_run(services.database, MARKETPLACE_AUDIT) as run:
+        report = audit_for(services).run(
+            since_s=settings.marketplace_audit_window_s, repair=settings.marketplace_audit_repair
+        )
+        summary = report.to_dict()
+        run.summary = {key: summary[key] for key in ("checked", "drift", "repaired", "unreadable")}
     return run.summary
 
 

@@ -64,6 +64,20 @@ def _admin_execute(statement: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(autouse=True)
+def settings_follow_the_environment() -> Iterator[None]:
+    """After each test, the process's settings (and the services built from them) match the
+    environment again. A test that reads the settings while its environment differs (a
+    CliRunner env, a monkeypatched variable, the embedded default) would otherwise leave them
+    cached for every test after it."""
+    yield
+    if get_settings.cache_info().currsize and get_settings().database_url != os.environ.get(
+        "STOCK_SYNC_DATABASE_URL", ""
+    ):
+        get_settings.cache_clear()
+        reset_services()
+
+
 @pytest.fixture(scope="session")
 def make_throwaway_database() -> Iterator[object]:
     """A factory of empty PostgreSQL databases, all dropped at the end of the run."""

@@ -22,41 +22,43 @@ from stock_sync import producer
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation
-from stock_sync.adapters.settings import load_settings
-from stock_sync.adapters.stock_ledger import get_stock, set_stock
-from stock_sync.composition import Services, build_services
+from stock_sync.adapters.stock_ledger import set_stock
+from stock_sync.composition import Services
 from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
-from stock_sync.domain.errors import RevisionConflict
+from stock_sync.domain.idempotency import RecordedPut
 from stock_sync.domain.revisions import revision_from_text
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import submit_operation
-from stock_sync.services.stock_synchronization_service import sync_idempotency_key
-from tests.support import RecordingDispatcher, order
+from tests.stage_driver import (
+    CLIENT_TIMEOUT_S,
+    deducted_operation,
+    effective_puts,
+    fulfillment,
+    make_services,
+    outcomes,
+    run,
+    stock,
+    the_rollback,
+    wait_for_outcome,
+)
+from tests.support import order
 
 S = OperationStatus
-CLIENT_TIMEOUT_S = 0.5
 
 
 class SoftLimitAfterPutClient(MicroserviceClient):
-    """The soft time limit fires just after the PUT took effect, before its answer is used."""
+    """The soft time limit fires just after the sync's PUT took effect, before its answer is
+    used (once: the rollback's claim of the same PUT then runs to its end)."""
+
+    fired = False
 
     def set_fulfillment_status(self, order_id: str, **kwargs: Any) -> None:
         super().set_fulfillment_status(order_id, **kwargs)
-        if kwargs["status"] == "PROCESSING":
+        if kwargs["status"] == "PROCESSING" and not self.fired:
+            self.fired = True
             raise SoftTimeLimitExceeded()
-
-
-def make_services(
-    database: Database, fake: FakeMicroservice, client_class: type[MicroserviceClient]
-) -> Services:
-    return build_services(
-        load_settings(),
-        database=database,
-        dispatcher=RecordingDispatcher(),
-        client=client_class(fake.url, timeout_s=CLIENT_TIMEOUT_S),
-    )
 
 
 @pytest.fixture
@@ -65,44 +67,6 @@ def services(clean_database: Database, fake_microservice: FakeMicroservice) -> I
     built = make_services(clean_database, fake_microservice, MicroserviceClient)
     yield built
     built.client.close()
-
-
-def run(services: Services, stage: stages.Stage, operation_id: uuid.UUID) -> StageOutcome:
-    result = services.synchronization.execute(stage, operation_id)
-    assert result.retry_in_s is None, f"{stage.name} scheduled a retry"
-    return result.outcome
-
-
-def deducted_operation(services: Services, fake: FakeMicroservice, order_id: str) -> uuid.UUID:
-    """An operation in STOCK_DEDUCTED (2 units of SKU-F taken), its sync not yet run."""
-    with services.database.transaction() as session:
-        set_stock(session, "SKU-F", 5)
-    operation_id = submit_operation(order_id, services=services)
-    for stage in (stages.LOAD_LINE_ITEMS, stages.VALIDATE_STOCK, stages.DEDUCT_STOCK):
-        assert run(services, stage, operation_id) is StageOutcome.DONE
-    return operation_id
-
-
-def the_rollback(services: Services) -> uuid.UUID:
-    (rollback_id,) = services.dispatcher.rollbacks  # type: ignore[attr-defined]
-    return rollback_id
-
-
-def fulfillment(fake: FakeMicroservice, order_id: str) -> str:
-    return str(fake.order(order_id)["fulfillment_status"])
-
-
-def effective_puts(fake: FakeMicroservice, order_id: str, status: str) -> int:
-    return sum(
-        1
-        for put in fake.fulfillment_requests()
-        if put["order_id"] == order_id and put["outcome"] == "applied" and put["status"] == status
-    )
-
-
-def stock(services: Services, sku: str) -> int | None:
-    with services.database.transaction() as session:
-        return get_stock(session, sku)
 
 
 # --- 1. a cancellation between two sync attempts --------------------------------------------
@@ -154,9 +118,13 @@ def test_a_soft_time_limit_after_the_put_is_rolled_back_by_the_cancel(
     assert fulfillment(fake_microservice, "soft-limit") == "NEW"
 
 
-def test_a_sync_put_landing_after_the_rollback_read_the_order_meets_a_new_revision(
+def test_a_sync_put_held_at_the_wrapper_makes_the_rollback_wait_then_put_it_back(
     services: Services, fake_microservice: FakeMicroservice
 ) -> None:
+    """The sync PUT waits in the wrapper's queue (in flight) when the operation is cancelled:
+    the rollback's claim of its key answers 409 in flight, so the rollback retries instead of
+    reading the order; once the held PUT has landed, the claim is a replay and the rollback
+    finds PROCESSING and puts it back."""
     fake_microservice.add_order(order("late-put", ("SKU-F", 2)), hold_puts=1)
     operation_id = deducted_operation(services, fake_microservice, "late-put")
 
@@ -164,14 +132,19 @@ def test_a_sync_put_landing_after_the_rollback_read_the_order_meets_a_new_revisi
     assert attempt.retry_in_s is not None  # timed out: the PUT waits at the fake's gate
     assert fake_microservice.held_puts("late-put") == 1
     services.cancellation.cancel_operation(operation_id, "operator", "while the PUT is held")
-    assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
-    assert fulfillment(fake_microservice, "late-put") == "NEW"  # the rollback found NEW...
-    fake_microservice.release_puts("late-put")  # ...and only now does the sync PUT land
-    wait_until_released(fake_microservice, "late-put")
+    rollback_id = the_rollback(services)
+    waiting = services.synchronization.execute(stages.ROLLBACK, rollback_id)
+    assert waiting.retry_in_s is not None  # the claim met the held PUT in flight
+    assert outcomes(fake_microservice, "late-put")[-1] == "in_flight"
+    assert fulfillment(fake_microservice, "late-put") == "NEW"
+
+    fake_microservice.release_puts("late-put")  # the held PUT lands now...
+    wait_for_outcome(fake_microservice, "late-put", "applied")
+    assert fulfillment(fake_microservice, "late-put") == "PROCESSING"
+    assert run(services, stages.ROLLBACK, rollback_id) is StageOutcome.DONE  # ...and is undone
 
     assert fulfillment(fake_microservice, "late-put") == "NEW"
-    late = [p for p in fake_microservice.fulfillment_requests() if p["status"] == "PROCESSING"]
-    assert [p["outcome"] for p in late] == ["conflict"]
+    assert outcomes(fake_microservice, "late-put")[-2:] == ["replayed", "applied"]
 
 
 def test_a_replayed_sync_put_has_no_effect_after_the_rollback(
@@ -186,21 +159,26 @@ def test_a_replayed_sync_put_has_no_effect_after_the_rollback(
 
     with services.database.transaction() as session:
         recorded = session.get(PendingStockOperation, operation_id)
-        assert recorded is not None and recorded.order_revision is not None
-        revision = revision_from_text(recorded.order_revision)
-    with pytest.raises(RevisionConflict):  # the same PUT, sent again by anyone
-        services.client.set_fulfillment_status(
-            "replayed",
-            status="PROCESSING",
-            expected_revision=revision,
-            idempotency_key=sync_idempotency_key(operation_id),
-        )
+        assert recorded is not None and recorded.sync_puts
+        (put,) = [RecordedPut.from_dict(raw) for raw in recorded.sync_puts]
+    # the same PUT, sent again by anyone (a copy a proxy held): the rollback claimed its key
+    # first, so it is a replay with no effect
+    services.client.set_fulfillment_status(
+        "replayed",
+        status="PROCESSING",
+        expected_revision=revision_from_text(put.expected_revision),
+        idempotency_key=put.key,
+    )
     assert fulfillment(fake_microservice, "replayed") == "NEW"
+    assert [p["outcome"] for p in fake_microservice.fulfillment_requests()][-1] == "replayed"
 
 
-def test_a_rollback_after_a_put_that_never_left_changes_no_status(
+def test_a_rollback_after_a_put_that_never_left_ends_at_the_status_before_the_sync(
     services: Services, fake_microservice: FakeMicroservice
 ) -> None:
+    """The rollback cannot know the PUT never left, so it claims its key: the claim applies
+    it, and the rollback puts the status back. The marketplace ends where it was, and the
+    key is answered: no copy can land later."""
     fake_microservice.add_order(order("never-left", ("SKU-F", 2)), fail_puts=1)
     operation_id = deducted_operation(services, fake_microservice, "never-left")
     services.synchronization.execute(stages.SYNC_MICROSERVICE, operation_id)
@@ -208,7 +186,8 @@ def test_a_rollback_after_a_put_that_never_left_changes_no_status(
     assert run(services, stages.ROLLBACK, the_rollback(services)) is StageOutcome.DONE
 
     assert fulfillment(fake_microservice, "never-left") == "NEW"
-    assert effective_puts(fake_microservice, "never-left", "PROCESSING") == 0
+    assert effective_puts(fake_microservice, "never-left", "PROCESSING") == 1  # the claim
+    assert effective_puts(fake_microservice, "never-left", "NEW") == 1  # put back
 
 
 def wait_until_released(fake: FakeMicroservice, order_id: str) -> None:

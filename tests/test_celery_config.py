@@ -69,6 +69,7 @@ def test_every_beat_entry_expires_and_names_a_registered_task(config: dict[str, 
     assert {entry["task"] for entry in schedule.values()} == {
         "stock_sync.sweep_stuck_operations",
         "stock_sync.release_due_retries",
+        "stock_sync.marketplace_audit",
         "stock_sync.evaluate_alerts",
         "stock_sync.reconcile",
     }

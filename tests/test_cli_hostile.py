@@ -316,7 +316,8 @@ def test_check_exits_2_without_a_schema(data_dir: Path) -> None:
 
 def test_checks_help_documents_its_exit_codes(data_dir: Path) -> None:
     text = " ".join(invoke(data_dir, "check", "--help").stdout.split())
-    assert "0 everything reconciles, 1 a mismatch was found, 2 the check could not run" in text
+    assert "0 everything reconciles (or agrees, drift repaired included), 1 a mismatch or" in text
+    assert "unrepaired drift was found, 2 the check could not run" in text
 
 
 # --- stored text on its way out -----------------------------------------------------------------

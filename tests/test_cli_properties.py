@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import tasks  # noqa: F401  (imported before the workbench patches get_services: see there)
 from stock_sync import composition, producer
 from stock_sync.adapters import schema
 from stock_sync.adapters.settings import get_settings
@@ -124,6 +125,8 @@ def workbench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workbench]:
         get_settings.cache_clear()
         schema.upgrade(get_settings().effective_database_url)
         services: Services = build_services(get_settings(), dispatcher=FlakyDispatcher())
+        # (the task modules, imported above, keep the real get_services: a task module first
+        # imported under this patch would serve the module's SQLite services for good)
         patch.setattr(composition, "get_services", lambda: services)
         patch.setattr(producer, "get_services", lambda: services)
         bench = Workbench(data_dir)
@@ -133,7 +136,9 @@ def workbench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workbench]:
             bench.operation_ids.append(bench.invoke(["submit", order]).stdout.strip())
         yield bench
         services.database.dispose()
+    # nothing built on the module's embedded settings may serve the tests after it
     get_settings.cache_clear()
+    composition.reset_services()
 
 
 def assert_clean(result: Result, allowed: set[int]) -> None:

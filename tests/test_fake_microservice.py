@@ -137,9 +137,12 @@ def test_put_with_a_stale_revision_is_a_conflict_without_effect(
     assert outcomes(fake) == ["conflict"]
 
 
-def test_a_key_refused_with_a_conflict_applies_once_the_revision_matches(
+def test_lenient_a_key_refused_with_a_conflict_applies_once_the_revision_matches(
     fake: FakeMicroservice, client: MicroserviceClient
 ) -> None:
+    """The lenient mode (the fake's first, kinder behaviour): a key is remembered only once
+    applied, so it may come back with another body. Strict mode refuses that (422)."""
+    fake.set_strict(False)
     with pytest.raises(RevisionConflict):
         sync(client, revision=7)
 
@@ -601,8 +604,8 @@ def test_the_integer_form_of_a_string_revision_conflicts(
         string_client.set_fulfillment_status(
             "o-1", status="PROCESSING", expected_revision=1234, idempotency_key="k-1"
         )
-    string_client.set_fulfillment_status(
-        "o-1", status="PROCESSING", expected_revision="1234", idempotency_key="k-1"
+    string_client.set_fulfillment_status(  # another body: another key (strict binds k-1)
+        "o-1", status="PROCESSING", expected_revision="1234", idempotency_key="k-2"
     )
 
     assert outcomes(string_fake) == ["conflict", "applied"]
@@ -615,7 +618,7 @@ def test_the_string_form_of_an_integer_revision_conflicts(
 
     with pytest.raises(RevisionConflict):
         sync(client, revision="1")  # type: ignore[arg-type]  # the wrong form on purpose
-    sync(client, revision=1)
+    sync(client, revision=1, key="op-1:sync:1")  # another body: another key
 
     assert outcomes(fake) == ["conflict", "applied"]
     assert fake.order("o-1")["revision"] == 2
@@ -987,7 +990,7 @@ def test_modes_default_to_the_module_constant_everywhere(tmp_path: Path) -> None
         on_ready=ask_mode_then_stop,
     )
 
-    assert DEFAULT_STRICT is False  # the lead flips it once the product copes with strict mode
+    assert DEFAULT_STRICT is True  # the tests and the fault suite run on the strict behaviour
     assert FakeMicroservice().strict is DEFAULT_STRICT
     assert served == [DEFAULT_STRICT]
 

@@ -161,6 +161,7 @@ def cancelled_operation(database: Database, *rollback_statuses: str) -> list[uui
             parent_operation_id=parent,
             target_fulfillment_status="NEW",
             created_at=start + timedelta(minutes=1 + n),
+            rollback_seq=1 + n,
         )
         for n, status in enumerate(rollback_statuses)
     ]

@@ -24,6 +24,7 @@ SWEEP = "sweep_stuck_operations"
 ALERTS = "evaluate_alerts"
 RECONCILE = "reconcile"
 RELEASE = "release_due_retries"
+MARKETPLACE_AUDIT = "marketplace_audit"
 
 
 @dataclass(frozen=True)

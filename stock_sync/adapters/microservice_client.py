@@ -49,6 +49,8 @@ from urllib3.exceptions import ReadTimeoutError
 
 from stock_sync.domain.errors import (
     ContractViolation,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
     InvalidInput,
     MicroserviceRateLimited,
     MicroserviceServerError,
@@ -82,6 +84,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 DEFAULT_DEADLINE_CAP_S = 30.0  # a default deadline is 3x the read timeout, at most this
 
 _CONTRACT_BROKEN = "microservice response breaks the contract"
+# The error codes of the IETF idempotency-key draft the wrapper follows (DESIGN.md).
+IDEMPOTENCY_KEY_IN_FLIGHT = "IDEMPOTENCY_KEY_IN_FLIGHT"
+IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
 _MAX_DETAIL_CHARS = 200
 _MAX_CONTRACT_CHARS = 600
 _CHUNK_BYTES = 64 * 1024
@@ -464,8 +469,10 @@ class MicroserviceClient:
         """PUT /v1/orders/{order_id}/fulfillment; a replay with the same key has no second effect.
 
         ``expected_revision`` is sent exactly as the order carried it (a string stays a string,
-        an integer an integer). Raises RevisionConflict on 409 (reload the order, then retry
-        with its revision).
+        an integer an integer). Raises RevisionConflict on a 409 revision conflict (reload the
+        order, then send its revision under a new key), IdempotencyKeyInFlight on a 409 while
+        the key's first request is still being handled (send the same key and body later),
+        IdempotencyKeyReused on a 422 for a key bound to another body.
         """
         _require_text("order_id", order_id)
         _require_text("status", status)
@@ -728,12 +735,28 @@ def _raise_for_status(method: str, path: str, answer: _Answer) -> NoReturn:
         raise MicroserviceServerError(
             message, status_code=status, retry_after_s=_retry_after_s(answer.headers)
         )
+    code = _error_code(answer.body)
+    if status == 409 and code == IDEMPOTENCY_KEY_IN_FLIGHT:
+        raise IdempotencyKeyInFlight(message, status_code=status)
     if status == 409:
         raise RevisionConflict(message, status_code=status)
+    if status == 422 and code == IDEMPOTENCY_KEY_REUSED:
+        raise IdempotencyKeyReused(message, status_code=status)
     if 400 <= status < 500:
         raise UnprocessableRequest(message, status_code=status)
     # 1xx/2xx/3xx where the contract promises something else
     raise ContractViolation(f"{_CONTRACT_BROKEN}: unexpected {message}", status_code=status)
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``error.code`` of a contract error body, or None."""
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _error_detail(body: bytes) -> str:

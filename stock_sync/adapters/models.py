@@ -158,6 +158,16 @@ class PendingStockOperation(Base):
     # The stage whose failure moved the operation to FAILED (what `stock-sync retry --stage`
     # selects by).
     failed_stage: Mapped[str | None] = mapped_column(String(32))
+    # Every sync PUT the operation may have sent, recorded before it leaves: [{"key",
+    # "expected_revision"}] (one Idempotency-Key per payload). A rollback claims each of them
+    # with its own body first, so a copy still in flight can only be a replay.
+    sync_puts: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    # How many times the sync has re-read the order: the ticket of the newest read, so an
+    # older read never records its revision over a newer one.
+    revision_reads: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # For a microservice rollback: its number among its parent's rollbacks, taken under the
+    # parent's row lock (the latest is the highest, whatever the workers' clocks say).
+    rollback_seq: Mapped[int | None] = mapped_column(Integer)
     # A FAILED order deduction retried by `stock-sync retry` links to its successor, which
     # links back; the successor is the order's deduction from then on.
     predecessor_operation_id: Mapped[uuid.UUID | None] = mapped_column(

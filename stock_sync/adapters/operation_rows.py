@@ -65,6 +65,8 @@ _LOCKED_COLUMNS = (
     _columns.fulfillment_status_before_sync,
     _columns.sync_put_sent_at,
     _columns.dispatch_generation,
+    _columns.sync_puts,
+    _columns.revision_reads,
 )
 
 
@@ -94,6 +96,8 @@ class OperationRow:
     fulfillment_status_before_sync: str | None
     sync_put_sent_at: datetime | None
     dispatch_generation: int
+    sync_puts: list[dict[str, str]] | None
+    revision_reads: int
 
     @property
     def status_enum(self) -> OperationStatus:

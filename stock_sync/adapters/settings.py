@@ -168,6 +168,15 @@ class Settings(BaseSettings):
     retry_park_after_s: float = _seconds(30.0, at_most=ONE_DAY_S)
     # How often beat re-enqueues the parked retries that are due.
     retry_release_interval_s: float = _seconds(5.0, at_most=ONE_HOUR_S)
+    # The marketplace audit (beat; `stock-sync check --marketplace`): how often, over which
+    # window of settled operations, how fast it reads orders (Allegro allows 9,000 requests
+    # a minute per client, shared with the pipeline), in batches of how many, and whether
+    # beat's run repairs what it finds.
+    marketplace_audit_interval_s: float = _seconds(ONE_HOUR_S)
+    marketplace_audit_window_s: float = _seconds(2 * ONE_HOUR_S, at_most=THIRTY_DAYS_S)
+    marketplace_audit_rate_per_s: float = Field(default=10.0, gt=0, le=150, allow_inf_nan=False)
+    marketplace_audit_batch_size: int = _count(200, at_least=1, at_most=MAX_SWEEP_BATCH_SIZE)
+    marketplace_audit_repair: bool = True
     sweep_batch_size: int = _count(200, at_least=1, at_most=MAX_SWEEP_BATCH_SIZE)
     sweep_interval_s: float = _seconds(60.0)
     alert_interval_s: float = _seconds(60.0)

@@ -149,7 +149,9 @@ SETTLE_TIMEOUT_PER_ORDER_S = 0.06
 ICU_EN_US = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
 COLLATIONS = {"en-US": ICU_EN_US, "server": ""}
 
-# Moderate rates, a few % each, so most orders complete; timeouts above the client's 1 s.
+# Moderate rates, a few % each, so most orders complete; timeouts above the client's 1 s. The
+# fake is strict (Allegro's semantics): buyers edit and cancel orders after they were read,
+# and PUTs are held longer than the client waits, applied after it gave up.
 FAULTS: dict[str, Any] = {
     "error_rate": 0.03,
     "rate_limit_rate": 0.03,
@@ -158,12 +160,19 @@ FAULTS: dict[str, Any] = {
     "timeout_s": 1.5,
     "late_answer_rate": 0.04,
     "late_answer_s": 1.5,
+    "buyer_edit_rate": 0.04,
+    "buyer_cancel_rate": 0.01,
+    "hold_rate": 0.03,
+    "hold_s": 1.5,
 }
 NO_FAULTS = {
     "error_rate": 0.0,
     "rate_limit_rate": 0.0,
     "timeout_rate": 0.0,
     "late_answer_rate": 0.0,
+    "buyer_edit_rate": 0.0,
+    "buyer_cancel_rate": 0.0,
+    "hold_rate": 0.0,
 }
 
 # Short backoffs and generous budgets so that what can settle settles within the run.
@@ -232,6 +241,9 @@ class ChaosReport:
     process_exits: list[str]
     broker_restarts: int
     lost_answers: int
+    buyer_edits: int
+    buyer_cancels: int
+    late_puts: int
     tally: ProducerTally
     statuses: dict[str, int]
     errors_by_type: dict[str, int]
@@ -260,6 +272,9 @@ class ChaosReport:
             "process_exits": len(self.process_exits),
             "broker_restarts": self.broker_restarts,
             "lost_answers": self.lost_answers,
+            "buyer_edits": self.buyer_edits,
+            "buyer_cancels": self.buyer_cancels,
+            "late_puts": self.late_puts,
             "cancels": self.tally.cancels,
             "enqueue_failed": self.tally.enqueue_failed,
             "fault_s": round(self.fault_s, 1),
@@ -616,6 +631,9 @@ def run(options: Options) -> ChaosReport:
             process_exits=rig.fleet.unexpected_exits,
             broker_restarts=crasher.restarts,
             lost_answers=lost_answers(snapshot.puts),
+            buyer_edits=sum(e["kind"] == "edit" for e in rig.fake.buyer_events()),
+            buyer_cancels=sum(e["kind"] == "cancel" for e in rig.fake.buyer_events()),
+            late_puts=sum(bool(put.get("held")) for put in snapshot.puts),
             tally=rig.tally,
             statuses=status_counts(snapshot),
             errors_by_type=errors_by_type(rig.database),

@@ -163,7 +163,7 @@ _LINE_FIELDS = frozenset({"id", "offer_id", "sku", "quantity"})
 _NOT_PAID = ("BOUGHT", "FILLED_IN")
 # Allegro and the IETF idempotency-key draft (see the module docstring); lenient is the kinder
 # behaviour the fake had first. Every entry point (constructor, serve, the command) follows this.
-DEFAULT_STRICT = False
+DEFAULT_STRICT = True
 _MAX_BODY_BYTES = 10 * 1024 * 1024
 _MAX_HOLD_S = 300.0
 _TRUNCATED_ORDER_JSON = b'{"id": "truncated", "line_items": ['

@@ -196,6 +196,11 @@ class RevisionConflict(TransientMicroserviceError):
     may_have_taken_effect = False
 
 
+class IdempotencyKeyInFlight(TransientMicroserviceError):
+    """409 IDEMPOTENCY_KEY_IN_FLIGHT: the first request with this key is still being handled,
+    and may yet take effect; the same key and body may be sent again later."""
+
+
 class PermanentMicroserviceError(MicroserviceError):
     """Retrying cannot help: the request or the answer is wrong."""
 
@@ -204,6 +209,11 @@ class UnprocessableRequest(PermanentMicroserviceError):
     """422: the microservice refused the request for good."""
 
     may_have_taken_effect = False
+
+
+class IdempotencyKeyReused(UnprocessableRequest):
+    """422 IDEMPOTENCY_KEY_REUSED: the key is bound to another body. Each of our keys names
+    exactly one payload, so this is a defect, never retried."""
 
 
 class ContractViolation(PermanentMicroserviceError):

@@ -41,7 +41,7 @@ from stock_sync.entrypoints.cli_common import (
 )
 from stock_sync.entrypoints.cli_health import health
 from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
-from stock_sync.entrypoints.cli_params import PLAIN_TEXT, QUANTITY, FiniteFloatRange
+from stock_sync.entrypoints.cli_params import DURATION, PLAIN_TEXT, QUANTITY, FiniteFloatRange
 from stock_sync.entrypoints.cli_retry import retry
 from stock_sync.entrypoints.cli_rollback import rollback
 from stock_sync.services.queries import list_operations, operation_details
@@ -357,13 +357,35 @@ def sweep(as_json: bool) -> None:
 
 
 @cli.command("check")
+@click.option(
+    "--marketplace",
+    is_flag=True,
+    help="Audit the marketplace instead: read the orders of the operations settled within "
+    "--since and report those Allegro disagrees with.",
+)
+@click.option(
+    "--since",
+    "since_s",
+    type=DURATION,
+    default=None,
+    help="With --marketplace: the window of settled operations (default 24h).",
+)
+@click.option("--repair", is_flag=True, help="With --marketplace: put the drift right.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def check(as_json: bool) -> None:
-    """Reconcile stock levels, the ledger and the operations.
+def check(as_json: bool, marketplace: bool, since_s: float | None, repair: bool) -> None:
+    """Reconcile stock levels, the ledger and the operations; with --marketplace, verify that
+    the marketplace agrees with the operations settled lately (and --repair the drift through
+    the pipeline's own sync and rollback).
 
-    Exit status: 0 everything reconciles, 1 a mismatch was found, 2 the check could not run
-    (database unreachable, bad configuration...).
+    Exit status: 0 everything reconciles (or agrees, drift repaired included), 1 a mismatch or
+    unrepaired drift was found, 2 the check could not run (database unreachable, bad
+    configuration...).
     """
+    if marketplace:
+        _check_marketplace(since_s or DEFAULT_AUDIT_WINDOW_S, repair, as_json)
+        return
+    if since_s is not None or repair:
+        raise click.UsageError("--since and --repair go with --marketplace")
     from stock_sync.services.reconciliation import reconcile_database
 
     try:
@@ -373,6 +395,31 @@ def check(as_json: bool) -> None:
     payload = report.to_dict()
     emit(as_json, payload, lambda: render.reconciliation(payload))
     if not report.ok:
+        sys.exit(EXIT_CHECK_MISMATCH)
+
+
+DEFAULT_AUDIT_WINDOW_S = 24 * 3600.0
+
+
+def _check_marketplace(since_s: float, repair: bool, as_json: bool) -> None:
+    from stock_sync.composition import audit_for
+    from stock_sync.producer import default_services
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\rchecked {done}/{total} orders", nl=False, err=True)
+
+    try:
+        report = audit_for(default_services()).run(
+            since_s=since_s, repair=repair, progress=progress
+        )
+    except Exception as error:  # whatever stopped it, it is "could not run", never "drift"
+        fail(describe_failure(error), EXIT_CHECK_COULD_NOT_RUN)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    payload = report.to_dict()
+    emit(as_json, payload, lambda: render.marketplace_audit(payload))
+    if not report.agrees:
         sys.exit(EXIT_CHECK_MISMATCH)
 
 

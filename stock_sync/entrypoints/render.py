@@ -155,3 +155,21 @@ def rollback_retry(result: dict[str, Any]) -> str:
     if not result["enqueued"]:
         lines.append("  not enqueued (broker unreachable): the stuck sweep will run it")
     return "\n".join(lines)
+
+
+def marketplace_audit(report: dict[str, Any]) -> str:
+    """What ``stock-sync check --marketplace`` found (and repaired)."""
+    lines = [
+        f"checked {report['checked']} orders settled since {report['since'][:19]}: "
+        f"{report['drift']} drift, {report['repaired']} repaired, "
+        f"{report['unreadable']} unreadable"
+    ]
+    for found in report["found"]:
+        repair = f"  -> {found['repair']}" if found["repair"] else ""
+        lines.append(
+            f"  {found['drift']}: order {found['order_id']} (operation "
+            f"{found['operation_id']}) shows {found['fulfillment_status']}"
+            f"{' (cancelled upstream)' if found['order_status'] == 'CANCELLED' else ''}{repair}"
+        )
+    lines += [f"  unreadable: {line}" for line in report["unreadable_orders"]]
+    return "\n".join(lines)

@@ -347,8 +347,9 @@ def recently_finished_ids(session: Session, status: str, since: datetime) -> tup
 
 
 def _unresolved_failed_rollbacks() -> tuple[ColumnElement[bool], ...]:
-    """Microservice rollbacks that gave up and are still their operation's latest one: counted
-    by state, not by window, so they stay counted until an operator runs one again
+    """Microservice rollbacks that gave up and are still their operation's latest one (the
+    highest number, taken under the parent's lock: no worker's clock decides): counted by
+    state, not by window, so they stay counted until an operator runs one again
     (``stock-sync rollback retry``), whose new adjustment resolves them."""
     newer = aliased(PendingStockOperation)
     rollback = OperationType.MICROSERVICE_ROLLBACK.value
@@ -358,7 +359,7 @@ def _unresolved_failed_rollbacks() -> tuple[ColumnElement[bool], ...]:
         ~exists().where(
             newer.parent_operation_id == Op.parent_operation_id,
             newer.operation_type == rollback,
-            newer.created_at > Op.created_at,
+            newer.rollback_seq > Op.rollback_seq,
         ),
     )
 

@@ -9,12 +9,14 @@ is HTTP, so it runs afterwards as the ``rollback`` task, with the usual retries.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database
@@ -22,10 +24,18 @@ from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation, StockMovement
 from stock_sync.adapters.operation_events import timeline
 from stock_sync.adapters.operation_rows import start_attempt
+from stock_sync.adapters.redaction import one_line
 from stock_sync.adapters.stock_ledger import Movement, restore_for_operation
-from stock_sync.domain.errors import CancellationRefused, RollbackRetryRefused
+from stock_sync.domain.errors import (
+    CancellationRefused,
+    IdempotencyKeyReused,
+    RevisionConflict,
+    RollbackRetryRefused,
+)
+from stock_sync.domain.idempotency import RecordedPut, rollback_key
 from stock_sync.domain.log_actions import LogAction
-from stock_sync.domain.revisions import Revision, revision_from_text, same_revision
+from stock_sync.domain.marketplace import SYNCED_FULFILLMENT_STATUS
+from stock_sync.domain.revisions import revision_from_text, revision_to_text
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
@@ -43,6 +53,9 @@ from stock_sync.services.standardized_logger import (
 )
 
 S = OperationStatus
+logger = logging.getLogger("stock_sync.cancellation")
+# Who cancels an operation whose order was cancelled upstream (by the buyer, on Allegro).
+MARKETPLACE = "marketplace"
 CANCELLED_BY_MAX_LENGTH = 128
 REASON_MAX_LENGTH = 2000
 
@@ -51,10 +64,6 @@ class RollbackDispatcher(Protocol):
     """Enqueues the microservice rollback task (the Celery side implements it)."""
 
     def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None: ...
-
-
-def rollback_idempotency_key(adjustment_operation_id: uuid.UUID) -> str:
-    return f"stock-sync:{adjustment_operation_id}:rollback"
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class OperationCancellationService:
 
         Cancelling an already cancelled operation returns its first result and changes
         nothing; FAILED is final and refused; an unknown id raises OperationNotFound.
+        Cancelled by ``marketplace`` (the order was cancelled upstream), the stock is restored
+        but no PUT is sent: the marketplace cancelled the order itself.
         """
         cancelled_by = checked_text(
             "cancelled_by", cancelled_by, max_length=CANCELLED_BY_MAX_LENGTH
@@ -170,9 +181,10 @@ class OperationCancellationService:
                     adjustments.append(restoration)
             # Not only from COMPLETED: a sync PUT whose answer was lost (timeout, reset, 5xx,
             # killed worker) may have landed while the row still says STOCK_DEDUCTED.
-            rollback_to_enqueue = self._create_adjustment_operation(
-                session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
-            )
+            if cancelled_by != MARKETPLACE:
+                rollback_to_enqueue = self._create_adjustment_operation(
+                    session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
+                )
             if rollback_to_enqueue is not None:
                 adjustments.append(rollback_to_enqueue)
             operation.cancelled_by = cancelled_by
@@ -249,11 +261,18 @@ class OperationCancellationService:
         )
 
     def _rollback_microservice_status(self, adjustment_operation_id: uuid.UUID) -> bool:
-        """Enqueue the rollback task; False when the broker refused (the sweep re-drives)."""
+        """Enqueue the rollback task; False (logged) when the broker refused: the adjustment
+        is recorded as dispatched, so the sweep re-drives it once a probe has passed it."""
         try:
             # a new adjustment is at its first dispatch (see services.operations.new_adjustment)
             self._dispatcher.enqueue_rollback(adjustment_operation_id, FIRST_DISPATCH)
-        except Exception:
+        except Exception as error:
+            logger.warning(
+                "microservice rollback %s not enqueued (%s): the stuck sweep will re-drive it",
+                adjustment_operation_id,
+                one_line(str(error)),
+                extra={"operation_id": str(adjustment_operation_id)},
+            )
             return False
         return True
 
@@ -309,6 +328,24 @@ class OperationCancellationService:
         enqueued = self._rollback_microservice_status(retry_id)
         return RollbackRetry(parent.id, failed.id, retry_id, target, enqueued)
 
+    def roll_back_again(self, operation_id: uuid.UUID, reason: str) -> uuid.UUID | None:
+        """A new microservice rollback of the CANCELLED operation ``operation_id``, enqueued
+        (the marketplace audit found its order still at the sync's status); None when one is
+        pending already (it claims and reads after any PUT) or the operation is not CANCELLED
+        any more."""
+        with self._database.transaction() as session:
+            parent = load_operation(session, operation_id, for_update=True)
+            latest = self._microservice_rollback_of(session, parent)
+            if parent.status_enum is not S.CANCELLED or (
+                latest is not None and latest.status_enum is S.PENDING
+            ):
+                return None
+            log = operation_logger(session, parent, self._logger)
+            rollback_id = self._add_microservice_rollback(session, parent, log, note=f"{reason}: ")
+            parent.rollback_operations = [*(parent.rollback_operations or []), str(rollback_id)]
+        self._rollback_microservice_status(rollback_id)
+        return rollback_id
+
     def _add_microservice_rollback(
         self,
         session: Session,
@@ -321,6 +358,9 @@ class OperationCancellationService:
         """A new microservice rollback adjustment of ``operation``, announced on its timeline."""
         adjustment = new_adjustment(operation, adjustment_type)
         adjustment.target_fulfillment_status = operation.fulfillment_status_before_sync
+        # numbered under the parent's lock (every caller holds it): "latest" never depends
+        # on which host's clock stamped created_at
+        adjustment.rollback_seq = 1 + (self._last_rollback_seq(session, operation) or 0)
         session.add(adjustment)
         session.flush()
         log.log_action_with_timing(
@@ -337,10 +377,16 @@ class OperationCancellationService:
     ) -> StageOutcome:
         """Put the microservice back to the recorded status; raises for the task to retry.
 
-        It reads the order first and PUTs only when the fulfillment status differs from the
-        one to restore, or when the order is still at the revision our last sync PUT carried:
-        that PUT may still land (its answer was lost, not the request), and a PUT of the same
-        status moves the revision on, so the late PUT gets a 409 instead of taking effect.
+        First it *claims* every sync PUT its operation may have sent: each is sent again with
+        its own key and body (recorded before it first left). Whatever each answers (204: it
+        applied now or before; 409 revision conflict: refused), the key is then answered, so
+        a copy still held in a proxy or a queue is a replay with no effect when it arrives;
+        one still in flight at the wrapper (409 in flight) makes the rollback retry later.
+        Only then is the order read: no sync PUT can change it afterwards. A fulfillment at
+        the sync's status is put back to the recorded one, with a key of this rollback's
+        for that revision (a retry after a 409 is another payload, another key). Nothing is
+        sent when it is back already, when the seller moved it on, or when the order was
+        cancelled upstream.
         """
         with self._database.single_statement() as connection:
             started = start_attempt(connection, adjustment_operation_id, S.PENDING, generation)
@@ -354,45 +400,58 @@ class OperationCancellationService:
             parent_id = adjustment.parent_operation_id
             assert target is not None and parent_id is not None
             parent = load_operation(session, parent_id)
-            sync_revision = (
-                revision_from_text(parent.order_revision)
-                if parent.sync_put_sent_at and parent.order_revision
-                else None
-            )
+            claims = [RecordedPut.from_dict(raw) for raw in parent.sync_puts or []]
         with measure_execution_time() as timer:
+            for put in claims:
+                self._claim(order_id, put)
             order = self._client.get_order(order_id)
-            action = _rollback_action(
-                order.fulfillment_status, order.revision, target, sync_revision
-            )
-            if action is not _RollbackAction.NOTHING:
+            action = _rollback_action(order.status, order.fulfillment_status, target)
+            if action is _RollbackAction.PUT_BACK:
+                revision = revision_to_text(order.revision)
                 self._client.set_fulfillment_status(
                     order_id,
                     status=target,
                     expected_revision=order.revision,
-                    idempotency_key=rollback_idempotency_key(adjustment_operation_id),
+                    idempotency_key=rollback_key(adjustment_operation_id, revision),
                 )
         with self._database.transaction() as session:
             parent = load_operation(session, parent_id, for_update=True)  # parent first: lock order
             adjustment = load_operation(session, adjustment_operation_id, for_update=True)
             if adjustment.status_enum is not S.PENDING:
                 return StageOutcome.ALREADY_PAST
+            outcome = _describe(action, target, order.fulfillment_status)
             transition(
                 adjustment,
                 S.COMPLETED,
-                f"fulfillment {action.value} {target}",
+                outcome,
                 operation_logger(session, adjustment, self._logger),
             )
             log = operation_logger(session, parent, self._logger)
             log.log_action_with_timing(
                 parent_id,
                 LogAction.MICROSERVICE_ROLLBACK_COMPLETED,
-                f"fulfillment status {action.value} {target}",
+                f"{outcome} ({len(claims)} sync PUT(s) claimed first)",
                 timer.elapsed_ms,
             )
             log.log_action_with_timing(
                 parent_id, LogAction.CANCELLATION_COMPLETED, "cancellation completed"
             )
         return StageOutcome.DONE
+
+    def _claim(self, order_id: str, put: RecordedPut) -> None:
+        """Send a recorded sync PUT again, exactly: afterwards its key is answered, so no copy
+        of it can take effect later. A refusal (409 revision conflict) answers it as well as
+        a 204; in flight (409) and transient errors propagate (retry the rollback)."""
+        # refused (the order moved past the revision this PUT expects), or the key is bound
+        # to another body (a key of an older release, reused with other revisions): either
+        # way no copy of this body can take effect any more
+        with contextlib.suppress(RevisionConflict, IdempotencyKeyReused):
+            self._client.set_fulfillment_status(
+                order_id,
+                status=SYNCED_FULFILLMENT_STATUS,
+                expected_revision=revision_from_text(put.expected_revision),
+                idempotency_key=put.key,
+            )
 
     def report_rollback_failed(self, session: Session, adjustment: PendingStockOperation) -> None:
         """Note on the parent that its microservice rollback gave up (stock stays restored)."""
@@ -412,7 +471,8 @@ class OperationCancellationService:
     def _microservice_rollback_of(
         self, session: Session, operation: PendingStockOperation
     ) -> PendingStockOperation | None:
-        """The operation's latest microservice rollback adjustment, if any."""
+        """The operation's latest microservice rollback adjustment (the highest number), if
+        any."""
         adjustment = PendingStockOperation
         return session.scalar(
             select(adjustment)
@@ -420,8 +480,18 @@ class OperationCancellationService:
                 adjustment.parent_operation_id == operation.id,
                 adjustment.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
             )
-            .order_by(adjustment.created_at.desc(), adjustment.id)
+            .order_by(adjustment.rollback_seq.desc().nulls_last(), adjustment.id)
             .limit(1)
+        )
+
+    @staticmethod
+    def _last_rollback_seq(session: Session, operation: PendingStockOperation) -> int | None:
+        adjustment = PendingStockOperation
+        return session.scalar(
+            select(func.max(adjustment.rollback_seq)).where(
+                adjustment.parent_operation_id == operation.id,
+                adjustment.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
+            )
         )
 
     def result_of(self, operation_id: uuid.UUID) -> CancellationResult:
@@ -514,21 +584,31 @@ def _cancelled_from(session: Session, operation: PendingStockOperation) -> Opera
 
 
 class _RollbackAction(str, Enum):
-    """What a microservice rollback did; the value completes "fulfillment ... TARGET"."""
+    """What a microservice rollback found after its claims, and so did."""
 
-    PUT_BACK = "put back to"
-    FENCED = "kept at"  # same status PUT so that a late sync PUT meets a new revision
-    NOTHING = "already at"
+    PUT_BACK = "put back"
+    NOTHING = "already back"
+    MOVED_ON = "moved on by the seller"
+    CANCELLED_UPSTREAM = "cancelled upstream"
 
 
-def _rollback_action(
-    current_status: str, current_revision: Revision, target: str, sync_revision: Revision | None
-) -> _RollbackAction:
-    if current_status != target:
+def _rollback_action(order_status: str, fulfillment: str, target: str) -> _RollbackAction:
+    if order_status == "CANCELLED":
+        return _RollbackAction.CANCELLED_UPSTREAM  # the marketplace cancelled it: leave it
+    if fulfillment == target:
+        return _RollbackAction.NOTHING
+    if fulfillment == SYNCED_FULFILLMENT_STATUS:
         return _RollbackAction.PUT_BACK
-    if sync_revision is not None and same_revision(current_revision, sync_revision):
-        return _RollbackAction.FENCED
-    return _RollbackAction.NOTHING
+    return _RollbackAction.MOVED_ON  # READY_FOR_SHIPMENT, SENT...: not ours to undo
+
+
+def _describe(action: _RollbackAction, target: str, found: str) -> str:
+    return {
+        _RollbackAction.PUT_BACK: f"fulfillment put back to {target}",
+        _RollbackAction.NOTHING: f"fulfillment already at {target}",
+        _RollbackAction.MOVED_ON: f"fulfillment left at {found}: the seller moved it on",
+        _RollbackAction.CANCELLED_UPSTREAM: "order cancelled upstream: fulfillment left as is",
+    }[action]
 
 
 def _message(

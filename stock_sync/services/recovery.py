@@ -34,6 +34,7 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, db_now, read_database_now, utcnow
 from stock_sync.adapters.stock_ledger import hand_over_deduction, outstanding_deductions
 from stock_sync.domain.errors import RetryRefused
+from stock_sync.domain.idempotency import RecordedPut
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.services.dispatch import Dispatcher
@@ -185,6 +186,13 @@ class OperationRecoveryService:
     ) -> None:
         successor.line_items = failed.line_items
         successor.order_revision = failed.order_revision
+        # the failed one's PUTs, for a rollback to claim, then the successor's own first one
+        own = (
+            [RecordedPut.for_sync(successor.id, failed.order_revision).to_dict()]
+            if failed.order_revision is not None
+            else []
+        )
+        successor.sync_puts = [*(failed.sync_puts or []), *own]
         successor.fulfillment_status_before_sync = failed.fulfillment_status_before_sync
         # the failed one's sync PUT may have landed: a cancellation of the successor must
         # roll the marketplace back whatever happens to its own

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
@@ -45,7 +46,9 @@ from stock_sync.domain.errors import (
     RevisionConflict,
     StockSyncError,
 )
+from stock_sync.domain.idempotency import RecordedPut
 from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.marketplace import AT_OR_PAST_SYNC, SYNCED_FULFILLMENT_STATUS
 from stock_sync.domain.revisions import Revision, revision_from_text, revision_to_text
 from stock_sync.domain.stages import (
     DEDUCT_STOCK,
@@ -59,6 +62,10 @@ from stock_sync.domain.stages import (
 )
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.stock import LineItem, ValidationResult, validate_stock_levels
+from stock_sync.services.operation_cancellation_service import (
+    MARKETPLACE,
+    OperationCancellationService,
+)
 from stock_sync.services.operations import (
     line_items_of,
     lock_operation,
@@ -73,19 +80,9 @@ from stock_sync.services.standardized_logger import (
     measure_execution_time,
 )
 
-if TYPE_CHECKING:
-    from stock_sync.services.operation_cancellation_service import OperationCancellationService
-
 S = OperationStatus
-MARKETPLACE = "marketplace"
 NOT_PAID_YET = ("BOUGHT", "FILLED_IN")
-SYNCED_FULFILLMENT_STATUS = "PROCESSING"
 stage_logger = logging.getLogger("stock_sync.stages")
-
-
-def sync_idempotency_key(operation_id: uuid.UUID) -> str:
-    """The Idempotency-Key of an operation's sync PUT: the same on every attempt."""
-    return f"stock-sync:{operation_id}:sync"
 
 
 @dataclass(frozen=True)
@@ -299,7 +296,7 @@ class StockSynchronizationService:
                 timer.elapsed_ms,
             )
             # From here on a sync PUT may leave at any moment: a cancellation must then roll
-            # the marketplace back (see sync_microservice).
+            # the marketplace back (see sync_microservice), claiming this PUT's key first.
             move_row(
                 stage.connection,
                 operation,
@@ -307,6 +304,7 @@ class StockSynchronizationService:
                 "stock deducted",
                 log,
                 sync_put_sent_at=utcnow(),
+                sync_puts=_first_sync_put(operation),
             )
             return StageOutcome.DONE
 
@@ -317,12 +315,12 @@ class StockSynchronizationService:
     ) -> StageOutcome:
         """Tell the microservice the stock is taken (fulfillment PROCESSING) with one PUT.
 
-        The revision and the fulfillment status to restore were recorded at load, and the
-        deduction recorded that a sync PUT may leave from then on (``sync_put_sent_at``), so
-        a cancellation from STOCK_DEDUCTED or later rolls the marketplace back whatever
-        happens to this PUT (see OperationCancellationService.rollback_microservice).
-        Whether the stage applies is read without a lock; the order is read again only after
-        a 409 (or for a row recorded before these columns existed).
+        The revision was recorded at load and the PUT (its key and body) by the deduction,
+        before it can leave; so a cancellation from STOCK_DEDUCTED or later rolls the
+        marketplace back whatever happens to this PUT, claiming its key first (see
+        OperationCancellationService.rollback_microservice). The order is read again only
+        after a 409 revision conflict (a buyer's edit, an order cancelled upstream): the new
+        revision is a new payload, so it is recorded with a key of its own before it leaves.
         """
         found = self._start(operation_id, SYNC_MICROSERVICE, generation)
         if isinstance(found, StageOutcome):
@@ -333,20 +331,20 @@ class StockSynchronizationService:
         log.log_action_with_timing(
             operation_id, LogAction.MICROSERVICE_SYNC_STARTED, "syncing fulfillment status"
         )
-        request = _sync_request(found)
+        request: SyncRequest | _SyncStop | None = _sync_request(found)
         with self._measure_execution_time() as timer:
-            if request is None:
+            if request is None:  # a row deducted before the PUTs were recorded
                 request = self._reload_for_sync(operation_id, generation)
-                if request is None:
-                    return StageOutcome.STOPPED
             try:
-                self._send_sync_put(request)
+                if isinstance(request, SyncRequest):
+                    self._send_sync_put(request)
             except RevisionConflict:
                 request = self._reload_for_sync(operation_id, generation)
-                if request is None:
-                    return StageOutcome.STOPPED
-                self._send_sync_put(request)  # a second 409 is retried with backoff
-        return self._complete(found, timer, started)
+                if isinstance(request, SyncRequest):
+                    self._send_sync_put(request)  # a second 409 is retried with backoff
+        if request is None or request is _SyncStop.STOPPED:
+            return StageOutcome.STOPPED
+        return self._complete(found, timer, started, request)
 
     def _send_sync_put(self, request: SyncRequest) -> None:
         """The PUT; when it may have landed although it failed, a cancellation that won
@@ -356,7 +354,7 @@ class StockSynchronizationService:
                 request.order_id,
                 status=SYNCED_FULFILLMENT_STATUS,
                 expected_revision=request.revision,
-                idempotency_key=sync_idempotency_key(request.operation_id),
+                idempotency_key=request.key,
             )
         except Exception as error:
             if getattr(error, "may_have_taken_effect", True) and (
@@ -367,36 +365,111 @@ class StockSynchronizationService:
 
     def _reload_for_sync(
         self, operation_id: uuid.UUID, generation: int | None
-    ) -> SyncRequest | None:
-        """GET the order (after a 409), record its revision for the next PUT; None when the
-        operation left STOCK_DEDUCTED meanwhile."""
+    ) -> SyncRequest | _SyncStop | None:
+        """GET the order (after a 409) and decide the next PUT; None when the operation left
+        STOCK_DEDUCTED meanwhile.
+
+        - CANCELLED upstream (the buyer cancelled): the operation is cancelled by
+          ``marketplace``, its stock restored, and no PUT is sent: STOPPED.
+        - the fulfillment at or past the sync's status (one of our PUTs landed, or the seller
+          moved on): nothing to send: ALREADY_SYNCED.
+        - otherwise the next PUT, with the new revision under a key of its own, recorded
+          before it leaves. The recorded revision only moves forward: each read takes a
+          ticket first, and a read that a newer one started after records nothing (the PUT
+          then is the newer one's).
+        """
         with self._stage_transaction(operation_id, SYNC_MICROSERVICE, generation) as stage:
             if stage.skip:
                 return None
+            ticket = stage.operation.revision_reads + 1
+            change_row(stage.connection, stage.operation, revision_reads=ticket)
             order_id = stage.operation.order_id
         order = self._client.get_order(order_id)
+        if order.status == "CANCELLED":
+            self._cancellation.cancel_operation(
+                operation_id,
+                cancelled_by=MARKETPLACE,
+                reason="order cancelled upstream (seen by the sync)",
+            )
+            return _SyncStop.STOPPED
         with self._stage_transaction(operation_id, SYNC_MICROSERVICE, generation) as stage:
             if stage.skip:
                 return None
             operation = stage.operation
-            change_row(
-                stage.connection,
-                operation,
-                order_revision=revision_to_text(order.revision),
-                fulfillment_status_before_sync=(
-                    operation.fulfillment_status_before_sync or order.fulfillment_status
-                ),
-                sync_put_sent_at=operation.sync_put_sent_at or utcnow(),
-            )
+            if operation.revision_reads == ticket:  # no newer read started meanwhile
+                revision = revision_to_text(order.revision)
+                put = RecordedPut.for_sync(operation.id, revision)
+                recorded = [RecordedPut.from_dict(raw) for raw in operation.sync_puts or []]
+                change_row(
+                    stage.connection,
+                    operation,
+                    order_revision=revision,
+                    fulfillment_status_before_sync=(
+                        operation.fulfillment_status_before_sync or order.fulfillment_status
+                    ),
+                    sync_put_sent_at=operation.sync_put_sent_at or utcnow(),
+                    sync_puts=[p.to_dict() for p in recorded if p != put] + [put.to_dict()],
+                )
+                if order.fulfillment_status in AT_OR_PAST_SYNC:
+                    return _SyncStop.ALREADY_SYNCED
             return _sync_request(operation)
 
-    def _complete(self, found: OperationRow, timer: Timer, started: DeferredEvents) -> StageOutcome:
+    def resync(self, operation_id: uuid.UUID, order: MicroserviceOrder, reason: str) -> bool:
+        """Send the sync PUT again for a COMPLETED operation whose order, read just now as
+        ``order``, is back at the status before the sync (the marketplace audit's repair):
+        the order's current revision is a new payload, so its key is recorded first (a later
+        cancellation claims it), then the PUT leaves, with its audit events. False (nothing
+        sent) when the operation is no longer COMPLETED; raises what the PUT raises."""
+        revision = revision_to_text(order.revision)
+        put = RecordedPut.for_sync(operation_id, revision)
+        with self._database.core_transaction() as connection:
+            operation = lock_row(connection, operation_id)
+            if operation.status_enum is not S.COMPLETED:
+                return False
+            recorded = [RecordedPut.from_dict(raw) for raw in operation.sync_puts or []]
+            change_row(
+                connection,
+                operation,
+                sync_puts=[p.to_dict() for p in recorded if p != put] + [put.to_dict()],
+            )
+            log = operation_logger(connection, operation, self._logger)
+            log.log_action_with_timing(
+                operation_id, LogAction.MICROSERVICE_SYNC_STARTED, f"syncing again: {reason}"
+            )
+        with self._measure_execution_time() as timer:
+            self._client.set_fulfillment_status(
+                order.id,
+                status=SYNCED_FULFILLMENT_STATUS,
+                expected_revision=order.revision,
+                idempotency_key=put.key,
+            )
+        with self._database.core_transaction() as connection:
+            operation = peek_row(connection, operation_id)
+            operation_logger(connection, operation, self._logger).log_action_with_timing(
+                operation_id,
+                LogAction.MICROSERVICE_SYNC_SUCCESS,
+                f"fulfillment set to {SYNCED_FULFILLMENT_STATUS} again ({reason})",
+                timer.elapsed_ms,
+            )
+        return True
+
+    def _complete(
+        self,
+        found: OperationRow,
+        timer: Timer,
+        started: DeferredEvents,
+        request: SyncRequest | _SyncStop,
+    ) -> StageOutcome:
+        already = request is _SyncStop.ALREADY_SYNCED
+
         def log_synced() -> None:
             started.write_into(connection)
             log.log_action_with_timing(
                 found.id,
                 LogAction.MICROSERVICE_SYNC_SUCCESS,
-                f"fulfillment set to {SYNCED_FULFILLMENT_STATUS}",
+                f"fulfillment already at or past {SYNCED_FULFILLMENT_STATUS}: no PUT needed"
+                if already
+                else f"fulfillment set to {SYNCED_FULFILLMENT_STATUS}",
                 timer.elapsed_ms,
             )
 
@@ -657,24 +730,36 @@ class StockSynchronizationService:
 
 @dataclass(frozen=True)
 class SyncRequest:
-    """One sync PUT, as recorded on the row before it leaves."""
+    """One sync PUT, as recorded on the row before it leaves: its key names its payload."""
 
     operation_id: uuid.UUID
     order_id: str
     revision: Revision
+    key: str
+
+
+class _SyncStop(Enum):
+    """Why a reload sends no PUT."""
+
+    STOPPED = "stopped"  # cancelled upstream: the operation was cancelled, the stage stops
+    ALREADY_SYNCED = "already_synced"  # the fulfillment is at or past the sync's status
+
+
+def _first_sync_put(operation: OperationRow) -> list[dict[str, str]] | None:
+    """The deduction's record of the first sync PUT (the revision read at load)."""
+    if operation.order_revision is None:
+        return None
+    return [RecordedPut.for_sync(operation.id, operation.order_revision).to_dict()]
 
 
 def _sync_request(operation: OperationRow) -> SyncRequest | None:
-    """The PUT to send; None when the order must be read first under the lock (no revision or
-    no status to restore recorded, or a row deducted before sync_put_sent_at existed)."""
-    if (
-        operation.order_revision is None
-        or operation.fulfillment_status_before_sync is None
-        or operation.sync_put_sent_at is None
-    ):
+    """The PUT to send: the last one recorded. None when the order must be read first (a row
+    deducted before the PUTs were recorded)."""
+    if not operation.sync_puts or operation.fulfillment_status_before_sync is None:
         return None
+    put = RecordedPut.from_dict(operation.sync_puts[-1])
     return SyncRequest(
-        operation.id, operation.order_id, revision_from_text(operation.order_revision)
+        operation.id, operation.order_id, revision_from_text(put.expected_revision), put.key
     )
 
 
