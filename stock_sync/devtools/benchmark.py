@@ -1439,6 +1439,9 @@ class _NoDispatch:
     ) -> None:
         return None
 
+    def enqueue_pipelines(self, dispatches: Sequence[Any], on_published: Any = None) -> None:
+        return None
+
     def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
         return None
 
