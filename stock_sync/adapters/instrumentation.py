@@ -89,13 +89,14 @@ def _on_execute(conn: Any, *_: Any) -> None:
 
 def _on_commit(conn: Any) -> None:
     sink = _sink
-    if sink is not None:
+    if sink is not None and not conn._is_autocommit_isolation():
         sink.add(conn, COMMITS)
 
 
 def _on_rollback(conn: Any) -> None:
+    # an autocommit connection "rolls back" when closed: nothing reaches the database
     sink = _sink
-    if sink is not None:
+    if sink is not None and not conn._is_autocommit_isolation():
         sink.add(conn, ROLLBACKS)
 
 
