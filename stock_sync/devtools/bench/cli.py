@@ -223,6 +223,12 @@ def measurement_notes(options: Options, results: report.Results, probe: Probe) -
         notes.append(
             "soak: worker RSS = VmRSS of the parent + each pool process (shared pages counted "
             "in each: the level overstates, the slope is what matters)"
+            + (
+                f"; over {options.soak:,} operations the slope is mostly warm-up noise "
+                f"(make soak runs {MAKE_SOAK_OPS:,})"
+                if options.soak < MAKE_SOAK_OPS // 4
+                else ""
+            )
         )
     return notes
 

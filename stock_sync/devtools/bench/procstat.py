@@ -40,6 +40,7 @@ class ProcStat:
     ticks: int
     reaped_ticks: int
     start: int
+    user_ticks: int = 0  # of ``ticks``, in user mode (the rest in the kernel)
 
 
 def read_stat(pid: int) -> ProcStat | None:
@@ -57,6 +58,7 @@ def read_stat(pid: int) -> ProcStat | None:
         ticks=int(fields[11]) + int(fields[12]),
         reaped_ticks=int(fields[13]) + int(fields[14]),
         start=int(fields[19]),
+        user_ticks=int(fields[11]),
     )
 
 

@@ -1,9 +1,13 @@
 """py-spy profiles of the worker's processes and of the producer during a benchmark run, and a
 summary of where their CPU goes.
 
-``py-spy record --format raw`` writes collapsed stacks (``frame;frame;...;leaf count``, the
-format speedscope and flamegraph.pl read). Idle samples are left out by py-spy, so the counts
-are CPU. The summary splits each role's samples two ways:
+``py-spy record --gil --format raw`` writes collapsed stacks (``frame;frame;...;leaf count``,
+the format speedscope and flamegraph.pl read). ``--gil`` keeps only the thread holding the GIL:
+py-spy's own idle detection counts a thread waiting in ``Condition.wait`` or ``epoll`` as busy,
+while a thread that holds the GIL is running Python or waiting for a core (C code that
+releases the GIL, such as psycopg2 waiting for an answer, and the kernel's time are left out);
+the shares are what to read, the role's /proc CPU beside them gives the scale. The summary
+splits each role's samples two ways:
 
 - by the library of the innermost Python frame (self time): where the CPU is burnt;
 - by what a stack passes through (inclusive, overlapping): what the CPU is spent for.
@@ -12,6 +16,7 @@ are CPU. The summary splits each role's samples two ways:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,8 +27,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stock_sync.devtools.bench.harness import BenchmarkError, say
+from stock_sync.devtools.bench.procstat import read_stat, ticks_ms
 
 SAMPLE_RATE = 100  # per second; each sample stops the process for a few microseconds
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -46,14 +53,16 @@ def recording(folder: Path, roles: dict[str, list[int]], native: bool = False) -
         for pid in pids:
             command = [
                 binary, "record", "--pid", str(pid), "--format", "raw", "--rate",
-                str(SAMPLE_RATE), "--output", str(folder / f"{role}-{pid}.txt"),
+                str(SAMPLE_RATE), "--gil", "--output", str(folder / f"{role}-{pid}.txt"),
                 *(["--native"] if native else []),
             ]  # fmt: skip
             log = (folder / f"{role}-{pid}.log").open("wb")
             spies.append(subprocess.Popen(command, stdout=log, stderr=log))
+    before = {pid: read_stat(pid) for pids in roles.values() for pid in pids}
     try:
         yield
     finally:
+        _write_cpu(folder, roles, before)
         for spy in spies:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output when interrupted
@@ -63,6 +72,19 @@ def recording(folder: Path, roles: dict[str, list[int]], native: bool = False) -
             except subprocess.TimeoutExpired:
                 spy.kill()
     say(f"    profiles written to {folder}")
+
+
+def _write_cpu(folder: Path, roles: dict[str, list[int]], before: dict[int, Any]) -> None:
+    """``folder/<role>.cpu``: the role's user and system CPU (ms) while it was profiled."""
+    for role, pids in roles.items():
+        user = system = 0.0
+        for pid in pids:
+            start, end = before.get(pid), read_stat(pid)
+            if start is None or end is None:
+                continue
+            user += ticks_ms(end.user_ticks - start.user_ticks)
+            system += ticks_ms((end.ticks - end.user_ticks) - (start.ticks - start.user_ticks))
+        (folder / f"{role}.cpu").write_text(json.dumps({"user_ms": user, "system_ms": system}))
 
 
 # --- the summary ------------------------------------------------------------------------------
@@ -140,7 +162,12 @@ def _python_leaf(stack: tuple[Frame, ...]) -> Frame:
     return stack[-1]
 
 
-def summarise(stacks: Counter[tuple[Frame, ...]], title: str, top: int = 12) -> str:
+def summarise(
+    stacks: Counter[tuple[Frame, ...]],
+    title: str,
+    cpu: dict[str, float] | None = None,
+    top: int = 12,
+) -> str:
     total = sum(stacks.values())
     if not total:
         return f"{title}: no samples"
@@ -158,7 +185,13 @@ def summarise(stacks: Counter[tuple[Frame, ...]], title: str, top: int = 12) -> 
     def share(count: int) -> str:
         return f"{100 * count / total:5.1f}%"
 
-    lines = [f"{title}: {total:,} samples at {SAMPLE_RATE}/s (CPU only)"]
+    lines = [f"{title}: {total:,} samples at {SAMPLE_RATE}/s holding the GIL"]
+    if cpu:
+        lines[0] += (
+            f" ({total / SAMPLE_RATE:.1f} s) of {cpu['user_ms'] / 1000:.1f} s user + "
+            f"{cpu['system_ms'] / 1000:.1f} s system CPU by /proc (on a busy machine a thread "
+            "holding the GIL also waits for a core: read the shares)"
+        )
     lines.append("  self time, by the library of the innermost frame:")
     lines += [f"    {share(count)}  {name}" for name, count in by_library.most_common()]
     lines.append("  inclusive, what the stacks pass through (overlapping):")
@@ -174,4 +207,9 @@ def summarise_folder(folder: Path) -> str:
     for path in sorted(folder.glob("*.txt")):
         role = path.stem.rsplit("-", 1)[0]
         roles.setdefault(role, Counter()).update(read_stacks(path))
-    return "\n\n".join(summarise(stacks, role) for role, stacks in roles.items())
+
+    def cpu(role: str) -> dict[str, float] | None:
+        path = folder / f"{role}.cpu"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    return "\n\n".join(summarise(stacks, role, cpu(role)) for role, stacks in roles.items())
