@@ -26,9 +26,9 @@ from sqlalchemy import text
 ACCOUNT = "bench-shop"
 
 
-def _connect() -> Callable[[], None]:
+def _connect() -> None:
     """Import and connect everything a submit needs (database and broker), as a long-running
-    shop backend would have; the submit function is returned."""
+    shop backend would have."""
     from stock_sync.producer import default_services
     from tasks.app import app
 
@@ -37,7 +37,6 @@ def _connect() -> Callable[[], None]:
         connection.execute(text("SELECT 1"))
     with app.producer_pool.acquire(block=True) as producer:
         producer.connection.ensure_connection(max_retries=3)
-    return lambda: None
 
 
 def _orders(path: str) -> list[str]:
