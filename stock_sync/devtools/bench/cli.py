@@ -350,7 +350,10 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         help="an admin connection allowed to CREATE/DROP DATABASE",
     )
     parser.add_argument(
-        "--redis-url", default=os.environ.get("STOCK_SYNC_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help=f"the broker (default {DEFAULT_REDIS_URL}: a database of its own, out of reach "
+        "of other workers' remote control and events)",
     )
     parser.add_argument(
         "--json",

@@ -37,7 +37,12 @@ from stock_sync.devtools.bench.procstat import (
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@localhost:5432/postgres"
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+# A Redis database of the benchmark's own: Celery's remote control and events travel on pub/sub
+# channels named after the database, and another tenant's Flower (which broadcasts
+# enable_events to every worker it reaches) or `celery inspect` on database 0 turned task
+# events on in the benchmark's worker mid-run (seen in a profile: a fifth of the worker main
+# process's CPU publishing task.multi events).
+DEFAULT_REDIS_URL = "redis://localhost:6379/13"
 TASK_EVENTS_VARIABLE = "STOCK_SYNC_TASK_EVENTS"
 KEY_TTL_S = 3600
 TABLES = (
