@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark soak backoff-rss chaos chaos-partition clean
+.PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark profile soak backoff-rss chaos chaos-partition clean
 
 install: $(STAMP)
 
@@ -95,6 +95,12 @@ fake-microservice: install
 
 benchmark: install services
 	$(BIN)/python -m stock_sync.devtools.benchmark
+
+# The ratio alone, with py-spy profiles of the worker's processes and the producer during its
+# pipeline run (raw collapsed stacks: speedscope opens them) and their summary, in PROFILE_DIR.
+PROFILE_DIR ?= data/profile
+profile: install services
+	$(BIN)/python -m stock_sync.devtools.benchmark --ratio-only --profile $(PROFILE_DIR)
 
 # The worker's memory over 20,000 operations (about 5-10 minutes on 2 cores): apart from
 # `make benchmark`, which it would more than double.

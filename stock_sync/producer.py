@@ -1,4 +1,5 @@
-"""The producer API the shop backend calls: submit an order's operation, request a cancel.
+"""The producer API the shop backend calls: submit an order's operation (one, or a batch for
+imports and catch-ups), request a cancel.
 
 The operation row is committed before anything is enqueued (the broker is only a trigger): if
 enqueueing fails the row stays PENDING and the stuck-operation sweep re-drives it.
@@ -7,6 +8,7 @@ enqueueing fails the row stays PENDING and the stuck-operation sweep re-drives i
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -23,7 +25,7 @@ from stock_sync.adapters.models import (
 )
 from stock_sync.adapters.telemetry import traced_submit
 from stock_sync.composition import Services, get_services
-from stock_sync.domain.errors import EnqueueFailed, InvalidInput
+from stock_sync.domain.errors import BatchEnqueueFailed, EnqueueFailed, InvalidInput
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
@@ -50,8 +52,18 @@ _FIND_DEDUCTION = select(_operations.id, _operations.account_name).where(
     _operations.operation_type == OperationType.ORDER_DEDUCTION.value,
     _operations.successor_operation_id.is_(None),
 )
+# The same question for many orders at once (a batch), asked this many orders at a time.
+_FIND_DEDUCTIONS = select(_operations.order_id, _operations.id, _operations.account_name).where(
+    _operations.order_id.in_(bindparam("find_order_ids", expanding=True)),
+    _operations.operation_type == OperationType.ORDER_DEDUCTION.value,
+    _operations.successor_operation_id.is_(None),
+)
+_LOOKUP_CHUNK = 1000
 # Published right after the commit: its first dispatch, stamped by the database's clock.
 _INSERT_OPERATION = insert(OPERATIONS_TABLE).values(dispatched_at=db_now())
+# A batch that lost a race with a concurrent submit of one of its orders runs again (it then
+# finds that order's operation); this many times at most.
+_BATCH_ATTEMPTS = 3
 
 
 def _existing(connection: Connection, order_id: str, account_name: str | None) -> uuid.UUID | None:
@@ -65,12 +77,18 @@ def _existing(connection: Connection, order_id: str, account_name: str | None) -
     if found is None:
         return None
     operation_id, recorded_account = found
-    if account_name is not None and recorded_account not in (None, account_name):
+    _check_account(order_id, operation_id, recorded_account, account_name)
+    return uuid.UUID(str(operation_id))
+
+
+def _check_account(
+    order_id: str, operation_id: object, recorded: str | None, asked: str | None
+) -> None:
+    if asked is not None and recorded not in (None, asked):
         raise InvalidInput(
             f"account_name: order {order_id} already has operation {operation_id} "
-            f"for account {recorded_account!r}, not {account_name!r}"
+            f"for account {recorded!r}, not {asked!r}"
         )
-    return uuid.UUID(str(operation_id))
 
 
 def default_services() -> Services:
@@ -85,25 +103,17 @@ def _create(services: Services, order_id: str, account_name: str | None) -> tupl
         existing = _existing(connection, order_id, account_name)
         if existing is not None:
             return existing, False
-        now = utcnow()
-        created = NewOperation(
-            id=uuid.uuid4(),
-            order_id=order_id,
-            account_name=account_name,
-            operation_type=OperationType.ORDER_DEDUCTION.value,
-            status=OperationStatus.PENDING.value,
-            retry_count=0,
-            deduction_retry_count=0,
-            line_items=None,
-            created_at=now,
-            updated_at=now,
-            dispatch_generation=FIRST_DISPATCH,
-        )
+        created = NewOperation.pending(order_id, account_name, utcnow())
         connection.execute(_INSERT_OPERATION, asdict(created))
-        operation_logger(connection, created, services.logger).log_action_with_timing(
-            created.id, LogAction.OPERATION_CREATED, f"operation created for order {order_id}"
-        )
+        _record_created(connection, created, services)
         return created.id, True
+
+
+def _record_created(connection: Connection, created: NewOperation, services: Services) -> None:
+    """Its OPERATION_CREATED event (and metric counter), written with the transaction."""
+    operation_logger(connection, created, services.logger).log_action_with_timing(
+        created.id, LogAction.OPERATION_CREATED, f"operation created for order {created.order_id}"
+    )
 
 
 @dataclass
@@ -121,6 +131,22 @@ class NewOperation:
     created_at: datetime
     updated_at: datetime
     dispatch_generation: int
+
+    @classmethod
+    def pending(cls, order_id: str, account_name: str | None, now: datetime) -> NewOperation:
+        return cls(
+            id=uuid.uuid4(),
+            order_id=order_id,
+            account_name=account_name,
+            operation_type=OperationType.ORDER_DEDUCTION.value,
+            status=OperationStatus.PENDING.value,
+            retry_count=0,
+            deduction_retry_count=0,
+            line_items=None,
+            created_at=now,
+            updated_at=now,
+            dispatch_generation=FIRST_DISPATCH,
+        )
 
 
 @traced_submit  # the root span of the operation's trace (when tracing is on)
@@ -154,6 +180,160 @@ def submit_operation(
         except Exception as error:
             raise EnqueueFailed(operation_id, f"{type(error).__name__}: {error}") from error
     return operation_id
+
+
+def checked_order(order_id: object, account_name: object = None) -> tuple[str, str | None]:
+    """(order_id, account_name) as the submits store them (stripped), or InvalidInput naming
+    the malformed one."""
+    return _checked_order_id(order_id), _checked_account_name(account_name)
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    """What :func:`submit_operations` did: every order's operation, in input order (an order
+    given twice has its id twice), and the operations it created (each enqueued)."""
+
+    operation_ids: list[uuid.UUID]
+    created: list[uuid.UUID]
+
+
+# (stage, done, total): "saved" once the batch committed, then "enqueued" after each publish.
+BatchProgress = Callable[[str, int, int], None]
+
+
+def submit_operations(
+    orders: Iterable[tuple[str, str | None]],
+    *,
+    services: Services | None = None,
+    on_progress: BatchProgress | None = None,
+) -> BatchSubmission:
+    """Record many orders' operations in one transaction, then enqueue the new ones over one
+    broker connection: for the shop backend's imports and catch-ups.
+
+    Each order gets what :func:`submit_operation` would give it, called once per entry in
+    order: an order that already has an operation (or a retry's successor) keeps it, an order
+    given twice maps to one operation (the account of its first entry is recorded), an account
+    contradicting the recorded one is refused. Raises InvalidInput naming the first bad entry
+    (``orders[i]``), with nothing written; BatchEnqueueFailed, carrying every id, when the
+    broker could not take some messages (those operations stay PENDING for the sweep).
+    """
+    entries = _checked_entries(orders)
+    services = services or default_services()
+    operation_ids, created = _create_batch(services, entries)
+    submission = BatchSubmission(operation_ids, [operation.id for operation in created])
+    if on_progress is not None:
+        on_progress("saved", len(created), len(created))
+    published = 0
+
+    def count(done: int) -> None:
+        nonlocal published
+        published = done
+        if on_progress is not None:
+            on_progress("enqueued", done, len(created))
+
+    dispatches = [(operation.id, OperationStatus.PENDING, FIRST_DISPATCH) for operation in created]
+    try:
+        services.dispatcher.enqueue_pipelines(dispatches, count)
+    except Exception as error:
+        raise BatchEnqueueFailed(
+            operation_ids,
+            submission.created,
+            submission.created[published:],
+            f"{type(error).__name__}: {error}",
+        ) from error
+    return submission
+
+
+def _checked_entries(orders: Iterable[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    if isinstance(orders, str | bytes):
+        raise InvalidInput("orders must be (order_id, account_name) pairs, not one string")
+    entries = []
+    for index, entry in enumerate(orders):
+        if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 2:
+            shown = type(entry).__name__
+            raise InvalidInput(f"orders[{index}]: expected (order_id, account_name), got {shown}")
+        try:
+            entries.append(checked_order(*entry))
+        except InvalidInput as error:
+            raise InvalidInput(f"orders[{index}]: {error}") from None
+    return entries
+
+
+def _create_batch(
+    services: Services, entries: Sequence[tuple[str, str | None]]
+) -> tuple[list[uuid.UUID], list[NewOperation]]:
+    """Every entry's operation id and the operations created, committed in one transaction."""
+    first_accounts = _first_accounts(entries)
+    for attempt in range(1, _BATCH_ATTEMPTS + 1):
+        try:
+            with services.database.core_transaction() as connection:
+                return _write_batch(connection, services, entries, first_accounts)
+        except IntegrityError:
+            # A concurrent submit inserted one of these orders first: the next attempt finds it.
+            if attempt == _BATCH_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _first_accounts(entries: Sequence[tuple[str, str | None]]) -> dict[str, str | None]:
+    """Each order's account as its first entry gives it (what a submit one by one would
+    record); a later entry naming another account is the contradiction _check_account
+    refuses."""
+    first: dict[str, str | None] = {}
+    for index, (order_id, account_name) in enumerate(entries):
+        if order_id not in first:
+            first[order_id] = account_name
+            continue
+        recorded = first[order_id]
+        if account_name is not None and recorded not in (None, account_name):
+            raise InvalidInput(
+                f"orders[{index}]: account_name: order {order_id} is given for account "
+                f"{recorded!r} earlier in the batch, not {account_name!r}"
+            )
+    return first
+
+
+def _write_batch(
+    connection: Connection,
+    services: Services,
+    entries: Sequence[tuple[str, str | None]],
+    first_accounts: dict[str, str | None],
+) -> tuple[list[uuid.UUID], list[NewOperation]]:
+    found = _existing_many(connection, list(first_accounts))
+    for index, (order_id, account_name) in enumerate(entries):
+        if order_id in found:
+            operation_id, recorded = found[order_id]
+            try:
+                _check_account(order_id, operation_id, recorded, account_name)
+            except InvalidInput as error:
+                raise InvalidInput(f"orders[{index}]: {error}") from None
+    now = utcnow()
+    created = [
+        NewOperation.pending(order_id, account_name, now)
+        for order_id, account_name in first_accounts.items()
+        if order_id not in found
+    ]
+    if created:
+        connection.execute(_INSERT_OPERATION, [asdict(operation) for operation in created])
+    for operation in created:
+        _record_created(connection, operation, services)
+    ids = {order_id: operation_id for order_id, (operation_id, _) in found.items()}
+    ids.update((operation.order_id, operation.id) for operation in created)
+    return [ids[order_id] for order_id, _ in entries], created
+
+
+def _existing_many(
+    connection: Connection, order_ids: Sequence[str]
+) -> dict[str, tuple[uuid.UUID, str | None]]:
+    """The live deduction (id, recorded account) of each of ``order_ids`` that has one."""
+    found: dict[str, tuple[uuid.UUID, str | None]] = {}
+    for start in range(0, len(order_ids), _LOOKUP_CHUNK):
+        chunk = order_ids[start : start + _LOOKUP_CHUNK]
+        for order_id, operation_id, recorded in connection.execute(
+            _FIND_DEDUCTIONS, {"find_order_ids": chunk}
+        ):
+            found[order_id] = (uuid.UUID(str(operation_id)), recorded)
+    return found
 
 
 def request_cancellation(

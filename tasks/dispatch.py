@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 
 from stock_sync.domain.statuses import OperationStatus
+from tasks.app import app
 from tasks.stages import pipeline_for, queue_probe_task, rollback
 
 
@@ -16,6 +18,22 @@ class CeleryDispatcher:
         self, operation_id: uuid.UUID, status: OperationStatus, generation: int
     ) -> None:
         pipeline_for(str(operation_id), status, generation).apply_async()
+
+    def enqueue_pipelines(
+        self,
+        dispatches: Sequence[tuple[uuid.UUID, OperationStatus, int]],
+        on_published: Callable[[int], None] | None = None,
+    ) -> None:
+        # One pooled connection for every message (a chain drops a `producer` option, but
+        # passes `connection` on to its first task's publish); with confirm_publish
+        # (RabbitMQ) each publish still waits for the broker's confirm.
+        with app.pool.acquire(block=True) as connection:
+            for published, (operation_id, status, generation) in enumerate(dispatches, start=1):
+                pipeline_for(str(operation_id), status, generation).apply_async(
+                    connection=connection
+                )
+                if on_published is not None:
+                    on_published(published)
 
     def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
         rollback.apply_async((str(adjustment_operation_id),), {"generation": generation})

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -323,6 +323,16 @@ class RecordingDispatcher:
         with self._lock:
             self.pipelines.append((operation_id, status))
             self.generations[operation_id] = generation
+
+    def enqueue_pipelines(
+        self,
+        dispatches: Sequence[tuple[uuid.UUID, OperationStatus, int]],
+        on_published: Callable[[int], None] | None = None,
+    ) -> None:
+        for published, dispatch in enumerate(dispatches, start=1):
+            self.enqueue_pipeline(*dispatch)
+            if on_published is not None:
+                on_published(published)
 
     def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None:
         with self._lock:

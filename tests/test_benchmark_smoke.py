@@ -1,8 +1,9 @@
 """``python -m stock_sync.devtools.benchmark --quick --json`` runs end to end against the real
-PostgreSQL and Redis: it exits 0, reports every metric as a number, oversells nothing and leaves a
-ledger that sums; the costs it measures (CPU by process, SQL statements, transactions and HTTP
-requests per operation, latency percentiles, the worker's memory) are present and sane. No
-speed is asserted: the targets are measured by the benchmark, never by a test.
+PostgreSQL and Redis: it exits 0, reports the headline ratio and every metric as a number,
+oversells nothing and leaves a ledger that sums; the costs it measures (CPU by process, SQL
+statements, transactions and HTTP requests per operation, latency percentiles, the worker's
+memory) are present and sane. No speed is asserted: the targets are measured by the benchmark,
+never by a test (nor does the benchmark wait fixed times: it runs in about a minute).
 
 The measuring helpers (``/proc`` readers, the least-squares slope, the SQL counters of
 ``stock_sync.adapters.instrumentation``) are checked on their own, quickly."""
@@ -21,22 +22,25 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from stock_sync.adapters import instrumentation
-from stock_sync.devtools.benchmark import (
-    LatencyRun,
-    least_squares_slope,
-    parse_options,
-    read_stat,
-    vm_rss_bytes,
-)
+from stock_sync.devtools.bench import profiling
+from stock_sync.devtools.bench.cli import parse_options
+from stock_sync.devtools.bench.phases import LatencyRun
+from stock_sync.devtools.bench.procstat import least_squares_slope, read_stat, vm_rss_bytes
+from tasks.app import app
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600  # a guard against a hang, not a speed check: a loaded machine takes its time
 
 METRICS = {
-    "baseline_chains_per_s",
+    "bare_chain_per_s",
     "pipeline_ops_per_s",
-    "pipeline_vs_baseline",
+    "pipeline_vs_bare_chain",
     "pipeline_not_completed",
+    "pipeline_orders_submitted_per_s",
+    "batch_orders_submitted_per_s",
+    "batch_ops_per_s",
+    "batch_not_completed",
+    "counted_not_completed",
     "distinct_skus_ops_per_s",
     "hot_sku_ops_per_s",
     "hot_vs_distinct",
@@ -54,13 +58,14 @@ METRICS = {
     "sweep_found_stuck",
 }
 CPU_PARTS = (
-    "worker_parent",
-    "worker_children",
+    "worker_main",
+    "worker_pool",
+    "producer",
     "postgres_worker",
-    "postgres_benchmark",
+    "postgres_producer",
     "postgres_server",
     "redis",
-    "benchmark",
+    "fake",
     "total",
 )
 COUNTED = {
@@ -93,7 +98,7 @@ SOAK = {
     "soak_worker_children_rss_slope",
 }
 NEW_METRICS = (
-    {f"{phase}_cpu_{part}" for phase in ("baseline", "pipeline") for part in CPU_PARTS}
+    {f"{phase}_cpu_{part}" for phase in ("bare_chain", "pipeline", "batch") for part in CPU_PARTS}
     | COUNTED
     | LATENCY
     | SOAK
@@ -110,6 +115,7 @@ def run_quick_benchmark() -> dict[str, Any]:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report: dict[str, Any] = json.loads(result.stdout)
+    report["stderr"] = result.stderr
     return report
 
 
@@ -125,13 +131,22 @@ def test_the_quick_benchmark_reports_every_metric_and_never_oversells() -> None:
     assert set(values) >= METRICS | NEW_METRICS
     assert {name for name, value in values.items() if not is_number(value)} == set()
     orders = report["options"]["orders"]
+    counted = report["options"]["counted"]
+    assert report["headline"].startswith("benchmark: pipeline ")
+    assert f"({orders:,} orders, producer one by one, worker -c 2, 20 SKUs)" in report["headline"]
+    assert report["stderr"].count(report["headline"]) >= 1
+    assert values["pipeline_vs_bare_chain"] == pytest.approx(
+        values["pipeline_ops_per_s"] / values["bare_chain_per_s"]
+    )
     assert values["pipeline_not_completed"] == 0
+    assert values["batch_not_completed"] == 0 and values["counted_not_completed"] == 0
     assert values["contention_not_completed"] == 0
     assert values["oversold_units"] == 0
     assert values["hot_sku_lowest_level_seen"] >= 0
     assert values["hot_sku_final_level"] == 0  # stocked with exactly what the orders took
     assert values["ledger_mismatches"] == 0
-    assert values["deduction_rows"] == 2 * orders  # one per order, distinct and hot runs
+    contention = report["options"]["contention"]
+    assert values["deduction_rows"] == 2 * contention  # one per order, distinct and hot runs
     assert values["finished_operations_loaded"] == report["options"]["rows"]
 
     # task events: asked off by default, and what celeryconfig made of it is reported
@@ -141,12 +156,15 @@ def test_the_quick_benchmark_reports_every_metric_and_never_oversells() -> None:
         "task_send_sent_event",
     }
 
-    # CPU by process: never negative; the worker and the whole run did spend some
-    for phase in ("baseline", "pipeline"):
+    # CPU by process: never negative; the worker, the producer and the whole run did spend some
+    for phase in ("bare_chain", "pipeline", "batch"):
         assert all(values[f"{phase}_cpu_{part}"] >= 0 for part in CPU_PARTS)
-        assert values[f"{phase}_cpu_worker_parent"] + values[f"{phase}_cpu_worker_children"] > 0
+        assert values[f"{phase}_cpu_worker_main"] + values[f"{phase}_cpu_worker_pool"] > 0
+        assert values[f"{phase}_cpu_producer"] > 0
         assert values[f"{phase}_cpu_total"] > 0
-    assert values["pipeline_cpu_postgres_worker"] > 0  # the pipeline does talk to PostgreSQL
+    for phase in ("pipeline", "batch"):  # they do talk to PostgreSQL and the fake
+        assert values[f"{phase}_cpu_postgres_worker"] > 0
+        assert values[f"{phase}_cpu_fake"] > 0
 
     # counted, not estimated: whole numbers of requests, consistent with each other
     assert values["pipeline_sql_statements_per_op"] > 0
@@ -159,7 +177,7 @@ def test_the_quick_benchmark_reports_every_metric_and_never_oversells() -> None:
         values["pipeline_http_requests_per_op"],
         values["pipeline_http_gets_per_op"] + values["pipeline_http_puts_per_op"],
     )
-    http_requests = values["pipeline_http_requests_per_op"] * orders
+    http_requests = values["pipeline_http_requests_per_op"] * counted
     assert math.isclose(http_requests, round(http_requests))
 
     # latency: a separate open-loop phase, percentiles in order
@@ -180,6 +198,32 @@ def test_the_quick_benchmark_reports_every_metric_and_never_oversells() -> None:
 
 
 # --- the measuring helpers, without a worker -------------------------------------------------
+
+
+def test_the_bare_chain_tasks_are_not_on_the_production_app() -> None:
+    """Only the benchmark's worker loads them (--include): importing the benchmark does not."""
+    import stock_sync.devtools.benchmark  # noqa: F401
+
+    assert not {name for name in app.tasks if name.startswith("stock_sync.benchmark.")}
+
+
+def test_the_profile_summary_splits_samples_by_library_and_by_what_they_pass_through(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "worker-pool-11.txt").write_text(
+        "main (celery/app/trace.py:1);execute (sqlalchemy/engine/base.py:2);"
+        "do_execute (sqlalchemy/engine/default.py:3) 6\n"
+        "main (celery/app/trace.py:1);info (logging/__init__.py:4);"
+        "format (pythonjsonlogger/core.py:5) 3\n"
+    )
+    (tmp_path / "worker-pool-12.txt").write_text("main (celery/app/trace.py:1) 1\n")
+
+    summary = profiling.summarise_folder(tmp_path)
+
+    assert summary.startswith("worker-pool: 10 samples")  # both pool processes merged
+    assert " 60.0%  SQLAlchemy" in summary and " 30.0%  logging, JSON logger" in summary
+    assert "100.0%  Celery: receiving, tracing, acking a task" in summary
+    assert " 30.0%  JSON log formatting" in summary
 
 
 def test_read_stat_and_rss_see_this_process() -> None:
@@ -208,7 +252,9 @@ def test_latency_percentiles_are_nearest_rank() -> None:
 def test_options_quick_sizes_and_the_soak_switches() -> None:
     quick = parse_options(["--quick"])
     assert quick.soak > 0 and quick.task_events == "off" and not quick.soak_only
-    assert parse_options([]).soak == 0
+    full = parse_options([])
+    assert (full.orders, full.soak, full.ratio_only, full.profile) == (2000, 0, False, None)
+    assert parse_options(["--ratio-only", "--profile", "p"]).profile == "p"
     assert parse_options(["--soak-only"]).soak == 20_000
     assert parse_options(["--task-events", "on", "--soak", "10"]).task_events == "on"
 
@@ -236,6 +282,14 @@ def test_sql_counters_count_per_process_only_when_asked(tmp_path: Path) -> None:
         assert counts[os.getpid()] == instrumentation.SqlCounts(statements=2, commits=1)
         assert counts[child] == instrumentation.SqlCounts(statements=1, rollbacks=1)
         assert instrumentation.total(counts).transactions == 2
+        # a statement in autocommit is a transaction of its own
+        with engine.connect() as connection:
+            autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
+            autocommit.execute(text("SELECT 6"))
+        counts = instrumentation.read_count_files(folder)
+        assert counts[os.getpid()] == instrumentation.SqlCounts(
+            statements=3, commits=1, autocommits=1
+        )
 
         labelled = instrumentation.LabelledSqlCounter(engine.url.database)
         instrumentation.install(labelled)

@@ -470,6 +470,22 @@ def test_admin_lists_the_recorded_fulfillments(
     assert (recorded["idempotency_key"], recorded["outcome"]) == ("op-1:sync", "applied")
 
 
+def test_admin_counts_the_contract_requests_by_method_across_a_reset(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    client.get_order("o-1")
+    with pytest.raises(OrderNotFound):
+        client.get_order("nope")  # a 404 is a request served all the same
+    sync(client, revision=1)
+    requests.get(f"{fake.url}/_admin/health", timeout=2)  # admin requests are not counted
+    fake.reset()
+
+    response = requests.get(f"{fake.url}/_admin/requests", timeout=2)
+
+    assert response.json() == {"contract_requests": {"GET": 2, "PUT": 1}}
+    assert fake.contract_requests() == {"GET": 2, "PUT": 1}
+
+
 def test_admin_reset_forgets_everything(fake: FakeMicroservice) -> None:
     fake.set_faults(error_rate=1.0)
 

@@ -3,13 +3,15 @@
 Counted with SQLAlchemy's engine events, on every engine of the process (listeners on the
 ``Engine`` class): a *statement* is one ``before_cursor_execute`` (one cursor call, so an
 executemany counts once; psycopg2's implicit ``BEGIN`` is not one), a *commit* or *rollback*
-is one ``commit`` / ``rollback`` event of a transaction (savepoints are not counted).
+is one ``commit`` / ``rollback`` event of a transaction (savepoints are not counted), and a
+statement sent in autocommit (a lock-free read, a one-statement write) is a transaction of its
+own to PostgreSQL: counted as an *autocommit*.
 
 In a worker: ``tasks.app`` calls :func:`count_sql_if_asked` at import. When
 ``STOCK_SYNC_COUNT_SQL_DIR`` names a folder, every process that runs SQL (each prefork child,
 after the fork) counts into a small memory-mapped file of its own, ``sql-<pid>.counts`` in that
-folder: three little-endian int64 (statements, commits, rollbacks), updated in place at each
-event, so whoever reads the files sees the totals so far without asking the worker anything
+folder: four little-endian int64 (statements, commits, rollbacks, autocommits), updated in place
+at each event, so whoever reads the files sees the totals so far without asking the worker anything
 (the benchmark reads them while the worker is idle). Without the variable nothing is installed.
 
 In the benchmark's own process: :class:`LabelledSqlCounter` counts the statements sent to one
@@ -33,28 +35,31 @@ from sqlalchemy import Engine, event
 
 COUNT_SQL_DIR_VARIABLE = "STOCK_SYNC_COUNT_SQL_DIR"
 COUNT_FILE_SUFFIX = ".counts"
-STATEMENTS, COMMITS, ROLLBACKS = range(3)
-_FIELDS = 3
+STATEMENTS, COMMITS, ROLLBACKS, AUTOCOMMITS = range(4)
+_FIELDS = 4
 _LAYOUT = struct.Struct(f"<{_FIELDS}q")
 
 
 @dataclass(frozen=True)
 class SqlCounts:
-    """Statements sent and transactions ended (committed or rolled back)."""
+    """Statements sent and transactions ended (committed, rolled back, or a statement in
+    autocommit)."""
 
     statements: int = 0
     commits: int = 0
     rollbacks: int = 0
+    autocommits: int = 0
 
     @property
     def transactions(self) -> int:
-        return self.commits + self.rollbacks
+        return self.commits + self.rollbacks + self.autocommits
 
     def __add__(self, other: SqlCounts) -> SqlCounts:
         return SqlCounts(
             self.statements + other.statements,
             self.commits + other.commits,
             self.rollbacks + other.rollbacks,
+            self.autocommits + other.autocommits,
         )
 
     def __sub__(self, other: SqlCounts) -> SqlCounts:
@@ -62,6 +67,7 @@ class SqlCounts:
             self.statements - other.statements,
             self.commits - other.commits,
             self.rollbacks - other.rollbacks,
+            self.autocommits - other.autocommits,
         )
 
 
@@ -77,17 +83,20 @@ def _on_execute(conn: Any, *_: Any) -> None:
     sink = _sink
     if sink is not None:
         sink.add(conn, STATEMENTS)
+        if conn._is_autocommit_isolation():
+            sink.add(conn, AUTOCOMMITS)
 
 
 def _on_commit(conn: Any) -> None:
     sink = _sink
-    if sink is not None:
+    if sink is not None and not conn._is_autocommit_isolation():
         sink.add(conn, COMMITS)
 
 
 def _on_rollback(conn: Any) -> None:
+    # an autocommit connection "rolls back" when closed: nothing reaches the database
     sink = _sink
-    if sink is not None:
+    if sink is not None and not conn._is_autocommit_isolation():
         sink.add(conn, ROLLBACKS)
 
 
@@ -113,7 +122,7 @@ def uninstall() -> None:
 
 
 class _CountFile:
-    """Three int64 in a shared mapping of ``path``: every increment lands in the page cache."""
+    """Four int64 in a shared mapping of ``path``: every increment lands in the page cache."""
 
     def __init__(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -126,16 +126,24 @@ def counter_increments(events: Iterable[dict[str, Any]]) -> Counter[tuple[str, s
     return increments
 
 
+def _counter_upsert(dialect: Any) -> Any:
+    upsert = dialect.insert(METRIC_COUNTERS_TABLE)
+    return upsert.on_conflict_do_update(
+        index_elements=["name", "label", "shard"],
+        set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
+    )
+
+
+# Built once: building it (its `excluded` alias copies the table's columns) took a fifth of a
+# submit's CPU in the producer's profile.
+_COUNTER_UPSERTS = {"postgresql": _counter_upsert(postgresql), "sqlite": _counter_upsert(sqlite)}
+
+
 def _raise_counters(connection: Connection, increments: Counter[tuple[str, str]]) -> None:
     """Upserts in key order: concurrent transactions lock the counter rows in one order."""
     if not increments:
         return
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    upsert = dialect.insert(METRIC_COUNTERS_TABLE)
-    upsert = upsert.on_conflict_do_update(
-        index_elements=["name", "label", "shard"],
-        set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
-    )
+    upsert = _COUNTER_UPSERTS["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
     shard = os.getpid() % COUNTER_SHARDS  # this process's own rows: see MetricCounter
     for (name, label), value in sorted(increments.items()):
         connection.execute(upsert, {"name": name, "label": label, "shard": shard, "value": value})

@@ -30,7 +30,7 @@ from sqlalchemy import func, select, text
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PARKED, PendingStockOperation
 from stock_sync.adapters.settings import ENV_PREFIX
-from stock_sync.devtools.benchmark import (
+from stock_sync.devtools.bench.harness import (
     DEFAULT_ADMIN_URL,
     CeleryProcess,
     Progress,

@@ -65,7 +65,7 @@ from typing import Any
 
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX
-from stock_sync.devtools.benchmark import (
+from stock_sync.devtools.bench.harness import (
     DEFAULT_ADMIN_URL,
     configure_this_process,
     run_environment,

@@ -29,7 +29,7 @@ from stock_sync.adapters.models import (
     StockLevel,
     StockMovement,
 )
-from stock_sync.devtools.benchmark import say, without_stock_sync_variables
+from stock_sync.devtools.bench.harness import say, without_stock_sync_variables
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus, OperationType
 from stock_sync.domain.stock import MovementReason
 

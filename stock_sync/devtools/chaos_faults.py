@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, StockLevel
 from stock_sync.devtools import rabbitmq
-from stock_sync.devtools.benchmark import CeleryProcess, worker_arguments
+from stock_sync.devtools.bench.harness import CeleryProcess, worker_arguments
 from stock_sync.devtools.chaos_scenario import PlannedOrder
 from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain.errors import CancellationRefused, EnqueueFailed

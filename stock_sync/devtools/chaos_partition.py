@@ -77,7 +77,7 @@ from stock_sync.adapters import schema
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.devtools import netns
-from stock_sync.devtools.benchmark import (
+from stock_sync.devtools.bench.harness import (
     REPOSITORY,
     configure_this_process,
     run_environment,

@@ -39,7 +39,7 @@ from stock_sync.adapters.db import reset_databases
 from stock_sync.adapters.models import OperationEvent, PendingStockOperation, StockMovement
 from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.devtools import chaos
-from stock_sync.devtools.benchmark import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
+from stock_sync.devtools.bench.harness import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
 from stock_sync.devtools.chaos_checks import (
     BIN,
     Assertion,

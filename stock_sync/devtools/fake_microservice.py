@@ -103,6 +103,9 @@ its outcome: ``applied``, ``replayed``, ``conflict`` (409 revision), ``key_reuse
 (the fulfillment status changed) and ``held`` (it waited at a gate or a timed hold).
 ``buyer_events()`` (``GET /_admin/buyer_events``) lists the buyer's edits and cancellations:
 ``{order_id, kind: "edit"|"cancel", at, revision}``, the revision being the one they made.
+``contract_requests()`` (``GET /_admin/requests``) counts the contract requests that reached a
+route, by method (``{"GET": n, "PUT": n}``), since the fake started (``reset`` keeps them): what
+a benchmark divides by its operations.
 
 Admin API (JSON; a bad value is a 422 ``INVALID_REQUEST`` naming it): ``POST /_admin/orders``
 (an order or ``{"orders": [...]}``, knobs as extra keys), ``GET /_admin/orders/{id}``, ``POST
@@ -112,7 +115,7 @@ Admin API (JSON; a bad value is a 422 ``INVALID_REQUEST`` naming it): ``POST /_a
 "puts_in_flight", "held_get_answers"}``), ``GET|POST /_admin/faults``, ``GET|POST
 /_admin/revision_form`` (``{"revision_form": "string"}``), ``GET|POST /_admin/mode``
 (``{"strict": true}``), ``GET /_admin/fulfillments``, ``GET /_admin/buyer_events``, ``POST
-/_admin/reset``, ``GET /_admin/health``.
+/_admin/reset``, ``GET /_admin/requests``, ``GET /_admin/health``.
 """
 
 from __future__ import annotations
@@ -634,6 +637,7 @@ class _FakeState:
         self._held: dict[str, int] = {}
         self._held_gets: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
+        self._requests: dict[str, int] = {}  # contract requests by method, kept across reset()
 
     def reset(self) -> None:
         with self._lock:
@@ -752,6 +756,14 @@ class _FakeState:
     def order_count(self) -> int:
         with self._lock:
             return len(self._orders)
+
+    def count_request(self, method: str) -> None:
+        with self._lock:
+            self._requests[method] = self._requests.get(method, 0) + 1
+
+    def contract_requests(self) -> dict[str, int]:
+        with self._lock:
+            return {"GET": 0, "PUT": 0, **self._requests}
 
     def draw_fault(self) -> _FaultDraw:
         """The global faults for one contract request: a delay, and maybe a canned answer."""
@@ -1190,6 +1202,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_contract(self, order_id: str, body: bytes) -> _Reply:
         state = self.server.state
+        state.count_request(self.command)
         if self.command == "PUT":  # its key is looked at before the faults: see put_fulfillment
             idempotency_key = (self.headers.get("Idempotency-Key") or "").strip() or None
             return state.put_fulfillment(order_id, idempotency_key, body)
@@ -1244,6 +1257,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return _json_reply(200, state.set_faults(_json_object(_json_body(body))))
             case ("GET", ["fulfillments"]):
                 return _json_reply(200, {"fulfillments": state.fulfillment_requests()})
+            case ("GET", ["requests"]):
+                return _json_reply(200, {"contract_requests": state.contract_requests()})
             case ("POST", ["reset"]):
                 state.reset()
                 return _json_reply(200, {"status": "reset"})
@@ -1419,6 +1434,11 @@ class FakeMicroservice:
         key_reused, in_flight, error, fault), http_status, changed (the fulfillment status
         changed), held (it waited at a gate or a timed hold), at."""
         return self._state.fulfillment_requests()
+
+    def contract_requests(self) -> dict[str, int]:
+        """Contract requests that reached a route since the fake started, by method
+        (``{"GET": n, "PUT": n}``; ``reset`` keeps the counts)."""
+        return self._state.contract_requests()
 
     def buyer_events(self) -> list[dict[str, Any]]:
         """The buyer's edits and cancellations, oldest first: order_id, kind ("edit" or

@@ -131,6 +131,30 @@ class EnqueueFailed(StockSyncError):
         )
 
 
+class BatchEnqueueFailed(StockSyncError):
+    """A batch is saved (its new operations PENDING) but some of them could not be enqueued.
+
+    ``operation_ids``: every order's operation, in input order; ``created``: the operations
+    the batch created; ``not_enqueued``: those of them with no message (the sweep re-drives
+    them once the broker is back).
+    """
+
+    def __init__(
+        self,
+        operation_ids: Sequence[UUID],
+        created: Sequence[UUID],
+        not_enqueued: Sequence[UUID],
+        cause: str,
+    ) -> None:
+        self.operation_ids = list(operation_ids)
+        self.created = list(created)
+        self.not_enqueued = list(not_enqueued)
+        super().__init__(
+            f"{len(self.not_enqueued)} of {len(self.created)} new operations saved as pending "
+            f"but not enqueued ({cause}); the sweep will re-drive them"
+        )
+
+
 # --- the Allegro microservice -------------------------------------------------------------
 
 

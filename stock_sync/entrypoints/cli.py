@@ -3,7 +3,7 @@
 Exit status of every command: 0 done; 1 an error (bad input, refused, unknown id, unreachable
 database...); 2 a usage error (unknown option, malformed argument). Errors are one line
 ``error: ...`` on stderr with passwords and tokens masked, never a traceback. ``submit`` exits 3
-when the operation was saved but not enqueued, ``cancel --wait`` 4 when the microservice
+when operations were saved but not enqueued, ``cancel --wait`` 4 when the microservice
 rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run, ``health`` 1
 when a check failed.
 """
@@ -24,26 +24,24 @@ from stock_sync.adapters.logging_setup import configure_cli_logging
 from stock_sync.adapters.redaction import one_line, redact_url
 from stock_sync.adapters.settings import get_settings
 from stock_sync.adapters.stock_ledger import get_stock, set_stock, validate_sku
-from stock_sync.domain.errors import EnqueueFailed
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import cli_common, render
 from stock_sync.entrypoints.cli_common import (
     EXIT_CHECK_COULD_NOT_RUN,
     EXIT_CHECK_MISMATCH,
     EXIT_INTERRUPTED,
-    EXIT_NOT_ENQUEUED,
     EXIT_ROLLBACK_UNSETTLED,
     StockSyncGroup,
     describe_failure,
     emit,
     fail,
-    safe_message,
 )
 from stock_sync.entrypoints.cli_health import health
 from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
 from stock_sync.entrypoints.cli_params import DURATION, PLAIN_TEXT, QUANTITY, FiniteFloatRange
 from stock_sync.entrypoints.cli_retry import retry
 from stock_sync.entrypoints.cli_rollback import rollback
+from stock_sync.entrypoints.cli_submit import submit
 from stock_sync.services.queries import list_operations, operation_details
 
 PLUGIN_COMMANDS = "stock_sync.commands"
@@ -244,27 +242,6 @@ def stock_get(sku: str, as_json: bool) -> None:
 # --- operations -----------------------------------------------------------------------
 
 
-@cli.command("submit")
-@click.argument("order_id", type=PLAIN_TEXT)
-@click.option(
-    "--account", "account_name", type=PLAIN_TEXT, default=None, help="Allegro account name."
-)
-def submit(order_id: str, account_name: str | None) -> None:
-    """Record ORDER_ID's stock operation and enqueue it; prints the operation id alone.
-
-    Exits 3 when the operation was saved but could not be enqueued (the sweep re-drives it).
-    """
-    from stock_sync.producer import submit_operation
-
-    try:
-        operation_id = submit_operation(order_id, account_name)
-    except EnqueueFailed as error:
-        click.echo(str(error.operation_id))
-        click.echo(f"warning: {safe_message(str(error))}", err=True)
-        sys.exit(EXIT_NOT_ENQUEUED)
-    click.echo(str(operation_id))
-
-
 @cli.command("show")
 @click.argument("operation_id", type=PLAIN_TEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -435,6 +412,7 @@ def worker(ctx: click.Context) -> None:
     app.worker_main(["worker", "--loglevel", get_settings().log_level, *ctx.args])
 
 
+cli.add_command(submit)
 cli.add_command(stats)
 cli.add_command(metrics_server)
 cli.add_command(flower)

@@ -7,6 +7,7 @@ composition root, so nothing here knows Celery.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from stock_sync.domain.statuses import OperationStatus
@@ -22,6 +23,16 @@ class Dispatcher(Protocol):
     def enqueue_pipeline(
         self, operation_id: uuid.UUID, status: OperationStatus, generation: int
     ) -> None: ...
+
+    def enqueue_pipelines(
+        self,
+        dispatches: Sequence[tuple[uuid.UUID, OperationStatus, int]],
+        on_published: Callable[[int], None] | None = None,
+    ) -> None:
+        """Each (operation, status, generation)'s pipeline, in order, over one broker
+        connection; raises at the first one that could not be published, after
+        ``on_published(n)`` was called for each of the first n that were."""
+        ...
 
     def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None: ...
 
