@@ -21,6 +21,13 @@ from stock_sync.adapters.models import (
     utcnow,
 )
 from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.settlement import (
+    COMPLETED,
+    OPERATION_TYPE_KEY,
+    PROCESSING_KEY,
+    processing_bucket,
+    settled_outcome,
+)
 from stock_sync.domain.statuses import OperationStatus
 
 _PENDING_EVENTS = "stock_sync.pending_events"
@@ -30,6 +37,12 @@ CREATED_COUNTER = "operations_created"
 FINISHED_COUNTER = "operations_finished"
 ERRORS_COUNTER = "errors"
 RETRIED_COUNTER = "operations_retried"
+# Order deductions by how their processing ended (stock_sync/domain/settlement.py), and the
+# processing-time histogram of the completed ones: one row per bucket (not cumulative: a
+# completion raises one row; the exposition sums them up) and the sum in milliseconds.
+SETTLED_COUNTER = "order_deductions_settled"
+PROCESSING_BUCKET_COUNTER = "processing_seconds_bucket"
+PROCESSING_SUM_MS_COUNTER = "processing_milliseconds_sum"
 _FINAL_STATUSES = frozenset(
     status.value
     for status in (OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.CANCELLED)
@@ -123,22 +136,41 @@ def counter_increments(events: Iterable[dict[str, Any]]) -> Counter[tuple[str, s
             increments[(FINISHED_COUNTER, event["to_status"])] += 1
         if event["error_type"]:
             increments[(ERRORS_COUNTER, event["error_type"][:64])] += 1
+        _count_settlement(increments, event)
     return increments
 
 
+def _count_settlement(increments: Counter[tuple[str, str]], event: dict[str, Any]) -> None:
+    """A transition that settles an order deduction: its outcome, and a completion's
+    processing time (both carried by the transition event's details)."""
+    details = event["details"] or {}
+    outcome = settled_outcome(details.get(OPERATION_TYPE_KEY), event["to_status"])
+    if outcome is None:
+        return
+    increments[(SETTLED_COUNTER, outcome)] += 1
+    seconds = details.get(PROCESSING_KEY)
+    if outcome == COMPLETED and isinstance(seconds, int | float):
+        increments[(PROCESSING_BUCKET_COUNTER, processing_bucket(seconds))] += 1
+        increments[(PROCESSING_SUM_MS_COUNTER, "")] += round(seconds * 1000)
+
+
 def _raise_counters(connection: Connection, increments: Counter[tuple[str, str]]) -> None:
-    """Upserts in key order: concurrent transactions lock the counter rows in one order."""
+    """One multi-row upsert (one round trip however many counters an event raises), its rows
+    in key order: concurrent transactions lock the counter rows in one order."""
     if not increments:
         return
+    shard = os.getpid() % COUNTER_SHARDS  # this process's own rows: see MetricCounter
+    rows = [
+        {"name": name, "label": label, "shard": shard, "value": value}
+        for (name, label), value in sorted(increments.items())
+    ]
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    upsert = dialect.insert(METRIC_COUNTERS_TABLE)
+    upsert = dialect.insert(METRIC_COUNTERS_TABLE).values(rows)
     upsert = upsert.on_conflict_do_update(
         index_elements=["name", "label", "shard"],
         set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
     )
-    shard = os.getpid() % COUNTER_SHARDS  # this process's own rows: see MetricCounter
-    for (name, label), value in sorted(increments.items()):
-        connection.execute(upsert, {"name": name, "label": label, "shard": shard, "value": value})
+    connection.execute(upsert)
 
 
 def _event_row(
