@@ -150,6 +150,8 @@ def build(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": maintenance_schedule(settings),
+        # Celery's persistent scheduler, recording each send (beat's health: tasks/beat.py).
+        "beat_scheduler": "tasks.beat:RecordingScheduler",
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
     }
     if settings.uses_filesystem_broker:

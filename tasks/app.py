@@ -27,6 +27,7 @@ from stock_sync.adapters.settings import exit_on_configuration_error, get_settin
 from stock_sync.adapters.telemetry import start_tracing
 from stock_sync.composition import reset_services
 from stock_sync.services.health import log_embedded_warning
+from tasks.heartbeat import HeartbeatFile
 
 # `celery -A tasks worker|beat|flower` with a bad setting: one line and exit 1, before Celery
 # gets to wrap the error in its own traceback.
@@ -35,6 +36,7 @@ with exit_on_configuration_error():
 
 app = Celery("stock_sync")
 app.config_from_object("celeryconfig")
+app.steps["worker"].add(HeartbeatFile)  # the worker's liveness file (tasks/heartbeat.py)
 count_sql_if_asked()  # the benchmark's SQL counters; inert unless STOCK_SYNC_COUNT_SQL_DIR is set
 
 

@@ -77,6 +77,8 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_ALERT_CANCELLATION_RATE_THRESHOLD": rate,
     "STOCK_SYNC_ALERT_MIN_OPERATIONS": whole(1, 1_000_000),
     "STOCK_SYNC_METRICS_CACHE_S": lambda value: math.isfinite(value) and 0 <= value <= 3600,
+    "STOCK_SYNC_WORKER_HEARTBEAT_FILE": lambda value: all(c.isprintable() for c in value),
+    "STOCK_SYNC_WORKER_HEARTBEAT_INTERVAL_S": seconds(3600),
 }
 
 

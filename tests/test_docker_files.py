@@ -63,6 +63,7 @@ COMMANDS = {
     "metrics": "stock-sync metrics-server --host 0.0.0.0 --port 9808",
     "fake-microservice": "stock-sync fake-microservice --host 0.0.0.0 --port 8765",
 }
+LAST_SUCCESS = "stock_sync_maintenance_last_success_timestamp_seconds"
 # alert name -> (metric, comparison, threshold, for)
 ALERTS = {
     # alert: (a metric its expression reads, comparison, threshold, for)
@@ -73,6 +74,10 @@ ALERTS = {
     "StockSyncFailedRollbacks": ("stock_sync_failed_rollbacks", ">=", 1.0, "1m"),
     "StockSyncMetricsDatabaseDown": ("stock_sync_database_up", "==", 0.0, "5m"),
     "StockSyncBrokerDown": ("stock_sync_broker_up", "==", 0.0, "5m"),
+    "StockSyncMicroserviceDown": ("stock_sync_microservice_up", "==", 0.0, "5m"),
+    "StockSyncBeatDown": (LAST_SUCCESS, ">", 300.0, "2m"),
+    "StockSyncMaintenanceStale": (LAST_SUCCESS, ">", 600.0, "5m"),
+    "StockSyncReconciliationStale": (LAST_SUCCESS, ">", 93600.0, "1h"),
 }
 
 
@@ -215,10 +220,8 @@ def test_migrations_run_once_after_postgres_and_before_every_database_reader(
 def test_the_long_running_services_have_healthchecks(services: dict[str, Any]) -> None:
     assert "pg_isready" in healthcheck_of(services["postgres"])
     assert "redis-cli ping" in healthcheck_of(services["redis"])
-    worker = healthcheck_of(services["worker"])
-    assert "celery -A tasks inspect ping" in worker
-    assert "celery@$" in worker
-    assert "HOSTNAME" in worker
+    # the worker by its heartbeat file, beat by its own sends: neither needs the broker to answer
+    assert healthcheck_of(services["worker"]) == "CMD stock-sync health --only worker"
     assert "http://127.0.0.1:9808/readyz" in healthcheck_of(services["metrics"])
     assert healthcheck_of(services["beat"]) == "CMD stock-sync health --only beat"
     assert "http://127.0.0.1:8765/_admin/health" in healthcheck_of(services["fake-microservice"])
@@ -557,6 +560,10 @@ def settled(case: str, completed: float, failed: float) -> list[dict[str, str]]:
     ]
 
 
+def last_success(task: str, case: str, values: str) -> list[dict[str, str]]:
+    return [{"series": f'{LAST_SUCCESS}{{task="{task}",case="{case}"}}', "values": values}]
+
+
 PROMTOOL_SERIES = [
     {"series": 'stock_sync_stuck_operations{case="at"}', "values": "1x60"},
     {"series": 'stock_sync_stuck_operations{case="below"}', "values": "0x60"},
@@ -576,6 +583,15 @@ PROMTOOL_SERIES = [
     {"series": 'stock_sync_database_up{case="below"}', "values": "1x60"},
     {"series": 'stock_sync_broker_up{case="at"}', "values": "0x60"},
     {"series": 'stock_sync_broker_up{case="below"}', "values": "1x60"},
+    {"series": 'stock_sync_microservice_up{case="at"}', "values": "0x60"},
+    {"series": 'stock_sync_microservice_up{case="below"}', "values": "1x60"},
+    # Unix time of the last success: 0 (the start of the test's clock) ages with time();
+    # one renewed every minute stays fresh
+    *last_success("beat", "at", "0x60"),
+    *last_success("beat", "below", "0+60x60"),
+    *last_success("sweep_stuck_operations", "at", "0x60"),
+    *last_success("evaluate_alerts", "below", "0+60x60"),
+    *last_success("reconcile", "at", "0x1700"),  # daily: stale after 26 h
 ]
 PROMTOOL_CASES = {
     # alert name: (minutes before it may fire, minutes after, the labels of the firing series)
@@ -587,6 +603,13 @@ PROMTOOL_CASES = {
     "StockSyncFailedRollbacks": (0, 2, {"case": "at"}),
     "StockSyncMetricsDatabaseDown": (4, 6, {"case": "at"}),
     "StockSyncBrokerDown": (4, 6, {"case": "at"}),
+    "StockSyncMicroserviceDown": (4, 6, {"case": "at"}),
+    # older than 300 s from minute 6 on, for 2 minutes
+    "StockSyncBeatDown": (7, 9, {"case": "at", "task": "beat"}),
+    # older than 600 s from minute 11 on, for 5 minutes; the reconciliation is not its business
+    "StockSyncMaintenanceStale": (15, 17, {"case": "at", "task": "sweep_stuck_operations"}),
+    # older than 26 h from minute 1561 on, for an hour
+    "StockSyncReconciliationStale": (1620, 1622, {"case": "at", "task": "reconcile"}),
 }
 
 

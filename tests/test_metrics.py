@@ -15,7 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,13 @@ from sqlalchemy import select
 
 from stock_sync.adapters import operation_events, schema
 from stock_sync.adapters.db import Database
+from stock_sync.adapters.maintenance_runs import (
+    RECONCILE,
+    SWEEP,
+    last_runs,
+    record_beat_send,
+    recorded_run,
+)
 from stock_sync.adapters.models import COUNTER_SHARDS, MetricCounter, OperationEvent
 from stock_sync.adapters.operation_events import SqlEventStore
 from stock_sync.adapters.settings import Settings
@@ -40,6 +47,7 @@ from stock_sync.entrypoints.cli_monitoring import (
     metrics_registry,
     metrics_server_app,
 )
+from stock_sync.services.health import CachedProbe, microservice_up
 from stock_sync.services.metrics import (
     KNOWN_ERROR_TYPES,
     MetricsCache,
@@ -482,6 +490,71 @@ def test_events_of_a_rolled_back_transaction_count_nothing(clean_database: Datab
 
     with clean_database.transaction() as session:
         assert counter_values(session) == {}
+
+
+def test_each_maintenance_tasks_last_success_and_beats_last_send_are_exported(
+    clean_database: Database,
+) -> None:
+    with recorded_run(clean_database, SWEEP):
+        pass
+    with clean_database.transaction() as session:
+        swept = last_runs(session)[SWEEP].finished_at
+    with pytest.raises(RuntimeError), recorded_run(clean_database, SWEEP):
+        raise RuntimeError("the next sweep failed")
+    with recorded_run(clean_database, "a_task_added_later"):
+        pass
+    sent = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    record_beat_send(clean_database, "sweep-stuck-operations", "stock_sync.sweep", sent)
+    with pytest.raises(RuntimeError), recorded_run(clean_database, RECONCILE):
+        raise RuntimeError("never succeeded")
+
+    snapshot = read_metrics(clean_database, SETTINGS, now=datetime.now(UTC))
+
+    samples = parse_exposition(render_prometheus(snapshot))
+    exported = {
+        dict(labels)["task"]: value
+        for (name, labels), value in samples.items()
+        if name == "stock_sync_maintenance_last_success_timestamp_seconds"
+    }
+    # the failed sweep kept the time of the one before; reconcile never succeeded: absent
+    assert set(exported) == {SWEEP, "a_task_added_later", "beat"}
+    assert exported[SWEEP] == pytest.approx(swept.timestamp())
+    assert exported["beat"] == sent.timestamp()
+
+
+def test_the_metrics_server_exports_the_microservices_reachability_probed_once_per_cache(
+    known: KnownOperations, fake_microservice: Any
+) -> None:
+    probes: list[bool] = []
+
+    def probe(url: str) -> Callable[[], bool]:
+        def ask() -> bool:
+            probes.append(True)
+            return microservice_up(SETTINGS.model_copy(update={"microservice_url": url}))
+
+        return CachedProbe(ask, max_age_s=3600).get
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    down_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    for url, expected in ((fake_microservice.url, 1), (down_url, 0)):
+        probes.clear()
+        server = make_metrics_server(
+            known.database, SETTINGS, "127.0.0.1", 0, microservice_probe=probe(url)
+        )
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            base = f"http://127.0.0.1:{server.server_port}"
+            bodies = [get(f"{base}/metrics")[2] for _ in range(3)]
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        for body in bodies:
+            assert parse_exposition(body)[("stock_sync_microservice_up", ())] == expected
+        assert len(probes) == 1  # three scrapes, one probe
 
 
 def test_the_known_error_types_are_the_domain_errors() -> None:

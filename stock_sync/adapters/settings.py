@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -195,6 +196,10 @@ class Settings(BaseSettings):
     alert_cancellation_rate_threshold: float = _rate(0.1)
     alert_min_operations: int = _count(10, at_least=1, at_most=MAX_ALERT_COUNT)
     metrics_cache_s: float = Field(default=5.0, ge=0, le=ONE_HOUR_S, allow_inf_nan=False)
+    # A worker rewrites this file every interval (its liveness, read by `stock-sync health
+    # --only worker` without the broker); empty: see effective_worker_heartbeat_file.
+    worker_heartbeat_file: str = ""
+    worker_heartbeat_interval_s: float = _seconds(10.0, at_most=ONE_HOUR_S)
 
     @field_validator("log_level")
     @classmethod
@@ -245,6 +250,13 @@ class Settings(BaseSettings):
     @classmethod
     def _plain_maintenance_queue_name(cls, value: str) -> str:
         return _queue_name(value) if value else value
+
+    @field_validator("worker_heartbeat_file")
+    @classmethod
+    def _printable_path(cls, value: str) -> str:
+        if any(not char.isprintable() for char in value):
+            raise ValueError("must not contain control characters")
+        return value
 
     @field_validator("notification_sender")
     @classmethod
@@ -310,6 +322,15 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'stock_sync.sqlite3').resolve()}"
+
+    @property
+    def effective_worker_heartbeat_file(self) -> Path:
+        """The configured heartbeat file, or one in the temporary folder named after the queue
+        (one file per worker: give each worker of a host its own)."""
+        if self.worker_heartbeat_file:
+            return Path(self.worker_heartbeat_file)
+        folder = Path(tempfile.gettempdir()) / f"stock-sync-{os.getuid()}"
+        return folder / f"{self.queue_name}-worker.heartbeat"
 
     @property
     def effective_maintenance_queue_name(self) -> str:

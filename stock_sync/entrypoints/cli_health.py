@@ -45,8 +45,10 @@ EXIT_CHECK_FAILED = 1
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def health(only: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
     """Check the database (reachable, at the migration head), the broker, the microservice,
-    beat (the sweep and the alert evaluation ran recently) and whether this runs on the
-    embedded default (a loud warning).
+    this host's worker (its heartbeat file), beat (it sent an entry recently), the maintenance
+    tasks (a worker ran the sweep, the release of parked retries and the alert evaluation
+    recently) and whether this runs on the embedded default (a loud warning). With no worker
+    on this host its check is a warning, unless asked for alone (--only worker).
 
     Exit status: 0 every check passed (warnings allowed), 1 a check failed (or the
     configuration is invalid), 2 a usage error.

@@ -39,6 +39,7 @@ from sqlalchemy import ColumnElement, exists, extract, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from stock_sync.adapters.db import Database
+from stock_sync.adapters.maintenance_runs import last_runs
 from stock_sync.adapters.models import (
     PARKED,
     MetricCounter,
@@ -151,6 +152,9 @@ class MetricsSnapshot:
     processing_sum_s: float = 0.0
     # None: the broker was not asked; False: it did not answer (queue_length is then None).
     broker_up: bool | None = None
+    # When beat last sent an entry ("beat") and each maintenance task last succeeded, by the
+    # task's name in maintenance_runs (a task added later shows up by itself).
+    maintenance_last_success: Mapping[str, datetime] = field(default_factory=dict)
 
     def live(self, status: str) -> int:
         return self.live_by_status.get(status, 0)
@@ -223,6 +227,9 @@ class MetricsSnapshot:
                 "errors": dict(sorted(self.errors_total.items())),
                 "settled": {outcome: self.settled_total.get(outcome, 0) for outcome in OUTCOMES},
             },
+            "maintenance_last_success": {
+                task: moment.isoformat() for task, moment in self.maintenance_last_success.items()
+            },
         }
 
 
@@ -291,6 +298,7 @@ def collect_metrics(
         processing_buckets=counters.get(PROCESSING_BUCKET_COUNTER, {}),
         processing_sum_s=counters.get(PROCESSING_SUM_MS_COUNTER, {}).get("", 0) / 1000,
         broker_up=broker_up,
+        maintenance_last_success=last_successes(session),
     )
 
 
@@ -320,6 +328,12 @@ def counter_values(session: Session) -> dict[str, dict[str, int]]:
     ):
         values.setdefault(name, {})[label] = int(value)
     return values
+
+
+def last_successes(session: Session) -> dict[str, datetime]:
+    """Each maintenance_runs row's last success (a handful of rows)."""
+    found = {task: run.last_success_at for task, run in last_runs(session).items()}
+    return {task: moment for task, moment in sorted(found.items()) if moment is not None}
 
 
 def _counts_by(session: Session, key: Any, *conditions: ColumnElement[bool]) -> dict[str, int]:
@@ -661,6 +675,13 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
             "queue",
             [(snapshot.queue_name, snapshot.queue_length)],
         )
+    yield _labelled_gauge(
+        "stock_sync_maintenance_last_success_timestamp_seconds",
+        "When each maintenance task last finished without an error (recorded by the worker "
+        'that ran it), and when beat last sent a scheduled entry (task="beat"), as Unix time.',
+        "task",
+        ((task, moment.timestamp()) for task, moment in snapshot.maintenance_last_success.items()),
+    )
     yield _gauge(
         "stock_sync_metrics_window_seconds",
         "The window of `stock-sync stats` and of the in-app alerts (STOCK_SYNC_ALERT_WINDOW_S).",
@@ -719,6 +740,27 @@ class DatabaseCollector(Collector):
             return
         yield up_gauge("stock_sync_database_up", DATABASE_UP_HELP, True)
         yield from metric_families(snapshot)
+
+
+MICROSERVICE_UP_HELP = (
+    "1 when the microservice answered the metrics server's probe of its base URL below 500, "
+    "0 when it did not answer or answered a server error."
+)
+
+
+class UpCollector(Collector):
+    """One ``*_up`` gauge asked of ``probe`` at each scrape (a :class:`CachedProbe`'s get)."""
+
+    def __init__(self, name: str, documentation: str, probe: Callable[[], bool]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._probe = probe
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not probe
+
+    def collect(self) -> Iterator[Metric]:
+        yield up_gauge(self._name, self._documentation, self._probe())
 
 
 def render_prometheus(snapshot: MetricsSnapshot) -> str:
