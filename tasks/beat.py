@@ -11,12 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from celery.beat import PersistentScheduler
 
 from stock_sync.adapters.db import get_database
 from stock_sync.adapters.maintenance_runs import record_beat_send
+from stock_sync.adapters.settings import (
+    exit_on_configuration_error,
+    get_settings,
+    prepared_data_dir,
+)
+from tasks.app import refuse_without_servers
 
 logger = logging.getLogger("stock_sync.beat")
 # After a failed write, wait this long before the next try (the next send wakes it anyway).
@@ -63,6 +70,24 @@ class RecordingScheduler(PersistentScheduler):  # type: ignore[misc]  # Celery i
     """``celery -A tasks beat``'s scheduler (``beat_scheduler`` in celeryconfig)."""
 
     _recorder: SendRecorder | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Beat builds its scheduler (its banner a lazy one) before any signal: the first
+        # moment to refuse, before it prints or creates anything.
+        refuse_without_servers()
+        super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        """Its schedule file's folder first (the data folder unless --schedule says otherwise):
+        nothing else creates it, and a bad STOCK_SYNC_DATA_DIR is named."""
+        folder = Path(self.schedule_filename).resolve().parent
+        settings = get_settings()
+        if folder == settings.data_dir.resolve():
+            with exit_on_configuration_error():
+                prepared_data_dir(settings)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()
 
     def apply_async(
         self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any

@@ -45,6 +45,7 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_DATABASE_URL": any_text,
     "STOCK_SYNC_BROKER_URL": any_text,
     "STOCK_SYNC_DATA_DIR": lambda value: True,
+    "STOCK_SYNC_EMBEDDED": lambda value: isinstance(value, bool),
     "STOCK_SYNC_QUEUE_NAME": printable_word,
     "STOCK_SYNC_MAINTENANCE_QUEUE_NAME": lambda value: value == "" or printable_word(value),
     "STOCK_SYNC_MICROSERVICE_URL": lambda value: http_url_or_empty(value) and value != "",

@@ -82,6 +82,7 @@ def environment_of(settings: Settings) -> dict[str, str]:
         STOCK_SYNC_MICROSERVICE_URL=settings.microservice_url,
         STOCK_SYNC_DATA_DIR=str(settings.data_dir),
         STOCK_SYNC_WORKER_HEARTBEAT_FILE=str(settings.effective_worker_heartbeat_file),
+        STOCK_SYNC_EMBEDDED="1" if settings.embedded else "0",
     )
     return env
 
@@ -559,7 +560,7 @@ def wait_for_cli(settings: Settings, check: str) -> dict[str, Any]:
 
 
 def embedded(tmp_path: Path) -> Settings:
-    return Settings(database_url="", broker_url="", data_dir=tmp_path)
+    return Settings(database_url="", broker_url="", embedded=True, data_dir=tmp_path)
 
 
 def test_the_embedded_default_is_a_loud_warning_that_does_not_make_it_unready(
@@ -585,7 +586,7 @@ def test_the_command_on_the_embedded_default_warns_loudly_on_stderr_and_exits_0(
 def test_postgresql_with_a_filesystem_broker_is_still_warned_about(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    settings = Settings(database_url=postgres_url, broker_url="", data_dir=tmp_path)
+    settings = Settings(database_url=postgres_url, broker_url="", embedded=True, data_dir=tmp_path)
 
     (check,) = run_health_checks(settings, only=[EMBEDDED_DEFAULT]).checks
 

@@ -31,7 +31,7 @@ from stock_sync.adapters.db import Database, describe_database_error, get_databa
 from stock_sync.adapters.logging_setup import configure_json_logging, configure_server_logging
 from stock_sync.adapters.settings import Settings, get_settings
 from stock_sync.entrypoints import render
-from stock_sync.entrypoints.cli_common import emit, fail
+from stock_sync.entrypoints.cli_common import emit, fail, needs
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT
 from stock_sync.services.health import (
     DATABASE,
@@ -120,10 +120,13 @@ def render_stats(snapshot: MetricsSnapshot) -> str:
 
 @click.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def stats(as_json: bool) -> None:
-    """Print the monitoring metrics: statuses, processing times, errors, cancellations."""
+    """Print the monitoring metrics: statuses, processing times, errors, cancellations
+    (reads only)."""
     settings = get_settings()
-    snapshot = snapshot_now(get_database(settings), settings, _broker_queue_length(settings))
+    database = get_database(settings, read_only=True)
+    snapshot = snapshot_now(database, settings, _broker_queue_length(settings))
     emit(as_json, snapshot.to_dict(), lambda: render_stats(snapshot))
 
 
@@ -296,6 +299,7 @@ def make_metrics_server(
 @click.command("metrics-server")
 @click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
+@needs(database=True, broker=True)
 def metrics_server(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics, liveness on /healthz and readiness (its database
     answers at the migration head) on /readyz until Ctrl-C."""
@@ -403,6 +407,7 @@ def _refuse_unsafe_flower(address: str, local_only: bool, extra: Sequence[str]) 
     help="Allow running without FLOWER_BASIC_AUTH, on a loopback address only.",
 )
 @click.pass_context
+@needs(broker=True)
 def flower(ctx: click.Context, address: str, port: int, local_only: bool) -> None:
     """Run Flower (celery flower) on ADDRESS:PORT behind basic authentication.
 

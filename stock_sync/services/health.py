@@ -269,8 +269,6 @@ def check_database(settings: Settings, _now: datetime, timeout_s: float) -> Chec
 
 def check_broker(settings: Settings, _now: datetime, timeout_s: float) -> CheckResult:
     """A kombu connection to the broker answers (the filesystem transport: its folder exists)."""
-    url = settings.effective_broker_url
-    where = redact_url(url)
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder / "queue"
         if folder.is_dir():
@@ -280,6 +278,8 @@ def check_broker(settings: Settings, _now: datetime, timeout_s: float) -> CheckR
     from kombu.connection import Connection
 
     connect: Any = Connection  # kombu is untyped
+    url = settings.effective_broker_url
+    where = redact_url(url)
 
     options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     try:
@@ -526,7 +526,7 @@ def check_maintenance(settings: Settings, now: datetime, timeout_s: float) -> Ch
 def embedded_parts(settings: Settings) -> list[str]:
     """What of the embedded default is in use: its SQLite database, its filesystem broker."""
     parts = []
-    if database_kind(settings.effective_database_url) == "sqlite":
+    if settings.uses_sqlite_database:
         parts.append("SQLite database")
     if settings.uses_filesystem_broker:
         parts.append("filesystem broker")
