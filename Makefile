@@ -75,20 +75,26 @@ test: install services tools netlab lint typecheck
 demo: install
 	$(BIN)/python -m stock_sync.devtools.demo
 
+# The development commands run on the embedded demo set-up (a SQLite file and Celery's
+# filesystem transport under data/) for whichever URL is not set; production processes never
+# do: without STOCK_SYNC_DATABASE_URL and STOCK_SYNC_BROKER_URL they refuse to start.
+# (`make demo` sets it itself.)
+DEV := STOCK_SYNC_EMBEDDED=1
+
 worker: install
-	$(BIN)/celery -A tasks worker --loglevel=INFO
+	$(DEV) $(BIN)/celery -A tasks worker --loglevel=INFO
 
 beat: install
-	$(BIN)/celery -A tasks beat --loglevel=INFO
+	$(DEV) $(BIN)/celery -A tasks beat --loglevel=INFO
 
 # Flower on 127.0.0.1:5555 behind basic auth read from FLOWER_BASIC_AUTH (user:password, never
 # on the command line where ps shows it); without it Flower is refused, unless the dashboard is
 # declared local-only: `make flower FLOWER_LOCAL_ONLY=1` (no authentication, loopback only).
 flower: install
-	$(BIN)/stock-sync flower $(if $(filter 1 yes true,$(FLOWER_LOCAL_ONLY)),--local-only)
+	$(DEV) $(BIN)/stock-sync flower $(if $(filter 1 yes true,$(FLOWER_LOCAL_ONLY)),--local-only)
 
 metrics: install
-	$(BIN)/stock-sync metrics-server --port 9808
+	$(DEV) $(BIN)/stock-sync metrics-server --port 9808
 
 fake-microservice: install
 	$(BIN)/stock-sync fake-microservice --port 8765

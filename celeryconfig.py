@@ -16,12 +16,7 @@ from typing import Any
 from celery.schedules import crontab
 from kombu.entity import Exchange, Queue
 
-from stock_sync.adapters.settings import (
-    Settings,
-    exit_on_configuration_error,
-    get_settings,
-    prepared_data_dir,
-)
+from stock_sync.adapters.settings import Settings, exit_on_configuration_error, get_settings
 
 MIN_VISIBILITY_TIMEOUT_S = 3600
 # A quorum queue drops a message returned to it more than this many times (on RabbitMQ 3.x
@@ -121,8 +116,9 @@ def queues(settings: Settings) -> dict[str, Any]:
 def build(settings: Settings) -> dict[str, Any]:
     """Every Celery setting stock-sync relies on, for ``settings``."""
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout_s(settings)}
-    # Beat's schedule file lives here; beat opens it before any signal could make the folder.
-    prepared_data_dir(settings)
+    # Nothing is created here: every process reads this, commands that only read included.
+    # The filesystem transport's folders are made by the processes that use the broker
+    # (tasks/app.py, tasks/dispatch.py), beat's schedule folder by its scheduler.
     config: dict[str, Any] = {
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -156,12 +152,12 @@ def build(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": maintenance_schedule(settings),
+        # Celery's persistent scheduler, recording each send (beat's health: tasks/beat.py).
+        "beat_scheduler": "tasks.beat:RecordingScheduler",
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
     }
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options.update(
             data_folder_in=str(folder / "queue"),
             data_folder_out=str(folder / "queue"),
@@ -199,7 +195,8 @@ def rabbitmq_settings() -> dict[str, Any]:
     }
 
 
-# Celery imports this module while starting a worker, beat or Flower: a bad setting or data
-# folder ends the process with one line instead of a traceback.
+# Celery imports this module while starting a worker, beat or Flower: a bad setting, or no
+# broker configured outside the embedded set-up, ends the process with one line instead of a
+# traceback.
 with exit_on_configuration_error():
     globals().update(build(get_settings()))

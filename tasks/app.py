@@ -23,18 +23,24 @@ from stock_sync.adapters.logging_setup import (
     configure_json_logging,
     worker_log_level,
 )
-from stock_sync.adapters.settings import exit_on_configuration_error, get_settings
+from stock_sync.adapters.settings import (
+    exit_on_configuration_error,
+    get_settings,
+    prepare_broker_folders,
+)
 from stock_sync.adapters.telemetry import start_tracing
 from stock_sync.composition import reset_services
 from stock_sync.services.health import log_embedded_warning
+from tasks.heartbeat import HeartbeatFile
 
-# `celery -A tasks worker|beat|flower` with a bad setting: one line and exit 1, before Celery
-# gets to wrap the error in its own traceback.
+# `celery -A tasks worker|beat|flower` with a bad setting: one line and exit 1 (2 for an
+# unknown STOCK_SYNC_* variable), before Celery gets to wrap the error in its own traceback.
 with exit_on_configuration_error():
     get_settings()
 
 app = Celery("stock_sync")
 app.config_from_object("celeryconfig")
+app.steps["worker"].add(HeartbeatFile)  # the worker's liveness file (tasks/heartbeat.py)
 count_sql_if_asked()  # the benchmark's SQL counters; inert unless STOCK_SYNC_COUNT_SQL_DIR is set
 
 
@@ -69,16 +75,28 @@ def trace_a_worker_that_runs_tasks_itself(sender: Any = None, **_: Any) -> None:
         start_tracing("worker")
 
 
+def refuse_without_servers() -> None:
+    """A worker or beat works with the database and the broker: without their URLs (outside
+    the embedded set-up) it refuses to start, one line naming the variables, exit 1; on the
+    filesystem transport it makes the broker's folders."""
+    with exit_on_configuration_error():
+        settings = get_settings()
+        settings.require_servers(database=True, broker=True)
+        prepare_broker_folders(settings)
+
+
 @celeryd_init.connect
 def report_worker_errors(**_: Any) -> None:
     """Sentry (SENTRY_DSN) in the worker, before its pool forks: the children inherit it."""
+    refuse_without_servers()
     start_error_reporting("worker")
 
 
 @beat_init.connect
 def observe_beat(**_: Any) -> None:
     """Beat's sends start the traces of the sweeps and alert evaluations; Sentry reports its
-    errors and, with STOCK_SYNC_SENTRY_CRONS, checks each scheduled run in."""
+    errors and, with STOCK_SYNC_SENTRY_CRONS, checks each scheduled run in. (Its scheduler
+    refused to start without the database or the broker already: tasks/beat.py.)"""
     start_tracing("beat")
     start_error_reporting("beat")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 
+from stock_sync.adapters.settings import get_settings, prepare_broker_folders
 from stock_sync.domain.statuses import OperationStatus
 from tasks.app import app
 from tasks.stages import pipeline_for, queue_probe_task, rollback
@@ -13,6 +14,10 @@ from tasks.stages import pipeline_for, queue_probe_task, rollback
 class CeleryDispatcher:
     """Enqueues chains, rollbacks and queue probes on the configured broker (the probes on the
     pipeline queue, behind whatever waits in it)."""
+
+    def __init__(self) -> None:
+        # A producer on the filesystem transport writes into its folder: made ready here.
+        prepare_broker_folders(get_settings())
 
     def enqueue_pipeline(
         self, operation_id: uuid.UUID, status: OperationStatus, generation: int

@@ -45,6 +45,10 @@ RABBITMQ_VHOST_PREFIX = "stock-sync-test"
 RABBITMQ_VHOST = rabbitmq.owned_vhost_name(RABBITMQ_VHOST_PREFIX, RUN_ID)
 # The broker of the pipeline tests and of the workers they start.
 BROKER_URL = REDIS_URL if TEST_BROKER == "redis" else f"{RABBITMQ_URL}/{RABBITMQ_VHOST}"
+# This process's own broker from the start: test modules import celeryconfig (and tasks) before
+# any fixture runs, and production settings refuse a Celery configuration without a broker.
+# The database URL follows with the postgres_url fixture.
+os.environ["STOCK_SYNC_BROKER_URL"] = BROKER_URL
 TABLES = (
     "operation_events",
     "stock_movements",

@@ -45,6 +45,7 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_DATABASE_URL": any_text,
     "STOCK_SYNC_BROKER_URL": any_text,
     "STOCK_SYNC_DATA_DIR": lambda value: True,
+    "STOCK_SYNC_EMBEDDED": lambda value: isinstance(value, bool),
     "STOCK_SYNC_QUEUE_NAME": printable_word,
     "STOCK_SYNC_MAINTENANCE_QUEUE_NAME": lambda value: value == "" or printable_word(value),
     "STOCK_SYNC_MICROSERVICE_URL": lambda value: http_url_or_empty(value) and value != "",
@@ -77,6 +78,8 @@ DOCUMENTED_BOUNDS: dict[str, Callable[[Any], bool]] = {
     "STOCK_SYNC_ALERT_CANCELLATION_RATE_THRESHOLD": rate,
     "STOCK_SYNC_ALERT_MIN_OPERATIONS": whole(1, 1_000_000),
     "STOCK_SYNC_METRICS_CACHE_S": lambda value: math.isfinite(value) and 0 <= value <= 3600,
+    "STOCK_SYNC_WORKER_HEARTBEAT_FILE": lambda value: all(c.isprintable() for c in value),
+    "STOCK_SYNC_WORKER_HEARTBEAT_INTERVAL_S": seconds(3600),
 }
 
 

@@ -67,6 +67,7 @@ def snapshot(**figures: Any) -> MetricsSnapshot:
 # Below every threshold: 1 stuck (< 2), 1/21 failed, p95 30 s, 1/30 cancelled.
 HEALTHY = snapshot(
     finished_by_status={"completed": 20, "failed": 1, "cancelled": 1},
+    settled_in_window={"completed": 20, "failed": 1},
     created_in_window=30,
     completed_timed=20,
     processing_seconds_avg=20.0,
@@ -102,12 +103,12 @@ def test_a_healthy_snapshot_raises_nothing() -> None:
             id="stuck count at the threshold",
         ),
         pytest.param(
-            replace(HEALTHY, finished_by_status={"completed": 15, "failed": 5}),
+            replace(HEALTHY, settled_in_window={"completed": 15, "failed": 5}),
             HIGH_ERROR_RATE,
             0.25,
             0.25,
             ["failed-1"],
-            id="error ratio at the threshold with 20 finished",
+            id="error ratio at the threshold with 20 settled",
         ),
         pytest.param(
             replace(HEALTHY, processing_seconds_p95=60.5),
@@ -145,12 +146,12 @@ def test_each_rule_fires_on_data_that_breaks_it(
     [
         pytest.param(replace(HEALTHY, stuck_count=1), id="stuck count below the threshold"),
         pytest.param(
-            replace(HEALTHY, finished_by_status={"completed": 19, "failed": 6}),
+            replace(HEALTHY, settled_in_window={"completed": 19, "failed": 6}),
             id="error ratio 0.24 just below 0.25",
         ),
         pytest.param(
-            replace(HEALTHY, finished_by_status={"completed": 4, "failed": 5}),
-            id="error ratio 0.56 but only 9 finished",
+            replace(HEALTHY, settled_in_window={"completed": 4, "failed": 5}),
+            id="error ratio 0.56 but only 9 settled",
         ),
         pytest.param(replace(HEALTHY, processing_seconds_p95=60.0), id="p95 equal to the limit"),
         pytest.param(
@@ -172,6 +173,7 @@ def test_every_broken_rule_fires_in_rule_order() -> None:
         HEALTHY,
         stuck_count=5,
         finished_by_status={"completed": 5, "failed": 5, "cancelled": 10},
+        settled_in_window={"completed": 5, "failed": 5},
         created_in_window=20,
         processing_seconds_p95=600.0,
         failed_rollbacks=1,
@@ -499,6 +501,8 @@ def add_operation(
 ) -> str:
     completed_at = now - timedelta(seconds=completed_ago_s) if completed_ago_s is not None else None
     updated_at = now - timedelta(seconds=updated_ago_s)
+    # a failed row failed when it last changed (nothing retried it since)
+    failed_at = updated_at if status == "failed" else None
     live = status in ("pending", "processing", "stock_deducted")
     operation_id = insert_operation(
         database,
@@ -506,6 +510,7 @@ def add_operation(
         created_at=now - timedelta(seconds=created_ago_s),
         updated_at=updated_at,
         completed_at=completed_at,
+        failed_at=failed_at,
         # a live row here is an attempt that started then and never ended
         attempt_started_at=updated_at if live else None,
     )

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 import celeryconfig
-from stock_sync.adapters.settings import load_settings
+from stock_sync.adapters.settings import load_settings, prepare_broker_folders
 from stock_sync.domain.errors import ConfigurationError
 from tasks import app
 
@@ -201,22 +201,49 @@ def test_a_bad_setting_stops_a_celery_process_with_one_line(
     assert "Traceback" not in result.stderr + result.stdout and "S3CRETPW" not in result.stderr
 
 
-def test_a_data_dir_that_is_a_file_stops_a_worker_with_one_line(tmp_path: Path) -> None:
+def test_a_data_dir_that_is_a_file_stops_an_embedded_worker_with_one_line(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
 
-    result = start([CELERY, "-A", "tasks", "worker"], STOCK_SYNC_DATA_DIR=str(afile))
+    result = start(
+        [CELERY, "-A", "tasks", "worker"],
+        STOCK_SYNC_EMBEDDED="1",
+        STOCK_SYNC_DATABASE_URL="",
+        STOCK_SYNC_BROKER_URL="",
+        STOCK_SYNC_DATA_DIR=str(afile),
+    )
 
     assert result.returncode == 1
     assert result.stderr == f"error: STOCK_SYNC_DATA_DIR: {afile} is a file, not a folder\n"
 
 
-def test_build_names_a_data_dir_that_cannot_be_created(
+def test_the_broker_folders_name_a_data_dir_that_cannot_be_created(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("STOCK_SYNC_EMBEDDED", "1")
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "")
     monkeypatch.setenv("STOCK_SYNC_DATA_DIR", "/proc/stock-sync-data")
     with pytest.raises(ConfigurationError, match="STOCK_SYNC_DATA_DIR: cannot create"):
-        celeryconfig.build(load_settings())
+        prepare_broker_folders(load_settings())
+
+
+def test_building_the_configuration_creates_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every process reads it, commands that only read included: the embedded set-up's
+    folders are made by the processes that use them (worker, beat, a producer)."""
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("STOCK_SYNC_EMBEDDED", "1")
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "")
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(data_dir))
+
+    config = celeryconfig.build(load_settings())
+
+    assert config["broker_url"] == "filesystem://"
+    assert config["broker_transport_options"]["data_folder_in"] == str(
+        data_dir / "broker" / "queue"
+    )
+    assert not data_dir.exists()
 
 
 # --- RabbitMQ -----------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The CLI against hostile input: every refusal is one ``error:`` line on stderr and a non-zero
 exit, never a traceback, never a password, and nothing is written. The cases from the field run
 as an operator runs them (a real process, ``run``); their neighbours in this process (``invoke``,
-click's CliRunner), which is much faster. All on the embedded SQLite default in a throwaway data
-folder unless they say otherwise."""
+click's CliRunner), which is much faster. All on the embedded SQLite set-up
+(STOCK_SYNC_EMBEDDED=1) in a throwaway data folder unless they say otherwise."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ SECRET = "S3CRETPW"
 
 def clean_environment(data_dir: Path, **variables: str) -> dict[str, str]:
     """This process's environment without its STOCK_SYNC_* settings (the test session points
-    them at PostgreSQL), on the embedded default in ``data_dir``, plus ``variables``."""
+    them at PostgreSQL), on the embedded set-up in ``data_dir``, plus ``variables``."""
     kept = {k: v for k, v in os.environ.items() if not k.startswith("STOCK_SYNC_")}
-    return {**kept, "STOCK_SYNC_DATA_DIR": str(data_dir), **variables}
+    embedded = {"STOCK_SYNC_EMBEDDED": "1", "STOCK_SYNC_DATA_DIR": str(data_dir)}
+    return {**kept, **embedded, **variables}
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def invoke(data_dir: Path, *args: str, input: str | None = None, **variables: st
     environment: dict[str, str | None] = {
         name: None for name in os.environ if name.startswith("STOCK_SYNC_")
     }
-    environment.update(STOCK_SYNC_DATA_DIR=str(data_dir), **variables)
+    environment.update(STOCK_SYNC_EMBEDDED="1", STOCK_SYNC_DATA_DIR=str(data_dir), **variables)
     get_settings.cache_clear()
     reset_services()
     try:
@@ -174,24 +175,37 @@ def test_the_metrics_server_on_other_bad_hosts_is_one_line(migrated: Path, host:
 def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
-    message = assert_one_error_line(run(afile, "stock", "get", "A"))
+    message = assert_one_error_line(run(afile, "stock", "set", "A", "1"))
     assert message == f"error: STOCK_SYNC_DATA_DIR: {afile} is a file, not a folder"
 
 
 @pytest.mark.parametrize(
-    ("command", "code"), [(("db", "upgrade"), 1), (("check",), 2), (("sweep",), 1)]
+    "command", [("db", "upgrade"), ("sweep",), ("stock", "set", "A", "1")], ids=" ".join
 )
-def test_a_data_dir_that_is_a_file_is_one_line_for_every_command(
+def test_a_data_dir_that_is_a_file_is_one_line_for_every_command_that_writes(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    message = assert_one_error_line(invoke(afile, *command))
+    assert message == f"error: STOCK_SYNC_DATA_DIR: {afile} is a file, not a folder"
+
+
+@pytest.mark.parametrize(("command", "code"), [(("check",), 2), (("list",), 1)], ids=str)
+def test_a_command_that_only_reads_finds_no_database_in_a_data_dir_that_is_a_file(
     tmp_path: Path, command: tuple[str, ...], code: int
 ) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
     message = assert_one_error_line(invoke(afile, *command), code=code)
-    assert message == f"error: STOCK_SYNC_DATA_DIR: {afile} is a file, not a folder"
+    assert message == (
+        f"error: no database at {afile / 'stock_sync.sqlite3'} (a command that only reads"
+        " creates none): run 'stock-sync db upgrade'"
+    )
 
 
 def test_a_data_dir_that_cannot_be_created_is_one_line() -> None:
-    message = assert_one_error_line(invoke(Path("/proc/stock-sync-data"), "stock", "get", "A"))
+    message = assert_one_error_line(invoke(Path("/proc/stock-sync-data"), "stock", "set", "A", "1"))
     assert message.startswith("error: STOCK_SYNC_DATA_DIR: cannot create the folder")
 
 

@@ -122,6 +122,7 @@ def workbench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workbench]:
         for name in [name for name in os.environ if name.startswith("STOCK_SYNC_")]:
             patch.delenv(name)
         patch.setenv("STOCK_SYNC_DATA_DIR", str(data_dir))
+        patch.setenv("STOCK_SYNC_EMBEDDED", "1")
         get_settings.cache_clear()
         schema.upgrade(get_settings().effective_database_url)
         services: Services = build_services(get_settings(), dispatcher=FlakyDispatcher())

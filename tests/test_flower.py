@@ -61,7 +61,8 @@ def flower_in_process(*args: str, **variables: str) -> Result:
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cli_monitoring.os, "execv", exec_disarmed)
-        return CliRunner().invoke(cli, ["flower", *args], env={**unset, **variables})
+        environment = {**unset, "STOCK_SYNC_BROKER_URL": REDIS_URL, **variables}
+        return CliRunner().invoke(cli, ["flower", *args], env=environment)
 
 
 def exec_disarmed(*argv: object) -> None:

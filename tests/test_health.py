@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +19,16 @@ import pytest
 
 from stock_sync.adapters import schema
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, recorded_run
+from stock_sync.adapters.heartbeat import Heartbeat, write_heartbeat
+from stock_sync.adapters.maintenance_runs import (
+    ALERTS,
+    RELEASE,
+    SWEEP,
+    last_runs,
+    record_beat_send,
+    recorded_run,
+)
+from stock_sync.adapters.maintenance_runs import BEAT as BEAT_ROW
 from stock_sync.adapters.models import utcnow
 from stock_sync.adapters.settings import Settings
 from stock_sync.devtools.fake_microservice import FakeMicroservice
@@ -31,9 +41,11 @@ from stock_sync.services.health import (
     DATABASE,
     EMBEDDED_DEFAULT,
     FAILED,
+    MAINTENANCE,
     MICROSERVICE,
     OK,
     WARNING,
+    WORKER,
     readiness_app,
     run_health_checks,
 )
@@ -69,6 +81,8 @@ def environment_of(settings: Settings) -> dict[str, str]:
         STOCK_SYNC_BROKER_URL=settings.broker_url,
         STOCK_SYNC_MICROSERVICE_URL=settings.microservice_url,
         STOCK_SYNC_DATA_DIR=str(settings.data_dir),
+        STOCK_SYNC_WORKER_HEARTBEAT_FILE=str(settings.effective_worker_heartbeat_file),
+        STOCK_SYNC_EMBEDDED="1" if settings.embedded else "0",
     )
     return env
 
@@ -83,10 +97,19 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def record_beat_runs(database: Database) -> None:
-    for task in (SWEEP, ALERTS):
+def record_maintenance_runs(database: Database) -> None:
+    for task in (SWEEP, RELEASE, ALERTS):
         with recorded_run(database, task) as run:
             run.summary = {"redriven": 0}
+
+
+def beat_sent_now(database: Database) -> None:
+    record_beat_send(database, "release-due-retries", "stock_sync.release_due_retries", utcnow())
+
+
+def worker_beat_now(settings: Settings, pid: int = 4242) -> None:
+    heartbeat = Heartbeat(utcnow(), pid, "celery@test-host", settings.worker_heartbeat_interval_s)
+    write_heartbeat(settings.effective_worker_heartbeat_file, heartbeat)
 
 
 def statuses(report: health.HealthReport) -> dict[str, str]:
@@ -95,11 +118,21 @@ def statuses(report: health.HealthReport) -> dict[str, str]:
 
 @pytest.fixture
 def healthy(
-    clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
+    clean_database: Database,
+    postgres_url: str,
+    fake_microservice: FakeMicroservice,
+    tmp_path: Path,
 ) -> Settings:
-    """A migrated database where beat's tasks ran just now, Redis, the fake microservice."""
-    record_beat_runs(clean_database)
-    return settings_for(postgres_url, fake_microservice)
+    """A migrated database where beat sent an entry and the maintenance tasks ran just now,
+    Redis, the fake microservice, and a worker's fresh heartbeat file."""
+    record_maintenance_runs(clean_database)
+    beat_sent_now(clean_database)
+    heartbeat_file = tmp_path / "run" / "worker.heartbeat"
+    settings = settings_for(
+        postgres_url, fake_microservice, worker_heartbeat_file=str(heartbeat_file)
+    )
+    worker_beat_now(settings)
+    return settings
 
 
 def database_behind_closed_port(fake: FakeMicroservice, tmp_path: Path) -> Settings:
@@ -115,8 +148,8 @@ def test_a_healthy_deployment_is_ready_with_every_check_ok(healthy: Settings) ->
 
     assert statuses(report) == dict.fromkeys(CHECK_NAMES, OK)
     assert report.ready
-    beat = report.check(BEAT)
-    assert beat is not None and set(beat.data) == {SWEEP, ALERTS}
+    maintenance = report.check(MAINTENANCE)
+    assert maintenance is not None and set(maintenance.data) == {SWEEP, RELEASE, ALERTS}
 
 
 def test_the_health_command_exits_0_and_prints_the_report_as_json(healthy: Settings) -> None:
@@ -151,9 +184,16 @@ def test_an_unreachable_database_fails_its_checks_and_the_others_still_answer(
 ) -> None:
     settings = database_behind_closed_port(fake_microservice, tmp_path)
 
-    report = run_health_checks(settings, only=[DATABASE, BROKER, MICROSERVICE, BEAT])
+    only = [DATABASE, BROKER, MICROSERVICE, BEAT, MAINTENANCE]
+    report = run_health_checks(settings, only=only)
 
-    assert statuses(report) == {DATABASE: FAILED, BROKER: OK, MICROSERVICE: OK, BEAT: FAILED}
+    assert statuses(report) == {
+        DATABASE: FAILED,
+        BROKER: OK,
+        MICROSERVICE: OK,
+        BEAT: FAILED,
+        MAINTENANCE: FAILED,
+    }
     assert not report.ready
     database = report.check(DATABASE)
     assert database is not None and "cannot reach the database" in database.detail
@@ -210,7 +250,7 @@ def test_an_unreachable_broker_fails_and_its_password_is_masked(
     healthy: Settings, postgres_url: str, fake_microservice: FakeMicroservice
 ) -> None:
     broker = f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0"
-    settings = settings_for(postgres_url, fake_microservice, broker_url=broker)
+    settings = healthy.model_copy(update={"broker_url": broker})
 
     report = run_health_checks(settings)
 
@@ -288,41 +328,86 @@ def test_a_check_that_raises_becomes_one_failed_line(
     assert check.detail == "unexpected RuntimeError: boom at redis://:***@host"
 
 
-# --- beat -------------------------------------------------------------------------------------
+# --- beat and the maintenance tasks -------------------------------------------------------------
 
 
-def test_beat_is_stale_when_its_last_runs_are_older_than_three_intervals(
+def test_beat_is_judged_by_its_last_send(healthy: Settings) -> None:
+    (beat,) = run_health_checks(healthy, only=[BEAT]).checks
+
+    assert beat.status == OK and beat.detail.startswith("sent release-due-retries ")
+    assert beat.data["allowed_s"] == 60  # three of its shortest interval (5 s), at least 60 s
+
+
+def test_beat_is_stale_when_its_last_send_is_older_than_three_of_its_shortest_interval(
     healthy: Settings,
 ) -> None:
-    later = utcnow() + timedelta(hours=2, minutes=5)
+    later = utcnow() + timedelta(minutes=5)
 
     (beat,) = run_health_checks(healthy, now=later, only=[BEAT]).checks
 
     assert beat.status == FAILED
-    assert "the last sweep was 2 h 5 min ago (allowed 3 min)" in beat.detail
-    assert "the last alert evaluation was 2 h 5 min ago" in beat.detail
-    assert "a worker consuming the queue" in beat.detail
-    assert beat.data[SWEEP]["age_s"] > beat.data[SWEEP]["allowed_s"] == 180
+    assert "beat last sent release-due-retries 5 min ago" in beat.detail
+    assert "(allowed 60 s): is beat running" in beat.detail
 
 
-def test_beat_that_never_ran_fails(
+def test_beat_that_never_sent_fails(
     clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
 ) -> None:
+    record_maintenance_runs(clean_database)  # what workers did says nothing about beat
     settings = settings_for(postgres_url, fake_microservice)
 
     (beat,) = run_health_checks(settings, only=[BEAT]).checks
 
-    assert beat.status == FAILED
-    assert beat.detail.startswith("the sweep never ran; the alert evaluation never ran")
+    assert beat.status == FAILED and beat.detail.startswith("beat never recorded a send")
 
 
-def test_beat_allows_more_time_when_its_interval_is_longer(healthy: Settings) -> None:
-    settings = healthy.model_copy(update={"sweep_interval_s": 3600.0, "alert_interval_s": 3600.0})
+def test_maintenance_is_stale_when_its_last_runs_are_older_than_three_intervals(
+    healthy: Settings,
+) -> None:
     later = utcnow() + timedelta(hours=2, minutes=5)
 
-    (beat,) = run_health_checks(settings, now=later, only=[BEAT]).checks
+    (maintenance,) = run_health_checks(healthy, now=later, only=[MAINTENANCE]).checks
 
-    assert beat.status == OK, beat.detail
+    assert maintenance.status == FAILED
+    assert "the last sweep was 2 h 5 min ago (allowed 3 min)" in maintenance.detail
+    assert "the last release of parked retries was 2 h 5 min ago (allowed 60 s)" in (
+        maintenance.detail
+    )
+    assert "the last alert evaluation was 2 h 5 min ago" in maintenance.detail
+    assert "a worker consuming the queue" in maintenance.detail
+    assert maintenance.data[SWEEP]["age_s"] > maintenance.data[SWEEP]["allowed_s"] == 180
+
+
+def test_maintenance_that_never_ran_fails_while_beat_sends(
+    clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
+) -> None:
+    beat_sent_now(clean_database)  # beat sends, and no worker consumes the maintenance queue
+    settings = settings_for(postgres_url, fake_microservice)
+
+    report = run_health_checks(settings, only=[BEAT, MAINTENANCE])
+
+    assert statuses(report) == {BEAT: OK, MAINTENANCE: FAILED}
+    maintenance = report.check(MAINTENANCE)
+    assert maintenance is not None
+    assert maintenance.detail.startswith(
+        "the sweep never ran; the release of parked retries never ran;"
+        " the alert evaluation never ran"
+    )
+
+
+def test_maintenance_allows_more_time_when_its_intervals_are_longer(healthy: Settings) -> None:
+    settings = healthy.model_copy(
+        update={
+            "sweep_interval_s": 3600.0,
+            "alert_interval_s": 3600.0,
+            "retry_release_interval_s": 3600.0,
+        }
+    )
+    later = utcnow() + timedelta(hours=2, minutes=5)
+
+    (maintenance,) = run_health_checks(settings, now=later, only=[MAINTENANCE]).checks
+
+    assert maintenance.status == OK, maintenance.detail
 
 
 def test_a_failed_last_sweep_is_a_warning_naming_its_error(healthy: Settings) -> None:
@@ -331,18 +416,151 @@ def test_a_failed_last_sweep_is_a_warning_naming_its_error(healthy: Settings) ->
     with pytest.raises(RuntimeError), recorded_run(get_database(healthy), SWEEP):
         raise RuntimeError("lock timeout")
 
-    report = run_health_checks(healthy, only=[BEAT])
+    report = run_health_checks(healthy, only=[MAINTENANCE])
 
-    (beat,) = report.checks
-    assert beat.status == WARNING and report.ready
-    assert "failed: RuntimeError: lock timeout" in beat.detail
+    (maintenance,) = report.checks
+    assert maintenance.status == WARNING and report.ready
+    assert "failed: RuntimeError: lock timeout" in maintenance.detail
+
+
+# --- the worker's heartbeat -----------------------------------------------------------------
+
+
+def test_a_fresh_heartbeat_is_a_live_worker(healthy: Settings) -> None:
+    (worker,) = run_health_checks(healthy, only=[WORKER]).checks
+
+    assert worker.status == OK
+    assert worker.detail.startswith("worker celery@test-host (pid 4242) beat ")
+    assert worker.data["allowed_s"] == 30  # three intervals of 10 s
+
+
+def test_a_heartbeat_older_than_three_intervals_is_a_dead_or_hung_worker(
+    healthy: Settings,
+) -> None:
+    later = utcnow() + timedelta(seconds=45)
+
+    (worker,) = run_health_checks(healthy, now=later, only=[WORKER]).checks
+
+    assert worker.status == FAILED
+    assert "last beat 45 s ago (allowed 30 s): it is hung or was killed" in worker.detail
+
+
+def test_no_heartbeat_fails_the_worker_check_asked_for_and_warns_in_the_full_report(
+    healthy: Settings, tmp_path: Path
+) -> None:
+    settings = healthy.model_copy(update={"worker_heartbeat_file": str(tmp_path / "none")})
+
+    (alone,) = run_health_checks(settings, only=[WORKER]).checks
+    report = run_health_checks(settings)
+
+    assert alone.status == FAILED and "no worker heartbeat at" in alone.detail
+    assert statuses(report)[WORKER] == WARNING and report.ready
+    result = run_cli(settings, "--only", WORKER)
+    assert result.returncode == 1 and "NOT READY: worker failed" in result.stdout
+
+
+def test_an_unreadable_heartbeat_fails(healthy: Settings) -> None:
+    healthy.effective_worker_heartbeat_file.write_text("{not json")
+
+    (worker,) = run_health_checks(healthy, only=[WORKER]).checks
+
+    assert worker.status == FAILED and worker.detail.startswith("unreadable heartbeat file")
+
+
+def test_a_real_worker_keeps_its_heartbeat_fresh_without_a_broker_and_removes_it_when_stopped(
+    postgres_url: str, fake_microservice: FakeMicroservice, tmp_path: Path
+) -> None:
+    heartbeat_file = tmp_path / "worker.heartbeat"
+    dead_broker = f"redis://127.0.0.1:{closed_port()}/0"  # it never gets to consume
+    settings = settings_for(
+        postgres_url,
+        fake_microservice,
+        broker_url=dead_broker,
+        worker_heartbeat_file=str(heartbeat_file),
+        worker_heartbeat_interval_s=0.2,
+    )
+    environment = {
+        **environment_of(settings),
+        "STOCK_SYNC_WORKER_HEARTBEAT_INTERVAL_S": "0.2",
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name("heartbeat"),
+    }
+    with celery_processes.stopped_at_exit() as started:
+        worker = celery_processes.CeleryProcess(
+            ["worker", "--pool", "threads", "--concurrency", "1", *celery_processes.QUIET_WORKER],
+            environment,
+            tmp_path / "worker.log",
+            ready_marker="Cannot connect to redis",  # started, and retrying the broker
+        )
+        started.append(worker)
+        first = read_written(heartbeat_file)
+        assert first.pid == worker.process.pid
+        later = wait_for_a_newer_beat(heartbeat_file, first)  # rewritten, broker or not
+        result = run_cli(settings, "--only", WORKER, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["checks"][0]["pid"] == later.pid
+        worker.stop()  # a warm shutdown
+    assert not heartbeat_file.exists()
+
+
+def read_written(path: Path) -> Heartbeat:
+    from stock_sync.adapters.heartbeat import read_heartbeat
+
+    deadline = utcnow() + timedelta(seconds=30)
+    while (found := read_heartbeat(path)) is None:
+        assert utcnow() < deadline, f"no heartbeat at {path}"
+        time.sleep(0.05)
+    return found
+
+
+def wait_for_a_newer_beat(path: Path, seen: Heartbeat) -> Heartbeat:
+    deadline = utcnow() + timedelta(seconds=30)
+    while (found := read_written(path)).written_at <= seen.written_at:
+        assert utcnow() < deadline, "the heartbeat was never rewritten"
+        time.sleep(0.05)
+    return found
+
+
+def test_a_real_beat_records_its_sends_and_is_healthy_with_no_worker_to_run_them(
+    clean_database: Database,
+    postgres_url: str,
+    fake_microservice: FakeMicroservice,
+    tmp_path: Path,
+) -> None:
+    settings = settings_for(postgres_url, fake_microservice, data_dir=tmp_path)
+    environment = {
+        **environment_of(settings),
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name("beat"),
+        "STOCK_SYNC_RETRY_RELEASE_INTERVAL_S": "0.5",
+    }
+    with celery_processes.stopped_at_exit() as started:
+        started.append(celery_processes.beat(environment, tmp_path / "beat.log"))
+        beat_check = wait_for_cli(settings, BEAT)
+        maintenance = run_cli(settings, "--only", MAINTENANCE, "--json")
+
+    assert beat_check["detail"].startswith("sent release-due-retries ")
+    assert maintenance.returncode == 1  # nothing consumed the maintenance queue
+    assert json.loads(maintenance.stdout)["checks"][0]["status"] == FAILED
+    with clean_database.transaction() as session:
+        assert BEAT_ROW in last_runs(session)
+
+
+def wait_for_cli(settings: Settings, check: str) -> dict[str, Any]:
+    """The check's JSON once `stock-sync health --only CHECK` passes (beat's first sends)."""
+    deadline = utcnow() + timedelta(seconds=60)
+    while True:
+        result = run_cli(settings, "--only", check, "--json")
+        if result.returncode == 0:
+            found: dict[str, Any] = json.loads(result.stdout)["checks"][0]
+            return found
+        assert utcnow() < deadline, result.stdout + result.stderr
+        time.sleep(0.5)
 
 
 # --- the embedded default ---------------------------------------------------------------------
 
 
 def embedded(tmp_path: Path) -> Settings:
-    return Settings(database_url="", broker_url="", data_dir=tmp_path)
+    return Settings(database_url="", broker_url="", embedded=True, data_dir=tmp_path)
 
 
 def test_the_embedded_default_is_a_loud_warning_that_does_not_make_it_unready(
@@ -368,7 +586,7 @@ def test_the_command_on_the_embedded_default_warns_loudly_on_stderr_and_exits_0(
 def test_postgresql_with_a_filesystem_broker_is_still_warned_about(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    settings = Settings(database_url=postgres_url, broker_url="", data_dir=tmp_path)
+    settings = Settings(database_url=postgres_url, broker_url="", embedded=True, data_dir=tmp_path)
 
     (check,) = run_health_checks(settings, only=[EMBEDDED_DEFAULT]).checks
 
@@ -443,11 +661,23 @@ def served_by_the_metrics_server(settings: Settings, *paths: str) -> list[tuple[
     return [(answer.status_code, answer.text) for answer in answers]
 
 
-def test_the_metrics_server_answers_readyz_200_when_ready(healthy: Settings) -> None:
-    ((status, body),) = served_by_the_metrics_server(healthy, "/readyz")
+def test_the_metrics_server_is_ready_when_its_database_answers_whatever_the_others_do(
+    clean_database: Database, postgres_url: str, fake_microservice: FakeMicroservice
+) -> None:
+    # beat never ran, no worker, the microservice and the broker down: other processes' faults
+    settings = settings_for(
+        postgres_url,
+        fake_microservice,
+        microservice_url=f"http://127.0.0.1:{closed_port()}",
+        broker_url=f"redis://127.0.0.1:{closed_port()}/0",
+    )
+
+    ((status, body),) = served_by_the_metrics_server(settings, "/readyz")
 
     assert status == 200, body
-    assert json.loads(body)["ready"] is True
+    report = json.loads(body)
+    assert report["ready"] is True
+    assert [(check["name"], check["status"]) for check in report["checks"]] == [(DATABASE, OK)]
 
 
 def test_the_metrics_server_is_live_but_not_ready_without_its_database(

@@ -90,13 +90,25 @@ def test_a_plain_postgresql_url_connects(postgres_url: str) -> None:
     database.dispose()
 
 
-def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("STOCK_SYNC_DATABASE_URL", "STOCK_SYNC_BROKER_URL"):
+def test_the_embedded_set_up_runs_only_when_asked_for(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("STOCK_SYNC_DATABASE_URL", "STOCK_SYNC_BROKER_URL", "STOCK_SYNC_EMBEDDED"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(tmp_path))
+    production = load_settings()
+    with pytest.raises(ConfigurationError, match=r"^no database configured: set STOCK_SYNC_DAT"):
+        production.effective_database_url  # noqa: B018
+    with pytest.raises(ConfigurationError, match=r"^no broker configured: set STOCK_SYNC_BROKER"):
+        production.effective_broker_url  # noqa: B018
+    assert production.missing_servers() == ["STOCK_SYNC_DATABASE_URL", "STOCK_SYNC_BROKER_URL"]
+    assert not production.uses_sqlite_database and not production.uses_filesystem_broker
+
+    monkeypatch.setenv("STOCK_SYNC_EMBEDDED", "1")
     settings = load_settings()
     assert settings.effective_database_url == f"sqlite:///{tmp_path / 'stock_sync.sqlite3'}"
     assert settings.effective_broker_url == "filesystem://"
+    assert settings.missing_servers() == []
 
 
 def test_fractional_backoff_and_per_stage_limits_come_from_the_environment(

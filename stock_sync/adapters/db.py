@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from stock_sync.adapters.redaction import one_line, redact, redact_url, shown_value, url_secrets
 from stock_sync.adapters.settings import (
-    ENV_PREFIX,
+    DATABASE_URL_VARIABLE,
     Settings,
     database_kind,
     get_settings,
@@ -29,7 +29,6 @@ from stock_sync.adapters.telemetry import traced_engine
 from stock_sync.domain.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
 
 
 def normalise_database_url(url: str) -> str:
@@ -50,12 +49,15 @@ def normalise_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def configured_database_url(settings: Settings) -> str:
-    """The database URL to open; on the embedded default its folder, STOCK_SYNC_DATA_DIR,
-    is made ready first so a bad one is named instead of failing inside SQLite."""
-    if not settings.database_url:
+def configured_database_url(settings: Settings, *, read_only: bool = False) -> str:
+    """The database URL to open (ConfigurationError naming STOCK_SYNC_DATABASE_URL when none is
+    configured outside the embedded set-up); on the embedded set-up its folder,
+    STOCK_SYNC_DATA_DIR, is made ready first so a bad one is named instead of failing inside
+    SQLite, unless the caller only reads (it creates nothing)."""
+    url = settings.effective_database_url
+    if not settings.database_url and not read_only:
         prepared_data_dir(settings)
-    return settings.effective_database_url
+    return url
 
 
 def _prepare_sqlite_folder(database: str) -> None:
@@ -83,36 +85,69 @@ def describe_database_error(error: SQLAlchemyError, url: str) -> str:
     return f"database error at {where}: {text}"
 
 
-def _enable_sqlite_concurrency(engine: Engine) -> None:
+def _enable_sqlite_concurrency(engine: Engine, *, read_only: bool = False) -> None:
     """WAL + busy timeout + BEGIN IMMEDIATE, so two worker processes queue instead of failing.
 
     pysqlite's own lazy BEGIN lets a reader upgrade to a writer mid-transaction and fail at once
     with 'database is locked'; taking the write lock up front makes writers wait their turn.
+    A read-only engine neither switches the journal mode nor takes the write lock, and SQLite
+    refuses every write on its connections (``query_only``).
     """
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
+        else:
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def build_engine(url: str, *, autocommit: bool = False) -> Engine:
-    """An engine for ``url`` with the pool and dialect settings stock-sync relies on."""
+def _refuse_a_missing_sqlite_file(database: str) -> None:
+    """A read-only engine never creates its SQLite file (connecting would): refused, named.
+    (Not ``mode=ro``: such a connection cannot remove the WAL's -wal and -shm files when it
+    closes, and they would stay behind; ``query_only`` refuses the writes just the same.)"""
+    if not os.path.exists(database):
+        raise ConfigurationError(
+            f"no database at {one_line(database)} (a command that only reads creates none):"
+            " run 'stock-sync db upgrade'"
+        )
+
+
+def build_engine(url: str, *, autocommit: bool = False, read_only: bool = False) -> Engine:
+    """An engine for ``url`` with the pool and dialect settings stock-sync relies on;
+    ``read_only``: it creates nothing and every transaction it opens is read-only."""
     url = normalise_database_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            _prepare_sqlite_folder(database)
+            if read_only:
+                _refuse_a_missing_sqlite_file(os.path.abspath(database))
+            else:
+                _prepare_sqlite_folder(database)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _enable_sqlite_concurrency(engine)
+        _enable_sqlite_concurrency(engine, read_only=read_only)
+        return traced_engine(engine)
+    if read_only:
+        # BEGIN READ ONLY for each transaction (psycopg2 sends it with the BEGIN, no session
+        # SET that would stay on a PgBouncer connection); never on an autocommit engine.
+        assert not autocommit, "a read-only engine is not an autocommit one"
+        engine = create_engine(
+            url,
+            pool_pre_ping=False,
+            pool_size=1,
+            max_overflow=2,
+            connect_args={"connect_timeout": 5},
+            execution_options={"postgresql_readonly": True},
+        )
         return traced_engine(engine)
     # No pre-ping: it costs a round trip on every checkout (about a fifth of the pipeline's
     # throughput, measured). A connection broken by a server restart fails one statement and
@@ -130,15 +165,20 @@ def build_engine(url: str, *, autocommit: bool = False) -> Engine:
 
 
 class Database:
-    """One engine and its session factory."""
+    """One engine and its session factory; ``read_only`` for the commands that only read:
+    they create nothing (no SQLite file) and write nothing (every transaction is read-only)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = normalise_database_url(url)
-        self.engine = build_engine(self.url)
+        self.read_only = read_only
+        self.engine = build_engine(self.url, read_only=read_only)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Connections opened in autocommit once, so a lock-free read never switches modes.
+        # (A read-only one has none: its reads go through its read-only transactions.)
         self._peek_engine = (
-            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            self.engine
+            if read_only
+            else self.engine.execution_options(isolation_level="AUTOCOMMIT")
             if not self.is_postgresql
             else build_engine(self.url, autocommit=True)
         )
@@ -271,18 +311,20 @@ def _run(owner: TransactionOwner, key: str) -> None:
         callback()
 
 
-_databases: dict[tuple[int, str], Database] = {}
+_databases: dict[tuple[int, str, bool], Database] = {}
 _databases_lock = threading.Lock()
 
 
-def get_database(settings: Settings | None = None) -> Database:
-    """The process's Database for the configured URL, built on first use in this process."""
+def get_database(settings: Settings | None = None, *, read_only: bool = False) -> Database:
+    """The process's Database for the configured URL, built on first use in this process
+    (``read_only``: see :class:`Database`)."""
     settings = settings or get_settings()
-    key = (os.getpid(), settings.effective_database_url)
+    key = (os.getpid(), settings.effective_database_url, read_only)
     with _databases_lock:
         database = _databases.get(key)
         if database is None:
-            database = _databases[key] = Database(configured_database_url(settings))
+            url = configured_database_url(settings, read_only=read_only)
+            database = _databases[key] = Database(url, read_only=read_only)
         return database
 
 

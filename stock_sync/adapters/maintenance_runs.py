@@ -1,7 +1,11 @@
-"""When each beat-driven maintenance task last ran: written by the task, read by health checks.
+"""When each beat-driven maintenance task last ran, and when beat last sent one: read by the
+health checks and exported as metrics.
 
-One row per task, overwritten by every run (an upsert), so the table stays a handful of rows.
-Beat is alive when the sweep and the alert evaluation ran recently enough.
+One row per task, overwritten by every run (an upsert), so the table stays a handful of rows:
+the task's row is written by the worker that ran it; the row :data:`BEAT` by beat itself each
+time it sent an entry (tasks/beat.py), so beat is judged by what it does, not by whether a
+worker consumes the maintenance queue. A run that raised keeps the time of the last one that
+succeeded in its summary (``last_success_at``), so a failing task does not erase it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ ALERTS = "evaluate_alerts"
 RECONCILE = "reconcile"
 RELEASE = "release_due_retries"
 MARKETPLACE_AUDIT = "marketplace_audit"
+# Not a task: beat's own row, the last time it sent a scheduled entry.
+BEAT = "beat"
+LAST_SUCCESS_KEY = "last_success_at"
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,17 @@ class LastRun:
     ok: bool
     host: str
     summary: Mapping[str, Any]
+
+    @property
+    def last_success_at(self) -> datetime | None:
+        """When it last finished without an error (this run, or the one a failure recorded)."""
+        if self.ok:
+            return self.finished_at
+        earlier = self.summary.get(LAST_SUCCESS_KEY)
+        try:
+            return datetime.fromisoformat(earlier) if isinstance(earlier, str) else None
+        except ValueError:
+            return None
 
 
 @dataclass
@@ -60,16 +78,25 @@ def recorded_run(database: Database, task: str) -> Iterator[RunRecord]:
         save_run(database, task, started, record)
 
 
-def save_run(database: Database, task: str, started: datetime, record: RunRecord) -> None:
+def save_run(
+    database: Database,
+    task: str,
+    started: datetime,
+    record: RunRecord,
+    *,
+    finished: datetime | None = None,
+) -> None:
     values = {
         "task": task,
         "started_at": started,
-        "finished_at": utcnow(),
+        "finished_at": finished or utcnow(),
         "ok": record.ok,
         "host": socket.gethostname()[:255],
         "summary": record.summary,
     }
     with database.transaction() as session:
+        if not record.ok:
+            values["summary"] = {**record.summary, **_last_success(session, task)}
         dialect = session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         statement = insert(MaintenanceRun).values(**values)
@@ -81,11 +108,29 @@ def save_run(database: Database, task: str, started: datetime, record: RunRecord
         )
 
 
+def _last_success(session: Session, task: str) -> dict[str, str]:
+    """What a failed run of ``task`` carries over from the row it replaces (locked, so two
+    failing hosts do not lose it between them)."""
+    found = session.scalar(
+        select(MaintenanceRun).where(MaintenanceRun.task == task).with_for_update()
+    )
+    if found is None:
+        return {}
+    previous = _last_run(found).last_success_at
+    return {LAST_SUCCESS_KEY: previous.isoformat()} if previous is not None else {}
+
+
+def record_beat_send(database: Database, entry: str, task: str, sent_at: datetime) -> None:
+    """Beat sent the schedule entry ``entry`` (task ``task``) at ``sent_at``."""
+    save_run(
+        database, BEAT, sent_at, RunRecord(summary={"entry": entry, "task": task}), finished=sent_at
+    )
+
+
+def _last_run(row: MaintenanceRun) -> LastRun:
+    return LastRun(row.task, row.started_at, row.finished_at, row.ok, row.host, row.summary or {})
+
+
 def last_runs(session: Session) -> dict[str, LastRun]:
     """The last run of every task that has run, by task name."""
-    return {
-        row.task: LastRun(
-            row.task, row.started_at, row.finished_at, row.ok, row.host, row.summary or {}
-        )
-        for row in session.scalars(select(MaintenanceRun))
-    }
+    return {row.task: _last_run(row) for row in session.scalars(select(MaintenanceRun))}

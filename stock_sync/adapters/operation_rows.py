@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Update, bindparam, func, select, update
 
 from stock_sync.adapters.models import OPERATIONS_TABLE, db_now, utcnow
 from stock_sync.domain.errors import OperationNotFound
+from stock_sync.domain.settlement import transition_details
 from stock_sync.domain.statuses import (
     FINAL_STATUSES,
     OperationStatus,
@@ -38,6 +39,7 @@ class TransitionLog(Protocol):
         from_status: OperationStatus,
         to_status: OperationStatus,
         reason: str,
+        additional_context: dict[str, Any] | None = None,
     ) -> None: ...
 
 
@@ -58,6 +60,7 @@ _LOCKED_COLUMNS = (
     _columns.order_id,
     _columns.account_name,
     _columns.operation_type,
+    _columns.created_at,  # a completion's processing time goes into its transition event
     _columns.retry_count,
     _columns.deduction_retry_count,
     _columns.line_items,
@@ -89,6 +92,7 @@ class OperationRow:
     order_id: str
     account_name: str | None
     operation_type: str
+    created_at: datetime
     retry_count: int
     deduction_retry_count: int
     line_items: list[dict[str, Any]] | None
@@ -198,8 +202,9 @@ def move_row(
     there."""
     from_status = row.status_enum
     ensure_transition(from_status, to_status, row.type_enum)
-    change_row(connection, row, stamp=STAMP_COLUMNS.get(to_status), **_moved(to_status, values))
-    log.log_status_transition(row.id, from_status, to_status, reason)
+    moved = _moved(to_status, values)
+    change_row(connection, row, stamp=STAMP_COLUMNS.get(to_status), **moved)
+    log.log_status_transition(row.id, from_status, to_status, reason, _details(row, moved))
 
 
 def _moved(to_status: OperationStatus, values: dict[str, Any]) -> dict[str, Any]:
@@ -233,18 +238,30 @@ def move_row_if_still(
     """
     from_status = row.status_enum
     ensure_transition(from_status, to_status, row.type_enum)
+    written = _moved(to_status, values)
     moved = _write(
         connection,
         row.id,
-        _moved(to_status, values),
+        written,
         stamp=STAMP_COLUMNS.get(to_status),
         read_status=from_status.value,
     )
     if moved != 1:
         return False
     log_outcome()
-    log.log_status_transition(row.id, from_status, to_status, reason)
+    log.log_status_transition(row.id, from_status, to_status, reason, _details(row, written))
     return True
+
+
+def _details(row: OperationRow, written: dict[str, Any]) -> dict[str, Any]:
+    """The transition event's details: the operation type (what the settled counters count
+    by) and a completion's processing time, up to the ``updated_at`` its stamp takes."""
+    return transition_details(
+        row.operation_type,
+        OperationStatus(written["status"]),
+        created_at=row.created_at,
+        now=written["updated_at"],
+    )
 
 
 # The start of a network stage's attempt: one statement that checks the row still waits for

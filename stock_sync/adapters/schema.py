@@ -113,8 +113,9 @@ def history() -> list[Revision]:
 
 def current(database_url: str) -> DatabaseRevision:
     """The database's revision(s) and the scripts' head(s); raises SQLAlchemyError when the
-    database cannot be read."""
-    engine = build_engine(database_url)
+    database cannot be read. It only reads: a missing SQLite file is refused (ConfigurationError)
+    rather than created, and no version table is created either."""
+    engine = build_engine(database_url, read_only=True)
     try:
         with engine.connect() as connection:
             return revision_of(connection)

@@ -1,15 +1,23 @@
 """Settings from the environment, in one place.
 
 Nothing is read at import time: :func:`get_settings` builds them on first use and a malformed
-value is refused with a one-line message naming the variable.
+value is refused with a one-line message naming the variable, an unknown ``STOCK_SYNC_*``
+variable (a typo) with one naming the closest setting.
+
+Production fails closed: without ``STOCK_SYNC_DATABASE_URL`` or ``STOCK_SYNC_BROKER_URL`` a
+process that needs them refuses to start (:meth:`Settings.require_servers`), unless the embedded
+demo set-up is asked for (``STOCK_SYNC_EMBEDDED=1``, or ``stock-sync --embedded``): a SQLite file
+and Celery's filesystem transport under ``STOCK_SYNC_DATA_DIR`` stand in for the missing URLs.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -27,10 +35,21 @@ from stock_sync.adapters.redaction import (
     shown_value,
     url_secrets,
 )
-from stock_sync.domain.errors import ConfigurationError
+from stock_sync.domain.errors import ConfigurationError, UnknownSetting
 from stock_sync.domain.retry_policy import RetryPolicy
 
 ENV_PREFIX = "STOCK_SYNC_"
+DATABASE_URL_VARIABLE = f"{ENV_PREFIX}DATABASE_URL"
+BROKER_URL_VARIABLE = f"{ENV_PREFIX}BROKER_URL"
+EMBEDDED_VARIABLE = f"{ENV_PREFIX}EMBEDDED"
+# STOCK_SYNC_* variables that are no setting and are not refused: the test suites' own
+# (STOCK_SYNC_TEST_POSTGRES_URL, _REDIS_URL, _BROKER, _RABBITMQ_URL, any later one) by prefix,
+# and, by name, the tools' variables read outside the settings.
+UNCHECKED_PREFIXES = (f"{ENV_PREFIX}TEST_",)
+NOT_SETTINGS = {
+    f"{ENV_PREFIX}COUNT_SQL_DIR": "the benchmark's SQL counters (adapters/instrumentation.py)",
+    f"{ENV_PREFIX}IMAGE_TAG": "the image tag of docker/compose.yaml",
+}
 DEFAULT_DATA_DIR = Path("data")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -133,7 +152,10 @@ def _http_url(value: str) -> str:
 
 
 class Settings(BaseSettings):
-    """Every knob of stock-sync; the defaults run embedded (SQLite + filesystem broker).
+    """Every knob of stock-sync. The database and broker URLs have no default: with
+    ``embedded`` (STOCK_SYNC_EMBEDDED=1) a missing one is the embedded demo set-up's (a SQLite
+    file, Celery's filesystem transport, under ``data_dir``); without it a process that needs
+    one refuses to start.
 
     Every number is finite and bounded (see the README's Configuration table): an absurd
     value is refused at start rather than turned into a week-long sleep or a huge query.
@@ -144,6 +166,9 @@ class Settings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     database_url: str = ""
     broker_url: str = ""
+    # The embedded demo set-up for the URLs left unset: `make demo` and the development
+    # commands set it, production never does.
+    embedded: bool = False
     microservice_url: str = "http://127.0.0.1:8765"
     microservice_timeout_s: float = _seconds(5.0, at_most=MAX_MICROSERVICE_TIMEOUT_S)
     microservice_deadline_s: float = _seconds(15.0, at_most=ONE_HOUR_S)
@@ -204,6 +229,10 @@ class Settings(BaseSettings):
     alert_cancellation_rate_threshold: float = _rate(0.1)
     alert_min_operations: int = _count(10, at_least=1, at_most=MAX_ALERT_COUNT)
     metrics_cache_s: float = Field(default=5.0, ge=0, le=ONE_HOUR_S, allow_inf_nan=False)
+    # A worker rewrites this file every interval (its liveness, read by `stock-sync health
+    # --only worker` without the broker); empty: see effective_worker_heartbeat_file.
+    worker_heartbeat_file: str = ""
+    worker_heartbeat_interval_s: float = _seconds(10.0, at_most=ONE_HOUR_S)
 
     @field_validator("log_level")
     @classmethod
@@ -254,6 +283,13 @@ class Settings(BaseSettings):
     @classmethod
     def _plain_maintenance_queue_name(cls, value: str) -> str:
         return _queue_name(value) if value else value
+
+    @field_validator("worker_heartbeat_file")
+    @classmethod
+    def _printable_path(cls, value: str) -> str:
+        if any(not char.isprintable() for char in value):
+            raise ValueError("must not contain control characters")
+        return value
 
     @field_validator("notification_sender")
     @classmethod
@@ -313,12 +349,47 @@ class Settings(BaseSettings):
         ]
         return found + url_secrets(self.alert_webhook_url, path_is_secret=True)
 
+    def missing_servers(self, *, database: bool = True, broker: bool = True) -> list[str]:
+        """The URL variables a process needing ``database`` and ``broker`` lacks (none with
+        the embedded set-up)."""
+        if self.embedded:
+            return []
+        wanted = (
+            (database, self.database_url, DATABASE_URL_VARIABLE),
+            (broker, self.broker_url, BROKER_URL_VARIABLE),
+        )
+        return [variable for needed, url, variable in wanted if needed and not url]
+
+    def require_servers(self, *, database: bool = True, broker: bool = True) -> None:
+        """ConfigurationError naming the missing URL variables (one line), if any."""
+        missing = self.missing_servers(database=database, broker=broker)
+        if missing:
+            raise ConfigurationError(missing_servers_message(missing))
+
     @property
     def effective_database_url(self) -> str:
-        """The configured URL, or a SQLite file under the data folder."""
+        """The configured URL, or with the embedded set-up a SQLite file under the data
+        folder; ConfigurationError naming STOCK_SYNC_DATABASE_URL otherwise."""
         if self.database_url:
             return self.database_url
+        self.require_servers(database=True, broker=False)
         return f"sqlite:///{(self.data_dir / 'stock_sync.sqlite3').resolve()}"
+
+    @property
+    def uses_sqlite_database(self) -> bool:
+        """The configured database is SQLite, or the embedded set-up's (never raises)."""
+        if self.database_url:
+            return database_kind(self.database_url) == "sqlite"
+        return self.embedded
+
+    @property
+    def effective_worker_heartbeat_file(self) -> Path:
+        """The configured heartbeat file, or one in the temporary folder named after the queue
+        (one file per worker: give each worker of a host its own)."""
+        if self.worker_heartbeat_file:
+            return Path(self.worker_heartbeat_file)
+        folder = Path(tempfile.gettempdir()) / f"stock-sync-{os.getuid()}"
+        return folder / f"{self.queue_name}-worker.heartbeat"
 
     @property
     def effective_maintenance_queue_name(self) -> str:
@@ -327,8 +398,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        """The configured broker, or Celery's filesystem transport under the data folder."""
-        return self.broker_url or "filesystem://"
+        """The configured broker, or with the embedded set-up Celery's filesystem transport
+        under the data folder; ConfigurationError naming STOCK_SYNC_BROKER_URL otherwise."""
+        if self.broker_url:
+            return self.broker_url
+        self.require_servers(database=False, broker=True)
+        return "filesystem://"
 
     @property
     def broker_folder(self) -> Path:
@@ -336,12 +411,16 @@ class Settings(BaseSettings):
 
     @property
     def uses_filesystem_broker(self) -> bool:
-        return self.effective_broker_url.startswith("filesystem://")
+        """The configured broker is Celery's filesystem transport, or the embedded set-up's
+        (never raises)."""
+        if self.broker_url:
+            return self.broker_url.startswith("filesystem://")
+        return self.embedded
 
     @property
     def uses_amqp_broker(self) -> bool:
         """RabbitMQ (kombu's amqp, amqps and pyamqp transports)."""
-        return self.effective_broker_url.partition("://")[0] in AMQP_TRANSPORTS
+        return self.broker_url.partition("://")[0] in AMQP_TRANSPORTS
 
     def retry_policy(self, stage: str) -> RetryPolicy:
         """The retry budget of a stage (``Stage.retry_budget``): pending (load_line_items),
@@ -388,11 +467,52 @@ def _describe(error: ValidationError) -> str:
     return f"{ENV_PREFIX}{field.upper()}: {message}{shown}"
 
 
+def missing_servers_message(missing: list[str]) -> str:
+    """Refusing to start without the URL variables ``missing``: what to set instead."""
+    what = {
+        DATABASE_URL_VARIABLE: ("no database", f"{DATABASE_URL_VARIABLE} (PostgreSQL)"),
+        BROKER_URL_VARIABLE: ("no broker", f"{BROKER_URL_VARIABLE} (Redis or RabbitMQ)"),
+    }
+    lacking = " and ".join(what[variable][0] for variable in missing)
+    to_set = " and ".join(what[variable][1] for variable in missing)
+    return (
+        f"{lacking} configured: set {to_set}, or {EMBEDDED_VARIABLE}=1 (stock-sync --embedded)"
+        f" for the embedded demo set-up under {ENV_PREFIX}DATA_DIR"
+    )
+
+
+def known_variables() -> set[str]:
+    """Every STOCK_SYNC_* variable that is a setting or known not to be one."""
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | set(NOT_SETTINGS)
+
+
+def check_variables(environment: Mapping[str, str]) -> None:
+    """UnknownSetting naming the first STOCK_SYNC_* variable of ``environment`` that is no
+    setting (the settings read names in any case, so this does too) and the closest one."""
+    known = known_variables()
+    unknown = sorted(
+        name
+        for name in environment
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not name.upper().startswith(UNCHECKED_PREFIXES)
+    )
+    if not unknown:
+        return
+    name = one_line(unknown[0])
+    close = difflib.get_close_matches(name.upper(), sorted(known - set(NOT_SETTINGS)), n=1)
+    hint = f"did you mean {close[0]}?" if close else "see the README's Configuration table"
+    more = f"; {len(unknown) - 1} more unknown" if len(unknown) > 1 else ""
+    raise UnknownSetting(f"unknown setting {name} ({hint}){more}")
+
+
 def load_settings() -> Settings:
-    """Read the environment now; raise ConfigurationError naming a malformed variable.
+    """Read the environment now; raise ConfigurationError naming a malformed variable, and
+    UnknownSetting naming one that is no setting.
 
     The message is one line and never carries a password or a token.
     """
+    check_variables(os.environ)
     try:
         return Settings()
     except ValidationError as error:
@@ -419,7 +539,27 @@ def exit_on_configuration_error() -> Iterator[None]:
         # Printed here rather than as SystemExit's message, so it goes to sys.stderr as the
         # process (or a test runner capturing it) has set it up.
         print(f"error: {one_line(redact(str(error)))}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_UNKNOWN_SETTING if isinstance(error, UnknownSetting) else 1) from None
+
+
+# An unknown variable is a usage error, as the command line's are.
+EXIT_UNKNOWN_SETTING = 2
+
+
+def prepare_broker_folders(settings: Settings) -> None:
+    """The filesystem transport's folders, created when missing (by the processes that use
+    the broker: a worker, beat, a producer; never a command that only reads)."""
+    if not settings.uses_filesystem_broker:
+        return
+    prepared_data_dir(settings)
+    try:
+        for sub in ("queue", "processed", "control"):
+            (settings.broker_folder / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}DATA_DIR: cannot create the broker folder {settings.broker_folder}:"
+            f" {error.strerror or error}"
+        ) from None
 
 
 def prepared_data_dir(settings: Settings) -> Path:

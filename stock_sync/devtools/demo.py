@@ -65,6 +65,8 @@ TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
 
 # Fast retries so failures settle in seconds; the worker and this process share them.
 DEMO_SETTINGS = {
+    # the embedded set-up for whichever URL is not set (production refuses to start without)
+    "STOCK_SYNC_EMBEDDED": "1",
     "STOCK_SYNC_RETRY_BACKOFF_BASE_S": "0.2",
     "STOCK_SYNC_RETRY_BACKOFF_MAX_S": "1",
     "STOCK_SYNC_MAX_RETRIES_PENDING": "4",

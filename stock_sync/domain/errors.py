@@ -21,6 +21,10 @@ class ConfigurationError(StockSyncError):
     """A setting is malformed; the message names the environment variable."""
 
 
+class UnknownSetting(ConfigurationError):
+    """A STOCK_SYNC_* variable that is no setting (a typo); the message names the closest one."""
+
+
 class InvalidInput(StockSyncError):
     """A caller passed a malformed value; the message names the argument."""
 

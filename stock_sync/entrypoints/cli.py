@@ -1,7 +1,8 @@
 """The ``stock-sync`` command line: human output by default, ``--json`` where asked.
 
 Exit status of every command: 0 done; 1 an error (bad input, refused, unknown id, unreachable
-database...); 2 a usage error (unknown option, malformed argument). Errors are one line
+database, no database or broker configured...); 2 a usage error (unknown option, malformed
+argument, an unknown STOCK_SYNC_* variable). Errors are one line
 ``error: ...`` on stderr with passwords and tokens masked, never a traceback. ``submit`` exits 3
 when operations were saved but not enqueued, ``cancel --wait`` 4 when the microservice
 rollback did not settle, ``check`` 1 on a mismatch and 2 when it could not run, ``health`` 1
@@ -10,6 +11,7 @@ when a check failed.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,8 +24,9 @@ from stock_sync.adapters import schema
 from stock_sync.adapters.db import configured_database_url, get_database
 from stock_sync.adapters.logging_setup import configure_cli_logging
 from stock_sync.adapters.redaction import one_line, redact_url
-from stock_sync.adapters.settings import get_settings
+from stock_sync.adapters.settings import EMBEDDED_VARIABLE, get_settings
 from stock_sync.adapters.stock_ledger import get_stock, set_stock, validate_sku
+from stock_sync.domain.errors import ConfigurationError, UnknownSetting
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import cli_common, render
 from stock_sync.entrypoints.cli_common import (
@@ -31,10 +34,12 @@ from stock_sync.entrypoints.cli_common import (
     EXIT_CHECK_MISMATCH,
     EXIT_INTERRUPTED,
     EXIT_ROLLBACK_UNSETTLED,
+    EXIT_USAGE,
     StockSyncGroup,
     describe_failure,
     emit,
     fail,
+    needs,
 )
 from stock_sync.entrypoints.cli_health import health
 from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
@@ -113,12 +118,31 @@ class StockSyncCli(StockSyncGroup):
 @click.version_option(
     package_name="stock-sync", prog_name="stock-sync", message="%(prog)s %(version)s"
 )
-def cli() -> None:
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="The embedded demo set-up where no URL is set: a SQLite file and Celery's filesystem "
+    "transport under STOCK_SYNC_DATA_DIR (as STOCK_SYNC_EMBEDDED=1). Never for production.",
+)
+def cli(embedded: bool) -> None:
     """stock-sync: keeps warehouse stock in step with Allegro orders.
 
-    Exit status: 0 done, 1 an error (one 'error:' line on stderr), 2 a usage error; see each
-    command's help for its own codes.
+    Without STOCK_SYNC_DATABASE_URL and STOCK_SYNC_BROKER_URL a command that needs them refuses
+    to run, unless --embedded (or STOCK_SYNC_EMBEDDED=1) asks for the embedded demo set-up.
+
+    Exit status: 0 done, 1 an error (one 'error:' line on stderr), 2 a usage error (an unknown
+    STOCK_SYNC_* variable included); see each command's help for its own codes.
     """
+    if embedded:
+        # The process's environment: what it starts (Flower's celery, a worker) inherits it.
+        os.environ[EMBEDDED_VARIABLE] = "1"
+        get_settings.cache_clear()
+    try:
+        get_settings()  # every command refuses a bad or unknown setting before anything else
+    except UnknownSetting as error:
+        fail(str(error), EXIT_USAGE)
+    except ConfigurationError as error:
+        fail(str(error))
     configure_cli_logging()
 
 
@@ -129,6 +153,7 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", type=PLAIN_TEXT, default="head", show_default=True)
+@needs(database=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (alembic upgrade)."""
     url = configured_database_url(get_settings())
@@ -140,6 +165,7 @@ def db_upgrade(revision: str) -> None:
 @db.command("downgrade", context_settings={"ignore_unknown_options": True})
 @click.argument("revision", type=PLAIN_TEXT)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@needs(database=True)
 def db_downgrade(revision: str, yes: bool) -> None:
     """Revert migrations down to REVISION ('base' drops every table and its data; '-1' goes
     one step back).
@@ -156,9 +182,11 @@ def db_downgrade(revision: str, yes: bool) -> None:
 
 @db.command("current")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True)
 def db_current(as_json: bool) -> None:
-    """Print the database's revision and whether it is the latest (the head)."""
-    url = configured_database_url(get_settings())
+    """Print the database's revision and whether it is the latest (the head); reads only
+    (a missing SQLite file is reported, never created)."""
+    url = configured_database_url(get_settings(), read_only=True)
     state = schema.current(url)
     payload = {"database": redact_url(url), **state.to_dict()}
     emit(as_json, payload, lambda: render_current(redact_url(url), state))
@@ -219,6 +247,7 @@ def stock() -> None:
 @stock.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("sku", type=PLAIN_TEXT)
 @click.argument("quantity", type=QUANTITY)
+@needs(database=True)
 def stock_set(sku: str, quantity: int) -> None:
     """Set SKU's level to QUANTITY, 0 to 2147483647 (the change is recorded as a correction)."""
     with get_database().transaction() as session:
@@ -229,10 +258,11 @@ def stock_set(sku: str, quantity: int) -> None:
 @stock.command("get")
 @click.argument("sku", type=PLAIN_TEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True)
 def stock_get(sku: str, as_json: bool) -> None:
     """Print SKU's level."""
     sku = validate_sku(sku)
-    with get_database().transaction() as session:
+    with get_database(read_only=True).transaction() as session:
         quantity = get_stock(session, sku)
     if quantity is None:
         fail(f"unknown SKU: {sku}")
@@ -245,11 +275,12 @@ def stock_get(sku: str, as_json: bool) -> None:
 @cli.command("show")
 @click.argument("operation_id", type=PLAIN_TEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True)
 def show(operation_id: str, as_json: bool) -> None:
     """Print an operation, its line items and its timeline of events."""
     from stock_sync.producer import parse_operation_id
 
-    with get_database().transaction() as session:
+    with get_database(read_only=True).transaction() as session:
         details = operation_details(session, parse_operation_id(operation_id))
     emit(as_json, details, lambda: render.operation(details))
 
@@ -266,9 +297,10 @@ def show(operation_id: str, as_json: bool) -> None:
 )
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True)
 def list_command(status: str | None, order_id: str | None, limit: int, as_json: bool) -> None:
     """List operations, newest first (order deductions and adjustments alike)."""
-    with get_database().transaction() as session:
+    with get_database(read_only=True).transaction() as session:
         rows = list_operations(
             session,
             status=OperationStatus(status) if status else None,
@@ -292,6 +324,7 @@ def list_command(status: str | None, order_id: str | None, limit: int, as_json: 
     help="Seconds --wait waits at most.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def cancel(
     operation_id: str, cancelled_by: str, reason: str, wait: bool, timeout_s: float, as_json: bool
 ) -> None:
@@ -314,6 +347,7 @@ def cancel(
 
 @cli.command("sweep")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def sweep(as_json: bool) -> None:
     """Re-drive stuck operations now (what the beat entry does)."""
     from stock_sync.composition import sweeper_for
@@ -366,7 +400,7 @@ def check(as_json: bool, marketplace: bool, since_s: float | None, repair: bool)
     from stock_sync.services.reconciliation import reconcile_database
 
     try:
-        report = reconcile_database(get_database())
+        report = reconcile_database(get_database(read_only=True))
     except Exception as error:  # whatever stopped it, it is "could not run", never "mismatch"
         fail(describe_failure(error), EXIT_CHECK_COULD_NOT_RUN)
     payload = report.to_dict()
@@ -405,6 +439,7 @@ def _check_marketplace(since_s: float, repair: bool, as_json: bool) -> None:
 
 @cli.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
+@needs(database=True, broker=True)
 def worker(ctx: click.Context) -> None:
     """Run a Celery worker (extra arguments go to 'celery worker')."""
     from tasks import app

@@ -6,10 +6,11 @@ other, so the command line has no import cycle.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from alembic.util import CommandError as MigrationError
@@ -21,6 +22,7 @@ from stock_sync.adapters.settings import get_settings
 from stock_sync.domain.errors import ConfigurationError, StockSyncError
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # click's usage errors, and an unknown STOCK_SYNC_* variable
 EXIT_NOT_ENQUEUED = 3  # saved as PENDING, not enqueued: the sweep will re-drive it
 EXIT_ROLLBACK_UNSETTLED = 4  # cancelled, but the microservice rollback is pending or failed
 EXIT_CHECK_MISMATCH = 1
@@ -44,6 +46,28 @@ def _configured_database_url() -> str:
         return get_settings().effective_database_url
     except ConfigurationError:
         return "<the configured database>"
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def needs(*, database: bool = False, broker: bool = False) -> Callable[[Command], Command]:
+    """The servers a command works with: without their URLs (and outside the embedded set-up)
+    it refuses at once, one ``error:`` line naming the variables, exit 1, before it reads,
+    writes or imports anything for them."""
+
+    def decorate(command: Command) -> Command:
+        @functools.wraps(command)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                get_settings().require_servers(database=database, broker=broker)
+            except ConfigurationError as error:
+                fail(str(error))
+            return command(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
 
 
 def describe_failure(error: BaseException) -> str:

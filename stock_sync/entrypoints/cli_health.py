@@ -12,7 +12,7 @@ import click
 from stock_sync.adapters.redaction import printable_lines
 from stock_sync.adapters.settings import get_settings
 from stock_sync.entrypoints import render
-from stock_sync.entrypoints.cli_common import emit
+from stock_sync.entrypoints.cli_common import emit, needs
 from stock_sync.entrypoints.cli_params import FiniteFloatRange
 from stock_sync.services.health import (
     CHECK_NAMES,
@@ -43,10 +43,13 @@ EXIT_CHECK_FAILED = 1
     help="Seconds each check may take (they run concurrently).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def health(only: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
     """Check the database (reachable, at the migration head), the broker, the microservice,
-    beat (the sweep and the alert evaluation ran recently) and whether this runs on the
-    embedded default (a loud warning).
+    this host's worker (its heartbeat file), beat (it sent an entry recently), the maintenance
+    tasks (a worker ran the sweep, the release of parked retries and the alert evaluation
+    recently) and whether this runs on the embedded default (a loud warning). With no worker
+    on this host its check is a warning, unless asked for alone (--only worker).
 
     Exit status: 0 every check passed (warnings allowed), 1 a check failed (or the
     configuration is invalid), 2 a usage error.

@@ -31,15 +31,23 @@ from stock_sync.adapters.db import Database, describe_database_error, get_databa
 from stock_sync.adapters.logging_setup import configure_json_logging, configure_server_logging
 from stock_sync.adapters.settings import Settings, get_settings
 from stock_sync.entrypoints import render
-from stock_sync.entrypoints.cli_common import emit, fail
+from stock_sync.entrypoints.cli_common import emit, fail, needs
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT
-from stock_sync.services.health import readiness_app
+from stock_sync.services.health import (
+    DATABASE,
+    MICROSERVICE_PROBE_CACHE_S,
+    CachedProbe,
+    microservice_up,
+    readiness_app,
+)
 from stock_sync.services.metrics import (
     FINISHED_STATUSES,
     LIVE_STATUSES,
+    MICROSERVICE_UP_HELP,
     DatabaseCollector,
     MetricsCache,
     MetricsSnapshot,
+    UpCollector,
     queue_length,
     read_metrics,
 )
@@ -112,10 +120,13 @@ def render_stats(snapshot: MetricsSnapshot) -> str:
 
 @click.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def stats(as_json: bool) -> None:
-    """Print the monitoring metrics: statuses, processing times, errors, cancellations."""
+    """Print the monitoring metrics: statuses, processing times, errors, cancellations
+    (reads only)."""
     settings = get_settings()
-    snapshot = snapshot_now(get_database(settings), settings, _broker_queue_length(settings))
+    database = get_database(settings, read_only=True)
+    snapshot = snapshot_now(database, settings, _broker_queue_length(settings))
     emit(as_json, snapshot.to_dict(), lambda: render_stats(snapshot))
 
 
@@ -166,10 +177,19 @@ def dispatch(routes: Mapping[str, WsgiApp]) -> WsgiApp:
     return app
 
 
-def metrics_registry(cache: MetricsCache, database_url: str = "") -> CollectorRegistry:
-    """stock-sync's figures (database as the source, through ``cache``) and prometheus_client's
-    process, platform and garbage-collector metrics, in one registry."""
+def metrics_registry(
+    cache: MetricsCache,
+    database_url: str = "",
+    microservice_probe: Callable[[], bool] | None = None,
+) -> CollectorRegistry:
+    """stock-sync's figures (database as the source, through ``cache``), the microservice's
+    reachability when a probe is given, and prometheus_client's process, platform and
+    garbage-collector metrics, in one registry."""
     registry = CollectorRegistry(auto_describe=False)
+    if microservice_probe is not None:
+        registry.register(
+            UpCollector("stock_sync_microservice_up", MICROSERVICE_UP_HELP, microservice_probe)
+        )
 
     def database_failed(error: Exception) -> None:
         assert isinstance(error, SQLAlchemyError)  # the only failure the collector catches
@@ -257,34 +277,43 @@ def make_metrics_server(
     queue_length_fn: QueueLengthFn | None = None,
     *,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    microservice_probe: Callable[[], bool] | None = None,
 ) -> MetricsServer:
     """A bound, not yet serving, metrics server (port 0 picks a free port: see server_port).
 
     Scrapes within ``settings.metrics_cache_s`` of each other share one computation; a
-    connection idle for ``idle_timeout_s`` is closed. Raises OSError when it cannot bind.
+    connection idle for ``idle_timeout_s`` is closed; ``microservice_probe`` answers
+    ``stock_sync_microservice_up``. Raises OSError when it cannot bind.
     """
     cache = MetricsCache(
         lambda: snapshot_now(database, settings, queue_length_fn), settings.metrics_cache_s
     )
-    # /readyz: the health checks of `stock-sync health` (database at head, broker, microservice,
-    # beat); /healthz stays the liveness probe that answers while the process serves.
-    app = metrics_server_app(
-        metrics_registry(cache, database.url), {"/readyz": readiness_app(settings)}
-    )
+    # /readyz: this process is ready when its database answers at the migration head (what it
+    # serves comes from there); beat, the broker and the microservice are other processes'
+    # business: their figures and alerts. /healthz stays the liveness probe.
+    registry = metrics_registry(cache, database.url, microservice_probe)
+    app = metrics_server_app(registry, {"/readyz": readiness_app(settings, only=(DATABASE,))})
     return MetricsServer((host, port), app, idle_timeout_s=idle_timeout_s)
 
 
 @click.command("metrics-server")
 @click.option("--host", type=PLAIN_TEXT, default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
+@needs(database=True, broker=True)
 def metrics_server(host: str, port: int) -> None:
-    """Serve Prometheus metrics on /metrics, liveness on /healthz and readiness (the checks of
-    `stock-sync health`) on /readyz until Ctrl-C."""
+    """Serve Prometheus metrics on /metrics, liveness on /healthz and readiness (its database
+    answers at the migration head) on /readyz until Ctrl-C."""
     settings = get_settings()
     configure_server_logging(settings.log_level)  # its own records as JSON, at its level
+    probe = CachedProbe(lambda: microservice_up(settings), MICROSERVICE_PROBE_CACHE_S)
     try:
         server = make_metrics_server(
-            get_database(settings), settings, host, port, _broker_queue_length(settings)
+            get_database(settings),
+            settings,
+            host,
+            port,
+            _broker_queue_length(settings),
+            microservice_probe=probe.get,
         )
     except (OSError, UnicodeError, ValueError, OverflowError) as error:
         # taken port, unknown host, no permission; UnicodeError: an unencodable host name
@@ -378,6 +407,7 @@ def _refuse_unsafe_flower(address: str, local_only: bool, extra: Sequence[str]) 
     help="Allow running without FLOWER_BASIC_AUTH, on a loopback address only.",
 )
 @click.pass_context
+@needs(broker=True)
 def flower(ctx: click.Context, address: str, port: int, local_only: bool) -> None:
     """Run Flower (celery flower) on ADDRESS:PORT behind basic authentication.
 

@@ -12,7 +12,7 @@ import click
 from stock_sync.domain.errors import RetryRefused
 from stock_sync.domain.stages import PIPELINE
 from stock_sync.entrypoints import cli_common, render
-from stock_sync.entrypoints.cli_common import EXIT_ERROR, emit, fail
+from stock_sync.entrypoints.cli_common import EXIT_ERROR, emit, fail, needs
 from stock_sync.entrypoints.cli_params import DURATION, PLAIN_TEXT
 
 
@@ -39,6 +39,7 @@ from stock_sync.entrypoints.cli_params import DURATION, PLAIN_TEXT
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def retry(
     operation_ids: tuple[str, ...],
     every_failed: bool,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from stock_sync.entrypoints import render
-from stock_sync.entrypoints.cli_common import StockSyncGroup, emit
+from stock_sync.entrypoints.cli_common import StockSyncGroup, emit, needs
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT
 
 
@@ -20,6 +20,7 @@ def rollback() -> None:
 @rollback.command("retry")
 @click.argument("operation_id", type=PLAIN_TEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@needs(database=True, broker=True)
 def retry(operation_id: str, as_json: bool) -> None:
     """Run a FAILED microservice rollback again, as a new rollback adjustment.
 

@@ -17,7 +17,7 @@ from typing import IO, Any
 import click
 
 from stock_sync.domain.errors import BatchEnqueueFailed, EnqueueFailed, InvalidInput
-from stock_sync.entrypoints.cli_common import EXIT_NOT_ENQUEUED, emit, safe_message
+from stock_sync.entrypoints.cli_common import EXIT_NOT_ENQUEUED, emit, needs, safe_message
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT
 
 _JSON_KEYS = frozenset({"order_id", "account_name"})
@@ -169,6 +169,7 @@ def submit_file(path: str, as_json: bool) -> None:
     help="Submit every order of this file ('-': stdin) as one batch.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with --file).")
+@needs(database=True, broker=True)
 def submit(order_id: str | None, account_name: str | None, path: str | None, as_json: bool) -> None:
     """Record ORDER_ID's stock operation and enqueue it; prints the operation id alone.
 

@@ -83,10 +83,12 @@ def stuck_operations(snapshot: MetricsSnapshot, settings: Settings) -> Alert | N
 
 
 def high_error_rate(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
-    """Fires when failed / (completed + failed) reaches the threshold, once enough finished."""
-    finished = snapshot.completed_or_failed
+    """Fires when failed / settled order deductions in the window reaches the threshold, once
+    at least ``alert_min_operations`` settled (stock_sync/domain/settlement.py: the definition
+    docker/prometheus-alerts.yml's StockSyncHighErrorRate applies to the same counters)."""
+    settled = snapshot.settled
     threshold = settings.alert_error_rate_threshold
-    if finished < settings.alert_min_operations or snapshot.error_ratio < threshold:
+    if settled < settings.alert_min_operations or snapshot.error_ratio < threshold:
         return None
     return Alert(
         rule=HIGH_ERROR_RATE,
@@ -95,7 +97,7 @@ def high_error_rate(snapshot: MetricsSnapshot, settings: Settings) -> Alert | No
         window_s=snapshot.window_s,
         sample_operation_ids=list(snapshot.failed_sample_ids),
         message=(
-            f"{snapshot.error_ratio:.0%} of {finished} finished order deductions failed in the "
+            f"{snapshot.error_ratio:.0%} of {settled} settled order deductions failed in the "
             f"last {snapshot.window_s:g}s (threshold {threshold:.0%})"
         ),
     )

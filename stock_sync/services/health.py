@@ -6,11 +6,21 @@ Checks, each a plain function returning a :class:`CheckResult` (never raising):
 - ``broker``: a kombu connection to the broker URL answers;
 - ``microservice``: its base URL gives any HTTP answer (a GET of the base URL, which is no
   endpoint of the contract: it reads and changes nothing on the marketplace);
-- ``beat``: the stuck sweep and the alert evaluation ran recently enough (beat is alive and a
-  worker consumes the maintenance queue: the run is recorded by the task, not by beat);
+- ``worker``: the heartbeat file of the worker on this host is fresh (no broker, no database:
+  stock_sync/adapters/heartbeat.py); no file is a warning in the full report (no worker runs
+  here), a failure when the worker check is asked for alone (the worker's own healthcheck);
+- ``beat``: beat sent a scheduled entry recently (beat records each send itself, so a beat
+  whose tasks nobody runs is not blamed for it);
+- ``maintenance``: the stuck sweep, the release of parked retries and the alert evaluation
+  ran recently enough (recorded by the worker that ran each: a worker consumes the maintenance
+  queue);
 - ``embedded_default``: a loud WARNING when the database is the embedded SQLite file or the
   broker Celery's filesystem transport: fine for the demo, never for production. A warning
   does not make the deployment unready (the demo is a legitimate deployment of it).
+
+Readiness is per process: the metrics server's ``/readyz`` asks its database alone; the
+microservice's reachability is a metric and an alert (``stock_sync_microservice_up``), never
+anyone's readiness.
 
 :func:`run_health_checks` runs them concurrently, each in a daemon thread with its own short
 timeout, so a hung check costs its timeout and never delays or hides the others. A failure is
@@ -38,7 +48,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from stock_sync.adapters.db import describe_database_error, normalise_database_url
-from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, last_runs
+from stock_sync.adapters.heartbeat import read_heartbeat
+from stock_sync.adapters.maintenance_runs import ALERTS, BEAT, RELEASE, SWEEP, LastRun, last_runs
 from stock_sync.adapters.redaction import one_line, redact, redact_url
 from stock_sync.adapters.settings import Settings, database_kind
 
@@ -51,18 +62,25 @@ FAILED = "failed"
 DATABASE = "database"
 BROKER = "broker"
 MICROSERVICE = "microservice"
-BEAT = "beat"
+WORKER = "worker"
+BEAT_CHECK = BEAT
+MAINTENANCE = "maintenance"
 EMBEDDED_DEFAULT = "embedded_default"
-CHECK_NAMES = (DATABASE, BROKER, MICROSERVICE, BEAT, EMBEDDED_DEFAULT)
+CHECK_NAMES = (DATABASE, BROKER, MICROSERVICE, WORKER, BEAT_CHECK, MAINTENANCE, EMBEDDED_DEFAULT)
 
 DEFAULT_TIMEOUT_S = 3.0
 # Past its own timeout a check gets this much more before it is reported as hung: the
 # libraries' timeouts are per step (connect, then read), not for the whole check.
 HUNG_GRACE_S = 1.0
-# Beat is alive when each of its tasks finished within this many of its intervals, and at
-# least a minute: one late or expired run (a busy worker, a broker restart) is no alarm.
+# Beat is alive when it sent an entry within this many of its shortest interval, and a
+# maintenance task when it finished within this many of its own, and at least a minute: one
+# late or expired run (a busy worker, a broker restart) is no alarm.
 STALE_AFTER_INTERVALS = 3
 MIN_STALE_AFTER_S = 60.0
+# The metrics server's probe of the microservice (stock_sync_microservice_up): short, and
+# shared by the scrapes of this long.
+MICROSERVICE_PROBE_TIMEOUT_S = 2.0
+MICROSERVICE_PROBE_CACHE_S = 15.0
 
 EMBEDDED_WARNING = (
     "WARNING: running on the embedded default ({parts}): a single-host demo set-up, not for "
@@ -128,13 +146,16 @@ def run_health_checks(
     only: Collection[str] | None = None,
 ) -> HealthReport:
     """Run the checks named in ``only`` (all by default) concurrently; ``now`` is when the
-    beat check measures ages from. Takes at most about ``timeout_s`` + 1 s, whatever hangs."""
+    beat, maintenance and worker checks measure ages from. Takes at most about ``timeout_s``
+    + 1 s, whatever hangs. The worker check asked for by name needs a heartbeat file."""
     now = now or datetime.now(UTC)
     names = [name for name in CHECK_NAMES if only is None or name in only]
     unknown = set(only or ()) - set(CHECK_NAMES)
     if unknown:
         raise ValueError(f"unknown health check(s): {', '.join(sorted(unknown))}")
     checks = {name: CHECKS[name] for name in names}
+    if only is not None and WORKER in only:
+        checks[WORKER] = check_this_hosts_worker
     return HealthReport(_run_isolated(checks, settings, now, timeout_s), checked_at=now)
 
 
@@ -248,8 +269,6 @@ def check_database(settings: Settings, _now: datetime, timeout_s: float) -> Chec
 
 def check_broker(settings: Settings, _now: datetime, timeout_s: float) -> CheckResult:
     """A kombu connection to the broker answers (the filesystem transport: its folder exists)."""
-    url = settings.effective_broker_url
-    where = redact_url(url)
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder / "queue"
         if folder.is_dir():
@@ -259,6 +278,8 @@ def check_broker(settings: Settings, _now: datetime, timeout_s: float) -> CheckR
     from kombu.connection import Connection
 
     connect: Any = Connection  # kombu is untyped
+    url = settings.effective_broker_url
+    where = redact_url(url)
 
     options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     try:
@@ -310,12 +331,95 @@ def check_microservice(settings: Settings, _now: datetime, timeout_s: float) -> 
     return CheckResult(MICROSERVICE, OK, f"{where} answers (HTTP {answer.status_code})", data)
 
 
-# --- beat -------------------------------------------------------------------------------------
+def microservice_up(settings: Settings, timeout_s: float = MICROSERVICE_PROBE_TIMEOUT_S) -> bool:
+    """Whether the microservice answers below 500 (a 5xx is often a proxy in front of a
+    wrapper that is down): ``stock_sync_microservice_up``."""
+    return check_microservice(settings, datetime.now(UTC), timeout_s).status == OK
+
+
+class CachedProbe:
+    """Runs ``probe`` at most once every ``max_age_s`` seconds; callers meanwhile (and those
+    arriving while it runs) share its answer. Thread-safe."""
+
+    def __init__(
+        self,
+        probe: Callable[[], bool],
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._probe = probe
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: bool | None = None
+        self._asked_at = 0.0
+
+    def get(self) -> bool:
+        with self._lock:
+            if self._answer is None or self._clock() - self._asked_at >= self._max_age_s:
+                self._answer = self._probe()
+                self._asked_at = self._clock()
+            return self._answer
+
+
+# --- worker ---------------------------------------------------------------------------------
+
+
+def check_worker(
+    settings: Settings, now: datetime, _timeout_s: float, *, required: bool = False
+) -> CheckResult:
+    """The heartbeat file of this host's worker is younger than three of its intervals."""
+    path = settings.effective_worker_heartbeat_file
+    try:
+        heartbeat = read_heartbeat(path)
+    except ValueError as error:
+        return CheckResult(WORKER, FAILED, f"unreadable heartbeat file {path}: {error}")
+    if heartbeat is None:
+        detail = (
+            f"no worker heartbeat at {path}: no worker runs on this host"
+            " (or it writes STOCK_SYNC_WORKER_HEARTBEAT_FILE elsewhere)"
+        )
+        return CheckResult(WORKER, FAILED if required else WARNING, detail, {"file": str(path)})
+    age = max(0.0, (now - heartbeat.written_at).total_seconds())
+    allowed = heartbeat.stale_after_s
+    worker = f"worker {heartbeat.node or '?'} (pid {heartbeat.pid})"
+    data = {
+        "file": str(path),
+        "node": heartbeat.node,
+        "pid": heartbeat.pid,
+        "written_at": heartbeat.written_at.isoformat(),
+        "age_s": round(age, 1),
+        "allowed_s": allowed,
+    }
+    if age > allowed:
+        detail = (
+            f"{worker} last beat {describe_age(age)} ago (allowed {describe_age(allowed)}):"
+            " it is hung or was killed"
+        )
+        return CheckResult(WORKER, FAILED, detail, data)
+    return CheckResult(WORKER, OK, f"{worker} beat {describe_age(age)} ago", data)
+
+
+def check_this_hosts_worker(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
+    """:func:`check_worker` where a missing heartbeat file is a failure (the worker's own
+    healthcheck: ``stock-sync health --only worker``)."""
+    return check_worker(settings, now, timeout_s, required=True)
+
+
+# --- beat and the maintenance tasks -----------------------------------------------------------
 
 
 def allowed_age_s(interval_s: float) -> float:
     """How old the last run of a task scheduled every ``interval_s`` may be."""
     return max(STALE_AFTER_INTERVALS * interval_s, MIN_STALE_AFTER_S)
+
+
+def beat_allowed_age_s(settings: Settings) -> float:
+    """How long ago beat may have sent its last entry: three of its shortest interval."""
+    shortest = min(
+        settings.sweep_interval_s, settings.alert_interval_s, settings.retry_release_interval_s
+    )
+    return allowed_age_s(shortest)
 
 
 def describe_age(seconds: float) -> str:
@@ -331,18 +435,56 @@ def describe_age(seconds: float) -> str:
     return f"{days} d {hours % 24} h"
 
 
+def _read_runs(settings: Settings, timeout_s: float) -> dict[str, LastRun]:
+    with _probe(settings, timeout_s) as engine, Session(engine) as session:
+        _limit_statements(session.connection(), timeout_s)
+        return last_runs(session)
+
+
 def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
-    """The stuck sweep and the alert evaluation each ran within :func:`allowed_age_s` of
-    their interval."""
+    """Beat sent a scheduled entry within :func:`beat_allowed_age_s` (its own record: whether
+    a worker ran it is the maintenance check's question)."""
     try:
-        with _probe(settings, timeout_s) as engine, Session(engine) as session:
-            _limit_statements(session.connection(), timeout_s)
-            runs = last_runs(session)
+        sent = _read_runs(settings, timeout_s).get(BEAT)
+    except Exception as error:
+        detail = f"cannot read beat's last send: {_database_failure(error, settings)}"
+        return CheckResult(BEAT_CHECK, FAILED, detail)
+    allowed = beat_allowed_age_s(settings)
+    if sent is None:
+        detail = "beat never recorded a send: is beat running (celery -A tasks beat)?"
+        return CheckResult(BEAT_CHECK, FAILED, detail, {"sent_at": None, "allowed_s": allowed})
+    age = max(0.0, (now - sent.finished_at).total_seconds())
+    entry = sent.summary.get("entry", "an entry")
+    data = {
+        "sent_at": sent.finished_at.isoformat(),
+        "age_s": round(age, 1),
+        "allowed_s": allowed,
+        "entry": entry,
+        "host": sent.host,
+    }
+    if age > allowed:
+        detail = (
+            f"beat last sent {entry} {describe_age(age)} ago on {sent.host} (allowed "
+            f"{describe_age(allowed)}): is beat running, and can it reach the broker?"
+        )
+        return CheckResult(BEAT_CHECK, FAILED, detail, data)
+    return CheckResult(BEAT_CHECK, OK, f"sent {entry} {describe_age(age)} ago", data)
+
+
+def check_maintenance(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
+    """The stuck sweep, the release of parked retries and the alert evaluation each finished
+    within :func:`allowed_age_s` of their interval."""
+    try:
+        runs = _read_runs(settings, timeout_s)
     except Exception as error:
         detail = f"cannot read the maintenance runs: {_database_failure(error, settings)}"
-        return CheckResult(BEAT, FAILED, detail)
-    intervals = {SWEEP: settings.sweep_interval_s, ALERTS: settings.alert_interval_s}
-    labels = {SWEEP: "sweep", ALERTS: "alert evaluation"}
+        return CheckResult(MAINTENANCE, FAILED, detail)
+    intervals = {
+        SWEEP: settings.sweep_interval_s,
+        RELEASE: settings.retry_release_interval_s,
+        ALERTS: settings.alert_interval_s,
+    }
+    labels = {SWEEP: "sweep", RELEASE: "release of parked retries", ALERTS: "alert evaluation"}
     status, parts, data = OK, [], dict[str, dict[str, Any]]()
     for task, interval in intervals.items():
         allowed, run = allowed_age_s(interval), runs.get(task)
@@ -374,8 +516,8 @@ def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResu
     detail = "; ".join(parts)
     if status == FAILED:
         queue = settings.effective_maintenance_queue_name
-        detail += f": is beat running, and a worker consuming the queue {queue}?"
-    return CheckResult(BEAT, status, detail, data)
+        detail += f": is a worker consuming the queue {queue} (and beat running)?"
+    return CheckResult(MAINTENANCE, status, detail, data)
 
 
 # --- the embedded default ---------------------------------------------------------------------
@@ -384,7 +526,7 @@ def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResu
 def embedded_parts(settings: Settings) -> list[str]:
     """What of the embedded default is in use: its SQLite database, its filesystem broker."""
     parts = []
-    if database_kind(settings.effective_database_url) == "sqlite":
+    if settings.uses_sqlite_database:
         parts.append("SQLite database")
     if settings.uses_filesystem_broker:
         parts.append("filesystem broker")
@@ -408,7 +550,9 @@ CHECKS: dict[str, Check] = {
     DATABASE: check_database,
     BROKER: check_broker,
     MICROSERVICE: check_microservice,
-    BEAT: check_beat,
+    WORKER: check_worker,
+    BEAT_CHECK: check_beat,
+    MAINTENANCE: check_maintenance,
     EMBEDDED_DEFAULT: check_embedded_default,
 }
 

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -38,6 +39,7 @@ from sqlalchemy import ColumnElement, exists, extract, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from stock_sync.adapters.db import Database
+from stock_sync.adapters.maintenance_runs import last_runs
 from stock_sync.adapters.models import (
     PARKED,
     MetricCounter,
@@ -48,10 +50,21 @@ from stock_sync.adapters.operation_events import (
     CREATED_COUNTER,
     ERRORS_COUNTER,
     FINISHED_COUNTER,
+    PROCESSING_BUCKET_COUNTER,
+    PROCESSING_SUM_MS_COUNTER,
     RETRIED_COUNTER,
+    SETTLED_COUNTER,
 )
 from stock_sync.adapters.settings import Settings
 from stock_sync.domain import errors
+from stock_sync.domain.settlement import (
+    COMPLETED,
+    FAILED,
+    INFINITY_LABEL,
+    OUTCOMES,
+    PROCESSING_BUCKETS_S,
+    bucket_label,
+)
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.services.stuck import (
     LIVE_STATUS_VALUES,
@@ -96,15 +109,18 @@ KNOWN_ERROR_TYPES = tuple(sorted(set(_error_type_names(errors.StockSyncError))))
 class MetricsSnapshot:
     """Every monitoring figure at ``generated_at``, over the last ``window_s`` seconds.
 
-    "Finished", "created", processing times and ratios count order deductions only; live
-    counts, stuck operations and errors count every operation type. Ratios are 0 when their
-    denominator is 0. Sample ids are operation UUIDs as strings.
+    "Finished", "settled", "created", processing times and ratios count order deductions only;
+    live counts, stuck operations and errors count every operation type. Ratios are 0 when
+    their denominator is 0. Sample ids are operation UUIDs as strings.
     """
 
     generated_at: datetime
     window_s: float
     live_by_status: Mapping[str, int] = field(default_factory=dict)
     finished_by_status: Mapping[str, int] = field(default_factory=dict)
+    # Order deductions settled in the window, by outcome (stock_sync/domain/settlement.py): the
+    # window's increase of the settled counters below.
+    settled_in_window: Mapping[str, int] = field(default_factory=dict)
     created_in_window: int = 0
     completed_timed: int = 0
     processing_seconds_avg: float = 0.0
@@ -129,8 +145,16 @@ class MetricsSnapshot:
     retried_total: int = 0
     finished_total: Mapping[str, int] = field(default_factory=dict)
     errors_total: Mapping[str, int] = field(default_factory=dict)
+    settled_total: Mapping[str, int] = field(default_factory=dict)
+    # The processing-time histogram: completions per bucket ("le" label, not cumulative) and
+    # the sum of their processing times.
+    processing_buckets: Mapping[str, int] = field(default_factory=dict)
+    processing_sum_s: float = 0.0
     # None: the broker was not asked; False: it did not answer (queue_length is then None).
     broker_up: bool | None = None
+    # When beat last sent an entry ("beat") and each maintenance task last succeeded, by the
+    # task's name in maintenance_runs (a task added later shows up by itself).
+    maintenance_last_success: Mapping[str, datetime] = field(default_factory=dict)
 
     def live(self, status: str) -> int:
         return self.live_by_status.get(status, 0)
@@ -143,16 +167,15 @@ class MetricsSnapshot:
         return self.finished(OperationStatus.CANCELLED.value)
 
     @property
-    def completed_or_failed(self) -> int:
-        """The denominator of the error ratio."""
-        return self.finished(OperationStatus.COMPLETED.value) + self.finished(
-            OperationStatus.FAILED.value
-        )
+    def settled(self) -> int:
+        """Order deductions settled within the window: the denominator of the error ratio."""
+        return sum(self.settled_in_window.get(outcome, 0) for outcome in OUTCOMES)
 
     @property
     def error_ratio(self) -> float:
-        """failed / (completed + failed) within the window."""
-        return _ratio(self.finished(OperationStatus.FAILED.value), self.completed_or_failed)
+        """failed / settled order deductions within the window (the Prometheus rule's ratio of
+        the increases of stock_sync_order_deductions_settled_total)."""
+        return _ratio(self.settled_in_window.get(FAILED, 0), self.settled)
 
     @property
     def cancellation_ratio(self) -> float:
@@ -166,6 +189,7 @@ class MetricsSnapshot:
             "window_s": self.window_s,
             "operations": {status: self.live(status) for status in LIVE_STATUSES},
             "finished": {status: self.finished(status) for status in FINISHED_STATUSES},
+            "settled": {outcome: self.settled_in_window.get(outcome, 0) for outcome in OUTCOMES},
             "created": self.created_in_window,
             "processing_seconds": {
                 "count": self.completed_timed,
@@ -201,6 +225,10 @@ class MetricsSnapshot:
                     status: self.finished_total.get(status, 0) for status in FINISHED_STATUSES
                 },
                 "errors": dict(sorted(self.errors_total.items())),
+                "settled": {outcome: self.settled_total.get(outcome, 0) for outcome in OUTCOMES},
+            },
+            "maintenance_last_success": {
+                task: moment.isoformat() for task, moment in self.maintenance_last_success.items()
             },
         }
 
@@ -245,6 +273,7 @@ def collect_metrics(
         window_s=settings.alert_window_s,
         live_by_status=live_counts(session),
         finished_by_status=finished_counts(session, since),
+        settled_in_window=settled_counts(session, since),
         created_in_window=created_count(session, since),
         completed_timed=processing.count,
         processing_seconds_avg=processing.avg_s,
@@ -265,7 +294,11 @@ def collect_metrics(
         retried_total=counters.get(RETRIED_COUNTER, {}).get("", 0),
         finished_total=counters.get(FINISHED_COUNTER, {}),
         errors_total=counters.get(ERRORS_COUNTER, {}),
+        settled_total=counters.get(SETTLED_COUNTER, {}),
+        processing_buckets=counters.get(PROCESSING_BUCKET_COUNTER, {}),
+        processing_sum_s=counters.get(PROCESSING_SUM_MS_COUNTER, {}).get("", 0) / 1000,
         broker_up=broker_up,
+        maintenance_last_success=last_successes(session),
     )
 
 
@@ -297,6 +330,12 @@ def counter_values(session: Session) -> dict[str, dict[str, int]]:
     return values
 
 
+def last_successes(session: Session) -> dict[str, datetime]:
+    """Each maintenance_runs row's last success (a handful of rows)."""
+    found = {task: run.last_success_at for task, run in last_runs(session).items()}
+    return {task: moment for task, moment in sorted(found.items()) if moment is not None}
+
+
 def _counts_by(session: Session, key: Any, *conditions: ColumnElement[bool]) -> dict[str, int]:
     rows = session.execute(select(key, func.count()).where(*conditions).group_by(key))
     return {str(value): int(count) for value, count in rows}
@@ -321,6 +360,29 @@ def finished_counts(session: Session, since: datetime) -> dict[str, int]:
         Op.operation_type == ORDER_DEDUCTION,
     )
     return {status: counts.get(status, 0) for status in FINISHED_STATUSES}
+
+
+def settled_counts(session: Session, since: datetime) -> dict[str, int]:
+    """Order deductions settled since ``since``, by outcome: those whose ``completed_at`` or
+    ``failed_at`` falls in the window. The transition that stamps it raises the settled
+    counter in the same transaction, so these are the counters' increase over the window.
+
+    ``completed_at`` stays when a completed one is cancelled later (it still counts as
+    completed, once); ``failed_at`` is read through the (status, updated_at) index: a FAILED
+    row's ``updated_at`` is its failure or later (a retry links its successor), never earlier.
+    """
+    deduction = Op.operation_type == ORDER_DEDUCTION
+    completed = select(func.count()).where(Op.completed_at >= since, deduction)
+    failed = select(func.count()).where(
+        Op.status == OperationStatus.FAILED.value,
+        Op.updated_at >= since,
+        Op.failed_at >= since,
+        deduction,
+    )
+    return {
+        COMPLETED: int(session.scalar(completed) or 0),
+        FAILED: int(session.scalar(failed) or 0),
+    }
 
 
 def created_count(session: Session, since: datetime) -> int:
@@ -571,13 +633,15 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "error_type",
         ((kind, snapshot.errors_total.get(kind, 0)) for kind in error_types),
     )
-    yield _labelled_gauge(
-        "stock_sync_processing_seconds",
-        f"Creation-to-completion time of the order deductions completed within the last "
-        f"{snapshot.window_s:g}s (stock_sync_metrics_window_seconds), by quantile.",
-        "quantile",
-        [(str(P95), snapshot.processing_seconds_p95)],
+    yield _labelled_counter(
+        "stock_sync_order_deductions_settled",
+        "Order deductions whose processing ended, by outcome (completed or failed), each "
+        "counted once: a later cancellation does not count it again, one cancelled before it "
+        "settled is not counted. The error rate is failed / both.",
+        "outcome",
+        ((outcome, snapshot.settled_total.get(outcome, 0)) for outcome in OUTCOMES),
     )
+    yield processing_histogram(snapshot)
     yield _gauge(
         "stock_sync_stuck_operations",
         "Live operations whose message was lost or whose attempt died (the sweep re-drives "
@@ -612,10 +676,34 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
             "queue",
             [(snapshot.queue_name, snapshot.queue_length)],
         )
+    yield _labelled_gauge(
+        "stock_sync_maintenance_last_success_timestamp_seconds",
+        "When each maintenance task last finished without an error (recorded by the worker "
+        'that ran it), and when beat last sent a scheduled entry (task="beat"), as Unix time.',
+        "task",
+        ((task, moment.timestamp()) for task, moment in snapshot.maintenance_last_success.items()),
+    )
     yield _gauge(
         "stock_sync_metrics_window_seconds",
-        "The window of stock_sync_processing_seconds.",
+        "The window of `stock-sync stats` and of the in-app alerts (STOCK_SYNC_ALERT_WINDOW_S).",
         snapshot.window_s,
+    )
+
+
+def processing_histogram(snapshot: MetricsSnapshot) -> HistogramMetricFamily:
+    """``stock_sync_processing_seconds``: creation-to-completion time of every completed order
+    deduction, cumulative like any Prometheus histogram (``rate()`` picks the window)."""
+    buckets, total = [], 0
+    for bound in PROCESSING_BUCKETS_S:
+        total += snapshot.processing_buckets.get(bucket_label(bound), 0)
+        buckets.append((bucket_label(bound), float(total)))
+    total += snapshot.processing_buckets.get(INFINITY_LABEL, 0)
+    buckets.append((INFINITY_LABEL, float(total)))
+    return HistogramMetricFamily(
+        "stock_sync_processing_seconds",
+        "Creation-to-completion time of the completed order deductions.",
+        buckets=buckets,
+        sum_value=snapshot.processing_sum_s,
     )
 
 
@@ -653,6 +741,27 @@ class DatabaseCollector(Collector):
             return
         yield up_gauge("stock_sync_database_up", DATABASE_UP_HELP, True)
         yield from metric_families(snapshot)
+
+
+MICROSERVICE_UP_HELP = (
+    "1 when the microservice answered the metrics server's probe of its base URL below 500, "
+    "0 when it did not answer or answered a server error."
+)
+
+
+class UpCollector(Collector):
+    """One ``*_up`` gauge asked of ``probe`` at each scrape (a :class:`CachedProbe`'s get)."""
+
+    def __init__(self, name: str, documentation: str, probe: Callable[[], bool]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._probe = probe
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not probe
+
+    def collect(self) -> Iterator[Metric]:
+        yield up_gauge(self._name, self._documentation, self._probe())
 
 
 def render_prometheus(snapshot: MetricsSnapshot) -> str:

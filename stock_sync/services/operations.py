@@ -13,6 +13,7 @@ from stock_sync.adapters.models import PendingStockOperation, db_now, utcnow
 from stock_sync.adapters.operation_events import SqlEventStore
 from stock_sync.adapters.operation_rows import STAMP_COLUMNS
 from stock_sync.domain.errors import OperationNotFound
+from stock_sync.domain.settlement import transition_details
 from stock_sync.domain.stages import Stage
 from stock_sync.domain.statuses import (
     FINAL_STATUSES,
@@ -123,7 +124,12 @@ def transition(
     stamp = STAMP_COLUMNS.get(to_status)
     if stamp and getattr(operation, stamp) is None:
         setattr(operation, stamp, now)
-    log.log_status_transition(operation.id, from_status, to_status, reason, additional_context)
+    details = transition_details(
+        operation.operation_type, to_status, created_at=operation.created_at, now=now
+    )
+    log.log_status_transition(
+        operation.id, from_status, to_status, reason, {**details, **(additional_context or {})}
+    )
 
 
 def line_items_of(operation: OperationLike) -> list[LineItem]:
