@@ -50,7 +50,7 @@ def test_a_database_error_is_one_line_without_the_password() -> None:
 
 
 def test_the_embedded_default_prepares_its_folder(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "new" / "data", database_url="")
+    settings = Settings(data_dir=tmp_path / "new" / "data", database_url="", embedded=True)
     url = configured_database_url(settings)
     assert (tmp_path / "new" / "data").is_dir() and url.startswith("sqlite:///")
 
@@ -58,7 +58,7 @@ def test_the_embedded_default_prepares_its_folder(tmp_path: Path) -> None:
 def test_the_embedded_default_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigurationError, match=r"STOCK_SYNC_DATA_DIR: .* is a file"):
-        configured_database_url(Settings(data_dir=tmp_path / "afile", database_url=""))
+        configured_database_url(Settings(data_dir=tmp_path / "afile", database_url="", embedded=True))
 
 
 def test_a_sqlite_url_in_a_place_that_cannot_be_created_names_the_variable(
