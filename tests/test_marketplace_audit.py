@@ -212,3 +212,26 @@ def test_check_marketplace_reports_then_repairs(pipeline: Pipeline) -> None:
     assert repaired.exit_code == 0, repaired.output
     assert "1 drift, 1 repaired" in repaired.stdout
     assert pipeline.fake.order("cli-drift")["fulfillment_status"] == "PROCESSING"
+
+
+def test_the_beat_task_repairs_and_its_counts_are_the_drift_metric(pipeline: Pipeline) -> None:
+    from stock_sync.adapters.models import utcnow
+    from stock_sync.composition import get_services
+    from stock_sync.services.metrics import read_metrics, render_prometheus
+    from tasks.maintenance import marketplace_audit_task
+
+    pipeline.set_stock(**{"SKU-C": 5})
+    pipeline.fake.add_order(order("beat-drift", ("SKU-C", 1)))
+    (done,) = pipeline.wait_for([submit_operation("beat-drift")])
+    assert done.status == "completed"
+    pipeline.fake.set_fulfillment_status("beat-drift", "NEW")
+
+    summary = marketplace_audit_task()
+
+    assert (summary["drift"], summary["repaired"]) == (1, 1)
+    assert pipeline.fake.order("beat-drift")["fulfillment_status"] == "PROCESSING"
+    services = get_services()
+    snapshot = read_metrics(pipeline.database, services.settings, now=utcnow())
+    assert snapshot.marketplace_drift == {"found": 1, "unrepaired": 0}
+    exposition = render_prometheus(snapshot)
+    assert 'stock_sync_marketplace_drift{state="found"} 1.0' in exposition

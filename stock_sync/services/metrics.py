@@ -39,7 +39,7 @@ from sqlalchemy import ColumnElement, exists, extract, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.maintenance_runs import last_runs
+from stock_sync.adapters.maintenance_runs import MARKETPLACE_AUDIT, last_runs
 from stock_sync.adapters.models import (
     PARKED,
     MetricCounter,
@@ -155,6 +155,8 @@ class MetricsSnapshot:
     # When beat last sent an entry ("beat") and each maintenance task last succeeded, by the
     # task's name in maintenance_runs (a task added later shows up by itself).
     maintenance_last_success: Mapping[str, datetime] = field(default_factory=dict)
+    # What the last marketplace audit found ("found") and left unrepaired ("unrepaired").
+    marketplace_drift: Mapping[str, int] = field(default_factory=dict)
 
     def live(self, status: str) -> int:
         return self.live_by_status.get(status, 0)
@@ -227,6 +229,7 @@ class MetricsSnapshot:
                 "errors": dict(sorted(self.errors_total.items())),
                 "settled": {outcome: self.settled_total.get(outcome, 0) for outcome in OUTCOMES},
             },
+            "marketplace_drift": dict(self.marketplace_drift),
             "maintenance_last_success": {
                 task: moment.isoformat() for task, moment in self.maintenance_last_success.items()
             },
@@ -299,6 +302,7 @@ def collect_metrics(
         processing_sum_s=counters.get(PROCESSING_SUM_MS_COUNTER, {}).get("", 0) / 1000,
         broker_up=broker_up,
         maintenance_last_success=last_successes(session),
+        marketplace_drift=marketplace_drift(session),
     )
 
 
@@ -334,6 +338,14 @@ def last_successes(session: Session) -> dict[str, datetime]:
     """Each maintenance_runs row's last success (a handful of rows)."""
     found = {task: run.last_success_at for task, run in last_runs(session).items()}
     return {task: moment for task, moment in sorted(found.items()) if moment is not None}
+
+
+def marketplace_drift(session: Session) -> dict[str, int]:
+    """The last marketplace audit's drift: found, and left unrepaired (0 before any audit)."""
+    run = last_runs(session).get(MARKETPLACE_AUDIT)
+    summary = dict(run.summary) if run is not None and run.ok else {}
+    found = int(summary.get("drift", 0) or 0)
+    return {"found": found, "unrepaired": found - int(summary.get("repaired", 0) or 0)}
 
 
 def _counts_by(session: Session, key: Any, *conditions: ColumnElement[bool]) -> dict[str, int]:
@@ -682,6 +694,13 @@ def metric_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         'that ran it), and when beat last sent a scheduled entry (task="beat"), as Unix time.',
         "task",
         ((task, moment.timestamp()) for task, moment in snapshot.maintenance_last_success.items()),
+    )
+    yield _labelled_gauge(
+        "stock_sync_marketplace_drift",
+        "Operations whose order the last marketplace audit found disagreeing with them "
+        '(state="found"), and those it left unrepaired (state="unrepaired").',
+        "state",
+        ((state, snapshot.marketplace_drift.get(state, 0)) for state in ("found", "unrepaired")),
     )
     yield _gauge(
         "stock_sync_metrics_window_seconds",
