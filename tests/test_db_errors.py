@@ -58,7 +58,9 @@ def test_the_embedded_default_prepares_its_folder(tmp_path: Path) -> None:
 def test_the_embedded_default_names_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigurationError, match=r"STOCK_SYNC_DATA_DIR: .* is a file"):
-        configured_database_url(Settings(data_dir=tmp_path / "afile", database_url="", embedded=True))
+        configured_database_url(
+            Settings(data_dir=tmp_path / "afile", database_url="", embedded=True)
+        )
 
 
 def test_a_sqlite_url_in_a_place_that_cannot_be_created_names_the_variable(
