@@ -7,17 +7,20 @@ enqueueing fails the row stays PENDING and the stuck-operation sweep re-drives i
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, bindparam, insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from stock_sync.adapters.models import (
     ACCOUNT_NAME_MAX_LENGTH,
+    FIRST_ORDER_DEDUCTION,
     OPERATIONS_TABLE,
     ORDER_ID_MAX_LENGTH,
     db_now,
@@ -99,14 +102,34 @@ def default_services() -> Services:
 
 
 def _create(services: Services, order_id: str, account_name: str | None) -> tuple[uuid.UUID, bool]:
+    """Insert the order's operation unless the order has one: one statement for a new order
+    (its unique index answers the question), a look-up only when it was there already."""
     with services.database.core_transaction() as connection:
-        existing = _existing(connection, order_id, account_name)
-        if existing is not None:
-            return existing, False
         created = NewOperation.pending(order_id, account_name, utcnow())
-        connection.execute(_INSERT_OPERATION, asdict(created))
+        inserted = connection.execute(
+            _insert_unless_submitted(connection.dialect.name), asdict(created)
+        ).first()
+        if inserted is None:  # submitted before (or just now, by a racing submit)
+            existing = _existing(connection, order_id, account_name)
+            if existing is None:  # a racing submit's row vanished with its rollback
+                raise IntegrityError("submit", {}, Exception("the order's operation vanished"))
+            return existing, False
         _record_created(connection, created, services)
         return created.id, True
+
+
+@functools.lru_cache(maxsize=2)
+def _insert_unless_submitted(dialect_name: str) -> Any:
+    """INSERT ... ON CONFLICT (the first-submission unique index) DO NOTHING RETURNING id."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return (
+        dialect.insert(OPERATIONS_TABLE)
+        .values(dispatched_at=db_now())
+        .on_conflict_do_nothing(
+            index_elements=["order_id"], index_where=text(FIRST_ORDER_DEDUCTION)
+        )
+        .returning(OPERATIONS_TABLE.c.id)
+    )
 
 
 def _record_created(connection: Connection, created: NewOperation, services: Services) -> None:

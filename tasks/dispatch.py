@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from stock_sync.adapters.settings import get_settings, prepare_broker_folders
 from stock_sync.domain.statuses import OperationStatus
 from tasks.app import app
-from tasks.stages import pipeline_for, queue_probe_task, rollback
+from tasks.stages import queue_probe_task, rollback, send_pipeline
 
 
 class CeleryDispatcher:
@@ -22,21 +22,18 @@ class CeleryDispatcher:
     def enqueue_pipeline(
         self, operation_id: uuid.UUID, status: OperationStatus, generation: int
     ) -> None:
-        pipeline_for(str(operation_id), status, generation).apply_async()
+        send_pipeline(str(operation_id), status, generation)
 
     def enqueue_pipelines(
         self,
         dispatches: Sequence[tuple[uuid.UUID, OperationStatus, int]],
         on_published: Callable[[int], None] | None = None,
     ) -> None:
-        # One pooled connection for every message (a chain drops a `producer` option, but
-        # passes `connection` on to its first task's publish); with confirm_publish
-        # (RabbitMQ) each publish still waits for the broker's confirm.
+        # One pooled connection for every message; with confirm_publish (RabbitMQ) each
+        # publish still waits for the broker's confirm.
         with app.pool.acquire(block=True) as connection:
             for published, (operation_id, status, generation) in enumerate(dispatches, start=1):
-                pipeline_for(str(operation_id), status, generation).apply_async(
-                    connection=connection
-                )
+                send_pipeline(str(operation_id), status, generation, connection=connection)
                 if on_published is not None:
                     on_published(published)
 

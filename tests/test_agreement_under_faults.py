@@ -207,22 +207,25 @@ def wait_until_released(fake: FakeMicroservice, order_id: str) -> None:
 def test_two_racing_submits_with_and_without_an_account_make_one_operation(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    both_looked = threading.Barrier(2, timeout=10)
+    """Both submits reach their INSERT at once: the unique index lets one in; the other's
+    INSERT waits for it, does nothing, and its look-up returns the winner's operation."""
+    both_ready = threading.Barrier(2, timeout=10)
+    pending = producer.NewOperation.pending
     look_up = producer._existing
-    first_look = threading.local()
     looks: list[uuid.UUID | None] = []  # every look-up, in the order they answered
-    passed_the_barrier: list[str] = []
 
-    def look_up_then_wait(*args: Any) -> uuid.UUID | None:
+    def pending_then_wait(*args: Any) -> Any:
+        row = pending(*args)
+        both_ready.wait()  # both built their row: both INSERTs go at once
+        return row
+
+    def recorded_look_up(*args: Any) -> uuid.UUID | None:
         found = look_up(*args)
         looks.append(found)
-        if not getattr(first_look, "done", False):
-            first_look.done = True
-            both_looked.wait()  # both found nothing before either inserts
-            passed_the_barrier.append(threading.current_thread().name)
         return found
 
-    monkeypatch.setattr(producer, "_existing", look_up_then_wait)
+    monkeypatch.setattr(producer.NewOperation, "pending", pending_then_wait)
+    monkeypatch.setattr(producer, "_existing", recorded_look_up)
 
     def submit(account: str | None) -> uuid.UUID:
         return submit_operation("twice", account, services=services)
@@ -231,11 +234,8 @@ def test_two_racing_submits_with_and_without_an_account_make_one_operation(
         futures = {str(a): pool.submit(submit, a) for a in (None, "shop")}
         results = {name: future.result(timeout=30) for name, future in futures.items()}
 
-    assert len(passed_the_barrier) == 2, passed_the_barrier
-    # Both first looks found nothing; the loser of the unique index looked again and found
-    # the winner's operation.
-    assert looks[:2] == [None, None] and looks[2:] == [results["None"]], looks
     assert results["None"] == results["shop"]
+    assert looks == [results["None"]]  # only the loser looked, and found the winner's
     with services.database.transaction() as session:
         count = session.scalar(
             select(func.count()).where(PendingStockOperation.order_id == "twice")

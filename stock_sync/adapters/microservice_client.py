@@ -274,6 +274,7 @@ class _Watchdog:
         self._queue: list[tuple[float, int, _Deadline]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wakes_at = 0.0  # when the thread wakes next on its own
 
     def watch(self, deadline: _Deadline, at: float) -> None:
         with self._condition:
@@ -284,8 +285,10 @@ class _Watchdog:
                     target=self._run, name="microservice-deadlines", daemon=True
                 )
                 self._thread.start()
-            elif self._queue[0][2] is deadline:
-                self._condition.notify()  # earlier than what the thread waits for
+            elif at < self._wakes_at:
+                # due before the thread wakes: wake it (a later deadline, the usual case of
+                # back-to-back requests, is found when it wakes, without a thread switch)
+                self._condition.notify()
 
     def _run(self) -> None:
         while True:
@@ -295,14 +298,18 @@ class _Watchdog:
                 self.watch(due, time.monotonic() + _WATCH_POLL_S)
 
     def _next_due(self) -> _Deadline | None:
-        """The earliest deadline once it has passed; None after waiting for it (or for any)."""
+        """The earliest deadline once it has passed; None after waiting for it (or, with none
+        queued, for a while)."""
         self._drop_finished()
+        now = time.monotonic()
         if not self._queue:
-            self._condition.wait()
+            self._wakes_at = now + _IDLE_WAIT_S
+            self._condition.wait(_IDLE_WAIT_S)
             return None
         at, _, deadline = self._queue[0]
-        wait = at - time.monotonic()
+        wait = at - now
         if wait > 0:
+            self._wakes_at = at
             self._condition.wait(wait)
             return None
         heapq.heappop(self._queue)
@@ -313,6 +320,8 @@ class _Watchdog:
             heapq.heappop(self._queue)
 
 
+# With nothing to watch, the watchdog looks again this often (a deadline due earlier wakes it).
+_IDLE_WAIT_S = 1.0
 _WATCHDOG = _Watchdog()
 
 

@@ -9,8 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Connection, bindparam, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, bindparam, insert, select, text
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import TransactionOwner, before_commit
@@ -121,8 +120,71 @@ def _write_pending_events(owner: TransactionOwner) -> None:
     if isinstance(owner, Session):
         owner.flush()  # a new operation row must exist before its events point at it
         owner = owner.connection()
+    increments = counter_increments(pending)
+    if increments and owner.dialect.name == "postgresql":
+        # one round trip: the events' INSERT rides in the counters' upsert as a CTE
+        parameters = _counter_parameters(increments)
+        for index, event in enumerate(pending):
+            parameters.update({f"{name}_e{index}": value for name, value in event.items()})
+        owner.execute(_events_and_counters(len(pending), len(increments)), parameters)
+        return
     owner.execute(_INSERT_EVENTS, pending)
-    _raise_counters(owner, counter_increments(pending))
+    _raise_counters(owner, increments)
+
+
+_EVENT_COLUMNS = (
+    "operation_id",
+    "action",
+    "from_status",
+    "to_status",
+    "error_type",
+    "details",
+    "at",
+)
+_COUNTER_COLUMNS = ("name", "label", "shard", "value")
+
+
+def _rows_sql(columns: tuple[str, ...], suffixes: Iterable[str]) -> str:
+    return ", ".join(
+        "(" + ", ".join(f":{column}_{suffix}" for column in columns) + ")" for suffix in suffixes
+    )
+
+
+def _typed(table: Any, columns: tuple[str, ...], suffixes: Iterable[str]) -> list[Any]:
+    return [
+        bindparam(f"{column}_{suffix}", type_=table.c[column].type)
+        for suffix in suffixes
+        for column in columns
+    ]
+
+
+# Multi-row Core INSERTs have no SQL cache key: SQLAlchemy compiled them again on every call
+# (three times the CPU of the statement itself). Their text, built once per size, is cached.
+_COUNTER_UPSERT_SQL = (
+    "INSERT INTO metric_counters (name, label, shard, value) VALUES {rows} "
+    "ON CONFLICT (name, label, shard) DO UPDATE SET value = metric_counters.value + excluded.value"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _events_and_counters(events: int, counters: int) -> Any:
+    """PostgreSQL: ``WITH written_events AS (INSERT INTO operation_events ...) INSERT INTO
+    metric_counters ... ON CONFLICT DO UPDATE``: ``events`` events and ``counters`` counter
+    rows in one statement, built once per size."""
+    event_suffixes = [f"e{index}" for index in range(events)]
+    counter_suffixes = [str(index) for index in range(counters)]
+    sql = (
+        "WITH written_events AS (INSERT INTO operation_events ("
+        + ", ".join(_EVENT_COLUMNS)
+        + ") VALUES "
+        + _rows_sql(_EVENT_COLUMNS, event_suffixes)
+        + ") "
+        + _COUNTER_UPSERT_SQL.format(rows=_rows_sql(_COUNTER_COLUMNS, counter_suffixes))
+    )
+    return text(sql).bindparams(
+        *_typed(OPERATION_EVENTS_TABLE, _EVENT_COLUMNS, event_suffixes),
+        *_typed(METRIC_COUNTERS_TABLE, _COUNTER_COLUMNS, counter_suffixes),
+    )
 
 
 def counter_increments(events: Iterable[dict[str, Any]]) -> Counter[tuple[str, str]]:
@@ -156,22 +218,12 @@ def _count_settlement(increments: Counter[tuple[str, str]], event: dict[str, Any
 
 
 @functools.lru_cache(maxsize=32)
-def _counter_upsert(dialect_name: str, rows: int) -> Any:
-    """The upsert of ``rows`` counter rows, built once per dialect and size: building one (its
-    ``excluded`` alias copies the table's columns) took a fifth of a submit's CPU."""
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    upsert = dialect.insert(METRIC_COUNTERS_TABLE).values(
-        [
-            {
-                column: bindparam(f"{column}_{index}")
-                for column in ("name", "label", "shard", "value")
-            }
-            for index in range(rows)
-        ]
-    )
-    return upsert.on_conflict_do_update(
-        index_elements=["name", "label", "shard"],
-        set_={"value": METRIC_COUNTERS_TABLE.c.value + upsert.excluded.value},
+def _counter_upsert(rows: int) -> Any:
+    """The upsert of ``rows`` counter rows (PostgreSQL and SQLite spell it alike), built once
+    per size."""
+    suffixes = [str(index) for index in range(rows)]
+    return text(_COUNTER_UPSERT_SQL.format(rows=_rows_sql(_COUNTER_COLUMNS, suffixes))).bindparams(
+        *_typed(METRIC_COUNTERS_TABLE, _COUNTER_COLUMNS, suffixes)
     )
 
 
@@ -180,13 +232,18 @@ def _raise_counters(connection: Connection, increments: Counter[tuple[str, str]]
     in key order: concurrent transactions lock the counter rows in one order."""
     if not increments:
         return
+    connection.execute(_counter_upsert(len(increments)), _counter_parameters(increments))
+
+
+def _counter_parameters(increments: Counter[tuple[str, str]]) -> dict[str, Any]:
+    """The upsert's parameters, its rows in key order: concurrent transactions lock the
+    counter rows in one order."""
     shard = os.getpid() % COUNTER_SHARDS  # this process's own rows: see MetricCounter
     parameters: dict[str, Any] = {}
     for index, ((name, label), value) in enumerate(sorted(increments.items())):
         parameters.update({f"name_{index}": name, f"label_{index}": label, f"shard_{index}": shard})
         parameters[f"value_{index}"] = value
-    dialect = "postgresql" if connection.dialect.name == "postgresql" else "sqlite"
-    connection.execute(_counter_upsert(dialect, len(increments)), parameters)
+    return parameters
 
 
 def _event_row(

@@ -264,20 +264,34 @@ def _details(row: OperationRow, written: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-# The start of a network stage's attempt: one statement that checks the row still waits for
-# this stage and this dispatch, stamps the attempt, and returns the row (see services.stuck).
-_START_ATTEMPT = (
-    update(OPERATIONS_TABLE)
-    .where(
-        _columns.id == bindparam("row_id"),
-        _columns.status == bindparam("stage_status"),
+# A stage's first statement: it checks the row still waits for this stage and this dispatch,
+# stamps it (the database's clock), locks it, and returns it (see services.stuck).
+@functools.lru_cache(maxsize=8)
+def _stamping_statement(column: str, dispatched: bool) -> Update:
+    statement = (
+        update(OPERATIONS_TABLE)
+        .where(_columns.id == bindparam("row_id"), _columns.status == bindparam("stage_status"))
+        .values({column: db_now()})
+        .returning(*_LOCKED_COLUMNS)
     )
-    .values(attempt_started_at=db_now())
-    .returning(*_LOCKED_COLUMNS)
-)
-_START_DISPATCHED_ATTEMPT = _START_ATTEMPT.where(
-    _columns.dispatch_generation == bindparam("generation")
-)
+    if dispatched:
+        statement = statement.where(_columns.dispatch_generation == bindparam("generation"))
+    return statement
+
+
+def _stamp_if_waiting(
+    connection: Connection,
+    operation_id: uuid.UUID,
+    status: OperationStatus,
+    generation: int | None,
+    column: str,
+) -> OperationRow | None:
+    parameters: dict[str, Any] = {"row_id": operation_id, "stage_status": status.value}
+    if generation is not None:
+        parameters["generation"] = generation
+    statement = _stamping_statement(column, generation is not None)
+    found = connection.execute(statement, parameters).first()
+    return None if found is None else OperationRow(**found._mapping)
 
 
 def start_attempt(
@@ -286,10 +300,13 @@ def start_attempt(
     """Stamp the start of an attempt on the row when it is in ``status`` and (for a message
     that carries one) at dispatch ``generation``; the row as stamped, or None when it is not
     (the caller reads it again to tell why)."""
-    parameters: dict[str, Any] = {"row_id": operation_id, "stage_status": status.value}
-    statement = _START_ATTEMPT
-    if generation is not None:
-        statement = _START_DISPATCHED_ATTEMPT
-        parameters["generation"] = generation
-    found = connection.execute(statement, parameters).first()
-    return None if found is None else OperationRow(**found._mapping)
+    return _stamp_if_waiting(connection, operation_id, status, generation, "attempt_started_at")
+
+
+def lock_for_next_link(
+    connection: Connection, operation_id: uuid.UUID, status: OperationStatus, generation: int | None
+) -> OperationRow | None:
+    """Lock the row when it is in ``status`` at dispatch ``generation``, stamping now as its
+    dispatch: the chain's next link is published once this transaction commits (and nothing
+    is stamped when it rolls back). None, and nothing locked, when it is not."""
+    return _stamp_if_waiting(connection, operation_id, status, generation, "dispatched_at")

@@ -83,11 +83,14 @@ def get_stock(session: Session, sku: str) -> int | None:
 
 def get_levels(session: Session | Connection, skus: Iterable[str]) -> dict[str, int]:
     """Quantities of the SKUs that exist; unknown ones are absent from the result."""
-    levels = STOCK_LEVELS_TABLE.c
-    rows = _core(session).execute(
-        select(levels.sku, levels.quantity).where(levels.sku.in_(set(skus)))
-    )
+    rows = _core(session).execute(_LEVELS_OF, {"skus": list(set(skus))})
     return {sku: quantity for sku, quantity in rows}
+
+
+# Built once: constructing the SELECT cost more CPU than running it.
+_LEVELS_OF = select(STOCK_LEVELS_TABLE.c.sku, STOCK_LEVELS_TABLE.c.quantity).where(
+    STOCK_LEVELS_TABLE.c.sku.in_(bindparam("skus", expanding=True))
+)
 
 
 # stock_levels.quantity and stock_movements.delta are 4-byte INTEGER columns; SQLite would

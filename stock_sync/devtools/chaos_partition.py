@@ -122,9 +122,18 @@ from stock_sync.devtools.chaos_scenario import Scenario, build_scenario
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
-from tasks.app import app
 
 EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _app() -> Any:
+    """The Celery app, imported once this process is configured (it refuses to start
+    without a database and a broker)."""
+    from tasks.app import app
+
+    return app
+
+
 DEFAULT_ORDERS = 1000
 DEFAULT_SEED = 1
 
@@ -524,13 +533,13 @@ class Fleet:
 
 def ping(node: str, timeout_s: float = 1.0) -> bool:
     """Whether the worker ``node`` answers a ping through the broker."""
-    return bool(app.control.ping(destination=[node], timeout=timeout_s))
+    return bool(_app().control.ping(destination=[node], timeout=timeout_s))
 
 
 def tasks_done(node: str) -> int | None:
     """How many tasks the worker ``node`` has received in all (``inspect stats``), None when it
     does not answer."""
-    replies = app.control.inspect(destination=[node], timeout=1.0, limit=1).stats() or {}
+    replies = _app().control.inspect(destination=[node], timeout=1.0, limit=1).stats() or {}
     stats = replies.get(node)
     if not stats:
         return None
@@ -540,7 +549,7 @@ def tasks_done(node: str) -> int | None:
 def held_task_ids(node: str) -> set[str]:
     """The tasks the worker ``node`` says it holds unacknowledged: running (not acknowledged
     yet: ``task_acks_late``), reserved, and waiting for their ETA (a retry's countdown)."""
-    inspector = app.control.inspect(destination=[node], timeout=1.0, limit=1)
+    inspector = _app().control.inspect(destination=[node], timeout=1.0, limit=1)
     held: set[str] = set()
     for requests in (inspector.active() or {}).values():
         held |= {str(r["id"]) for r in requests if not r.get("acknowledged")}

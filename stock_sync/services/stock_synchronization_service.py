@@ -28,9 +28,9 @@ from stock_sync.adapters.models import PendingStockOperation, read_database_now,
 from stock_sync.adapters.notifications import Notification, Notifier
 from stock_sync.adapters.operation_events import DeferredEvents
 from stock_sync.adapters.operation_rows import (
-    DATABASE_NOW,
     OperationRow,
     change_row,
+    lock_for_next_link,
     lock_row,
     move_row,
     move_row_if_still,
@@ -244,18 +244,24 @@ class StockSynchronizationService:
     def validate_stock(
         self, operation_id: uuid.UUID, generation: int | None = None
     ) -> StageOutcome:
-        """Check every SKU exists and has enough stock; advisory, the deduction decides."""
-        with self._stage_transaction(operation_id, VALIDATE_STOCK, generation) as stage:
-            if stage.skip:
-                return stage.skip
-            operation, log = stage.operation, stage.log
+        """Check every SKU exists and has enough stock; advisory, the deduction decides.
+
+        One statement checks the stage applies, locks the row and stamps the dispatch of
+        deduct_stock's message (published once this commits; a failed validation rolls it
+        back)."""
+        with self._database.core_transaction() as connection:
+            operation = lock_for_next_link(connection, operation_id, S.PROCESSING, generation)
+            if operation is None:
+                skipped = self._peek(operation_id, VALIDATE_STOCK, generation)
+                return skipped if isinstance(skipped, StageOutcome) else StageOutcome.STOPPED
+            log = operation_logger(connection, operation, self._logger)
             with self._measure_execution_time() as timer:
                 log.log_action_with_timing(
                     operation_id, LogAction.STOCK_VALIDATION_STARTED, "validating stock"
                 )
                 lines = line_items_of(operation)
                 result = validate_stock_levels(
-                    lines, get_levels(stage.connection, (line.sku for line in lines))
+                    lines, get_levels(connection, (line.sku for line in lines))
                 )
             if not result.ok:
                 raise result.to_error()
@@ -265,8 +271,6 @@ class StockSynchronizationService:
                 f"{len(lines)} lines can be served",
                 timer.elapsed_ms,
             )
-            # deduct_stock's message is published once this commits (the chain's next link)
-            change_row(stage.connection, operation, dispatched_at=DATABASE_NOW)
             return StageOutcome.DONE
 
     # --- stage 3: PROCESSING -> STOCK_DEDUCTED -------------------------------------------

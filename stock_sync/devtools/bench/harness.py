@@ -189,13 +189,15 @@ def without_stock_sync_variables(environment: dict[str, str]) -> dict[str, str]:
 
 def configure_this_process(variables: dict[str, str]) -> Settings:
     """Make this process (its sweeps, metrics, polling) use exactly ``variables``."""
-    import celeryconfig  # imported late: it reads the settings when imported
-    from tasks.app import app
-
     for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
         del os.environ[name]
     os.environ.update(variables)
     get_settings.cache_clear()
+    # imported once the variables are set: both read the settings when first imported, and a
+    # process without a database and a broker configured refuses to start
+    import celeryconfig
+    from tasks.app import app
+
     reset_services()
     reset_databases()
     settings = get_settings()
