@@ -69,3 +69,18 @@ def test_a_sqlite_url_in_a_place_that_cannot_be_created_names_the_variable(
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigurationError, match="STOCK_SYNC_DATABASE_URL: cannot create"):
         Database(f"sqlite:///{tmp_path / 'afile' / 'below' / 'x.sqlite3'}")
+
+
+def test_a_vanished_server_or_client_is_noticed_in_seconds(database: Database) -> None:
+    """The client's libpq keepalives and TCP user timeout, and the database's end for a
+    transaction left idle by a vanished client (migration 0009): a partition must not hold
+    row locks, or a stage, for the kernel's 15 minutes."""
+    with database.engine.connect() as connection:
+        dsn = connection.connection.dbapi_connection.get_dsn_parameters()
+        server_side = connection.exec_driver_sql("SHOW idle_in_transaction_session_timeout")
+        assert server_side.scalar() == "30s"
+    assert (dsn["keepalives"], dsn["keepalives_idle"], dsn["tcp_user_timeout"]) == (
+        "1",
+        "10",
+        "30000",
+    )

@@ -122,6 +122,20 @@ def _refuse_a_missing_sqlite_file(database: str) -> None:
         )
 
 
+# libpq's TCP settings: a server that vanished (a partition, a dead host) fails the call that
+# waits on it in about 25 s (keepalives) or 30 s (data never acknowledged), instead of after
+# the kernel's 15 min of retransmissions, while Celery's soft time limit cannot interrupt it.
+# Client-side only: nothing is sent in the startup packet that PgBouncer would refuse.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 def build_engine(url: str, *, autocommit: bool = False, read_only: bool = False) -> Engine:
     """An engine for ``url`` with the pool and dialect settings stock-sync relies on;
     ``read_only``: it creates nothing and every transaction it opens is read-only."""
@@ -145,7 +159,7 @@ def build_engine(url: str, *, autocommit: bool = False, read_only: bool = False)
             pool_pre_ping=False,
             pool_size=1,
             max_overflow=2,
-            connect_args={"connect_timeout": 5},
+            connect_args=POSTGRES_CONNECT_ARGS,
             execution_options={"postgresql_readonly": True},
         )
         return traced_engine(engine)
@@ -158,7 +172,7 @@ def build_engine(url: str, *, autocommit: bool = False, read_only: bool = False)
         pool_recycle=1800,
         pool_size=2 if autocommit else 5,
         max_overflow=10,
-        connect_args={"connect_timeout": 5},
+        connect_args=POSTGRES_CONNECT_ARGS,
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
     return traced_engine(engine)  # its SQL in the current trace, when tracing is on
