@@ -125,6 +125,7 @@ class OperationRow:
     line_items: tuple[tuple[str, int], ...]  # (sku, quantity)
     retry_count: int
     deduction_retry_count: int
+    failed_stage: str | None  # the stage whose retry limit failed it
     last_error_type: str | None
     last_error: str | None
     has_deductions: bool
@@ -222,6 +223,7 @@ def read_snapshot(
                 line_items=_line_items(row.line_items),
                 retry_count=row.retry_count,
                 deduction_retry_count=row.deduction_retry_count,
+                failed_stage=row.failed_stage,
                 last_error_type=row.last_error_type,
                 last_error=row.last_error,
                 has_deductions=row.id in deducted,
@@ -432,10 +434,14 @@ def ran_short(row: OperationRow) -> bool:
 
 def spent_budget(row: OperationRow, failed_from: str) -> tuple[str, int]:
     """The budget a FAILED operation spent and its count: each stage has its own; in
-    PROCESSING deduct_stock counts apart from validate_stock."""
+    PROCESSING deduct_stock counts apart from validate_stock (an operation that went back
+    from a short deduction to validation has both counts: the stage that failed it decides)."""
     if row.operation_type == MICROSERVICE_ROLLBACK:
         return "rollback", row.retry_count
-    if failed_from == S.PROCESSING.value and row.deduction_retry_count:
+    deduction_failed = row.failed_stage == "deduct_stock" or (
+        row.failed_stage is None and row.deduction_retry_count
+    )
+    if failed_from == S.PROCESSING.value and deduction_failed:
         return "deduction", row.deduction_retry_count
     return failed_from, row.retry_count
 
