@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The development tools (stock_sync_dev) are not installed with the project: they run from here.
+export PYTHONPATH := $(CURDIR)
 
 .PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark profile soak backoff-rss chaos chaos-partition clean
 
@@ -73,7 +75,7 @@ test: install services tools netlab lint typecheck
 	STOCK_SYNC_TEST_BROKER=rabbitmq $(BIN)/pytest -q $(RABBITMQ_TESTS)
 
 demo: install
-	$(BIN)/python -m stock_sync.devtools.demo
+	$(BIN)/python -m stock_sync_dev.demo
 
 # The development commands run on the embedded demo set-up (a SQLite file and Celery's
 # filesystem transport under data/) for whichever URL is not set; production processes never
@@ -100,23 +102,23 @@ fake-microservice: install
 	$(BIN)/stock-sync fake-microservice --port 8765
 
 benchmark: install services
-	$(BIN)/python -m stock_sync.devtools.benchmark
+	$(BIN)/python -m stock_sync_dev.benchmark
 
 # The ratio alone, with py-spy profiles of the worker's processes and the producer during its
 # pipeline run (raw collapsed stacks: speedscope opens them) and their summary, in PROFILE_DIR.
 PROFILE_DIR ?= data/profile
 profile: install services
-	$(BIN)/python -m stock_sync.devtools.benchmark --ratio-only --profile $(PROFILE_DIR)
+	$(BIN)/python -m stock_sync_dev.benchmark --ratio-only --profile $(PROFILE_DIR)
 
 # The worker's memory over 20,000 operations (about 5-10 minutes on 2 cores): apart from
 # `make benchmark`, which it would more than double.
 soak: install services
-	$(BIN)/python -m stock_sync.devtools.benchmark --soak-only --soak 20000
+	$(BIN)/python -m stock_sync_dev.benchmark --soak-only --soak 20000
 
 # A worker's memory with 20,000 operations waiting in backoff (about 10 minutes): flat, as the
 # long waits are parked in the database. COUNTDOWNS=1 keeps every wait in the worker instead.
 backoff-rss: install services
-	$(BIN)/python -m stock_sync.devtools.backoff_memory $(if $(filter 1,$(COUNTDOWNS)),--countdowns)
+	$(BIN)/python -m stock_sync_dev.backoff_memory $(if $(filter 1,$(COUNTDOWNS)),--countdowns)
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
 # racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
@@ -127,9 +129,9 @@ MODE ?= storm
 BROKER ?= redis
 chaos: install services
 ifeq ($(MODE),storm)
-	$(BIN)/python -m stock_sync.devtools.chaos --broker $(BROKER)
+	$(BIN)/python -m stock_sync_dev.chaos --broker $(BROKER)
 else
-	$(BIN)/python -m stock_sync.devtools.chaos_time --mode $(MODE)
+	$(BIN)/python -m stock_sync_dev.chaos_time --mode $(MODE)
 endif
 
 # What the partition suite needs from Debian: iproute2, nftables, PostgreSQL 15's binaries.
@@ -140,7 +142,7 @@ netlab:
 # links are cut and healed, then the invariants of `make chaos` (about 5 minutes). It runs
 # its own PostgreSQL and Redis, so it does not need `make services`.
 chaos-partition: install netlab
-	$(BIN)/python -m stock_sync.devtools.chaos_partition
+	$(BIN)/python -m stock_sync_dev.chaos_partition
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache

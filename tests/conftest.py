@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +26,14 @@ from stock_sync.adapters import schema
 from stock_sync.adapters.db import Database, normalise_database_url, reset_databases
 from stock_sync.adapters.settings import get_settings
 from stock_sync.composition import reset_services
-from stock_sync.devtools import rabbitmq
-from stock_sync.devtools.fake_microservice import FakeMicroservice
+from stock_sync_dev import rabbitmq
+from stock_sync_fake import FakeMicroservice
 from tests.support import Pipeline, TaskRuns, capture_operation_logs
+
+# stock_sync_dev is not installed (it is not part of the wheel): pytest finds it by its
+# pythonpath setting, the processes the tests start by this.
+REPO = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 ADMIN_URL = os.environ.get(
     "STOCK_SYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@localhost:5432/postgres"

@@ -15,10 +15,10 @@ from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.settings import load_settings
 from stock_sync.adapters.stock_ledger import get_stock, set_stock
 from stock_sync.composition import Services, build_services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.producer import submit_operation
+from stock_sync_fake import FakeMicroservice
 from tests.support import RecordingDispatcher
 
 CLIENT_TIMEOUT_S = 0.5

@@ -17,9 +17,9 @@ from sqlalchemy import func, select, text
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import OperationEvent, PendingStockOperation, StockMovement
 from stock_sync.adapters.stock_ledger import get_stock, ledger_sum, set_stock
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
 from stock_sync.services.standardized_logger import OPERATIONS_LOGGER
+from stock_sync_fake import FakeMicroservice
 
 TERMINAL = {status.value for status in TERMINAL_STATUSES}
 WAIT_S = 60.0

@@ -24,13 +24,13 @@ from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import Services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.idempotency import RecordedPut
 from stock_sync.domain.revisions import revision_from_text
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import submit_operation
+from stock_sync_fake import FakeMicroservice
 from tests.stage_driver import (
     CLIENT_TIMEOUT_S,
     deducted_operation,

@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.benchmark --quick --json`` runs end to end against the real
+"""``python -m stock_sync_dev.benchmark --quick --json`` runs end to end against the real
 PostgreSQL and Redis: it exits 0, reports the headline ratio and every metric as a number,
 oversells nothing and leaves a ledger that sums; the costs it measures (CPU by process, SQL
 statements, transactions and HTTP requests per operation, latency percentiles, the worker's
@@ -22,10 +22,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from stock_sync.adapters import instrumentation
-from stock_sync.devtools.bench import profiling
-from stock_sync.devtools.bench.cli import parse_options
-from stock_sync.devtools.bench.phases import LatencyRun
-from stock_sync.devtools.bench.procstat import least_squares_slope, read_stat, vm_rss_bytes
+from stock_sync_dev.bench import profiling
+from stock_sync_dev.bench.cli import parse_options
+from stock_sync_dev.bench.phases import LatencyRun
+from stock_sync_dev.bench.procstat import least_squares_slope, read_stat, vm_rss_bytes
 from tasks.app import app
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ NEW_METRICS = (
 
 def run_quick_benchmark() -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, "-m", "stock_sync.devtools.benchmark", "--quick", "--json"],
+        [sys.executable, "-m", "stock_sync_dev.benchmark", "--quick", "--json"],
         cwd=REPOSITORY,
         capture_output=True,
         text=True,
@@ -202,7 +202,7 @@ def test_the_quick_benchmark_reports_every_metric_and_never_oversells() -> None:
 
 def test_the_bare_chain_tasks_are_not_on_the_production_app() -> None:
     """Only the benchmark's worker loads them (--include): importing the benchmark does not."""
-    import stock_sync.devtools.benchmark  # noqa: F401
+    import stock_sync_dev.benchmark  # noqa: F401
 
     assert not {name for name in app.tasks if name.startswith("stock_sync.benchmark.")}
 

@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.chaos`` sized down (200 orders, a 35 s fault phase): every fault
+"""``python -m stock_sync_dev.chaos`` sized down (200 orders, a 35 s fault phase): every fault
 of the suite at once, then every invariant it checks must hold. Takes one to two minutes.
 
 The suite prints each violated assertion with examples and timelines on stderr; the failure
@@ -25,7 +25,7 @@ EXIT_HARNESS_FAILED = 2
 def run_chaos(evidence: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     result = subprocess.run(
         [
-            sys.executable, "-m", "stock_sync.devtools.chaos", "--orders", str(ORDERS),
+            sys.executable, "-m", "stock_sync_dev.chaos", "--orders", str(ORDERS),
             "--fault-seconds", str(FAULT_SECONDS), "--json", "--evidence-dir", str(evidence),
         ],
         cwd=REPOSITORY,
@@ -60,7 +60,7 @@ def test_every_invariant_holds_under_the_fault_suite(tmp_path: Path) -> None:
 
 def run_time_mode(mode: str, *arguments: str) -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, "-m", "stock_sync.devtools.chaos_time", "--mode", mode, "--json",
+        [sys.executable, "-m", "stock_sync_dev.chaos_time", "--mode", mode, "--json",
          *arguments],
         cwd=REPOSITORY,
         capture_output=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from stock_sync.devtools.chaos_checks import OperationRow, spent_budget
+from stock_sync_dev.chaos_checks import OperationRow, spent_budget
 
 
 def _failed(

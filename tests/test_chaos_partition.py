@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.chaos_partition`` sized down (60 orders, partitions 1.5 s apart
+"""``python -m stock_sync_dev.chaos_partition`` sized down (60 orders, partitions 1.5 s apart
 held 6 s): stock-sync on separate hosts (network namespaces), w2 cut from PostgreSQL inside a
 transaction, the microservice cut from every worker, w1 cut from the broker holding
 unacknowledged messages, w3's link slowed; then every invariant of the fault suite must hold.
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from stock_sync.devtools import netns
+from stock_sync_dev import netns
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ORDERS = 60
@@ -37,7 +37,7 @@ needs_namespaces = pytest.mark.skipif(
 
 def run_suite(*arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stock_sync.devtools.chaos_partition", *arguments],
+        [sys.executable, "-m", "stock_sync_dev.chaos_partition", *arguments],
         cwd=REPOSITORY,
         capture_output=True,
         text=True,
@@ -157,7 +157,7 @@ def test_what_a_killed_run_left_is_removed_at_the_next_start() -> None:
 
 def test_a_machine_without_namespaces_gets_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where ``ip netns add`` fails, the suite says so in one line and exits 2."""
-    from stock_sync.devtools import chaos_partition
+    from stock_sync_dev import chaos_partition
 
     monkeypatch.setattr(netns, "sweep_leftovers", lambda: [])
     monkeypatch.setattr(netns, "can_make_namespaces", lambda: "ip netns add: Permission denied")

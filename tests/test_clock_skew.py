@@ -14,12 +14,12 @@ import pytest
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, utcnow
 from stock_sync.composition import Services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.errors import RollbackRetryRefused
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.services import operations
 from stock_sync.services.metrics import read_metrics
+from stock_sync_fake import FakeMicroservice
 from tests.stage_driver import deducted_operation, make_services, run
 from tests.support import order
 

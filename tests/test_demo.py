@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.demo`` as ``make demo`` runs it: a real process with a real
+"""``python -m stock_sync_dev.demo`` as ``make demo`` runs it: a real process with a real
 worker.
 
 Once embedded (no server: SQLite + Celery's filesystem transport) and once against the test
@@ -47,7 +47,7 @@ def run_demo(tmp_path: Path, **settings: str) -> str:
         filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")])
     )
     result = subprocess.run(
-        [sys.executable, "-m", "stock_sync.devtools.demo"],
+        [sys.executable, "-m", "stock_sync_dev.demo"],
         cwd=tmp_path,
         env=environment,
         capture_output=True,

@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from tests.promtool import alert_rules, promtool, run_rule_tests
+from tests.test_packaging import WHEEL_SOURCES  # what the image's wheel is built from
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -33,15 +34,6 @@ DOCKERFILE = DOCKER / "Dockerfile"
 ALERTS_FILE = DOCKER / "prometheus-alerts.yml"
 PROMETHEUS_FILE = DOCKER / "prometheus.yml"
 FLOWER_AUTH = "admin:test-secret"
-# What the image's wheel is built from (tests/test_packaging.py builds it from the same).
-WHEEL_SOURCES = (
-    "pyproject.toml",
-    "README.md",
-    "celeryconfig.py",
-    "stock_sync",
-    "tasks",
-    "migrations",
-)
 RUNTIME_LOCK = REPO / "requirements.lock"
 TEST_LOCK = REPO / "requirements-test.lock"
 

@@ -34,7 +34,7 @@ from stock_sync.adapters.error_reporting import FailedOperation, SentryErrorRepo
 from stock_sync.adapters.settings import get_settings
 from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
+from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import Pipeline, order

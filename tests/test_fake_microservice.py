@@ -24,12 +24,6 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from stock_sync.adapters.microservice_client import MicroserviceClient, Revision
-from stock_sync.devtools.fake_microservice import (
-    DEFAULT_STRICT,
-    FakeMicroservice,
-    load_orders_file,
-    serve,
-)
 from stock_sync.domain.errors import (
     ContractViolation,
     InvalidInput,
@@ -39,6 +33,12 @@ from stock_sync.domain.errors import (
     MicroserviceUnavailable,
     OrderNotFound,
     RevisionConflict,
+)
+from stock_sync_fake import (
+    DEFAULT_STRICT,
+    FakeMicroservice,
+    load_orders_file,
+    serve,
 )
 
 

@@ -22,9 +22,9 @@ from click.testing import CliRunner, Result
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.stock_ledger import set_stock
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.entrypoints import cli_monitoring
 from stock_sync.entrypoints.cli import cli
+from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import order

@@ -31,7 +31,6 @@ from stock_sync.adapters.maintenance_runs import (
 from stock_sync.adapters.maintenance_runs import BEAT as BEAT_ROW
 from stock_sync.adapters.models import utcnow
 from stock_sync.adapters.settings import Settings
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.entrypoints.cli_monitoring import make_metrics_server
 from stock_sync.services import health
 from stock_sync.services.health import (
@@ -49,6 +48,7 @@ from stock_sync.services.health import (
     readiness_app,
     run_health_checks,
 )
+from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import REDIS_URL, run_queue_name
 

@@ -36,7 +36,7 @@ def test_every_import_contract_is_kept() -> None:
 
 
 def test_an_import_from_a_layer_above_breaks_the_layers_contract(tmp_path: Path) -> None:
-    for name in ("stock_sync", "tasks"):
+    for name in ("stock_sync", "stock_sync_fake", "stock_sync_dev", "tasks"):
         shutil.copytree(REPOSITORY / name, tmp_path / name)
     shutil.copy(REPOSITORY / "pyproject.toml", tmp_path)
     service = tmp_path / "stock_sync" / "services" / "queries.py"
@@ -45,7 +45,7 @@ def test_an_import_from_a_layer_above_breaks_the_layers_contract(tmp_path: Path)
     result = lint_imports(tmp_path)
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "Layers: devtools > entrypoints" in result.stdout
+    assert "Layers: dev tools > fake > entrypoints" in result.stdout
     assert "BROKEN" in result.stdout
     assert "stock_sync.services.queries -> stock_sync.entrypoints.render" in result.stdout
 
@@ -83,7 +83,7 @@ def import_cycles(*packages: str) -> list[list[str]]:
 
 
 def test_no_import_cycle_is_left() -> None:
-    assert import_cycles("stock_sync", "tasks") == []
+    assert import_cycles("stock_sync", "stock_sync_fake", "stock_sync_dev", "tasks") == []
 
 
 def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
@@ -99,15 +99,15 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
 
 
-def test_the_runtime_command_line_loads_the_devtools_only_for_their_command() -> None:
+def test_the_runtime_command_line_loads_the_fake_only_for_its_command() -> None:
     probe = (
         "import sys, click\n"
         "from stock_sync.entrypoints.cli import cli\n"
-        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('stock_sync.devtools'))\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('stock_sync_'))\n"
         "before = loaded()\n"
         "listed = 'fake-microservice' in cli.list_commands(click.Context(cli))\n"
         "command = cli.get_command(click.Context(cli), 'fake-microservice')\n"
-        "print(before, listed, command.name, 'stock_sync.devtools.commands' in loaded())\n"
+        "print(before, listed, command.name, 'stock_sync_fake.command' in loaded())\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True

@@ -22,13 +22,13 @@ from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.settings import load_settings
 from stock_sync.adapters.stock_ledger import deduct_for_operation, get_stock, set_stock
 from stock_sync.composition import Services, build_services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import LineItem, in_lock_order
 from stock_sync.services.operation_cancellation_service import CancellationResult
 from stock_sync.services.stock_synchronization_service import StageResult
+from stock_sync_fake import FakeMicroservice
 from tests.support import RecordingDispatcher, insert_operation, wait_for_lock_waiters
 
 S = OperationStatus

@@ -33,7 +33,7 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.maintenance_runs import ALERTS, SWEEP, last_runs
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.settings import Settings
-from stock_sync.devtools.fake_microservice import FakeMicroservice
+from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import order

@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.composition import Services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.marketplace import Drift, drift_of
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.entrypoints.cli import cli
 from stock_sync.producer import submit_operation
 from stock_sync.services.marketplace_audit import MarketplaceAudit, RateLimiter
+from stock_sync_fake import FakeMicroservice
 from tests.stage_driver import (
     deducted_operation,
     fulfillment,

@@ -15,12 +15,12 @@ import pytest
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.composition import Services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.idempotency import RecordedPut, sync_key
 from stock_sync.domain.revisions import revision_to_text
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
+from stock_sync_fake import FakeMicroservice
 from tests.stage_driver import (
     HoldingProxy,
     deducted_operation,

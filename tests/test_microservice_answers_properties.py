@@ -27,7 +27,6 @@ from stock_sync.adapters.microservice_client import (
     MicroserviceClient,
     MicroserviceOrder,
 )
-from stock_sync.devtools.fake_microservice import FULFILLMENT_STATUSES, FakeMicroservice
 from stock_sync.domain.errors import (
     ContractViolation,
     MicroserviceError,
@@ -37,6 +36,7 @@ from stock_sync.domain.errors import (
     RevisionConflict,
     UnprocessableRequest,
 )
+from stock_sync_fake import FULFILLMENT_STATUSES, FakeMicroservice
 
 BASE_URL = "http://microservice.test"
 ORDER_ID = "o-1"

@@ -17,7 +17,6 @@ from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.notifications import Notification
 from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import Services, build_services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain import stages
 from stock_sync.domain.errors import InvalidInput
 from stock_sync.domain.log_actions import LogAction
@@ -25,6 +24,7 @@ from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.producer import submit_operation
 from stock_sync.services.standardized_logger import StandardizedLogger
+from stock_sync_fake import FakeMicroservice
 from tests.support import order
 
 S = OperationStatus

@@ -35,9 +35,13 @@ WHEEL_SOURCES = (
     "README.md",
     "celeryconfig.py",
     "stock_sync",
+    "stock_sync_fake",
     "tasks",
     "migrations",
 )
+# The top-level packages the wheel installs; stock_sync_dev (demo, benchmark, fault suites)
+# stays out of it.
+WHEEL_PACKAGES = ("stock_sync", "stock_sync_fake", "tasks")
 # The package the wheel installs migrations/ as (pyproject.toml, [tool.setuptools.package-dir]).
 MIGRATIONS_PACKAGE = schema.MIGRATIONS_PACKAGE
 TABLES = {
@@ -59,7 +63,7 @@ def source_packages() -> set[str]:
     """Every package of the source tree, named as it is installed."""
     found = {
         ".".join(init.parent.relative_to(REPO).parts)
-        for top in ("stock_sync", "tasks")
+        for top in WHEEL_PACKAGES
         for init in (REPO / top).rglob("__init__.py")
     }
     return found | {MIGRATIONS_PACKAGE, f"{MIGRATIONS_PACKAGE}.versions"}
@@ -84,8 +88,11 @@ def test_the_source_tree_finds_its_migrations() -> None:
 def pip(*args: str, python: Path | None = None) -> str:
     """This environment's pip, acting on ``python``'s environment when given (pip --python)."""
     target = ["--python", str(python)] if python else []
+    # No PYTHONPATH: the checkout on it would count as installed in the target environment.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-m", "pip", *target, *args],
+        env=environment,
         capture_output=True,
         text=True,
         timeout=PIP_TIMEOUT_S,
@@ -113,7 +120,7 @@ def build_wheel(workdir: Path) -> Path:
 def expected_wheel_files() -> set[str]:
     """Every source file, at the path the wheel installs it to."""
     files = {"celeryconfig.py", f"{MIGRATIONS_PACKAGE}/script.py.mako"}
-    for top in ("stock_sync", "tasks"):
+    for top in WHEEL_PACKAGES:
         files |= {str(p.relative_to(REPO)) for p in (REPO / top).rglob("*.py")}
     files |= {
         f"{MIGRATIONS_PACKAGE}/{p.relative_to(REPO / 'migrations')}"
@@ -131,6 +138,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = expected_wheel_files() - names
     assert not missing, f"not in the wheel: {sorted(missing)}"
+    assert not [name for name in names if name.startswith("stock_sync_dev/")], "dev tools shipped"
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(workdir / "venv")], check=True
     )

@@ -14,9 +14,9 @@ import pytest
 from kombu import Connection
 
 import celeryconfig
-from stock_sync.devtools import rabbitmq
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.producer import submit_operation
+from stock_sync_dev import rabbitmq
 from tests.conftest import BROKER_URL, TEST_BROKER, run_queue_name
 from tests.support import Pipeline, order
 

@@ -30,8 +30,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from stock_sync.adapters import telemetry
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.composition import reset_services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.producer import submit_operation
+from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 from tests.support import Pipeline, order

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from stock_sync.adapters.db import Database
-from stock_sync.devtools.fake_microservice import FakeMicroservice
+from stock_sync_fake import FakeMicroservice
 from tests.conftest import BROKER_URL, PIPELINE_ENVIRONMENT, TEST_BROKER, run_queue_name
 from tests.support import Pipeline, order
 

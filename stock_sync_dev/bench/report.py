@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stock_sync.devtools.bench.phases import (
+from stock_sync_dev.bench.phases import (
     HOT_SKU,
     SOAK_WARM_UP_SHARE,
     CountedRun,
@@ -19,8 +19,8 @@ from stock_sync.devtools.bench.phases import (
     SoakRun,
     StockCheck,
 )
-from stock_sync.devtools.bench.procstat import CPU_LABELS, CPU_PARTS, CpuUse, RssSample
-from stock_sync.devtools.bench.queries import SWEEP_INDEX, QueryTimings
+from stock_sync_dev.bench.procstat import CPU_LABELS, CPU_PARTS, CpuUse, RssSample
+from stock_sync_dev.bench.queries import SWEEP_INDEX, QueryTimings
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.backoff_memory`` (``make backoff-rss``): a worker's memory while
+"""``python -m stock_sync_dev.backoff_memory`` (``make backoff-rss``): a worker's memory while
 thousands of operations wait in backoff.
 
 The microservice answers every request 503 (an outage), so every order's load fails and waits
@@ -30,7 +30,8 @@ from sqlalchemy import func, select, text
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PARKED, PendingStockOperation
 from stock_sync.adapters.settings import ENV_PREFIX
-from stock_sync.devtools.bench.harness import (
+from stock_sync.producer import submit_operation
+from stock_sync_dev.bench.harness import (
     DEFAULT_ADMIN_URL,
     CeleryProcess,
     Progress,
@@ -40,9 +41,8 @@ from stock_sync.devtools.bench.harness import (
     throwaway_database,
     worker_arguments,
 )
-from stock_sync.devtools.chaos_faults import ChaosRedis
-from stock_sync.devtools.fake_microservice import FakeMicroservice
-from stock_sync.producer import submit_operation
+from stock_sync_dev.chaos_faults import ChaosRedis
+from stock_sync_fake import FakeMicroservice
 
 # Every wait 5-10 minutes (equal jitter of 600 s), so an operation tried once waits for the
 # rest of the run; budgets that never run out.
@@ -170,7 +170,7 @@ def summary(parking: bool, samples: Sequence[Sample], operations: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stock_sync.devtools.backoff_memory")
+    parser = argparse.ArgumentParser(prog="python -m stock_sync_dev.backoff_memory")
     parser.add_argument("--operations", type=int, default=20_000)
     parser.add_argument("--every", type=float, default=15.0, help="seconds between samples")
     parser.add_argument(

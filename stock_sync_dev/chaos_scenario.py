@@ -1,4 +1,4 @@
-"""The orders and the stock of a fault-suite run (``python -m stock_sync.devtools.chaos``), drawn
+"""The orders and the stock of a fault-suite run (``python -m stock_sync_dev.chaos``), drawn
 from a seed so a run can be repeated.
 
 - SKUs: a few hot ones shared by many orders, a pool of ordinary ones and two scarce ones.

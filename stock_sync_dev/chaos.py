@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.chaos [--orders N] [--seed S] [--json]`` (``make chaos``): the
+"""``python -m stock_sync_dev.chaos [--orders N] [--seed S] [--json]`` (``make chaos``): the
 fault suite. Thousands of orders go through real Celery processes while everything that can go
 wrong does, all at once; then the faults stop, the run calms down and the invariants of
 DESIGN.md are checked.
@@ -65,7 +65,10 @@ from typing import Any
 
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX
-from stock_sync.devtools.bench.harness import (
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.entrypoints import render
+from stock_sync.services.queries import operation_details
+from stock_sync_dev.bench.harness import (
     DEFAULT_ADMIN_URL,
     configure_this_process,
     run_environment,
@@ -73,7 +76,7 @@ from stock_sync.devtools.bench.harness import (
     stock_skus,
     throwaway_database,
 )
-from stock_sync.devtools.chaos_checks import (
+from stock_sync_dev.chaos_checks import (
     Assertion,
     Calm,
     Snapshot,
@@ -94,7 +97,7 @@ from stock_sync.devtools.chaos_checks import (
     stock_levels_as_expected,
     wait_for_calm,
 )
-from stock_sync.devtools.chaos_faults import (
+from stock_sync_dev.chaos_faults import (
     Agent,
     BrokerCrasher,
     ChaosBroker,
@@ -111,11 +114,8 @@ from stock_sync.devtools.chaos_faults import (
     agent_errors,
     stop_agents,
 )
-from stock_sync.devtools.chaos_scenario import BUNDLE, Scenario, build_scenario
-from stock_sync.devtools.fake_microservice import FakeMicroservice
-from stock_sync.domain.statuses import OperationStatus
-from stock_sync.entrypoints import render
-from stock_sync.services.queries import operation_details
+from stock_sync_dev.chaos_scenario import BUNDLE, Scenario, build_scenario
+from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
 EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -660,7 +660,7 @@ def default_settle_timeout_s(orders: int) -> float:
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m stock_sync.devtools.chaos",
+        prog="python -m stock_sync_dev.chaos",
         description="Run stock-sync under broker crashes, worker kills, microservice faults, "
         "racing submits and random cancels; then check its invariants.",
     )

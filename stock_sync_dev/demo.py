@@ -41,12 +41,12 @@ from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.settings import DEFAULT_DATA_DIR, Settings, get_settings
 from stock_sync.adapters.stock_ledger import get_levels, ledger_sum, set_stock
 from stock_sync.composition import Services, reset_services
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain.errors import StockSyncError
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
+from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -763,7 +763,7 @@ def print_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stock_sync.devtools.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stock_sync_dev.demo", description=__doc__)
     parser.add_argument(
         "--timeout",
         type=float,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stock_sync.devtools.bench.harness import BenchmarkError, say
-from stock_sync.devtools.bench.procstat import read_stat, ticks_ms
+from stock_sync_dev.bench.harness import BenchmarkError, say
+from stock_sync_dev.bench.procstat import read_stat, ticks_ms
 
 SAMPLE_RATE = 100  # per second; each sample stops the process for a few microseconds
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")

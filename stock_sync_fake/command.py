@@ -1,6 +1,6 @@
-"""The development tools' commands, added to ``stock-sync`` as plugin commands (the entry
-point group ``stock_sync.commands`` in pyproject.toml): the runtime command line does not
-import the tools, and an install without them simply has no such command."""
+"""The fake's command, added to ``stock-sync`` as the plugin command ``fake-microservice`` (the
+entry point group ``stock_sync.commands`` in pyproject.toml; the runtime command line does not
+import the fake) and run by ``python -m stock_sync_fake``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import contextlib
 
 import click
 
-from stock_sync.devtools.fake_microservice import DEFAULT_STRICT, serve
 from stock_sync.entrypoints.cli_params import PLAIN_TEXT, FiniteFloatRange
+from stock_sync_fake import DEFAULT_STRICT, serve
 
 
 @click.command("fake-microservice")

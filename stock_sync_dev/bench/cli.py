@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.benchmark`` (``make benchmark``): performance measured the way
+"""``python -m stock_sync_dev.benchmark`` (``make benchmark``): performance measured the way
 users run it, then what each operation costs.
 
 Processes, as in production: one worker as users start it (``celery -A tasks worker -c 2``,
@@ -60,8 +60,8 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.instrumentation import LabelledSqlCounter
 from stock_sync.adapters.instrumentation import install as count_own_sql
 from stock_sync.adapters.instrumentation import uninstall as uninstall_sql_counter
-from stock_sync.devtools.bench import phases, profiling, report
-from stock_sync.devtools.bench.harness import (
+from stock_sync_dev.bench import phases, profiling, report
+from stock_sync_dev.bench.harness import (
     DEFAULT_ADMIN_URL,
     DEFAULT_REDIS_URL,
     TASK_EVENTS_VARIABLE,
@@ -76,8 +76,8 @@ from stock_sync.devtools.bench.harness import (
     throwaway_database,
     worker_variables,
 )
-from stock_sync.devtools.bench.procstat import Probe
-from stock_sync.devtools.bench.queries import query_phase
+from stock_sync_dev.bench.procstat import Probe
+from stock_sync_dev.bench.queries import query_phase
 
 DEFAULT_ORDERS = 2000
 DEFAULT_COUNTED = 500
@@ -317,7 +317,7 @@ def _not_negative(value: str) -> int:
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m stock_sync.devtools.benchmark",
+        prog="python -m stock_sync_dev.benchmark",
         description="Measure stock-sync's performance the way users run it, then its costs.",
     )
     sizes = (

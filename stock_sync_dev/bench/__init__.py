@@ -1,4 +1,4 @@
-"""The benchmark (``make benchmark``, ``python -m stock_sync.devtools.benchmark``), by concern:
+"""The benchmark (``make benchmark``, ``python -m stock_sync_dev.benchmark``), by concern:
 
 - ``harness``: the throwaway database, the processes a run starts (worker, producer, fake
   microservice) and their environment;
@@ -14,6 +14,6 @@
 This package imports nothing at import time: the worker imports ``noop_tasks`` alone.
 """
 
-NOOP_TASKS_MODULE = "stock_sync.devtools.bench.noop_tasks"
+NOOP_TASKS_MODULE = "stock_sync_dev.bench.noop_tasks"
 NOOP = "stock_sync.benchmark.noop"
 NOOP_DONE = "stock_sync.benchmark.noop_done"

@@ -1,5 +1,5 @@
 """The fault suite's time modes: waiting is not failing (``python -m
-stock_sync.devtools.chaos_time --mode backlog|outage``, ``make chaos MODE=backlog|outage``).
+stock_sync_dev.chaos_time --mode backlog|outage``, ``make chaos MODE=backlog|outage``).
 
 - **backlog**: every order is submitted while no worker runs, and the queue is left to age
   several times the stuck threshold; then two workers and beat start (the sweep every second).
@@ -38,9 +38,12 @@ from sqlalchemy import func, select
 from stock_sync.adapters.db import reset_databases
 from stock_sync.adapters.models import OperationEvent, PendingStockOperation, StockMovement
 from stock_sync.adapters.settings import ENV_PREFIX
-from stock_sync.devtools import chaos
-from stock_sync.devtools.bench.harness import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
-from stock_sync.devtools.chaos_checks import (
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.stock import MovementReason
+from stock_sync.producer import submit_operation
+from stock_sync_dev import chaos
+from stock_sync_dev.bench.harness import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
+from stock_sync_dev.chaos_checks import (
     BIN,
     Assertion,
     Calm,
@@ -52,11 +55,8 @@ from stock_sync.devtools.chaos_checks import (
     stock_levels_as_expected,
     wait_for_calm,
 )
-from stock_sync.devtools.chaos_faults import HarnessError
-from stock_sync.devtools.chaos_scenario import ACCOUNT, Line, PlannedOrder, Scenario
-from stock_sync.domain.log_actions import LogAction
-from stock_sync.domain.stock import MovementReason
-from stock_sync.producer import submit_operation
+from stock_sync_dev.chaos_faults import HarnessError
+from stock_sync_dev.chaos_scenario import ACCOUNT, Line, PlannedOrder, Scenario
 
 SKUS = 20
 # The stage runs an operation needs with nothing going wrong: one start event per stage.
@@ -438,7 +438,7 @@ DEFAULT_BACKLOG_AGE = 12.0
 
 def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, str, float]:
     parser = argparse.ArgumentParser(
-        prog="python -m stock_sync.devtools.chaos_time",
+        prog="python -m stock_sync_dev.chaos_time",
         description="Waiting is not failing: a backlog older than the stuck threshold, or a "
         "microservice outage longer than the retry budgets followed by `stock-sync retry "
         "--failed`; then the invariants.",

@@ -1,4 +1,4 @@
-"""What ``python -m stock_sync.devtools.chaos`` checks once the faults stopped and the run calmed
+"""What ``python -m stock_sync_dev.chaos`` checks once the faults stopped and the run calmed
 down.
 
 Each assertion has a name, says what must hold, and collects its violations as one-line
@@ -29,9 +29,9 @@ from stock_sync.adapters.models import (
     StockLevel,
     StockMovement,
 )
-from stock_sync.devtools.bench.harness import say, without_stock_sync_variables
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus, OperationType
 from stock_sync.domain.stock import MovementReason
+from stock_sync_dev.bench.harness import say, without_stock_sync_variables
 
 S = OperationStatus
 TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)

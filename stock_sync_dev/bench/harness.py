@@ -28,8 +28,8 @@ from stock_sync.adapters.db import Database, normalise_database_url, reset_datab
 from stock_sync.adapters.settings import ENV_PREFIX, Settings, get_settings
 from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
-from stock_sync.devtools.bench import NOOP_TASKS_MODULE
-from stock_sync.devtools.bench.procstat import (
+from stock_sync_dev.bench import NOOP_TASKS_MODULE
+from stock_sync_dev.bench.procstat import (
     HARNESS_APPLICATION_NAME,
     PRODUCER_APPLICATION_NAME,
     WORKER_APPLICATION_NAME,
@@ -396,11 +396,11 @@ class ProducerResult:
 
 
 class ProducerProcess(ChildProcess):
-    """``python -m stock_sync.devtools.bench.producer_main``: connects, says it is ready,
+    """``python -m stock_sync_dev.bench.producer_main``: connects, says it is ready,
     waits for the go, submits, reports; exits once its stdin closes (its CPU is read before)."""
 
     def __init__(self, arguments: Sequence[str], variables: dict[str, str], log_path: Path) -> None:
-        command = [sys.executable, "-m", "stock_sync.devtools.bench.producer_main", *arguments]
+        command = [sys.executable, "-m", "stock_sync_dev.bench.producer_main", *arguments]
         producer_variables = role_variables(variables, PRODUCER_APPLICATION_NAME)
         super().__init__(
             command,

@@ -1,4 +1,4 @@
-"""The fault injectors of ``python -m stock_sync.devtools.chaos``: a private broker that is crashed
+"""The fault injectors of ``python -m stock_sync_dev.chaos``: a private broker that is crashed
 and restarted (a Redis server, or RabbitMQ stopped and started), Celery processes that are
 SIGKILLed, and the background threads ("agents") that submit orders twice at once, cancel
 operations at every stage, hold stock rows in slow transactions and release held PUTs.
@@ -30,13 +30,13 @@ from sqlalchemy import func, select
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, StockLevel
-from stock_sync.devtools import rabbitmq
-from stock_sync.devtools.bench.harness import CeleryProcess, worker_arguments
-from stock_sync.devtools.chaos_scenario import PlannedOrder
-from stock_sync.devtools.fake_microservice import FakeMicroservice
 from stock_sync.domain.errors import CancellationRefused, EnqueueFailed
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import request_cancellation, submit_operation
+from stock_sync_dev import rabbitmq
+from stock_sync_dev.bench.harness import CeleryProcess, worker_arguments
+from stock_sync_dev.chaos_scenario import PlannedOrder
+from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
 REDIS_START_TIMEOUT_S = 10.0

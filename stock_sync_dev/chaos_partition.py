@@ -1,4 +1,4 @@
-"""``python -m stock_sync.devtools.chaos_partition [--orders N] [--json]`` (``make
+"""``python -m stock_sync_dev.chaos_partition [--orders N] [--json]`` (``make
 chaos-partition``): stock-sync on separate hosts, and the links between them cut while orders
 flow.
 
@@ -76,8 +76,11 @@ from sqlalchemy.engine import make_url
 from stock_sync.adapters import schema
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX
-from stock_sync.devtools import netns
-from stock_sync.devtools.bench.harness import (
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.entrypoints import render
+from stock_sync.services.queries import operation_details
+from stock_sync_dev import netns
+from stock_sync_dev.bench.harness import (
     REPOSITORY,
     configure_this_process,
     run_environment,
@@ -87,8 +90,8 @@ from stock_sync.devtools.bench.harness import (
     without_stock_sync_variables,
     worker_arguments,
 )
-from stock_sync.devtools.chaos import ICU_EN_US, shortened_timeline, status_counts
-from stock_sync.devtools.chaos_checks import (
+from stock_sync_dev.chaos import ICU_EN_US, shortened_timeline, status_counts
+from stock_sync_dev.chaos_checks import (
     Assertion,
     Calm,
     Snapshot,
@@ -109,7 +112,7 @@ from stock_sync.devtools.chaos_checks import (
     stock_levels_as_expected,
     wait_for_calm,
 )
-from stock_sync.devtools.chaos_faults import (
+from stock_sync_dev.chaos_faults import (
     Agent,
     HarnessError,
     Operator,
@@ -118,10 +121,7 @@ from stock_sync.devtools.chaos_faults import (
     agent_errors,
     stop_agents,
 )
-from stock_sync.devtools.chaos_scenario import Scenario, build_scenario
-from stock_sync.domain.statuses import OperationStatus
-from stock_sync.entrypoints import render
-from stock_sync.services.queries import operation_details
+from stock_sync_dev.chaos_scenario import Scenario, build_scenario
 
 EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -1209,7 +1209,7 @@ def _positive_float(value: str) -> float:
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m stock_sync.devtools.chaos_partition",
+        prog="python -m stock_sync_dev.chaos_partition",
         description="Run stock-sync on separate hosts (network namespaces), cut the links "
         "between them while orders flow, heal them, then check its invariants.",
     )

@@ -19,12 +19,12 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, utcnow
 from stock_sync.adapters.settings import Settings
 from stock_sync.composition import build_services
-from stock_sync.devtools.bench.harness import reset_tables, say
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.services.metrics import collect_metrics
 from stock_sync.services.stuck import is_stuck, stuck_window
 from stock_sync.services.sweeps import StuckOperationSweeper
+from stock_sync_dev.bench.harness import reset_tables, say
 
 ACCOUNT = "bench-shop"
 ROWS_SPREAD_S = 30 * 86_400  # the finished operations are spread over the last 30 days

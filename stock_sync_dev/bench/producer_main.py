@@ -1,8 +1,8 @@
 """The benchmark's producer process, as the shop backend would run one:
 
-    python -m stock_sync.devtools.bench.producer_main orders FILE [--rate R]
-    python -m stock_sync.devtools.bench.producer_main batch FILE
-    python -m stock_sync.devtools.bench.producer_main chains COUNT --done-key KEY
+    python -m stock_sync_dev.bench.producer_main orders FILE [--rate R]
+    python -m stock_sync_dev.bench.producer_main batch FILE
+    python -m stock_sync_dev.bench.producer_main chains COUNT --done-key KEY
 
 ``orders``: ``submit_operation`` for each order id of FILE, one by one (at R per second, open
 loop, with ``--rate``); ``batch``: one ``submit_operations`` call for all of them; ``chains``:
@@ -72,7 +72,7 @@ def send_chains(count: int, done_key: str) -> float:
     """``count`` chains of 4 no-op tasks, one by one, sent by name (no task registered here)."""
     from celery import chain
 
-    from stock_sync.devtools.bench import NOOP, NOOP_DONE
+    from stock_sync_dev.bench import NOOP, NOOP_DONE
     from tasks.app import app
 
     for index in range(count):
@@ -86,7 +86,7 @@ def send_chains(count: int, done_key: str) -> float:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stock_sync.devtools.bench.producer_main")
+    parser = argparse.ArgumentParser(prog="python -m stock_sync_dev.bench.producer_main")
     parser.add_argument("mode", choices=("orders", "batch", "chains"))
     parser.add_argument("source", help="a file of order ids, or the number of chains")
     parser.add_argument("--rate", type=float, default=None)

@@ -39,7 +39,11 @@ from stock_sync.adapters.models import (
     StockLevel,
     StockMovement,
 )
-from stock_sync.devtools.bench.harness import (
+from stock_sync.domain.log_actions import LogAction
+from stock_sync.domain.statuses import OperationStatus
+from stock_sync.domain.stock import MovementReason
+from stock_sync.services.reconciliation import reconcile
+from stock_sync_dev.bench.harness import (
     KEY_TTL_S,
     BenchmarkError,
     FakeProcess,
@@ -52,7 +56,7 @@ from stock_sync.devtools.bench.harness import (
     say,
     stock_skus,
 )
-from stock_sync.devtools.bench.procstat import (
+from stock_sync_dev.bench.procstat import (
     CpuUse,
     Probe,
     RssSample,
@@ -61,10 +65,6 @@ from stock_sync.devtools.bench.procstat import (
     least_squares_slope,
     worker_rss,
 )
-from stock_sync.domain.log_actions import LogAction
-from stock_sync.domain.statuses import OperationStatus
-from stock_sync.domain.stock import MovementReason
-from stock_sync.services.reconciliation import reconcile
 
 ACCOUNT = "bench-shop"  # the producer's (producer_main.ACCOUNT)
 RATIO_SKUS = 20

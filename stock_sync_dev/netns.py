@@ -1,5 +1,5 @@
 """A small network of separate hosts made of Linux network namespaces, and the ways to break it:
-the lab of ``python -m stock_sync.devtools.chaos_partition`` (``make chaos-partition``).
+the lab of ``python -m stock_sync_dev.chaos_partition`` (``make chaos-partition``).
 
 The network: one namespace per host, all named ``sspt-<run id>-<host>``, and a switch
 namespace holding a bridge. Each host has one ``eth0`` with an address in 198.18.0.0/24 (the
@@ -379,7 +379,7 @@ class Wire:
 
     def __init__(self, namespace_a: str, device_a: str, namespace_b: str, device_b: str) -> None:
         self._command = [
-            sys.executable, "-m", "stock_sync.devtools.netns", "wire",
+            sys.executable, "-m", "stock_sync_dev.netns", "wire",
             namespace_a, device_a, namespace_b, device_b,
         ]  # fmt: skip
         self._process: subprocess.Popen[str] | None = None
@@ -482,7 +482,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) == 5 and argv[0] == "wire":
         relay(*argv[1:])
         return 0
-    print("usage: python -m stock_sync.devtools.netns wire NS_A DEV_A NS_B DEV_B", file=sys.stderr)
+    print("usage: python -m stock_sync_dev.netns wire NS_A DEV_A NS_B DEV_B", file=sys.stderr)
     return 2
 
 

@@ -1,7 +1,7 @@
 """The bare chain's no-op tasks, registered on the Celery app of ``tasks`` when imported.
 
 Only the benchmark's worker imports this module (``celery -A tasks worker --include
-stock_sync.devtools.bench.noop_tasks``): the production app never carries them. The producer
+stock_sync_dev.bench.noop_tasks``): the production app never carries them. The producer
 sends them by name (``app.signature``), so it needs no import either.
 """
 
@@ -13,7 +13,7 @@ import time
 import redis
 
 from stock_sync.adapters.settings import get_settings
-from stock_sync.devtools.bench import NOOP, NOOP_DONE
+from stock_sync_dev.bench import NOOP, NOOP_DONE
 from tasks.app import app
 
 # KEYS: counter, latest completion time; ARGV: this completion's time (epoch seconds).
