@@ -23,7 +23,7 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from stock_sync.adapters.microservice_client import MicroserviceClient, Revision
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.domain.errors import (
     ContractViolation,
     InvalidInput,
@@ -34,6 +34,7 @@ from stock_sync.domain.errors import (
     OrderNotFound,
     RevisionConflict,
 )
+from stock_sync.domain.revisions import Revision
 from stock_sync_fake import (
     DEFAULT_STRICT,
     FakeMicroservice,

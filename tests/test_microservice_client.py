@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,14 +14,13 @@ import pytest
 import requests
 import responses
 
-from stock_sync.adapters.microservice_client import (
+from stock_sync.adapters.marketplace_contract import (
     FULFILLMENT_STATUS_MAX_CHARS,
     TEXT_MAX_CHARS,
-    MicroserviceClient,
     MicroserviceOrder,
     OrderLineItem,
-    Revision,
 )
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation, StockLevel, StockMovement
 from stock_sync.domain.errors import (
     ContractViolation,
@@ -32,6 +33,7 @@ from stock_sync.domain.errors import (
     RevisionConflict,
     UnprocessableRequest,
 )
+from stock_sync.domain.revisions import Revision
 
 BASE_URL = "http://microservice.test"
 ORDER_URL = f"{BASE_URL}/v1/orders/o-1"
@@ -924,3 +926,42 @@ def test_the_string_bounds_match_the_database_columns() -> None:
         "line_item_id": TEXT_MAX_CHARS,
         "sku": TEXT_MAX_CHARS,
     }
+
+
+NO_DEADLINE_THREAD_UNTIL_A_REQUEST = """
+import threading
+
+from stock_sync.adapters import deadline_session, marketplace_contract, microservice_client
+from stock_sync.domain.errors import OrderNotFound
+from stock_sync_fake import FakeMicroservice
+
+
+def watchdogs():
+    return [t.name for t in threading.enumerate() if t.name == "microservice-deadlines"]
+
+
+print("after import:", watchdogs(), deadline_session._WATCHDOG)
+with FakeMicroservice().start() as fake, microservice_client.MicroserviceClient(fake.url) as c:
+    print("after a client:", watchdogs())
+    try:
+        c.get_order("missing")
+    except OrderNotFound:
+        pass
+    print("after a request:", watchdogs())
+"""
+
+
+def test_the_deadline_watchdog_starts_with_the_first_request_not_at_import() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-c", NO_DEADLINE_THREAD_UNTIL_A_REQUEST],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert ran.stdout.splitlines() == [
+        "after import: [] None",
+        "after a client: []",
+        "after a request: ['microservice-deadlines']",
+    ]
