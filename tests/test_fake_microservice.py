@@ -41,19 +41,12 @@ from stock_sync_fake import (
     load_orders_file,
     serve,
 )
+from tests import support
 
 
 def an_order(order_id: str = "o-1", **changes: Any) -> dict[str, Any]:
-    order: dict[str, Any] = {
-        "id": order_id,
-        "account_name": "shop-a",
-        "revision": 1,
-        "status": "READY_FOR_PROCESSING",
-        "fulfillment_status": "NEW",
-        "line_items": [{"id": "li-1", "offer_id": "off-1", "sku": "SKU-1", "quantity": 2}],
-    }
-    order.update(changes)
-    return order
+    """Revision 1, READY_FOR_PROCESSING, fulfillment NEW, two of SKU-1; ``changes`` on top."""
+    return {**support.order(order_id, ("SKU-1", 2), account_name="shop-a", revision=1), **changes}
 
 
 @pytest.fixture
