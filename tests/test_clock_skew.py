@@ -27,7 +27,11 @@ SKEW = timedelta(hours=1)
 
 
 @pytest.fixture
-def services(clean_database: Database, fake_microservice: FakeMicroservice) -> Iterator[Services]:
+def services(
+    clean_database: Database, fake_microservice: FakeMicroservice, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Services]:
+    # no retry parked in the database: the test runs each one itself until the rollback FAILS
+    monkeypatch.setenv("STOCK_SYNC_RETRY_PARK_AFTER_S", "86400")
     fake_microservice.reset()
     built = make_services(clean_database, fake_microservice)
     yield built
