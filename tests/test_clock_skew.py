@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, utcnow
@@ -39,10 +40,9 @@ def services(
 
 
 def created(services: Services, operation_id: uuid.UUID) -> datetime:
+    query = select(PendingStockOperation.created_at).where(PendingStockOperation.id == operation_id)
     with services.database.transaction() as session:
-        found = session.get(PendingStockOperation, operation_id)
-        assert found is not None
-        return found.created_at
+        return session.execute(query).scalar_one()
 
 
 def test_the_latest_rollback_is_the_last_made_whatever_the_clocks(
