@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database, after_commit
 from stock_sync.adapters.error_reporting import NO_ERROR_REPORTER, ErrorReporter, FailedOperation
-from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.adapters.marketplace_contract import MicroserviceOrder
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation, read_database_now, utcnow
 from stock_sync.adapters.notifications import Notification, Notifier
 from stock_sync.adapters.operation_events import DeferredEvents
