@@ -1,6 +1,7 @@
 """The README is a manual that cannot drift: its Configuration table is the output of
 `stock-sync settings --markdown`, every Prometheus alert's runbook_url lands on a runbook
-section of it, and its links (and those of docs/) lead to files that exist."""
+section of it, and its links and the repository paths it names (and those of docs/ and
+docker/README.md) lead to files that exist."""
 
 from __future__ import annotations
 
@@ -100,6 +101,21 @@ def test_relative_links_lead_to_files_that_exist() -> None:
                 continue
             path = target.split("#", 1)[0]
             assert (page.parent / path).exists(), f"{page.name} links {target}: no such file"
+
+
+REPOSITORY_PATH = re.compile(
+    r"`((?:stock_sync|stock_sync_dev|stock_sync_fake|tasks|tests|docker|migrations|docs)/[\w./-]*)`"
+)
+# Paths the pages name that the operator creates, not the repository.
+CREATED_BY_THE_OPERATOR = {"docker/.env"}
+
+
+def test_every_repository_path_the_pages_name_exists() -> None:
+    pages = [README, *sorted((REPO / "docs").glob("*.md")), REPO / "docker" / "README.md"]
+    for page in pages:
+        for path in REPOSITORY_PATH.findall(page.read_text(encoding="utf-8")):
+            if path not in CREATED_BY_THE_OPERATOR:
+                assert (REPO / path).exists(), f"{page.relative_to(REPO)} names {path}: gone"
 
 
 def test_the_readme_stays_a_manual() -> None:
