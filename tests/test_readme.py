@@ -5,6 +5,7 @@ docker/README.md) lead to files that exist."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -24,6 +25,17 @@ TABLE_BEGIN = "<!-- settings-table:begin (generated: stock-sync settings --markd
 TABLE_END = "<!-- settings-table:end -->"
 MAX_LINES = 260  # "at most about 250 lines"
 CLI = str(Path(sys.executable).with_name("stock-sync"))
+
+
+def settings_command(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, "settings", *arguments],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=60,
+        check=False,
+    )
 
 
 def readme() -> str:
@@ -52,14 +64,7 @@ def sections() -> dict[str, str]:
 
 
 def test_the_configuration_table_is_the_settings_command_output() -> None:
-    result = subprocess.run(
-        [CLI, "settings", "--markdown"],
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-        timeout=60,
-        check=False,
-    )
+    result = settings_command("--markdown")
     assert result.returncode == 0, result.stderr
     assert documented_table() == result.stdout.strip("\n"), (
         "README's Configuration table differs from the settings model: replace the lines"
@@ -74,6 +79,18 @@ def test_every_setting_has_a_meaning_and_nothing_stale_is_described() -> None:
     assert set(cli_settings.COMPUTED_DEFAULTS) <= fields
     documented = set(re.findall(r"`(STOCK_SYNC_[A-Z0-9_]+)`", documented_table()))
     assert documented == {f"STOCK_SYNC_{name.upper()}" for name in fields}
+
+
+def test_the_settings_command_lists_the_models_defaults_as_json_and_for_people() -> None:
+    listed = json.loads(settings_command("--json").stdout)
+    defaults = {row["variable"]: row["default"] for row in listed}
+    assert len(listed) == len(Settings.model_fields)
+    assert defaults["STOCK_SYNC_QUEUE_NAME"] == Settings.model_fields["queue_name"].default
+    assert defaults["STOCK_SYNC_MAX_RETRIES_PENDING"] == 10
+    assert all(row["meaning"] and "`" not in row["meaning"] for row in listed)
+    human = settings_command().stdout
+    assert "STOCK_SYNC_STUCK_AFTER_S = 900" in human
+    assert settings_command("--json", "--markdown").returncode == 2
 
 
 def test_every_alert_has_a_runbook_section_where_its_url_points() -> None:
