@@ -46,6 +46,7 @@ from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
 from stock_sync.entrypoints.cli_params import DURATION, PLAIN_TEXT, QUANTITY, FiniteFloatRange
 from stock_sync.entrypoints.cli_retry import retry
 from stock_sync.entrypoints.cli_rollback import rollback
+from stock_sync.entrypoints.cli_settings import settings
 from stock_sync.entrypoints.cli_submit import submit
 from stock_sync.services.queries import list_operations, operation_details
 
@@ -454,6 +455,7 @@ cli.add_command(flower)
 cli.add_command(rollback)
 cli.add_command(retry)
 cli.add_command(health)
+cli.add_command(settings)
 
 
 def main() -> None:
