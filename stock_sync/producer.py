@@ -32,7 +32,7 @@ from stock_sync.domain.errors import BatchEnqueueFailed, EnqueueFailed, InvalidI
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
-from stock_sync.services.operation_cancellation_service import CancellationResult
+from stock_sync.services.cancellation_results import CancellationResult
 from stock_sync.services.operations import FIRST_DISPATCH, operation_logger
 from stock_sync.services.recovery import RetryResult
 

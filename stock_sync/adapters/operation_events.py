@@ -49,7 +49,27 @@ _FINAL_STATUSES = frozenset(
 )
 
 
-class SqlEventStore:
+class _EventRows:
+    """An event store that keeps each recorded event as a row of the event table (``_keep``
+    says where the row waits to be written)."""
+
+    def record(
+        self,
+        *,
+        operation_id: UUID,
+        action: str,
+        from_status: str | None,
+        to_status: str | None,
+        error_type: str | None,
+        details: dict[str, Any],
+    ) -> None:
+        self._keep(_event_row(operation_id, action, from_status, to_status, error_type, details))
+
+    def _keep(self, row: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class SqlEventStore(_EventRows):
     """Writes audit events into the current transaction of a Session or a Connection (never
     commits).
 
@@ -61,41 +81,19 @@ class SqlEventStore:
     def __init__(self, owner: TransactionOwner) -> None:
         self._owner = owner
 
-    def record(
-        self,
-        *,
-        operation_id: UUID,
-        action: str,
-        from_status: str | None,
-        to_status: str | None,
-        error_type: str | None,
-        details: dict[str, Any],
-    ) -> None:
-        pending_events(self._owner).append(
-            _event_row(operation_id, action, from_status, to_status, error_type, details)
-        )
+    def _keep(self, row: dict[str, Any]) -> None:
+        pending_events(self._owner).append(row)
 
 
-class DeferredEvents:
+class DeferredEvents(_EventRows):
     """Events of a step that ran outside any transaction (a lock-free check, an HTTP call),
     kept until the transaction that records its outcome writes them, in order, first."""
 
     def __init__(self) -> None:
         self._events: list[dict[str, Any]] = []
 
-    def record(
-        self,
-        *,
-        operation_id: UUID,
-        action: str,
-        from_status: str | None,
-        to_status: str | None,
-        error_type: str | None,
-        details: dict[str, Any],
-    ) -> None:
-        self._events.append(
-            _event_row(operation_id, action, from_status, to_status, error_type, details)
-        )
+    def _keep(self, row: dict[str, Any]) -> None:
+        self._events.append(row)
 
     def write_into(self, owner: TransactionOwner) -> None:
         pending_events(owner).extend(self._events)

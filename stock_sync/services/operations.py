@@ -88,6 +88,12 @@ def operation_logger(
 ) -> StandardizedLogger:
     """A StandardizedLogger bound to ``operation`` that writes events into ``session``."""
     log = base.with_events(SqlEventStore(session) if session is not None else None)
+    bind_operation(log, operation)
+    return log
+
+
+def bind_operation(log: StandardizedLogger, operation: OperationLike) -> None:
+    """Put ``operation``'s context (order, status, attempt, type) on ``log``'s records."""
     log.bind(
         operation.id,
         order_id=operation.order_id,
@@ -95,7 +101,6 @@ def operation_logger(
         attempt=operation.retry_count + 1,
         operation_type=operation.operation_type,
     )
-    return log
 
 
 def transition(
