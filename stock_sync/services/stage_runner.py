@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -258,14 +259,10 @@ class StageRunner:
         if hook is not None:
             hook(session, operation)
         self._notify_after_commit(
-            session,
-            Notification(
-                kind="operation_failed",
-                operation_id=operation.id,
-                order_id=operation.order_id,
-                message=f"operation failed: {reason}{kept}",
-                details={"error_type": error_type, "error": text},
-            ),
+            failure,
+            "operation_failed",
+            f"operation failed: {reason}{kept}",
+            {"error_type": error_type, "error": text},
         )
         report = FailedOperation(
             operation.id, operation.order_id, stage.name, error_type, text, reason
@@ -273,19 +270,15 @@ class StageRunner:
         after_commit(session, lambda: self._error_reporter.operation_failed(report))
 
     def _log_failure(self, failure: _Failure, *, next_retry_at: datetime | None) -> None:
-        session, log, operation, stage, error = _unpacked(failure)
+        _, log, operation, stage, error = _unpacked(failure)
         result = getattr(error, "validation_result", None)
         if stage is VALIDATE_STOCK and isinstance(result, ValidationResult):
             log.log_validation_failure(operation.id, result)
             self._notify_after_commit(
-                session,
-                Notification(
-                    kind="stock_validation_failed",
-                    operation_id=operation.id,
-                    order_id=operation.order_id,
-                    message=str(error),
-                    details={"next_retry_at": str(next_retry_at) if next_retry_at else None},
-                ),
+                failure,
+                "stock_validation_failed",
+                str(error),
+                {"next_retry_at": str(next_retry_at) if next_retry_at else None},
             )
             return
         log.log_error_with_context(
@@ -294,10 +287,20 @@ class StageRunner:
             {"action": stage.failure_action, "stage": stage.name, "next_retry_at": next_retry_at},
         )
 
-    def _notify_after_commit(self, session: Session, notification: Notification) -> None:
-        """Senders are e-mail or chat (network calls): never inside the transaction, and never
-        for a change that rolled back."""
-        after_commit(session, lambda: self.notifier.notify(notification))
+    def _notify_after_commit(
+        self, failure: _Failure, kind: str, message: str, details: dict[str, Any]
+    ) -> None:
+        """Tell of the failing operation. Senders are e-mail or chat (network calls): never
+        inside the transaction, and never for a change that rolled back."""
+        operation = failure.operation
+        notification = Notification(
+            kind=kind,
+            operation_id=operation.id,
+            order_id=operation.order_id,
+            message=message,
+            details=details,
+        )
+        after_commit(failure.session, lambda: self.notifier.notify(notification))
 
 
 @dataclass(frozen=True)
