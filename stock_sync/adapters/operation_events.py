@@ -53,17 +53,10 @@ class _EventRows:
     """An event store that keeps each recorded event as a row of the event table (``_keep``
     says where the row waits to be written)."""
 
-    def record(
-        self,
-        *,
-        operation_id: UUID,
-        action: str,
-        from_status: str | None,
-        to_status: str | None,
-        error_type: str | None,
-        details: dict[str, Any],
-    ) -> None:
-        self._keep(_event_row(operation_id, action, from_status, to_status, error_type, details))
+    def record(self, **event: Any) -> None:
+        """One event: operation_id, action, from_status, to_status, error_type and details
+        (services.standardized_logger.EventStore types them), stamped with the time now."""
+        self._keep({**event, "at": utcnow()})
 
     def _keep(self, row: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -242,25 +235,6 @@ def _counter_parameters(increments: Counter[tuple[str, str]]) -> dict[str, Any]:
         parameters.update({f"name_{index}": name, f"label_{index}": label, f"shard_{index}": shard})
         parameters[f"value_{index}"] = value
     return parameters
-
-
-def _event_row(
-    operation_id: UUID,
-    action: str,
-    from_status: str | None,
-    to_status: str | None,
-    error_type: str | None,
-    details: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "operation_id": operation_id,
-        "action": action,
-        "from_status": from_status,
-        "to_status": to_status,
-        "error_type": error_type,
-        "details": details,
-        "at": utcnow(),
-    }
 
 
 def timeline(session: Session, operation_id: UUID) -> list[OperationEvent]:
