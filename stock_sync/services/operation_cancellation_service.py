@@ -20,7 +20,8 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.adapters.marketplace_contract import MicroserviceOrder
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.operation_rows import start_attempt
 from stock_sync.adapters.redaction import one_line

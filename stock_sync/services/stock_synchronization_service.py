@@ -17,7 +17,8 @@ from enum import Enum
 from typing import Any
 
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.adapters.marketplace_contract import MicroserviceOrder
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import utcnow
 from stock_sync.adapters.operation_events import DeferredEvents
 from stock_sync.adapters.operation_rows import (
