@@ -204,15 +204,24 @@ def _escaped(char: str, every_unprintable: bool) -> str:
 
 
 def one_line(
-    text: str, max_chars: int | None = MAX_SHOWN_CHARS * 4, *, every_unprintable: bool = False
+    text: str,
+    max_chars: int | None = MAX_SHOWN_CHARS * 4,
+    *,
+    every_unprintable: bool = False,
+    line_break: str | None = None,
+    cut_marker: str = "…",
 ) -> str:
     """``text`` as one printable line: control characters escaped (with ``every_unprintable``,
     every character ``str.isprintable`` refuses, as ``unicode_escape`` writes it), cut at
-    ``max_chars`` (None: never cut)."""
+    ``max_chars`` (None: never cut), the cut ending in ``cut_marker``. ``line_break``: what
+    a newline becomes instead of its escape (a stored error message reads "a b", not
+    "a\\x0ab")."""
+    if line_break is not None:
+        text = text.replace("\n", line_break)
     line = "".join(_escaped(char, every_unprintable) for char in text)
     if max_chars is None or len(line) <= max_chars:
         return line
-    return line[: max_chars - 1] + "…"
+    return line[: max_chars - len(cut_marker)] + cut_marker
 
 
 def shown_value(value: object, max_chars: int = MAX_SHOWN_CHARS) -> str:
