@@ -39,7 +39,7 @@ from stock_sync_dev.bench.harness import (
     run_environment,
     say,
     throwaway_database,
-    worker_arguments,
+    tool_worker_arguments,
 )
 from stock_sync_dev.chaos_faults import ChaosRedis
 from stock_sync_fake import FakeMicroservice
@@ -116,7 +116,7 @@ def rig(admin_url: str, parking: bool) -> Iterator[tuple[Database, int]]:
         database = Database(url)
         stack.callback(database.dispose)
         hostname = f"rss-{uuid.uuid4().hex[:6]}@%h"
-        arguments = worker_arguments("prefork", WORKER_CONCURRENCY, hostname)
+        arguments = tool_worker_arguments("prefork", WORKER_CONCURRENCY, hostname)
         worker = CeleryProcess(arguments, variables, workdir / "worker.log")
         stack.callback(worker.stop)
         beat = CeleryProcess(["beat", "--loglevel", "WARNING"], variables, workdir / "beat.log")

@@ -50,7 +50,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -60,14 +59,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
+from stock_sync_dev import chaos_verdict
 from stock_sync_dev.bench.harness import (
     DEFAULT_ADMIN_URL,
     configure_this_process,
@@ -80,21 +79,9 @@ from stock_sync_dev.chaos_checks import (
     Assertion,
     Calm,
     Snapshot,
-    cancelled_orders_restored,
-    completed_orders_synced_once,
     errors_by_type,
-    every_operation_terminal,
-    failures_by_design,
-    ledger_sums_to_level,
-    listed,
     lost_answers,
-    no_deadlocks,
-    one_deduction_per_order,
-    read_deadlocks,
     read_progress,
-    read_snapshot,
-    reconciliation_clean,
-    stock_levels_as_expected,
     wait_for_calm,
 )
 from stock_sync_dev.chaos_faults import (
@@ -115,6 +102,7 @@ from stock_sync_dev.chaos_faults import (
     stop_agents,
 )
 from stock_sync_dev.chaos_scenario import BUNDLE, Scenario, build_scenario
+from stock_sync_dev.chaos_verdict import SuiteReport
 from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
@@ -197,10 +185,7 @@ CHAOS_SETTINGS = {
     "RETRY_RELEASE_INTERVAL_S": "1",
     "ALERT_INTERVAL_S": "3600",
 }
-RETRY_BUDGETS = {
-    stage: int(CHAOS_SETTINGS[f"MAX_RETRIES_{stage.upper()}"])
-    for stage in ("pending", "processing", "deduction", "stock_deducted", "rollback")
-}
+RETRY_BUDGETS = chaos_verdict.retry_budgets(CHAOS_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -231,8 +216,10 @@ class Rig:
 
 
 @dataclass
-class ChaosReport:
+class ChaosReport(SuiteReport):
     """What a run did and what it found."""
+
+    SUITE: ClassVar[str] = "chaos"
 
     options: Options
     calm: Calm
@@ -250,14 +237,6 @@ class ChaosReport:
     assertions: list[Assertion]
     fault_s: float
     total_s: float
-
-    @property
-    def ok(self) -> bool:
-        return all(assertion.ok for assertion in self.assertions)
-
-    @property
-    def violated(self) -> list[str]:
-        return [assertion.name for assertion in self.assertions if not assertion.ok]
 
     def figures(self) -> dict[str, Any]:
         """The summary's figures, in the order the line shows them."""
@@ -282,25 +261,11 @@ class ChaosReport:
             "total_s": round(self.total_s, 1),
         }
 
-    def summary_line(self) -> str:
-        figures = " ".join(f"{name}={value}" for name, value in self.figures().items())
-        verdict = "OK" if self.ok else "FAILED (" + ", ".join(self.violated) + ")"
-        return f"chaos: {figures} : {verdict}"
-
-    def to_dict(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            **self.figures(),
-            "ok": self.ok,
-            "seed": self.options.seed,
-            "calm_reached": self.calm.reached,
             "submits": self.tally.submits,
             "cancels_from": dict(self.tally.cancels_from),
             "cancels_refused": self.tally.cancels_refused,
-            "process_exit_details": self.process_exits,
-            "errors_by_type": self.errors_by_type,
-            "violated": self.violated,
-            "assertions": [assertion.to_dict() for assertion in self.assertions],
-            "summary": self.summary_line(),
         }
 
 
@@ -451,36 +416,17 @@ def stop_everything_moving(rig: Rig, keeper: FleetKeeper, keeper_stop: threading
 
 
 def take_snapshot(rig: Rig) -> Snapshot:
-    fulfillment = {
-        order.order_id: str(rig.fake.order(order.order_id)["fulfillment_status"])
-        for order in rig.scenario.orders
-    }
-    return read_snapshot(
-        rig.database, rig.scenario.initial_stock, fulfillment, rig.fake.fulfillment_requests()
-    )
+    return chaos_verdict.take_snapshot(rig.database, rig.scenario, rig.fake)
 
 
 def judge(rig: Rig, snapshot: Snapshot) -> list[Assertion]:
     """Every assertion of the suite, in the order the report lists them."""
-    restored, rollback_failed = cancelled_orders_restored(snapshot, rig.database)
-    return [
-        every_operation_terminal(snapshot),
-        stock_levels_as_expected(snapshot),
-        ledger_sums_to_level(snapshot),
-        restored,
-        rollback_failed,
-        completed_orders_synced_once(snapshot),
-        failures_by_design(snapshot, rig.database, rig.scenario.short_order_ids(), RETRY_BUDGETS),
-        reconciliation_clean(rig.variables),
-        one_deduction_per_order(rig.database),
-        no_deadlocks(read_deadlocks(rig.database), rig.fleet.log_paths(), rig.tally.errors),
-        listed(
-            "producer_calls_clean",
-            "submit_operation raised nothing but EnqueueFailed (broker down) and "
-            "request_cancellation nothing but a refusal of a FAILED operation",
-            rig.tally.errors,
-        ),
-    ]
+    return chaos_verdict.shared_assertions(
+        snapshot, rig.database, rig.scenario, RETRY_BUDGETS, rig.variables,
+        rig.fleet.log_paths(), rig.tally.errors,
+        "submit_operation raised nothing but EnqueueFailed (broker down) and "
+        "request_cancellation nothing but a refusal of a FAILED operation",
+    )  # fmt: skip
 
 
 def status_counts(snapshot: Snapshot) -> dict[str, int]:
@@ -533,20 +479,9 @@ def shortened_timeline(details: dict[str, Any]) -> dict[str, Any]:
 def save_evidence(rig: Rig, assertions: Sequence[Assertion], folder: Path) -> None:
     """``stock-sync show --json`` of every example operation, the fake's PUTs and the logs."""
     folder.mkdir(parents=True, exist_ok=True)
-    for assertion in assertions:
-        for operation_id in assertion.example_operations(limit=len(assertion.found)):
-            with rig.database.transaction() as session:
-                details = operation_details(session, operation_id)
-            path = folder / f"show-{operation_id}.json"
-            path.write_text(json.dumps(details, indent=2, default=str))
     puts = rig.fake.fulfillment_requests()
     (folder / "fulfillments.json").write_text(json.dumps(puts, indent=2))
-    (folder / "assertions.json").write_text(
-        json.dumps([assertion.to_dict() for assertion in assertions], indent=2)
-    )
-    for log_path in rig.fleet.log_paths():
-        shutil.copy(log_path, folder / log_path.name)
-    say(f"evidence saved in {folder}")
+    chaos_verdict.save_operations_and_logs(rig.database, assertions, rig.fleet.log_paths(), folder)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -730,36 +665,25 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
 def report(result: ChaosReport) -> None:
     """The assertion table on stderr, then the summary line (or the JSON) on stdout."""
     say("")
-    for assertion in result.assertions:
-        verdict = "ok" if assertion.ok else f"VIOLATED ({len(assertion.found)})"
-        say(f"  {assertion.name:<32} {verdict}")
+    chaos_verdict.say_assertions(result.assertions)
     cancels = ", ".join(f"{k}={v}" for k, v in sorted(result.tally.cancels_from.items()))
     say(
         f"  cancels by stage: {cancels or 'none'}; refused (already FAILED): "
         f"{result.tally.cancels_refused}"
     )
-    errors = ", ".join(f"{k}={v}" for k, v in result.errors_by_type.items())
-    say(f"  errors recorded on operations: {errors or 'none'}")
+    chaos_verdict.say_errors(result.errors_by_type)
     say(
         f"  processes that exited on their own (restarted, as the compose file's restart "
         f"policy would): {len(result.process_exits)}"
     )
     for exit_line in result.process_exits[:EXAMPLES_SHOWN]:
         say(f"  - {exit_line}")
-    if result.options.json_output:
-        say(result.summary_line())
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary_line(), flush=True)
-
-
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so everything started is stopped
+    chaos_verdict.print_result(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, chaos_verdict.interrupt_on_sigterm)
     try:
         result = run(options)
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ from stock_sync.domain.errors import CancellationRefused, EnqueueFailed
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import request_cancellation, submit_operation
 from stock_sync_dev import rabbitmq
-from stock_sync_dev.bench.harness import CeleryProcess, worker_arguments
+from stock_sync_dev.bench.harness import CeleryProcess, tool_worker_arguments
 from stock_sync_dev.chaos_scenario import PlannedOrder
 from stock_sync_fake import FakeMicroservice
 
@@ -285,7 +285,7 @@ def _arguments(role: str, generation: int) -> list[str]:
     # The victim is a prefork worker (its children die with it), the steady one uses threads.
     pool = "prefork" if role == VICTIM else "threads"
     hostname = f"chaos-{role}-{generation}-{uuid.uuid4().hex[:6]}@%h"
-    return worker_arguments(pool, 2, hostname)
+    return tool_worker_arguments(pool, 2, hostname)
 
 
 class Fleet:

@@ -66,8 +66,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg2
 import redis
@@ -79,39 +78,19 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
-from stock_sync_dev import netns
+from stock_sync_dev import chaos_checks, chaos_verdict, netns, processes
 from stock_sync_dev.bench.harness import (
     REPOSITORY,
     configure_this_process,
     run_environment,
     say,
     stock_skus,
+    tool_worker_arguments,
     with_application_name,
     without_stock_sync_variables,
-    worker_arguments,
 )
 from stock_sync_dev.chaos import ICU_EN_US, shortened_timeline, status_counts
-from stock_sync_dev.chaos_checks import (
-    Assertion,
-    Calm,
-    Snapshot,
-    cancelled_orders_restored,
-    completed_orders_synced_once,
-    errors_by_type,
-    every_operation_terminal,
-    failures_by_design,
-    ledger_sums_to_level,
-    listed,
-    lost_answers,
-    no_deadlocks,
-    one_deduction_per_order,
-    read_deadlocks,
-    read_progress,
-    read_snapshot,
-    reconciliation_clean,
-    stock_levels_as_expected,
-    wait_for_calm,
-)
+from stock_sync_dev.chaos_checks import Assertion, Calm, Snapshot
 from stock_sync_dev.chaos_faults import (
     Agent,
     HarnessError,
@@ -122,6 +101,7 @@ from stock_sync_dev.chaos_faults import (
     stop_agents,
 )
 from stock_sync_dev.chaos_scenario import Scenario, build_scenario
+from stock_sync_dev.chaos_verdict import SuiteReport
 
 EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -190,10 +170,7 @@ PARTITION_SETTINGS = {
     "RETRY_RELEASE_INTERVAL_S": "1",
     "ALERT_INTERVAL_S": "3600",
 }
-RETRY_BUDGETS = {
-    stage: int(PARTITION_SETTINGS[f"MAX_RETRIES_{stage.upper()}"])
-    for stage in ("pending", "processing", "deduction", "stock_deducted", "rollback")
-}
+RETRY_BUDGETS = chaos_verdict.retry_budgets(PARTITION_SETTINGS)
 # The fake's per-order faults of the chaos scenario, but no held PUTs (nothing here releases
 # them): late payment, answers lost after the PUT took effect.
 DROPPED_KNOBS = ("hold_puts",)
@@ -216,8 +193,9 @@ class Options:
 # --- processes on the hosts -------------------------------------------------------------------
 
 
-class HostProcess:
-    """A command run in a host's namespace, in its own session, its output in a log file."""
+class HostProcess(processes.ChildProcess):
+    """A command run in a host's namespace, in its own session (a terminal's Ctrl-C is ours to
+    handle), its output in a log file; this process's environment unless one is given."""
 
     def __init__(
         self,
@@ -229,42 +207,13 @@ class HostProcess:
         cwd: Path = REPOSITORY,
     ) -> None:
         self.host = host
-        self.log_path = log_path
         as_user = ["runuser", "-u", user, "--"] if user else []
         full = netns.in_namespace(host.namespace, [*as_user, *command])
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                full,
-                cwd=cwd,
-                env=dict(environment) if environment is not None else None,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C is ours to handle
-            )
+        variables = dict(os.environ if environment is None else environment)
+        super().__init__(full, variables, log_path, cwd=cwd)
 
-    def exit_code(self) -> int | None:
-        return self.process.poll()
-
-    def log_tail(self, characters: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-characters:]
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to the process group (a warm shutdown), SIGKILL after ``timeout_s``."""
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+    def stop(self, grace_s: float = 20.0) -> None:
+        super().stop(grace_s)
 
 
 def wait_until(what: str, ready: Callable[[], bool], process: HostProcess | None) -> None:
@@ -494,12 +443,14 @@ class Fleet:
         if role == BEAT:
             arguments = ["beat", "--loglevel", "WARNING"]
         else:
-            arguments = worker_arguments(WORKER_POOLS[role], CONCURRENCY, self.node_names[role])
+            arguments = tool_worker_arguments(
+                WORKER_POOLS[role], CONCURRENCY, self.node_names[role]
+            )
         environment = {
             **without_stock_sync_variables(dict(os.environ)),
             **self._variables[role],
         }
-        command = [sys.executable, "-m", "celery", "-A", "tasks", *arguments]
+        command = processes.celery_command(arguments)
         self._processes[role] = HostProcess(
             self._hosts[role], command, self._logs / f"{role}.log", environment
         )
@@ -819,7 +770,7 @@ class Partitioner(Agent):
         waiting = set(WORKERS)
         while waiting and time.monotonic() - healed_at < HEAL_TIMEOUT_S:
             self._watch_orphan()
-            idle = read_progress(self._rig.database).calm
+            idle = chaos_checks.read_progress(self._rig.database).calm
             for worker in sorted(waiting):
                 count = tasks_done(self._rig.fleet.node_names[worker])
                 if count is None:
@@ -851,7 +802,9 @@ class Rig:
 
 
 @dataclass
-class PartitionReport:
+class PartitionReport(SuiteReport):
+    SUITE: ClassVar[str] = "chaos-partition"
+
     options: Options
     partitions: list[Partition]
     heal: HealReport
@@ -865,14 +818,6 @@ class PartitionReport:
     errors_by_type: dict[str, int]
     assertions: list[Assertion]
     total_s: float
-
-    @property
-    def ok(self) -> bool:
-        return all(assertion.ok for assertion in self.assertions)
-
-    @property
-    def violated(self) -> list[str]:
-        return [assertion.name for assertion in self.assertions if not assertion.ok]
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -893,27 +838,13 @@ class PartitionReport:
             "total_s": round(self.total_s, 1),
         }
 
-    def summary_line(self) -> str:
-        figures = " ".join(f"{name}={value}" for name, value in self.figures().items())
-        verdict = "OK" if self.ok else "FAILED (" + ", ".join(self.violated) + ")"
-        return f"chaos-partition: {figures} : {verdict}"
-
-    def to_dict(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            **self.figures(),
-            "ok": self.ok,
-            "seed": self.options.seed,
-            "calm_reached": self.calm.reached,
             "partition_details": [partition.to_dict() for partition in self.partitions],
             "workers_back_s": {k: round(v, 1) for k, v in self.heal.back_s.items()},
             "workers_not_back": self.heal.not_back,
             "submits": self.tally.submits,
             "enqueue_failed": self.tally.enqueue_failed,
-            "process_exit_details": self.process_exits,
-            "errors_by_type": self.errors_by_type,
-            "violated": self.violated,
-            "assertions": [assertion.to_dict() for assertion in self.assertions],
-            "summary": self.summary_line(),
         }
 
 
@@ -1034,7 +965,7 @@ def run_partition_phase(rig: Rig, options: Options, keeper: Keeper) -> Partition
             check_agents([*agents, keeper])
             if time.monotonic() - started >= next_line:
                 next_line += PROGRESS_EVERY_S
-                progress = read_progress(rig.database)
+                progress = chaos_checks.read_progress(rig.database)
                 say(
                     f"    {time.monotonic() - started:.0f} s: submitted "
                     f"{submitter.submitted_orders}/{len(rig.scenario.orders)}, "
@@ -1049,16 +980,6 @@ def run_partition_phase(rig: Rig, options: Options, keeper: Keeper) -> Partition
     return partitioner
 
 
-def take_snapshot(rig: Rig) -> Snapshot:
-    fulfillment = {
-        order.order_id: str(rig.fake.order(order.order_id)["fulfillment_status"])
-        for order in rig.scenario.orders
-    }
-    return read_snapshot(
-        rig.database, rig.scenario.initial_stock, fulfillment, rig.fake.fulfillment_requests()
-    )
-
-
 def workers_back(heal: HealReport) -> Assertion:
     check = Assertion(
         "workers_back_after_heal",
@@ -1071,26 +992,13 @@ def workers_back(heal: HealReport) -> Assertion:
 
 
 def judge(rig: Rig, snapshot: Snapshot, heal: HealReport) -> list[Assertion]:
-    restored, rollback_failed = cancelled_orders_restored(snapshot, rig.database)
-    return [
-        every_operation_terminal(snapshot),
-        stock_levels_as_expected(snapshot),
-        ledger_sums_to_level(snapshot),
-        restored,
-        rollback_failed,
-        completed_orders_synced_once(snapshot),
-        failures_by_design(snapshot, rig.database, rig.scenario.short_order_ids(), RETRY_BUDGETS),
-        reconciliation_clean(rig.variables),
-        one_deduction_per_order(rig.database),
-        no_deadlocks(read_deadlocks(rig.database), rig.fleet.log_paths(), rig.tally.errors),
-        listed(
-            "producer_calls_clean",
-            "submit_operation raised nothing but EnqueueFailed and request_cancellation "
-            "nothing but a refusal of a FAILED operation",
-            rig.tally.errors,
-        ),
-        workers_back(heal),
-    ]
+    shared = chaos_verdict.shared_assertions(
+        snapshot, rig.database, rig.scenario, RETRY_BUDGETS, rig.variables,
+        rig.fleet.log_paths(), rig.tally.errors,
+        "submit_operation raised nothing but EnqueueFailed and request_cancellation "
+        "nothing but a refusal of a FAILED operation",
+    )  # fmt: skip
+    return [*shared, workers_back(heal)]
 
 
 def show_violations(rig: Rig, assertions: Sequence[Assertion]) -> None:
@@ -1108,20 +1016,7 @@ def show_violations(rig: Rig, assertions: Sequence[Assertion]) -> None:
 
 
 def save_evidence(rig: Rig, assertions: Sequence[Assertion], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for assertion in assertions:
-        for operation_id in assertion.example_operations(limit=len(assertion.found)):
-            with rig.database.transaction() as session:
-                details = operation_details(session, operation_id)
-            (folder / f"show-{operation_id}.json").write_text(
-                json.dumps(details, indent=2, default=str)
-            )
-    (folder / "assertions.json").write_text(
-        json.dumps([assertion.to_dict() for assertion in assertions], indent=2)
-    )
-    for log_path in rig.fleet.log_paths():
-        shutil.copy(log_path, folder / log_path.name)
-    say(f"evidence saved in {folder}")
+    chaos_verdict.save_operations_and_logs(rig.database, assertions, rig.fleet.log_paths(), folder)
 
 
 @contextlib.contextmanager
@@ -1158,7 +1053,7 @@ def run(options: Options) -> PartitionReport:
             + (f"; NOT back: {partitioner.heal.not_back}" if partitioner.heal.not_back else "")
         )
         say(f"[3/4] settling (at most {options.settle_timeout_s:.0f} s)")
-        calm = wait_for_calm(
+        calm = chaos_checks.wait_for_calm(
             rig.database, options.settle_timeout_s, on_poll=lambda: check_agents([keeper])
         )
         settle_s = time.monotonic() - healed_at
@@ -1167,7 +1062,7 @@ def run(options: Options) -> PartitionReport:
         reset_databases()
         rig.database.dispose()
         say("[4/4] judging")
-        snapshot = take_snapshot(rig)
+        snapshot = chaos_verdict.take_snapshot(rig.database, rig.scenario, rig.fake)
         assertions = judge(rig, snapshot, partitioner.heal)
         show_violations(rig, assertions)
         if options.evidence_dir is not None:
@@ -1180,10 +1075,10 @@ def run(options: Options) -> PartitionReport:
             calm=calm,
             settle_s=settle_s,
             process_exits=rig.fleet.unexpected_exits,
-            lost_answers=lost_answers(snapshot.puts),
+            lost_answers=chaos_checks.lost_answers(snapshot.puts),
             tally=rig.tally,
             statuses=status_counts(snapshot),
-            errors_by_type=errors_by_type(rig.database),
+            errors_by_type=chaos_checks.errors_by_type(rig.database),
             assertions=assertions,
             total_s=time.monotonic() - started,
         )
@@ -1277,28 +1172,17 @@ def report(result: PartitionReport) -> None:
         )
     back = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(result.heal.back_s.items()))
     say(f"  workers working again after the heal: {back or 'none'}")
-    for assertion in result.assertions:
-        verdict = "ok" if assertion.ok else f"VIOLATED ({len(assertion.found)})"
-        say(f"  {assertion.name:<32} {verdict}")
-    errors = ", ".join(f"{k}={v}" for k, v in result.errors_by_type.items())
-    say(f"  errors recorded on operations: {errors or 'none'}")
+    chaos_verdict.say_assertions(result.assertions)
+    chaos_verdict.say_errors(result.errors_by_type)
     for exit_line in result.process_exits[:5]:
         say(f"  process exit: {exit_line}")
-    if result.options.json_output:
-        say(result.summary_line())
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary_line(), flush=True)
-
-
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: everything made is removed
+    chaos_verdict.print_result(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    signal.signal(signal.SIGHUP, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, chaos_verdict.interrupt_on_sigterm)
+    signal.signal(signal.SIGHUP, chaos_verdict.interrupt_on_sigterm)
     try:
         for removed in netns.sweep_leftovers():
             say(f"removed a leftover of a run that died: {removed}")

@@ -41,7 +41,7 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stock import MovementReason
 from stock_sync.producer import submit_operation
-from stock_sync_dev import chaos
+from stock_sync_dev import chaos, chaos_verdict
 from stock_sync_dev.bench.harness import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
 from stock_sync_dev.chaos_checks import (
     BIN,
@@ -479,7 +479,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     options, mode, backlog_age = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, chaos._interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, chaos_verdict.interrupt_on_sigterm)
     try:
         result = run_backlog(options, backlog_age) if mode == "backlog" else run_outage(options)
     except KeyboardInterrupt:
