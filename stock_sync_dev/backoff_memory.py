@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PARKED, PendingStockOperation
 from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.producer import submit_operation
+from stock_sync_dev import cli_args
 from stock_sync_dev.bench.harness import (
-    DEFAULT_ADMIN_URL,
     CeleryProcess,
     Progress,
     configure_this_process,
@@ -176,10 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--countdowns", action="store_true", help="turn parking off (the comparison)"
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-    )
+    cli_args.add_postgres_url(parser, help=None)
     args = parser.parse_args(argv)
     samples = run(args.operations, args.postgres_url, not args.countdowns, args.every)
     print(summary(not args.countdowns, samples, args.operations), flush=True)

@@ -66,9 +66,8 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
-from stock_sync_dev import chaos_verdict
+from stock_sync_dev import chaos_verdict, cli_args
 from stock_sync_dev.bench.harness import (
-    DEFAULT_ADMIN_URL,
     configure_this_process,
     run_environment,
     say,
@@ -582,13 +581,6 @@ def run(options: Options) -> ChaosReport:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
 def default_settle_timeout_s(orders: int) -> float:
     return SETTLE_TIMEOUT_BASE_S + orders * SETTLE_TIMEOUT_PER_ORDER_S
 
@@ -599,7 +591,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         description="Run stock-sync under broker crashes, worker kills, microservice faults, "
         "racing submits and random cancels; then check its invariants.",
     )
-    parser.add_argument("--orders", type=_positive, default=DEFAULT_ORDERS)
+    parser.add_argument("--orders", type=cli_args.positive_int, default=DEFAULT_ORDERS)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument(
@@ -623,11 +615,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         default="en-US",
         help="the throwaway database's collation: ICU en-US (default) or the server's",
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-        help="an admin connection allowed to CREATE/DROP DATABASE",
-    )
+    cli_args.add_postgres_url(parser)
     parser.add_argument(
         "--broker",
         choices=BROKERS,
@@ -683,7 +671,7 @@ def report(result: ChaosReport) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, chaos_verdict.interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
     try:
         result = run(options)
     except KeyboardInterrupt:

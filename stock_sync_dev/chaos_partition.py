@@ -78,7 +78,7 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
-from stock_sync_dev import chaos_checks, chaos_verdict, netns, processes
+from stock_sync_dev import chaos_checks, chaos_verdict, cli_args, netns, processes
 from stock_sync_dev.bench.harness import (
     REPOSITORY,
     configure_this_process,
@@ -1088,50 +1088,39 @@ def run(options: Options) -> PartitionReport:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
-    return number
-
-
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m stock_sync_dev.chaos_partition",
         description="Run stock-sync on separate hosts (network namespaces), cut the links "
         "between them while orders flow, heal them, then check its invariants.",
     )
-    parser.add_argument("--orders", type=_positive_int, default=DEFAULT_ORDERS)
+    parser.add_argument("--orders", type=cli_args.positive_int, default=DEFAULT_ORDERS)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument(
-        "--rate", type=_positive_float, default=SUBMITS_PER_S, help="orders a second, at most"
+        "--rate",
+        type=cli_args.positive_seconds,
+        default=SUBMITS_PER_S,
+        help="orders a second, at most",
     )
     parser.add_argument(
         "--gap", type=float, default=GAP_S, help=f"seconds between partitions (default {GAP_S:g})"
     )
     parser.add_argument(
         "--hold",
-        type=_positive_float,
+        type=cli_args.positive_seconds,
         default=HOLD_S,
         help=f"seconds from the last partition to the heal (default {HOLD_S:g})",
     )
     parser.add_argument(
         "--backoff-max",
-        type=_positive_float,
+        type=cli_args.positive_seconds,
         default=float(PARTITION_SETTINGS["RETRY_BACKOFF_MAX_S"]),
         help="STOCK_SYNC_RETRY_BACKOFF_MAX_S of the run",
     )
     parser.add_argument(
         "--settle-timeout",
-        type=_positive_float,
+        type=cli_args.positive_seconds,
         default=None,
         help=f"seconds to wait for calm after the heal (default {SETTLE_TIMEOUT_BASE_S:g} + "
         f"{SETTLE_TIMEOUT_PER_ORDER_S:g} per order)",
@@ -1181,8 +1170,8 @@ def report(result: PartitionReport) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, chaos_verdict.interrupt_on_sigterm)
-    signal.signal(signal.SIGHUP, chaos_verdict.interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
+    signal.signal(signal.SIGHUP, cli_args.interrupt_on_sigterm)
     try:
         for removed in netns.sweep_leftovers():
             say(f"removed a leftover of a run that died: {removed}")

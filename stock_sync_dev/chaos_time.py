@@ -41,8 +41,8 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stock import MovementReason
 from stock_sync.producer import submit_operation
-from stock_sync_dev import chaos, chaos_verdict
-from stock_sync_dev.bench.harness import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
+from stock_sync_dev import chaos, cli_args
+from stock_sync_dev.bench.harness import say, without_stock_sync_variables
 from stock_sync_dev.chaos_checks import (
     BIN,
     Assertion,
@@ -455,11 +455,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
         f"(default {DEFAULT_BACKLOG_AGE:g})",
     )
     parser.add_argument("--settle-timeout", type=float, default=None)
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-        help="an admin connection allowed to CREATE/DROP DATABASE",
-    )
+    cli_args.add_postgres_url(parser)
     args = parser.parse_args(argv)
     orders = args.orders or DEFAULT_ORDERS[args.mode]
     if orders < 2:
@@ -479,7 +475,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     options, mode, backlog_age = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, chaos_verdict.interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
     try:
         result = run_backlog(options, backlog_age) if mode == "backlog" else run_outage(options)
     except KeyboardInterrupt:

@@ -8,7 +8,6 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, ClassVar, Protocol
 
 from stock_sync.adapters.db import Database
@@ -179,7 +178,3 @@ def print_result(result: SuiteReport) -> None:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.summary_line(), flush=True)
-
-
-def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so everything started is stopped or removed

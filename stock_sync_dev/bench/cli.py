@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal
 
 import redis
@@ -60,9 +58,9 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.instrumentation import LabelledSqlCounter
 from stock_sync.adapters.instrumentation import install as count_own_sql
 from stock_sync.adapters.instrumentation import uninstall as uninstall_sql_counter
+from stock_sync_dev import cli_args
 from stock_sync_dev.bench import phases, profiling, report
 from stock_sync_dev.bench.harness import (
-    DEFAULT_ADMIN_URL,
     DEFAULT_REDIS_URL,
     TASK_EVENTS_VARIABLE,
     BenchmarkError,
@@ -301,20 +299,6 @@ def run(options: Options) -> report.Results:
 # --- command line -------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def _not_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m stock_sync_dev.benchmark",
@@ -331,24 +315,20 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         parser.add_argument(
             flag,
             dest=name,
-            type=_positive,
+            type=cli_args.positive_int,
             default=None,
             help=f"{text} (default {default:,}, {QUICK[name]:,} with --quick)",
         )
     parser.add_argument("--quick", action="store_true", help="everything sized down (smoke run)")
     parser.add_argument("--pool", choices=("prefork", "threads"), default=DEFAULT_POOL)
-    parser.add_argument("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--concurrency", type=cli_args.positive_int, default=DEFAULT_CONCURRENCY)
     parser.add_argument(
         "--runs",
-        type=_positive,
+        type=cli_args.positive_int,
         default=DEFAULT_QUERY_RUNS,
         help="timed runs per query (the median is reported)",
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-        help="an admin connection allowed to CREATE/DROP DATABASE",
-    )
+    cli_args.add_postgres_url(parser)
     parser.add_argument(
         "--redis-url",
         default=DEFAULT_REDIS_URL,
@@ -369,7 +349,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--soak",
-        type=_not_negative,
+        type=cli_args.not_negative_int,
         default=None,
         help=f"operations of the soak phase, 0 for none (default 0, {QUICK_SOAK_OPS} with "
         f"--quick; make soak runs {MAKE_SOAK_OPS:,})",
@@ -426,14 +406,10 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
 
 
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """0 when measured (targets missed or not), 1 on an error, 130 when interrupted."""
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
     try:
         results = run(options)
     except KeyboardInterrupt:

@@ -1,0 +1,47 @@
+"""What the development tools' command lines share: argument types, the admin connection
+option, and SIGTERM unwinding like Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from types import FrameType
+
+from stock_sync_dev.bench.harness import DEFAULT_ADMIN_URL
+
+ADMIN_URL_HELP = "an admin connection allowed to CREATE/DROP DATABASE"
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def not_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def positive_seconds(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return number
+
+
+def add_postgres_url(parser: argparse.ArgumentParser, help: str | None = ADMIN_URL_HELP) -> None:
+    """``--postgres-url``: the admin connection the tool makes its throwaway database with
+    (default STOCK_SYNC_TEST_POSTGRES_URL, else the local server)."""
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
+        help=help,
+    )
+
+
+def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so everything started is stopped or removed
