@@ -586,14 +586,31 @@ def default_settle_timeout_s(orders: int) -> float:
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m stock_sync_dev.chaos",
-        description="Run stock-sync under broker crashes, worker kills, microservice faults, "
+    parser = cli_args.suite_parser(
+        "python -m stock_sync_dev.chaos",
+        "Run stock-sync under broker crashes, worker kills, microservice faults, "
         "racing submits and random cancels; then check its invariants.",
+        DEFAULT_ORDERS,
+        DEFAULT_SEED,
     )
-    parser.add_argument("--orders", type=cli_args.positive_int, default=DEFAULT_ORDERS)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    return Options(
+        orders=args.orders,
+        seed=args.seed,
+        json_output=args.json,
+        fault_s=args.fault_seconds or MIN_FAULT_S,
+        settle_timeout_s=args.settle_timeout or default_settle_timeout_s(args.orders),
+        collation=args.collation,
+        admin_url=args.postgres_url,
+        evidence_dir=args.evidence_dir,
+        broker=args.broker,
+        rabbitmq_node=args.rabbitmq_node,
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How long the faults and the settling last, and what the run stands on."""
     parser.add_argument(
         "--fault-seconds",
         type=float,
@@ -634,19 +651,6 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         type=Path,
         default=None,
         help="save the example operations' timelines, the fake's PUTs and the logs here",
-    )
-    args = parser.parse_args(argv)
-    return Options(
-        orders=args.orders,
-        seed=args.seed,
-        json_output=args.json,
-        fault_s=args.fault_seconds or MIN_FAULT_S,
-        settle_timeout_s=args.settle_timeout or default_settle_timeout_s(args.orders),
-        collation=args.collation,
-        admin_url=args.postgres_url,
-        evidence_dir=args.evidence_dir,
-        broker=args.broker,
-        rabbitmq_node=args.rabbitmq_node,
     )
 
 

@@ -1089,14 +1089,34 @@ def run(options: Options) -> PartitionReport:
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m stock_sync_dev.chaos_partition",
-        description="Run stock-sync on separate hosts (network namespaces), cut the links "
+    parser = cli_args.suite_parser(
+        "python -m stock_sync_dev.chaos_partition",
+        "Run stock-sync on separate hosts (network namespaces), cut the links "
         "between them while orders flow, heal them, then check its invariants.",
+        DEFAULT_ORDERS,
+        DEFAULT_SEED,
     )
-    parser.add_argument("--orders", type=cli_args.positive_int, default=DEFAULT_ORDERS)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _add_partition_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.gap < 0:
+        parser.error(f"--gap must be >= 0, got {args.gap}")
+    return Options(
+        orders=args.orders,
+        seed=args.seed,
+        json_output=args.json,
+        rate=args.rate,
+        gap_s=args.gap,
+        hold_s=args.hold,
+        backoff_max_s=args.backoff_max,
+        settle_timeout_s=args.settle_timeout
+        or SETTLE_TIMEOUT_BASE_S + args.orders * SETTLE_TIMEOUT_PER_ORDER_S,
+        database_options=args.database_options,
+        evidence_dir=args.evidence_dir,
+    )
+
+
+def _add_partition_arguments(parser: argparse.ArgumentParser) -> None:
+    """The partitions' pace, the run's retry backoff and settling, and the experiment."""
     parser.add_argument(
         "--rate",
         type=cli_args.positive_seconds,
@@ -1133,22 +1153,6 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         "'keepalives_idle=5&options=-c idle_in_transaction_session_timeout=10000'",
     )
     parser.add_argument("--evidence-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.gap < 0:
-        parser.error(f"--gap must be >= 0, got {args.gap}")
-    return Options(
-        orders=args.orders,
-        seed=args.seed,
-        json_output=args.json,
-        rate=args.rate,
-        gap_s=args.gap,
-        hold_s=args.hold,
-        backoff_max_s=args.backoff_max,
-        settle_timeout_s=args.settle_timeout
-        or SETTLE_TIMEOUT_BASE_S + args.orders * SETTLE_TIMEOUT_PER_ORDER_S,
-        database_options=args.database_options,
-        evidence_dir=args.evidence_dir,
-    )
 
 
 def report(result: PartitionReport) -> None:

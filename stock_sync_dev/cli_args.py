@@ -33,6 +33,18 @@ def positive_seconds(value: str) -> float:
     return number
 
 
+def suite_parser(
+    prog: str, description: str, default_orders: int, default_seed: int
+) -> argparse.ArgumentParser:
+    """A fault suite's command line, with the ``--orders``, ``--seed`` and ``--json`` every
+    suite has."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--orders", type=positive_int, default=default_orders)
+    parser.add_argument("--seed", type=int, default=default_seed)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    return parser
+
+
 def add_postgres_url(parser: argparse.ArgumentParser, help: str | None = ADMIN_URL_HELP) -> None:
     """``--postgres-url``: the admin connection the tool makes its throwaway database with
     (default STOCK_SYNC_TEST_POSTGRES_URL, else the local server)."""
