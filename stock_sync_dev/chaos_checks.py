@@ -625,12 +625,18 @@ def lost_answers(puts: Sequence[Mapping[str, Any]]) -> int:
 
 def errors_by_type(database: Database) -> dict[str, int]:
     """How often each error type was recorded on an operation (retries and failures)."""
-    event = OperationEvent
+    error_type = OperationEvent.error_type
+    return dict(event_counts(database, error_type, error_type.is_not(None)))
+
+
+def event_counts(database: Database, column: Any, condition: Any) -> list[tuple[str, int]]:
+    """How many operation events matching ``condition`` have each value of ``column``, the
+    most frequent first."""
     with database.transaction() as session:
         rows = session.execute(
-            select(event.error_type, func.count())
-            .where(event.error_type.is_not(None))
-            .group_by(event.error_type)
+            select(column, func.count())
+            .where(condition)
+            .group_by(column)
             .order_by(func.count().desc())
         )
-        return {str(kind): int(count) for kind, count in rows}
+        return [(str(value), int(count)) for value, count in rows]

@@ -98,6 +98,7 @@ from stock_sync_dev.chaos_faults import (
     ProducerTally,
     Submitter,
     agent_errors,
+    redis_queue_length,
     stop_agents,
 )
 from stock_sync_dev.chaos_scenario import Scenario, build_scenario
@@ -336,13 +337,7 @@ class PrivateRedis:
             client.close()
 
     def queue_length(self, queue: str) -> int:
-        client = self.client()
-        try:
-            return int(client.llen(queue))
-        except redis.RedisError:
-            return 0
-        finally:
-            client.close()
+        return redis_queue_length(self.client(), queue)
 
     def unacked_task_ids(self) -> set[str]:
         """The task ids of the messages delivered to a consumer and not acknowledged yet."""

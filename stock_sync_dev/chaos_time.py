@@ -48,6 +48,7 @@ from stock_sync_dev.chaos_checks import (
     Assertion,
     Calm,
     completed_orders_synced_once,
+    event_counts,
     every_operation_terminal,
     ledger_sums_to_level,
     one_deduction_per_order,
@@ -121,14 +122,8 @@ class TimeReport:
 
 def stage_runs(database: Any) -> Counter[str]:
     """How many times each stage started, over every operation (its start events)."""
-    event = OperationEvent
-    with database.transaction() as session:
-        rows = session.execute(
-            select(event.action, func.count())
-            .where(event.action.in_(STAGE_STARTS))
-            .group_by(event.action)
-        )
-        return Counter({action: int(count) for action, count in rows})
+    action = OperationEvent.action
+    return Counter(dict(event_counts(database, action, action.in_(STAGE_STARTS))))
 
 
 def sweep_redrives(database: Any) -> int:
