@@ -221,21 +221,12 @@ class ChaosReport(SuiteReport):
     SUITE: ClassVar[str] = "chaos"
 
     options: Options
-    calm: Calm
     kills: int
-    # Exits the suite did not cause (restarted, as the compose file's restart policy would).
-    process_exits: list[str]
     broker_restarts: int
-    lost_answers: int
     buyer_edits: int
     buyer_cancels: int
     late_puts: int
-    tally: ProducerTally
-    statuses: dict[str, int]
-    errors_by_type: dict[str, int]
-    assertions: list[Assertion]
     fault_s: float
-    total_s: float
 
     def figures(self) -> dict[str, Any]:
         """The summary's figures, in the order the line shows them."""

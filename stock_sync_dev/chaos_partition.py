@@ -90,7 +90,7 @@ from stock_sync_dev.bench.harness import (
     without_stock_sync_variables,
 )
 from stock_sync_dev.chaos import ICU_EN_US, shortened_timeline, status_counts
-from stock_sync_dev.chaos_checks import Assertion, Calm, Snapshot
+from stock_sync_dev.chaos_checks import Assertion, Snapshot
 from stock_sync_dev.chaos_faults import (
     Agent,
     HarnessError,
@@ -804,15 +804,7 @@ class PartitionReport(SuiteReport):
     partitions: list[Partition]
     heal: HealReport
     orphan_s: float
-    calm: Calm
     settle_s: float
-    process_exits: list[str]
-    lost_answers: int
-    tally: ProducerTally
-    statuses: dict[str, int]
-    errors_by_type: dict[str, int]
-    assertions: list[Assertion]
-    total_s: float
 
     def figures(self) -> dict[str, Any]:
         return {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -30,6 +31,7 @@ from stock_sync_dev.chaos_checks import (
     reconciliation_clean,
     stock_levels_as_expected,
 )
+from stock_sync_dev.chaos_faults import ProducerTally
 from stock_sync_dev.chaos_scenario import Scenario
 
 
@@ -49,16 +51,22 @@ class SuiteOptions(Protocol):
     def json_output(self) -> bool: ...
 
 
+@dataclass
 class SuiteReport:
-    """The verdict half of a suite's report (a dataclass with these attributes): whether
-    every assertion held, the summary line and the JSON document."""
+    """What every suite's run did and found; whether every assertion held, the summary line
+    and the JSON document. Each suite adds its own figures (and its own ``Options``)."""
 
     SUITE: ClassVar[str]
     options: SuiteOptions
     calm: Calm
+    # Exits the suite did not cause (restarted, as the compose file's restart policy would).
     process_exits: list[str]
+    lost_answers: int
+    tally: ProducerTally
+    statuses: dict[str, int]
     errors_by_type: dict[str, int]
     assertions: list[Assertion]
+    total_s: float
 
     def figures(self) -> dict[str, Any]:
         """The summary's figures, in the order the line shows them."""
