@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cli_args.add_postgres_url(parser, help=None)
     args = parser.parse_args(argv)
-    samples = run(args.operations, args.postgres_url, not args.countdowns, args.every)
+    samples = run(args.operations, args.admin_url, not args.countdowns, args.every)
     print(summary(not args.countdowns, samples, args.operations), flush=True)
     return 0
 

@@ -586,17 +586,11 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     _add_run_arguments(parser)
     args = parser.parse_args(argv)
-    return Options(
-        orders=args.orders,
-        seed=args.seed,
-        json_output=args.json,
+    return cli_args.options_of(
+        Options,
+        args,
         fault_s=args.fault_seconds or MIN_FAULT_S,
         settle_timeout_s=args.settle_timeout or default_settle_timeout_s(args.orders),
-        collation=args.collation,
-        admin_url=args.postgres_url,
-        evidence_dir=args.evidence_dir,
-        broker=args.broker,
-        rabbitmq_node=args.rabbitmq_node,
     )
 
 

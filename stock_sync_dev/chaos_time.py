@@ -462,7 +462,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
         fault_s=0.0,
         settle_timeout_s=args.settle_timeout or chaos.default_settle_timeout_s(orders),
         collation="en-US",
-        admin_url=args.postgres_url,
+        admin_url=args.admin_url,
         evidence_dir=None,
     )
     return options, args.mode, args.backlog_age

@@ -4,11 +4,14 @@ option, and SIGTERM unwinding like Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from types import FrameType
+from typing import Any, TypeVar
 
 from stock_sync_dev.bench.harness import DEFAULT_ADMIN_URL
 
+T = TypeVar("T")
 ADMIN_URL_HELP = "an admin connection allowed to CREATE/DROP DATABASE"
 
 
@@ -41,7 +44,12 @@ def suite_parser(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--orders", type=positive_int, default=default_orders)
     parser.add_argument("--seed", type=int, default=default_seed)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument(
+        "--json",
+        dest="json_output",
+        action="store_true",
+        help="print the report as JSON on stdout",
+    )
     return parser
 
 
@@ -50,9 +58,22 @@ def add_postgres_url(parser: argparse.ArgumentParser, help: str | None = ADMIN_U
     (default STOCK_SYNC_TEST_POSTGRES_URL, else the local server)."""
     parser.add_argument(
         "--postgres-url",
+        dest="admin_url",
+        metavar="POSTGRES_URL",
         default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
         help=help,
     )
+
+
+def options_of(options_type: type[T], args: argparse.Namespace, **worked_out: Any) -> T:
+    """An ``options_type`` dataclass: each field from the parsed argument of its name (the
+    parser's ``dest``), unless ``worked_out`` from several arguments."""
+    given = {
+        option.name: getattr(args, option.name)
+        for option in dataclasses.fields(options_type)  # type: ignore[arg-type]
+        if hasattr(args, option.name)
+    }
+    return options_type(**{**given, **worked_out})
 
 
 def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:

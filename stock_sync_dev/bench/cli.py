@@ -356,6 +356,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=cli_args.positive_int, default=DEFAULT_CONCURRENCY)
     parser.add_argument(
         "--runs",
+        dest="query_runs",
+        metavar="RUNS",
         type=cli_args.positive_int,
         default=DEFAULT_QUERY_RUNS,
         help="timed runs per query (the median is reported)",
@@ -372,6 +374,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_phase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
+        dest="json_output",
         action="store_true",
         help="print the results as JSON on stdout (the tables go to stderr)",
     )
@@ -420,20 +423,7 @@ def _options_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
         name: getattr(args, name) or (QUICK[name] if args.quick else default)
         for _, name, default, _ in SIZES
     }
-    return Options(
-        **size,
-        pool=args.pool,
-        concurrency=args.concurrency,
-        query_runs=args.runs,
-        admin_url=args.postgres_url,
-        redis_url=args.redis_url,
-        json_output=args.json,
-        task_events=args.task_events,
-        soak=soak,
-        soak_only=args.soak_only,
-        ratio_only=args.ratio_only,
-        profile=args.profile,
-    )
+    return cli_args.options_of(Options, args, soak=soak, **size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
