@@ -1085,12 +1085,19 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     _add_partition_arguments(parser)
     args = parser.parse_args(argv)
-    if args.gap_s < 0:
-        parser.error(f"--gap must be >= 0, got {args.gap_s}")
+    if args.gap < 0:
+        parser.error(f"--gap must be >= 0, got {args.gap}")
     settle_timeout_s = (
         args.settle_timeout or SETTLE_TIMEOUT_BASE_S + args.orders * SETTLE_TIMEOUT_PER_ORDER_S
     )
-    return cli_args.options_of(Options, args, settle_timeout_s=settle_timeout_s)
+    return cli_args.options_of(
+        Options,
+        args,
+        gap_s=args.gap,
+        hold_s=args.hold,
+        backoff_max_s=args.backoff_max,
+        settle_timeout_s=settle_timeout_s,
+    )
 
 
 def _add_partition_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1102,25 +1109,16 @@ def _add_partition_arguments(parser: argparse.ArgumentParser) -> None:
         help="orders a second, at most",
     )
     parser.add_argument(
-        "--gap",
-        dest="gap_s",
-        metavar="GAP",
-        type=float,
-        default=GAP_S,
-        help=f"seconds between partitions (default {GAP_S:g})",
+        "--gap", type=float, default=GAP_S, help=f"seconds between partitions (default {GAP_S:g})"
     )
     parser.add_argument(
         "--hold",
-        dest="hold_s",
-        metavar="HOLD",
         type=cli_args.positive_seconds,
         default=HOLD_S,
         help=f"seconds from the last partition to the heal (default {HOLD_S:g})",
     )
     parser.add_argument(
         "--backoff-max",
-        dest="backoff_max_s",
-        metavar="BACKOFF_MAX",
         type=cli_args.positive_seconds,
         default=float(PARTITION_SETTINGS["RETRY_BACKOFF_MAX_S"]),
         help="STOCK_SYNC_RETRY_BACKOFF_MAX_S of the run",

@@ -356,8 +356,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=cli_args.positive_int, default=DEFAULT_CONCURRENCY)
     parser.add_argument(
         "--runs",
-        dest="query_runs",
-        metavar="RUNS",
         type=cli_args.positive_int,
         default=DEFAULT_QUERY_RUNS,
         help="timed runs per query (the median is reported)",
@@ -423,7 +421,7 @@ def _options_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
         name: getattr(args, name) or (QUICK[name] if args.quick else default)
         for _, name, default, _ in SIZES
     }
-    return cli_args.options_of(Options, args, soak=soak, **size)
+    return cli_args.options_of(Options, args, query_runs=args.runs, soak=soak, **size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
