@@ -9,9 +9,6 @@ process was stopped, so nothing moves while it is judged.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -31,7 +28,8 @@ from stock_sync.adapters.models import (
 )
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus, OperationType
 from stock_sync.domain.stock import MovementReason
-from stock_sync_dev.bench.harness import say, without_stock_sync_variables
+from stock_sync_dev import processes
+from stock_sync_dev.bench.harness import process_environment, say
 
 S = OperationStatus
 TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
@@ -42,7 +40,6 @@ SYNCED = "PROCESSING"
 MAX_EXAMPLES = 8
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0
-BIN = Path(sys.executable).parent
 
 
 # --- waiting for calm -------------------------------------------------------------------------
@@ -521,14 +518,7 @@ def one_deduction_per_order(database: Database) -> Assertion:
 def reconciliation_clean(variables: Mapping[str, str]) -> Assertion:
     """``stock-sync check --json`` as an operator would run it, with the run's settings."""
     check = Assertion("reconciliation_clean", "`stock-sync check` exits 0 (everything reconciles)")
-    environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
-    result = subprocess.run(
-        [str(BIN / "stock-sync"), "check", "--json"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
+    result = processes.stock_sync(["check", "--json"], process_environment(variables), 300)
     if result.returncode == 0:
         return check
     try:

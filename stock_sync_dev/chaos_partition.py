@@ -82,12 +82,12 @@ from stock_sync_dev import chaos_checks, chaos_verdict, cli_args, netns, process
 from stock_sync_dev.bench.harness import (
     REPOSITORY,
     configure_this_process,
+    process_environment,
     run_environment,
     say,
     stock_skus,
     tool_worker_arguments,
     with_application_name,
-    without_stock_sync_variables,
 )
 from stock_sync_dev.chaos import ICU_EN_US, shortened_timeline, status_counts
 from stock_sync_dev.chaos_checks import Assertion, Snapshot
@@ -363,10 +363,10 @@ class RemoteFake:
     def __init__(self, host: netns.Host, folder: Path, variables: Mapping[str, str]) -> None:
         self.url = f"http://{host.address}:{MICRO_PORT}"
         command = [
-            str(Path(sys.executable).parent / "stock-sync"), "fake-microservice",
+            str(processes.STOCK_SYNC), "fake-microservice",
             "--host", host.address, "--port", str(MICRO_PORT),
         ]  # fmt: skip
-        environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
+        environment = process_environment(variables)
         self.process = HostProcess(host, command, folder / "fake-microservice.log", environment)
         wait_until("the fake microservice", self._answers, self.process)
 
@@ -441,10 +441,7 @@ class Fleet:
             arguments = tool_worker_arguments(
                 WORKER_POOLS[role], CONCURRENCY, self.node_names[role]
             )
-        environment = {
-            **without_stock_sync_variables(dict(os.environ)),
-            **self._variables[role],
-        }
+        environment = process_environment(self._variables[role])
         command = processes.celery_command(arguments)
         self._processes[role] = HostProcess(
             self._hosts[role], command, self._logs / f"{role}.log", environment

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +39,9 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stock import MovementReason
 from stock_sync.producer import submit_operation
-from stock_sync_dev import chaos, cli_args
-from stock_sync_dev.bench.harness import say, without_stock_sync_variables
+from stock_sync_dev import chaos, cli_args, processes
+from stock_sync_dev.bench.harness import process_environment, say
 from stock_sync_dev.chaos_checks import (
-    BIN,
     Assertion,
     Calm,
     completed_orders_synced_once,
@@ -380,14 +377,8 @@ def _failed_after_deduction(database: Any) -> int:
 
 def _retry_failed(variables: dict[str, str]) -> dict[str, Any]:
     """``stock-sync retry --failed --yes --json`` as an operator runs it."""
-    environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
-    result = subprocess.run(
-        [str(BIN / "stock-sync"), "retry", "--failed", "--yes", "--json"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=600,
-    )
+    arguments = ["retry", "--failed", "--yes", "--json"]
+    result = processes.stock_sync(arguments, process_environment(variables), 600)
     if result.returncode != 0:
         raise _harness_error(f"stock-sync retry exited {result.returncode}: {result.stderr}")
     payload: dict[str, Any] = json.loads(result.stdout)

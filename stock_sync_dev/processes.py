@@ -20,6 +20,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # Nothing to sync with or gossip to in a test or a tool's run: skip the second these cost at
 # start. (A worker without them, and without task events, has no event dispatcher: Flower
 # cannot switch its events on.)
+STOCK_SYNC = Path(sys.executable).with_name("stock-sync")
 QUIET_WORKER = ("--without-heartbeat", "--without-mingle", "--without-gossip")
 
 
@@ -97,6 +98,20 @@ class ChildProcess:
             self.process.wait(grace_s)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def stock_sync(
+    arguments: Sequence[str], environment: dict[str, str], timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """``stock-sync ARGUMENTS`` as an operator runs it (this interpreter's), its output
+    captured as text."""
+    return subprocess.run(
+        [str(STOCK_SYNC), *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout_s,
+    )
 
 
 def celery_command(arguments: Sequence[str]) -> list[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,13 +14,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from stock_sync.adapters.db import Database
+from stock_sync_dev import processes
 from stock_sync_dev.processes import ChildProcess
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import BROKER_URL, PIPELINE_ENVIRONMENT, TEST_BROKER, run_queue_name
 from tests.support import Pipeline, order
 
-BIN = Path(sys.executable).parent
 # The shortest stuck threshold the settings accept: the (unenforced, thread pool) hard time
 # limit plus the microservice deadline. A dead attempt is found that long after it started; a
 # lost message once a probe sent after it came through TASK_TIME_LIMIT_S ago.
@@ -63,13 +61,7 @@ def start_worker(workers: list[ChildProcess], environment: dict[str, str], log_p
 
 
 def cli(environment: dict[str, str], *args: str) -> str:
-    result = subprocess.run(
-        [str(BIN / "stock-sync"), *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=60,
-    )
+    result = processes.stock_sync(args, environment, 60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,12 @@ def without_stock_sync_variables(environment: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in environment.items() if not name.startswith(ENV_PREFIX)}
 
 
+def process_environment(variables: Mapping[str, str]) -> dict[str, str]:
+    """A run's process environment: this process's without its STOCK_SYNC_* variables, plus
+    ``variables``."""
+    return {**without_stock_sync_variables(dict(os.environ)), **variables}
+
+
 def configure_this_process(variables: dict[str, str]) -> Settings:
     """Make this process (its sweeps, metrics, polling) use exactly ``variables``."""
     for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
@@ -208,7 +214,7 @@ class ChildProcess(processes.ChildProcess):
         stdin: int = subprocess.DEVNULL,
         stdout: int | None = None,
     ) -> None:
-        environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
+        environment = process_environment(variables)
         super().__init__(command, environment, log_path, stdin=stdin, stdout=stdout)
 
     def check_alive(self, name: str) -> None:
@@ -280,7 +286,7 @@ class FakeProcess(ChildProcess):
     through its admin API."""
 
     def __init__(self, log_path: Path, timeout_s: float = 30.0) -> None:
-        command = [str(Path(sys.executable).with_name("stock-sync")), "fake-microservice"]
+        command = [str(processes.STOCK_SYNC), "fake-microservice"]
         super().__init__([*command, "--port", "0"], {}, log_path)
         self.url = self._wait_for_url(timeout_s)
         self._session = requests.Session()
