@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # Nothing to sync with or gossip to in a test or a tool's run: skip the second these cost at
@@ -30,7 +31,8 @@ class ProcessError(Exception):
 
 class ChildProcess:
     """``command`` started now with exactly ``environment``, in a process group of its own,
-    stdout and stderr appended to ``log_path`` (unless ``stdout`` says otherwise)."""
+    stdout and stderr appended to ``log_path`` (unless ``stdout`` says otherwise); with a
+    ``ready_marker``, returns once that shows in the log."""
 
     def __init__(
         self,
@@ -41,6 +43,8 @@ class ChildProcess:
         cwd: Path = REPOSITORY,
         stdin: int = subprocess.DEVNULL,
         stdout: int | None = None,
+        ready_marker: str | None = None,
+        start_timeout_s: float = 60.0,
     ) -> None:
         self.command = list(command)
         self.log_path = log_path
@@ -54,6 +58,8 @@ class ChildProcess:
                 stdin=stdin,
                 start_new_session=True,
             )
+        if ready_marker is not None:
+            self.wait_for_log(ready_marker, start_timeout_s)
 
     @property
     def pid(self) -> int:
@@ -119,22 +125,27 @@ def celery_command(arguments: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks", *arguments]
 
 
+class StartOptions(TypedDict, total=False):
+    """``ChildProcess``'s keyword arguments."""
+
+    cwd: Path
+    stdin: int
+    stdout: int | None
+    ready_marker: str | None
+    start_timeout_s: float
+
+
 class CeleryProcess(ChildProcess):
-    """``celery -A tasks ARGUMENTS``; with a ``ready_marker``, started once it shows in the log."""
+    """``celery -A tasks ARGUMENTS`` (see ``ChildProcess``)."""
 
     def __init__(
         self,
         arguments: Sequence[str],
         environment: dict[str, str],
         log_path: Path,
-        *,
-        cwd: Path = REPOSITORY,
-        ready_marker: str | None = None,
-        start_timeout_s: float = 60.0,
+        **options: Unpack[StartOptions],
     ) -> None:
-        super().__init__(celery_command(arguments), environment, log_path, cwd=cwd)
-        if ready_marker is not None:
-            self.wait_for_log(ready_marker, start_timeout_s)
+        super().__init__(celery_command(arguments), environment, log_path, **options)
 
 
 def worker_arguments(
