@@ -59,7 +59,11 @@ class ChildProcess:
                 start_new_session=True,
             )
         if ready_marker is not None:
-            self.wait_for_log(ready_marker, start_timeout_s)
+            try:
+                self.wait_for_log(ready_marker, start_timeout_s)
+            except ProcessError:
+                self.kill()  # not left running when it never got ready
+                raise
 
     @property
     def pid(self) -> int:
