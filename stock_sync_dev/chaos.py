@@ -50,7 +50,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import threading
@@ -105,7 +104,6 @@ from stock_sync_dev.chaos_verdict import SuiteReport
 from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
-EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_ORDERS = 2000
 DEFAULT_SEED = 1
 BROKERS = ("redis", "rabbitmq")
@@ -660,17 +658,7 @@ def report(result: ChaosReport) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
-    try:
-        result = run(options)
-    except KeyboardInterrupt:
-        say("interrupted; everything the fault suite started was stopped")
-        return EXIT_INTERRUPTED
-    except HarnessError as error:
-        say(f"chaos: the harness failed: {error}")
-        return EXIT_HARNESS_FAILED
-    report(result)
-    return EXIT_OK if result.ok else EXIT_VIOLATED
+    return chaos_verdict.exit_code_of("chaos", lambda: run(options), report)
 
 
 if __name__ == "__main__":

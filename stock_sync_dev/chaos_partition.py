@@ -102,9 +102,13 @@ from stock_sync_dev.chaos_faults import (
     stop_agents,
 )
 from stock_sync_dev.chaos_scenario import Scenario, build_scenario
-from stock_sync_dev.chaos_verdict import SuiteReport
-
-EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+from stock_sync_dev.chaos_verdict import (
+    EXIT_HARNESS_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_VIOLATED,
+    SuiteReport,
+)
 
 
 def _app() -> Any:

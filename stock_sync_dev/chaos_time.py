@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stock import MovementReason
 from stock_sync.producer import submit_operation
-from stock_sync_dev import chaos, cli_args, processes
+from stock_sync_dev import chaos, chaos_verdict, cli_args, processes
 from stock_sync_dev.bench.harness import process_environment, say
 from stock_sync_dev.chaos_checks import (
     Assertion,
@@ -461,17 +460,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     options, mode, backlog_age = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
-    try:
-        result = run_backlog(options, backlog_age) if mode == "backlog" else run_outage(options)
-    except KeyboardInterrupt:
-        say("interrupted; everything the fault suite started was stopped")
-        return chaos.EXIT_INTERRUPTED
-    except HarnessError as error:
-        say(f"chaos {mode}: the harness failed: {error}")
-        return chaos.EXIT_HARNESS_FAILED
-    report(result, json_output=options.json_output)
-    return chaos.EXIT_OK if result.ok else chaos.EXIT_VIOLATED
+    return chaos_verdict.exit_code_of(
+        f"chaos {mode}",
+        lambda: run_backlog(options, backlog_age) if mode == "backlog" else run_outage(options),
+        lambda result: report(result, json_output=options.json_output),
+    )
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from stock_sync.adapters.db import Database
 from stock_sync.services.queries import operation_details
+from stock_sync_dev import cli_args
 from stock_sync_dev.bench.harness import say
 from stock_sync_dev.chaos_checks import (
     Assertion,
@@ -31,8 +33,10 @@ from stock_sync_dev.chaos_checks import (
     reconciliation_clean,
     stock_levels_as_expected,
 )
-from stock_sync_dev.chaos_faults import ProducerTally
+from stock_sync_dev.chaos_faults import HarnessError, ProducerTally
 from stock_sync_dev.chaos_scenario import Scenario
+
+EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class Marketplace(Protocol):
@@ -102,6 +106,30 @@ class SuiteReport:
             "assertions": [assertion.to_dict() for assertion in self.assertions],
             "summary": self.summary_line(),
         }
+
+
+class Verdict(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+
+V = TypeVar("V", bound=Verdict)
+
+
+def exit_code_of(suite: str, run: Callable[[], V], report: Callable[[V], None]) -> int:
+    """Run a suite, SIGTERM unwinding like Ctrl-C, and report it: 0 when every assertion
+    held, 1 when one was violated, 2 when the harness failed, 130 when interrupted."""
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
+    try:
+        result = run()
+    except KeyboardInterrupt:
+        say("interrupted; everything the fault suite started was stopped")
+        return EXIT_INTERRUPTED
+    except HarnessError as error:
+        say(f"{suite}: the harness failed: {error}")
+        return EXIT_HARNESS_FAILED
+    report(result)
+    return EXIT_OK if result.ok else EXIT_VIOLATED
 
 
 def retry_budgets(settings: dict[str, str]) -> dict[str, int]:
