@@ -2,8 +2,10 @@
 worker|beat`` processes: each in its own process group (a prefork worker's children go with
 it, and a terminal's Ctrl-C does not reach it), its output in a log file, stopped by its pid.
 
-The one worker-process helper: the test suite's workers, the demo's, the benchmark's and the
-fault suites' all start through ``CeleryProcess`` with ``worker_arguments``."""
+The one worker-process helper: the test suite's workers (``tests/celery_processes.py``), the
+demo's, the benchmark's, the fault suites' and the memory tool's all start through
+``ChildProcess`` with ``celery_command`` and ``worker_arguments``; ``stock_sync`` runs the
+command line as an operator does."""
 
 from __future__ import annotations
 
