@@ -15,9 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from stock_sync.adapters.db import Database
+from stock_sync.adapters.probes import queue_length
 from stock_sync.adapters.settings import Settings
 from stock_sync.services.alert_notices import ALERTS_LOGGER, Notice, update_alert_states
-from stock_sync.services.metrics import MetricsSnapshot, queue_length, read_metrics
+from stock_sync.services.metrics import MetricsSnapshot, read_metrics
 
 __all__ = ["ALERTS_LOGGER", "RULES", "Alert", "AlertCheck", "evaluate_alerts", "run_alert_check"]
 
