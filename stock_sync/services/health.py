@@ -206,17 +206,14 @@ def check_database(settings: Settings, _now: datetime, timeout_s: float) -> Chec
         return CheckResult(DATABASE, FAILED, describe_database_failure(error, settings))
     data = {"current": list(state.current), "heads": list(state.heads)}
     heads = ", ".join(state.heads)
-    if not state.current:
-        detail = f"{where} has no schema (head {heads}): run 'stock-sync db upgrade'"
-        return CheckResult(DATABASE, FAILED, detail, data)
     current = ", ".join(state.current)
-    if not state.is_head:
-        detail = (
-            f"{where} is at revision {current}, not at the head {heads}: "
-            "run 'stock-sync db upgrade'"
-        )
-        return CheckResult(DATABASE, FAILED, detail, data)
-    return CheckResult(DATABASE, OK, f"{where} at revision {current} (head)", data)
+    if not state.current:
+        problem = f"has no schema (head {heads})"
+    elif not state.is_head:
+        problem = f"is at revision {current}, not at the head {heads}"
+    else:
+        return CheckResult(DATABASE, OK, f"{where} at revision {current} (head)", data)
+    return CheckResult(DATABASE, FAILED, f"{where} {problem}: run 'stock-sync db upgrade'", data)
 
 
 # --- broker -----------------------------------------------------------------------------------
