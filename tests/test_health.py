@@ -31,7 +31,7 @@ from stock_sync.adapters.maintenance_runs import (
 from stock_sync.adapters.maintenance_runs import BEAT as BEAT_ROW
 from stock_sync.adapters.models import utcnow
 from stock_sync.adapters.settings import Settings
-from stock_sync.entrypoints.cli_monitoring import make_metrics_server
+from stock_sync.entrypoints.metrics_server import make_metrics_server, readiness_app
 from stock_sync.services import health
 from stock_sync.services.health import (
     BEAT,
@@ -45,7 +45,6 @@ from stock_sync.services.health import (
     OK,
     WARNING,
     WORKER,
-    readiness_app,
     run_health_checks,
 )
 from stock_sync_fake import FakeMicroservice

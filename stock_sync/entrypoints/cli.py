@@ -21,7 +21,7 @@ from typing import Any, cast
 import click
 
 from stock_sync.adapters import schema
-from stock_sync.adapters.db import configured_database_url, get_database
+from stock_sync.adapters.db import configured_database_url, get_database, reset_databases
 from stock_sync.adapters.logging_setup import configure_cli_logging
 from stock_sync.adapters.redaction import one_line, redact_url
 from stock_sync.adapters.settings import EMBEDDED_VARIABLE, get_settings
@@ -459,4 +459,9 @@ cli.add_command(settings)
 
 
 def main() -> None:
-    cli(prog_name="stock-sync")
+    try:
+        cli(prog_name="stock-sync")
+    finally:
+        # SQLite removes its -wal and -shm files when the last connection closes: closed here,
+        # not left to the garbage collection at exit, which does not promise to close them.
+        reset_databases()
