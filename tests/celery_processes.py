@@ -4,6 +4,7 @@ own process group, their log in a file, stopped by their pid."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stock_sync_dev.processes import (
@@ -12,8 +13,40 @@ from stock_sync_dev.processes import (
     stopped_at_exit,
     worker_arguments,
 )
+from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 
-__all__ = ["QUIET_WORKER", "CeleryProcess", "beat", "stopped_at_exit", "worker"]
+__all__ = [
+    "QUIET_WORKER",
+    "CeleryProcess",
+    "beat",
+    "pipeline_environment",
+    "stopped_at_exit",
+    "worker",
+]
+
+
+def pipeline_environment(
+    database_url: str,
+    microservice_url: str,
+    queue: str,
+    data_dir: Path,
+    *,
+    dropping: tuple[str, ...] = ("STOCK_SYNC_",),
+    **variables: str,
+) -> dict[str, str]:
+    """The environment of a real worker, beat or CLI run against the test services: this
+    process's own without the variables whose names start with one of ``dropping``, the
+    pipeline's quick retries, a run-unique queue named after ``queue``, and ``variables``."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(dropping)},
+        **PIPELINE_ENVIRONMENT,
+        "STOCK_SYNC_DATABASE_URL": database_url,
+        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_MICROSERVICE_URL": microservice_url,
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name(queue),
+        "STOCK_SYNC_DATA_DIR": str(data_dir),
+        **variables,
+    }
 
 
 def worker(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import threading
 import time
@@ -9,6 +10,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from celery.signals import task_postrun
@@ -49,6 +52,42 @@ def capture_operation_logs(name: str = OPERATIONS_LOGGER) -> Iterator[list[loggi
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+PostHandler = Callable[[str, Message, bytes], int]
+
+
+@contextmanager
+def receiving_posts(
+    handle: PostHandler, answer_headers: dict[str, str] | None = None
+) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 (its port yielded) that hands every POST to ``handle`` as
+    (path, headers, body, ungzipped when its Content-Encoding says gzip) and answers the
+    status ``handle`` returns, with ``answer_headers`` and an empty body."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            self.send_response(handle(self.path, self.headers, body))
+            for name, value in (answer_headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def wait_for_record(

@@ -7,19 +7,17 @@ completes is none; passwords in URLs never leave; beat's schedule becomes cron c
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +34,7 @@ from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
-from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
-from tests.support import Pipeline, order
+from tests.support import Pipeline, order, receiving_posts
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 WAIT_S = 60.0
@@ -101,30 +98,14 @@ def parse_envelope(raw: bytes) -> Envelope:
 def sentry_receiver() -> Iterator[SentryReceiver]:
     receiver: SentryReceiver
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            receiver.paths.append(self.path)
-            receiver.envelopes.append(parse_envelope(body))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def record(path: str, headers: Message, body: bytes) -> int:
+        receiver.paths.append(path)
+        receiver.envelopes.append(parse_envelope(body))
+        return 200
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver = SentryReceiver(dsn=f"http://publickey@127.0.0.1:{server.server_port}/42")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with receiving_posts(record) as port:
+        receiver = SentryReceiver(dsn=f"http://publickey@127.0.0.1:{port}/42")
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 # --- a real prefork worker reporting to the receiver ----------------------------------------------
@@ -141,22 +122,15 @@ def reporting_worker(
     SENTRY_DSN at the receiver; yields the receiver, the environment and the worker."""
     fake_microservice.reset()
     with sentry_receiver() as receiver, celery_processes.stopped_at_exit() as started:
-        base = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("STOCK_SYNC_", "SENTRY_", "OTEL_"))
-        }
-        env = {
-            **base,
-            **PIPELINE_ENVIRONMENT,
-            "STOCK_SYNC_DATABASE_URL": postgres_url,
-            "STOCK_SYNC_BROKER_URL": REDIS_URL,
-            "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
-            "STOCK_SYNC_QUEUE_NAME": run_queue_name("sentry"),
-            "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
-            "SENTRY_DSN": receiver.dsn,
-            "SENTRY_ENVIRONMENT": "test",
-        }
+        env = celery_processes.pipeline_environment(
+            postgres_url,
+            fake_microservice.url,
+            "sentry",
+            tmp_path / "data",
+            dropping=("STOCK_SYNC_", "SENTRY_", "OTEL_"),
+            SENTRY_DSN=receiver.dsn,
+            SENTRY_ENVIRONMENT="test",
+        )
         worker = celery_processes.worker(
             env, tmp_path / "worker.log", "--pool", "prefork", concurrency=1
         )

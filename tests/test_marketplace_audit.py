@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.composition import Services
 from stock_sync.domain import stages
@@ -25,23 +23,15 @@ from stock_sync_fake import FakeMicroservice
 from tests.stage_driver import (
     deducted_operation,
     fulfillment,
-    make_services,
     outcomes,
     run,
+    services_fixture,  # noqa: F401 (the fixture `services`)
     stock,
     the_rollback,
 )
 from tests.support import Pipeline, order
 
 HOUR = 3600.0
-
-
-@pytest.fixture
-def services(clean_database: Database, fake_microservice: FakeMicroservice) -> Iterator[Services]:
-    fake_microservice.reset()
-    built = make_services(clean_database, fake_microservice)
-    yield built
-    built.client.close()
 
 
 def audit(services: Services) -> MarketplaceAudit:
