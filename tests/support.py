@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.signals import task_postrun
-from sqlalchemy import func, select, text
+from sqlalchemy import Select, func, select, text
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import OperationEvent, PendingStockOperation, StockMovement
@@ -24,6 +24,7 @@ from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
 from stock_sync.services.standardized_logger import OPERATIONS_LOGGER
 from stock_sync_fake import FakeMicroservice
 
+Row = TypeVar("Row")
 TERMINAL = {status.value for status in TERMINAL_STATUSES}
 WAIT_S = 60.0
 
@@ -248,15 +249,17 @@ class Pipeline:
         (row,) = self.wait_for([operation_id], lambda op: op.status == status.value)
         return row
 
-    def events(self, operation_id: uuid.UUID) -> list[OperationEvent]:
+    def rows(self, statement: Select[tuple[Row]]) -> list[Row]:
+        """The rows ``statement`` selects, read in a transaction of their own."""
         with self.database.transaction() as session:
-            return list(
-                session.scalars(
-                    select(OperationEvent)
-                    .where(OperationEvent.operation_id == operation_id)
-                    .order_by(OperationEvent.id)
-                )
-            )
+            return list(session.scalars(statement))
+
+    def events(self, operation_id: uuid.UUID) -> list[OperationEvent]:
+        return self.rows(
+            select(OperationEvent)
+            .where(OperationEvent.operation_id == operation_id)
+            .order_by(OperationEvent.id)
+        )
 
     def actions(self, operation_id: uuid.UUID) -> list[str]:
         return [event.action for event in self.events(operation_id)]

@@ -22,20 +22,28 @@ from tests.support import Pipeline, insert_operation, order
 
 S = OperationStatus
 
+# The last actions of a cancellation that gave the stock back and put the order back.
+BOTH_SIDES_ROLLED_BACK = [
+    "cancellation_requested",
+    "stock_rollback_started",
+    "stock_rollback_completed",
+    "microservice_rollback_started",
+    "status_transition",
+    "microservice_rollback_completed",
+    "cancellation_completed",
+]
+
 
 def cancel(operation_id: uuid.UUID, by: str = "tester", reason: str = "test") -> CancellationResult:
     return request_cancellation(operation_id, by, reason)
 
 
 def adjustments_of(pipeline: Pipeline, operation_id: uuid.UUID) -> list[PendingStockOperation]:
-    with pipeline.database.transaction() as session:
-        return list(
-            session.scalars(
-                select(PendingStockOperation)
-                .where(PendingStockOperation.parent_operation_id == operation_id)
-                .order_by(PendingStockOperation.created_at)
-            )
-        )
+    return pipeline.rows(
+        select(PendingStockOperation)
+        .where(PendingStockOperation.parent_operation_id == operation_id)
+        .order_by(PendingStockOperation.created_at)
+    )
 
 
 def completed_order(pipeline: Pipeline, order_id: str, **stock: int) -> uuid.UUID:
@@ -126,15 +134,7 @@ def test_cancel_after_deduction_restores_stock_in_an_adjustment(
     assert pipeline.ledger_matches_stock("SKU-A") and pipeline.ledger_matches_stock("SKU-B")
     pipeline.wait_for_status(rollback.id, S.COMPLETED)
     assert pipeline.fake.order("deducted")["fulfillment_status"] == "NEW"
-    assert pipeline.actions(operation_id)[-7:] == [
-        "cancellation_requested",
-        "stock_rollback_started",
-        "stock_rollback_completed",
-        "microservice_rollback_started",
-        "status_transition",
-        "microservice_rollback_completed",
-        "cancellation_completed",
-    ]
+    assert pipeline.actions(operation_id)[-7:] == BOTH_SIDES_ROLLED_BACK
 
 
 def test_cancel_after_deduction_before_any_sync_put_needs_no_microservice_rollback(
@@ -167,16 +167,7 @@ def test_cancel_after_completion_restores_stock_and_the_microservice(pipeline: P
     final = get_services().cancellation.result_of(operation_id)
     assert final.microservice_rollback == "completed"
     assert set(final.adjustment_operation_ids) == {restoration.id, rollback.id}
-    tail = pipeline.actions(operation_id)[-7:]
-    assert tail == [
-        "cancellation_requested",
-        "stock_rollback_started",
-        "stock_rollback_completed",
-        "microservice_rollback_started",
-        "status_transition",
-        "microservice_rollback_completed",
-        "cancellation_completed",
-    ]
+    assert pipeline.actions(operation_id)[-7:] == BOTH_SIDES_ROLLED_BACK
 
 
 def test_a_microservice_rollback_that_fails_twice_then_succeeds(pipeline: Pipeline) -> None:

@@ -111,15 +111,47 @@ def sentry_receiver() -> Iterator[SentryReceiver]:
 # --- a real prefork worker reporting to the receiver ----------------------------------------------
 
 
+@dataclass
+class ReportingWorker:
+    """A real worker reporting to :attr:`receiver`, and the services its operations use."""
+
+    receiver: SentryReceiver
+    environment: dict[str, str]
+    process: celery_processes.CeleryProcess
+    database: Database
+    fake: FakeMicroservice
+
+    def run_order(
+        self, an_order: dict[str, Any], stock: dict[str, int], until: str, **fake_options: Any
+    ) -> uuid.UUID:
+        """Set ``stock``, give the fake ``an_order``, submit it with `stock-sync submit` and
+        wait until its operation is in the status ``until``."""
+        with self.database.transaction() as session:
+            for sku, quantity in stock.items():
+                set_stock(session, sku, quantity)
+        self.fake.add_order(an_order, **fake_options)
+        result = subprocess.run(
+            [CLI, "submit", an_order["id"]],
+            capture_output=True,
+            text=True,
+            env=self.environment,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        operation_id = uuid.UUID(result.stdout.strip())
+        wait_for_status(self.database, operation_id, until)
+        return operation_id
+
+
 @pytest.fixture
 def reporting_worker(
     clean_database: Database,
     postgres_url: str,
     fake_microservice: FakeMicroservice,
     tmp_path: Path,
-) -> Iterator[tuple[SentryReceiver, dict[str, str], celery_processes.CeleryProcess]]:
+) -> Iterator[ReportingWorker]:
     """`celery worker` (prefork, Sentry initialised by celeryd_init before the fork) with
-    SENTRY_DSN at the receiver; yields the receiver, the environment and the worker."""
+    SENTRY_DSN at the receiver."""
     fake_microservice.reset()
     with sentry_receiver() as receiver, celery_processes.stopped_at_exit() as started:
         env = celery_processes.pipeline_environment(
@@ -135,15 +167,7 @@ def reporting_worker(
             env, tmp_path / "worker.log", "--pool", "prefork", concurrency=1
         )
         started.append(worker)
-        yield receiver, env, worker
-
-
-def submit(env: dict[str, str], order_id: str) -> uuid.UUID:
-    result = subprocess.run(
-        [CLI, "submit", order_id], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return uuid.UUID(result.stdout.strip())
+        yield ReportingWorker(receiver, env, worker, clean_database, fake_microservice)
 
 
 def wait_for_status(database: Database, operation_id: uuid.UUID, status: str) -> None:
@@ -162,19 +186,15 @@ def wait_for_status(database: Database, operation_id: uuid.UUID, status: str) ->
 
 @pytest.mark.slow
 def test_a_failed_operation_is_one_event_tagged_with_its_operation_and_stage(
-    reporting_worker: tuple[SentryReceiver, dict[str, str], celery_processes.CeleryProcess],
-    clean_database: Database,
-    fake_microservice: FakeMicroservice,
+    reporting_worker: ReportingWorker,
 ) -> None:
     """Validation fails four times (three retries: not reported), then FAILED: one event."""
-    receiver, env, worker = reporting_worker
-    with clean_database.transaction() as session:
-        set_stock(session, "SKU-E", 1)
-    fake_microservice.add_order(order("sentry-fail", ("SKU-E", 3)))
-    operation_id = submit(env, "sentry-fail")
-    wait_for_status(clean_database, operation_id, "failed")
+    operation_id = reporting_worker.run_order(
+        order("sentry-fail", ("SKU-E", 3)), {"SKU-E": 1}, until="failed"
+    )
+    receiver = reporting_worker.receiver
     receiver.wait_for("event", 1)
-    worker.stop()  # a warm shutdown: the child flushes what sentry-sdk still holds
+    reporting_worker.process.stop()  # a warm shutdown: the child flushes what sentry-sdk holds
 
     (event,) = receiver.events()
     (envelope,) = [e for e in receiver.envelopes if any(h["type"] == "event" for h, _ in e.items)]
@@ -198,19 +218,15 @@ def test_a_failed_operation_is_one_event_tagged_with_its_operation_and_stage(
 
 @pytest.mark.slow
 def test_an_operation_retried_then_completed_reports_nothing(
-    reporting_worker: tuple[SentryReceiver, dict[str, str], celery_processes.CeleryProcess],
-    clean_database: Database,
-    fake_microservice: FakeMicroservice,
+    reporting_worker: ReportingWorker,
 ) -> None:
-    receiver, env, worker = reporting_worker
-    with clean_database.transaction() as session:
-        set_stock(session, "SKU-R", 5)
-    fake_microservice.add_order(order("sentry-late", ("SKU-R", 1)), ready_after_reads=2)
-    operation_id = submit(env, "sentry-late")
-    wait_for_status(clean_database, operation_id, "completed")
+    reporting_worker.run_order(
+        order("sentry-late", ("SKU-R", 1)), {"SKU-R": 5}, until="completed", ready_after_reads=2
+    )
+    worker = reporting_worker.process
     worker.stop()
     assert "retry_scheduled" in worker.log()  # Celery's Retry was raised twice
-    assert receiver.events() == []
+    assert reporting_worker.receiver.events() == []
 
 
 # --- in this process: scrubbing, crons -----------------------------------------------------------

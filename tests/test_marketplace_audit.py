@@ -4,6 +4,7 @@ pipeline's own paths."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from stock_sync.adapters.models import PendingStockOperation
-from stock_sync.composition import Services
+from stock_sync.composition import Services, audit_for
 from stock_sync.domain import stages
 from stock_sync.domain.marketplace import Drift, drift_of
 from stock_sync.domain.stages import StageOutcome
@@ -35,14 +36,12 @@ HOUR = 3600.0
 
 
 def audit(services: Services) -> MarketplaceAudit:
-    return MarketplaceAudit(
-        database=services.database,
-        client=services.client,
-        synchronization=services.synchronization,
-        cancellation=services.cancellation,
-        rate_per_s=150,
-        batch_size=2,  # several batches even for a handful of operations
+    """The process's own audit wiring, at the fastest rate and in several batches even for a
+    handful of operations."""
+    quick = services.settings.model_copy(
+        update={"marketplace_audit_rate_per_s": 150, "marketplace_audit_batch_size": 2}
     )
+    return audit_for(dataclasses.replace(services, settings=quick))
 
 
 def completed(services: Services, fake: FakeMicroservice, order_id: str) -> uuid.UUID:
