@@ -22,6 +22,7 @@ __all__ = [
     "pipeline_environment",
     "stopped_at_exit",
     "worker",
+    "worker_arguments",
 ]
 
 
