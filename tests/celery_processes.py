@@ -13,39 +13,42 @@ from stock_sync_dev.processes import (
     stopped_at_exit,
     worker_arguments,
 )
+from stock_sync_fake import FakeMicroservice
 from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 
 __all__ = [
     "QUIET_WORKER",
     "CeleryProcess",
     "beat",
-    "pipeline_environment",
+    "process_environment",
     "stopped_at_exit",
     "worker",
     "worker_arguments",
 ]
 
 
-def pipeline_environment(
+def process_environment(
     database_url: str,
-    microservice_url: str,
+    fake: FakeMicroservice,
+    tmp_path: Path,
     queue: str,
-    data_dir: Path,
     *,
-    dropping: tuple[str, ...] = ("STOCK_SYNC_",),
+    dropping: tuple[str, ...] = ("STOCK_SYNC_", "SENTRY_", "OTEL_"),
     **variables: str,
 ) -> dict[str, str]:
-    """The environment of a real worker, beat or CLI run against the test services: this
-    process's own without the variables whose names start with one of ``dropping``, the
-    pipeline's quick retries, a run-unique queue named after ``queue``, and ``variables``."""
+    """The environment of a real worker, beat or CLI run against the test database and
+    ``fake``: this process's own without the variables whose names start with one of
+    ``dropping`` (by default stock-sync's settings and its error reporting's and tracing's),
+    the pipeline's quick retries, a run-unique queue named after ``queue``, a data folder in
+    ``tmp_path``, and ``variables``."""
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith(dropping)},
         **PIPELINE_ENVIRONMENT,
         "STOCK_SYNC_DATABASE_URL": database_url,
         "STOCK_SYNC_BROKER_URL": REDIS_URL,
-        "STOCK_SYNC_MICROSERVICE_URL": microservice_url,
+        "STOCK_SYNC_MICROSERVICE_URL": fake.url,
         "STOCK_SYNC_QUEUE_NAME": run_queue_name(queue),
-        "STOCK_SYNC_DATA_DIR": str(data_dir),
+        "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
         **variables,
     }
 

@@ -56,6 +56,10 @@ class SentryReceiver:
     envelopes: list[Envelope] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
 
+    def variables(self) -> dict[str, str]:
+        """What points sentry-sdk in a process at this receiver."""
+        return {"SENTRY_DSN": self.dsn, "SENTRY_ENVIRONMENT": "test"}
+
     def items(self, kind: str) -> list[Any]:
         return [
             payload
@@ -154,14 +158,8 @@ def reporting_worker(
     SENTRY_DSN at the receiver."""
     fake_microservice.reset()
     with sentry_receiver() as receiver, celery_processes.stopped_at_exit() as started:
-        env = celery_processes.pipeline_environment(
-            postgres_url,
-            fake_microservice.url,
-            "sentry",
-            tmp_path / "data",
-            dropping=("STOCK_SYNC_", "SENTRY_", "OTEL_"),
-            SENTRY_DSN=receiver.dsn,
-            SENTRY_ENVIRONMENT="test",
+        env = celery_processes.process_environment(
+            postgres_url, fake_microservice, tmp_path, "sentry", **receiver.variables()
         )
         worker = celery_processes.worker(
             env, tmp_path / "worker.log", "--pool", "prefork", concurrency=1

@@ -271,12 +271,8 @@ def watched_worker(
     dispatcher and answers Flower's enable_events with "event dispatcher unavailable".
     """
     fake_microservice.reset()
-    variables = celery_processes.pipeline_environment(
-        postgres_url,
-        fake_microservice.url,
-        "flower",
-        tmp_path / "data",
-        dropping=FOREIGN_VARIABLES,
+    variables = celery_processes.process_environment(
+        postgres_url, fake_microservice, tmp_path, "flower", dropping=FOREIGN_VARIABLES
     )
     hostname = f"flower-watched-{uuid.uuid4().hex[:8]}@%h"
     worker = celery_processes.worker(

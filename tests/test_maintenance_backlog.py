@@ -67,11 +67,11 @@ def environment(
     slow_microservice: FakeMicroservice,
     tmp_path: Path,
 ) -> dict[str, str]:
-    return celery_processes.pipeline_environment(
+    return celery_processes.process_environment(
         postgres_url,
-        slow_microservice.url,
+        slow_microservice,
+        tmp_path,
         "backlog",
-        tmp_path / "data",
         STOCK_SYNC_SWEEP_INTERVAL_S=str(INTERVAL_S),
         STOCK_SYNC_ALERT_INTERVAL_S=str(INTERVAL_S),
     )

@@ -287,6 +287,14 @@ class OtlpReceiver:
     requests: list[ExportTraceServiceRequest] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
 
+    def variables(self) -> dict[str, str]:
+        """What points a process's tracing at this receiver (OTEL_* alone)."""
+        return {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: a process exports soon after each span
+        }
+
     def spans(self) -> list[Span]:
         found = []
         for request in list(self.requests):
@@ -359,15 +367,8 @@ def test_the_real_processes_export_the_operations_trace_over_otlp_http(
 
         set_stock(session, "SKU-O", 10)
     with otlp_receiver() as receiver, celery_processes.stopped_at_exit() as started:
-        env = celery_processes.pipeline_environment(
-            postgres_url,
-            fake_microservice.url,
-            "otlp",
-            tmp_path / "data",
-            dropping=("STOCK_SYNC_", "OTEL_"),
-            OTEL_TRACES_EXPORTER="otlp",
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_BSP_SCHEDULE_DELAY="200",  # ms: the worker exports soon after each span
+        env = celery_processes.process_environment(
+            postgres_url, fake_microservice, tmp_path, "otlp", **receiver.variables()
         )
         started.append(
             celery_processes.worker(
