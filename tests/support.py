@@ -91,6 +91,24 @@ def receiving_posts(
         thread.join()
 
 
+@contextmanager
+def bare_root_logger() -> Iterator[logging.Logger]:
+    """The root logger without pytest's capturing handlers, as in a `stock-sync` process
+    (pytest adds them again for each phase of a test, so this runs inside the test body)."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    for handler in saved_handlers:
+        root.removeHandler(handler)
+    try:
+        yield root
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+
+
 def wait_for_record(
     records: list[logging.LogRecord],
     matches: Callable[[logging.LogRecord], bool],

@@ -56,10 +56,6 @@ class SentryReceiver:
     envelopes: list[Envelope] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
 
-    def variables(self) -> dict[str, str]:
-        """What points sentry-sdk in a process at this receiver."""
-        return {"SENTRY_DSN": self.dsn, "SENTRY_ENVIRONMENT": "test"}
-
     def items(self, kind: str) -> list[Any]:
         return [
             payload
@@ -96,6 +92,11 @@ def parse_envelope(raw: bytes) -> Envelope:
             payload, _, rest = rest.partition(b"\n")
         items.append((item, json.loads(payload) if payload.strip() else None))
     return Envelope(json.loads(header_line), items, raw)
+
+
+def sentry_variables(receiver: SentryReceiver) -> dict[str, str]:
+    """What points sentry-sdk in a process at ``receiver``."""
+    return {"SENTRY_DSN": receiver.dsn, "SENTRY_ENVIRONMENT": "test"}
 
 
 @contextmanager
@@ -159,7 +160,7 @@ def reporting_worker(
     fake_microservice.reset()
     with sentry_receiver() as receiver, celery_processes.stopped_at_exit() as started:
         env = celery_processes.process_environment(
-            postgres_url, fake_microservice, tmp_path, "sentry", **receiver.variables()
+            postgres_url, fake_microservice, tmp_path, "sentry", **sentry_variables(receiver)
         )
         worker = celery_processes.worker(
             env, tmp_path / "worker.log", "--pool", "prefork", concurrency=1

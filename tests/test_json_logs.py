@@ -34,7 +34,7 @@ from stock_sync.adapters.logging_setup import (
 )
 from stock_sync_dev.processes import celery_command, worker_arguments
 from tests.conftest import REDIS_URL, run_queue_name
-from tests.support import insert_operation
+from tests.support import bare_root_logger, insert_operation
 
 BIN = Path(sys.executable).parent
 ISO_UTC_MILLISECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -130,24 +130,6 @@ def test_without_a_celery_command_line_the_setting_applies() -> None:
 
 
 # --- the CLI and long-running commands ---------------------------------------------------------
-
-
-@contextmanager
-def bare_root_logger() -> Iterator[logging.Logger]:
-    """The root logger without pytest's capturing handlers, as in a `stock-sync` process
-    (pytest adds them again for each phase of a test, so this runs inside the test body)."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    for handler in saved_handlers:
-        root.removeHandler(handler)
-    try:
-        yield root
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
 
 
 def test_a_server_command_replaces_the_cli_handler_with_one_at_its_level() -> None:

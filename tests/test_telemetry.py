@@ -287,14 +287,6 @@ class OtlpReceiver:
     requests: list[ExportTraceServiceRequest] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
 
-    def variables(self) -> dict[str, str]:
-        """What points a process's tracing at this receiver (OTEL_* alone)."""
-        return {
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: a process exports soon after each span
-        }
-
     def spans(self) -> list[Span]:
         found = []
         for request in list(self.requests):
@@ -334,6 +326,15 @@ def _value(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def otlp_variables(receiver: OtlpReceiver) -> dict[str, str]:
+    """What points a process's tracing at ``receiver`` (OTEL_* alone)."""
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: a process exports soon after each span
+    }
+
+
 @contextmanager
 def otlp_receiver() -> Iterator[OtlpReceiver]:
     receiver: OtlpReceiver
@@ -368,7 +369,7 @@ def test_the_real_processes_export_the_operations_trace_over_otlp_http(
         set_stock(session, "SKU-O", 10)
     with otlp_receiver() as receiver, celery_processes.stopped_at_exit() as started:
         env = celery_processes.process_environment(
-            postgres_url, fake_microservice, tmp_path, "otlp", **receiver.variables()
+            postgres_url, fake_microservice, tmp_path, "otlp", **otlp_variables(receiver)
         )
         started.append(
             celery_processes.worker(
