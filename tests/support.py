@@ -21,6 +21,7 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import OperationEvent, PendingStockOperation, StockMovement
 from stock_sync.adapters.stock_ledger import get_stock, ledger_sum, set_stock
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
+from stock_sync.producer import submit_operation
 from stock_sync.services.standardized_logger import OPERATIONS_LOGGER
 from stock_sync_fake import FakeMicroservice
 
@@ -223,6 +224,12 @@ class Pipeline:
     fake: FakeMicroservice
     log_records: list[logging.LogRecord] = field(default_factory=list)
     task_runs: TaskRuns = field(default_factory=TaskRuns)
+
+    def submit(self, an_order: dict[str, Any], **fake_options: Any) -> uuid.UUID:
+        """Give the fake ``an_order`` (``fake_options``: its faults, when it becomes ready...)
+        and submit it as a producer does; the operation's id."""
+        self.fake.add_order(an_order, **fake_options)
+        return submit_operation(an_order["id"])
 
     def set_stock(self, **levels: int) -> None:
         with self.database.transaction() as session:

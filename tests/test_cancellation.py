@@ -59,8 +59,7 @@ def test_cancel_while_pending_stops_the_pipeline(
 ) -> None:
     retry_limits(max_retries_pending=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 5})
-    pipeline.fake.add_order(order("unpaid", ("SKU-A", 1)), ready_after_reads=100_000)
-    operation_id = submit_operation("unpaid")
+    operation_id = pipeline.submit(order("unpaid", ("SKU-A", 1)), ready_after_reads=100_000)
     pipeline.wait_for([operation_id], lambda op: op.retry_count >= 1)
     result = cancel(operation_id)
     assert (result.cancelled_from, result.final_status) == (S.PENDING, S.CANCELLED)
@@ -86,8 +85,7 @@ def test_cancel_while_processing_leaves_stock_alone(
 ) -> None:
     retry_limits(max_retries_processing=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 0})
-    pipeline.fake.add_order(order("waiting", ("SKU-A", 1)))
-    operation_id = submit_operation("waiting")
+    operation_id = pipeline.submit(order("waiting", ("SKU-A", 1)))
     pipeline.wait_for([operation_id], lambda op: op.status == "processing" and op.retry_count >= 1)
     result = cancel(operation_id)
     assert result.cancelled_from is S.PROCESSING and not result.stock_restored
@@ -105,8 +103,7 @@ def test_cancel_after_deduction_restores_stock_in_an_adjustment(
 ) -> None:
     retry_limits(max_retries_stock_deducted=500, max_retries_rollback=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 5, "SKU-B": 5})
-    pipeline.fake.add_order(order("deducted", ("SKU-A", 2), ("SKU-B", 1)), fail_puts=100_000)
-    operation_id = submit_operation("deducted")
+    operation_id = pipeline.submit(order("deducted", ("SKU-A", 2), ("SKU-B", 1)), fail_puts=100_000)
     pipeline.wait_for(
         [operation_id], lambda op: op.status == "stock_deducted" and op.retry_count >= 1
     )
@@ -197,8 +194,7 @@ def test_a_microservice_rollback_that_never_succeeds_fails_alone(pipeline: Pipel
 
 
 def test_failed_and_unknown_operations_are_refused(pipeline: Pipeline) -> None:
-    pipeline.fake.add_order(order("will-fail", ("NOWHERE", 1)), malformed="json")
-    operation_id = submit_operation("will-fail")
+    operation_id = pipeline.submit(order("will-fail", ("NOWHERE", 1)), malformed="json")
     assert pipeline.wait_for([operation_id])[0].status == "failed"
     with pytest.raises(CancellationRefused, match="it is failed"):
         cancel(operation_id)
@@ -291,8 +287,7 @@ def test_cancel_arriving_before_deduct_stock_means_no_deduction(pipeline: Pipeli
 
 def test_cancel_while_the_sync_put_is_in_flight_is_compensated(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-S": 3})
-    pipeline.fake.add_order(order("race-sync", ("SKU-S", 1)), put_latency_s=0.6)
-    operation_id = submit_operation("race-sync")
+    operation_id = pipeline.submit(order("race-sync", ("SKU-S", 1)), put_latency_s=0.6)
     deadline = time.monotonic() + 30
     while not pipeline.applied_puts("race-sync"):  # the PUT has landed, its answer is still coming
         assert time.monotonic() < deadline, "the sync PUT never arrived"

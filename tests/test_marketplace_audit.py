@@ -184,8 +184,7 @@ def test_an_unreadable_order_is_reported_not_drift(
 
 def test_check_marketplace_reports_then_repairs(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-C": 5})
-    pipeline.fake.add_order(order("cli-drift", ("SKU-C", 1)))
-    operation_id = submit_operation("cli-drift")
+    operation_id = pipeline.submit(order("cli-drift", ("SKU-C", 1)))
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
     pipeline.fake.set_fulfillment_status("cli-drift", "NEW")
