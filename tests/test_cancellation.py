@@ -167,24 +167,29 @@ def test_cancel_after_completion_restores_stock_and_the_microservice(pipeline: P
     assert pipeline.actions(operation_id)[-7:] == BOTH_SIDES_ROLLED_BACK
 
 
-def test_a_microservice_rollback_that_fails_twice_then_succeeds(pipeline: Pipeline) -> None:
-    operation_id = completed_order(pipeline, "flaky-rollback", **{"SKU-A": 1})
-    pipeline.fake.add_order({**pipeline.fake.order("flaky-rollback"), "fail_puts": 2})
+def cancelled_with_refused_puts(
+    pipeline: Pipeline, order_id: str, refused_puts: int
+) -> tuple[uuid.UUID, PendingStockOperation]:
+    """A completed order (one SKU-A) cancelled while the fake refuses its next
+    ``refused_puts`` PUTs: the operation's id and its microservice rollback, once settled."""
+    operation_id = completed_order(pipeline, order_id, **{"SKU-A": 1})
+    pipeline.fake.add_order({**pipeline.fake.order(order_id), "fail_puts": refused_puts})
     cancel(operation_id)
     (_, rollback) = adjustments_of(pipeline, operation_id)
-    (done,) = pipeline.wait_for([rollback.id])
-    assert done.status == "completed"
+    (settled,) = pipeline.wait_for([rollback.id])
+    return operation_id, settled
+
+
+def test_a_microservice_rollback_that_fails_twice_then_succeeds(pipeline: Pipeline) -> None:
+    _, rollback = cancelled_with_refused_puts(pipeline, "flaky-rollback", 2)
+    assert rollback.status == "completed"
     assert pipeline.actions(rollback.id).count("retry_scheduled") == 2
     assert pipeline.fake.order("flaky-rollback")["fulfillment_status"] == "NEW"
 
 
 def test_a_microservice_rollback_that_never_succeeds_fails_alone(pipeline: Pipeline) -> None:
-    operation_id = completed_order(pipeline, "dead-rollback", **{"SKU-A": 1})
-    pipeline.fake.add_order({**pipeline.fake.order("dead-rollback"), "fail_puts": 100_000})
-    cancel(operation_id)
-    (_, rollback) = adjustments_of(pipeline, operation_id)
-    (failed,) = pipeline.wait_for([rollback.id])
-    assert failed.status == "failed"
+    operation_id, rollback = cancelled_with_refused_puts(pipeline, "dead-rollback", 100_000)
+    assert rollback.status == "failed"
     assert "max_retries_reached" in pipeline.actions(rollback.id)
     parent = pipeline.operation(operation_id)
     assert parent.status == "cancelled" and pipeline.stock("SKU-A") == 1
