@@ -4,6 +4,7 @@ own process group, their log in a file, stopped by their pid."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stock_sync_dev.processes import (
@@ -12,8 +13,44 @@ from stock_sync_dev.processes import (
     stopped_at_exit,
     worker_arguments,
 )
+from stock_sync_fake import FakeMicroservice
+from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
 
-__all__ = ["QUIET_WORKER", "CeleryProcess", "beat", "stopped_at_exit", "worker"]
+__all__ = [
+    "QUIET_WORKER",
+    "CeleryProcess",
+    "beat",
+    "process_environment",
+    "stopped_at_exit",
+    "worker",
+    "worker_arguments",
+]
+
+
+def process_environment(
+    database_url: str,
+    fake: FakeMicroservice,
+    tmp_path: Path,
+    queue: str,
+    *,
+    dropping: tuple[str, ...] = ("STOCK_SYNC_", "SENTRY_", "OTEL_"),
+    **variables: str,
+) -> dict[str, str]:
+    """The environment of a real worker, beat or CLI run against the test database and
+    ``fake``: this process's own without the variables whose names start with one of
+    ``dropping`` (by default stock-sync's settings and its error reporting's and tracing's),
+    the pipeline's quick retries, a run-unique queue named after ``queue``, a data folder in
+    ``tmp_path``, and ``variables``."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(dropping)},
+        **PIPELINE_ENVIRONMENT,
+        "STOCK_SYNC_DATABASE_URL": database_url,
+        "STOCK_SYNC_BROKER_URL": REDIS_URL,
+        "STOCK_SYNC_MICROSERVICE_URL": fake.url,
+        "STOCK_SYNC_QUEUE_NAME": run_queue_name(queue),
+        "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
+        **variables,
+    }
 
 
 def worker(

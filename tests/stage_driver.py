@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 import requests
 
 from stock_sync.adapters.db import Database
@@ -39,6 +41,18 @@ def make_services(
         dispatcher=RecordingDispatcher(),
         client=client_class(url or fake.url, timeout_s=timeout_s),
     )
+
+
+@pytest.fixture(name="services")
+def services_fixture(
+    clean_database: Database, fake_microservice: FakeMicroservice
+) -> Iterator[Services]:
+    """The fixture ``services``: services on the clean database whose client talks to the
+    fake microservice, reset. A test module has it by importing ``services_fixture``."""
+    fake_microservice.reset()
+    built = make_services(clean_database, fake_microservice)
+    yield built
+    built.client.close()
 
 
 def run(services: Services, stage: stages.Stage, operation_id: uuid.UUID) -> StageOutcome:

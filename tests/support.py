@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import threading
 import time
@@ -9,18 +10,22 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar
 
 from celery.signals import task_postrun
-from sqlalchemy import func, select, text
+from sqlalchemy import Select, func, select, text
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import OperationEvent, PendingStockOperation, StockMovement
 from stock_sync.adapters.stock_ledger import get_stock, ledger_sum, set_stock
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
+from stock_sync.producer import submit_operation
 from stock_sync.services.standardized_logger import OPERATIONS_LOGGER
 from stock_sync_fake import FakeMicroservice
 
+Row = TypeVar("Row")
 TERMINAL = {status.value for status in TERMINAL_STATUSES}
 WAIT_S = 60.0
 
@@ -49,6 +54,60 @@ def capture_operation_logs(name: str = OPERATIONS_LOGGER) -> Iterator[list[loggi
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+PostHandler = Callable[[str, Message, bytes], int]
+
+
+@contextmanager
+def receiving_posts(
+    handle: PostHandler, answer_headers: dict[str, str] | None = None
+) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 (its port yielded) that hands every POST to ``handle`` as
+    (path, headers, body, ungzipped when its Content-Encoding says gzip) and answers the
+    status ``handle`` returns, with ``answer_headers`` and an empty body."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            self.send_response(handle(self.path, self.headers, body))
+            for name, value in (answer_headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextmanager
+def bare_root_logger() -> Iterator[logging.Logger]:
+    """The root logger without pytest's capturing handlers, as in a `stock-sync` process
+    (pytest adds them again for each phase of a test, so this runs inside the test body)."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    for handler in saved_handlers:
+        root.removeHandler(handler)
+    try:
+        yield root
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
 
 
 def wait_for_record(
@@ -166,6 +225,12 @@ class Pipeline:
     log_records: list[logging.LogRecord] = field(default_factory=list)
     task_runs: TaskRuns = field(default_factory=TaskRuns)
 
+    def submit(self, an_order: dict[str, Any], **fake_options: Any) -> uuid.UUID:
+        """Give the fake ``an_order`` (``fake_options``: its faults, when it becomes ready...)
+        and submit it as a producer does; the operation's id."""
+        self.fake.add_order(an_order, **fake_options)
+        return submit_operation(an_order["id"])
+
     def set_stock(self, **levels: int) -> None:
         with self.database.transaction() as session:
             for sku, quantity in levels.items():
@@ -209,15 +274,17 @@ class Pipeline:
         (row,) = self.wait_for([operation_id], lambda op: op.status == status.value)
         return row
 
-    def events(self, operation_id: uuid.UUID) -> list[OperationEvent]:
+    def rows(self, statement: Select[tuple[Row]]) -> list[Row]:
+        """The rows ``statement`` selects, read in a transaction of their own."""
         with self.database.transaction() as session:
-            return list(
-                session.scalars(
-                    select(OperationEvent)
-                    .where(OperationEvent.operation_id == operation_id)
-                    .order_by(OperationEvent.id)
-                )
-            )
+            return list(session.scalars(statement))
+
+    def events(self, operation_id: uuid.UUID) -> list[OperationEvent]:
+        return self.rows(
+            select(OperationEvent)
+            .where(OperationEvent.operation_id == operation_id)
+            .order_by(OperationEvent.id)
+        )
 
     def actions(self, operation_id: uuid.UUID) -> list[str]:
         return [event.action for event in self.events(operation_id)]

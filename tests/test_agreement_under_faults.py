@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,6 +38,7 @@ from tests.stage_driver import (
     make_services,
     outcomes,
     run,
+    services_fixture,  # noqa: F401 (the fixture `services`)
     stock,
     the_rollback,
     wait_for_outcome,
@@ -59,14 +59,6 @@ class SoftLimitAfterPutClient(MicroserviceClient):
         if kwargs["status"] == "PROCESSING" and not self.fired:
             self.fired = True
             raise SoftTimeLimitExceeded()
-
-
-@pytest.fixture
-def services(clean_database: Database, fake_microservice: FakeMicroservice) -> Iterator[Services]:
-    fake_microservice.reset()
-    built = make_services(clean_database, fake_microservice, MicroserviceClient)
-    yield built
-    built.client.close()
 
 
 # --- 1. a cancellation between two sync attempts --------------------------------------------

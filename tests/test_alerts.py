@@ -204,6 +204,11 @@ def alert_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.
     return [r for r in caplog.records if r.name == ALERTS_LOGGER and r.levelno == level]
 
 
+def both_firing() -> dict[str, dict[str, Any] | None]:
+    """An observation in which the stuck-operations and the error-rate rules both fire."""
+    return {STUCK_OPERATIONS: an_alert(), HIGH_ERROR_RATE: an_alert(HIGH_ERROR_RATE)}
+
+
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
     with recording_webhook() as recorder:
@@ -358,10 +363,7 @@ def test_without_a_webhook_each_notice_is_one_log_record(
     clean_database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger=ALERTS_LOGGER):
-        evaluate(
-            clean_database,
-            {STUCK_OPERATIONS: an_alert(), HIGH_ERROR_RATE: an_alert(HIGH_ERROR_RATE)},
-        )
+        evaluate(clean_database, both_firing())
         evaluate(clean_database, {STUCK_OPERATIONS: an_alert(), HIGH_ERROR_RATE: None}, after_s=60)
 
     warnings = alert_records(caplog, logging.WARNING)
@@ -443,11 +445,7 @@ def test_a_webhook_refusing_connections_is_logged_and_does_not_raise(
     clean_database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger=ALERTS_LOGGER):
-        evaluate(
-            clean_database,
-            {STUCK_OPERATIONS: an_alert(), HIGH_ERROR_RATE: an_alert(HIGH_ERROR_RATE)},
-            webhook_url=refused_url(),
-        )
+        evaluate(clean_database, both_firing(), webhook_url=refused_url())
 
     assert len(alert_records(caplog, logging.WARNING)) == 2
     errors = alert_records(caplog, logging.ERROR)

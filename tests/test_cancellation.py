@@ -22,20 +22,28 @@ from tests.support import Pipeline, insert_operation, order
 
 S = OperationStatus
 
+# The last actions of a cancellation that gave the stock back and put the order back.
+BOTH_SIDES_ROLLED_BACK = [
+    "cancellation_requested",
+    "stock_rollback_started",
+    "stock_rollback_completed",
+    "microservice_rollback_started",
+    "status_transition",
+    "microservice_rollback_completed",
+    "cancellation_completed",
+]
+
 
 def cancel(operation_id: uuid.UUID, by: str = "tester", reason: str = "test") -> CancellationResult:
     return request_cancellation(operation_id, by, reason)
 
 
 def adjustments_of(pipeline: Pipeline, operation_id: uuid.UUID) -> list[PendingStockOperation]:
-    with pipeline.database.transaction() as session:
-        return list(
-            session.scalars(
-                select(PendingStockOperation)
-                .where(PendingStockOperation.parent_operation_id == operation_id)
-                .order_by(PendingStockOperation.created_at)
-            )
-        )
+    return pipeline.rows(
+        select(PendingStockOperation)
+        .where(PendingStockOperation.parent_operation_id == operation_id)
+        .order_by(PendingStockOperation.created_at)
+    )
 
 
 def completed_order(pipeline: Pipeline, order_id: str, **stock: int) -> uuid.UUID:
@@ -51,8 +59,7 @@ def test_cancel_while_pending_stops_the_pipeline(
 ) -> None:
     retry_limits(max_retries_pending=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 5})
-    pipeline.fake.add_order(order("unpaid", ("SKU-A", 1)), ready_after_reads=100_000)
-    operation_id = submit_operation("unpaid")
+    operation_id = pipeline.submit(order("unpaid", ("SKU-A", 1)), ready_after_reads=100_000)
     pipeline.wait_for([operation_id], lambda op: op.retry_count >= 1)
     result = cancel(operation_id)
     assert (result.cancelled_from, result.final_status) == (S.PENDING, S.CANCELLED)
@@ -78,8 +85,7 @@ def test_cancel_while_processing_leaves_stock_alone(
 ) -> None:
     retry_limits(max_retries_processing=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 0})
-    pipeline.fake.add_order(order("waiting", ("SKU-A", 1)))
-    operation_id = submit_operation("waiting")
+    operation_id = pipeline.submit(order("waiting", ("SKU-A", 1)))
     pipeline.wait_for([operation_id], lambda op: op.status == "processing" and op.retry_count >= 1)
     result = cancel(operation_id)
     assert result.cancelled_from is S.PROCESSING and not result.stock_restored
@@ -97,8 +103,7 @@ def test_cancel_after_deduction_restores_stock_in_an_adjustment(
 ) -> None:
     retry_limits(max_retries_stock_deducted=500, max_retries_rollback=500, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 5, "SKU-B": 5})
-    pipeline.fake.add_order(order("deducted", ("SKU-A", 2), ("SKU-B", 1)), fail_puts=100_000)
-    operation_id = submit_operation("deducted")
+    operation_id = pipeline.submit(order("deducted", ("SKU-A", 2), ("SKU-B", 1)), fail_puts=100_000)
     pipeline.wait_for(
         [operation_id], lambda op: op.status == "stock_deducted" and op.retry_count >= 1
     )
@@ -126,15 +131,7 @@ def test_cancel_after_deduction_restores_stock_in_an_adjustment(
     assert pipeline.ledger_matches_stock("SKU-A") and pipeline.ledger_matches_stock("SKU-B")
     pipeline.wait_for_status(rollback.id, S.COMPLETED)
     assert pipeline.fake.order("deducted")["fulfillment_status"] == "NEW"
-    assert pipeline.actions(operation_id)[-7:] == [
-        "cancellation_requested",
-        "stock_rollback_started",
-        "stock_rollback_completed",
-        "microservice_rollback_started",
-        "status_transition",
-        "microservice_rollback_completed",
-        "cancellation_completed",
-    ]
+    assert pipeline.actions(operation_id)[-7:] == BOTH_SIDES_ROLLED_BACK
 
 
 def test_cancel_after_deduction_before_any_sync_put_needs_no_microservice_rollback(
@@ -167,36 +164,32 @@ def test_cancel_after_completion_restores_stock_and_the_microservice(pipeline: P
     final = get_services().cancellation.result_of(operation_id)
     assert final.microservice_rollback == "completed"
     assert set(final.adjustment_operation_ids) == {restoration.id, rollback.id}
-    tail = pipeline.actions(operation_id)[-7:]
-    assert tail == [
-        "cancellation_requested",
-        "stock_rollback_started",
-        "stock_rollback_completed",
-        "microservice_rollback_started",
-        "status_transition",
-        "microservice_rollback_completed",
-        "cancellation_completed",
-    ]
+    assert pipeline.actions(operation_id)[-7:] == BOTH_SIDES_ROLLED_BACK
+
+
+def cancelled_with_refused_puts(
+    pipeline: Pipeline, order_id: str, refused_puts: int
+) -> tuple[uuid.UUID, PendingStockOperation]:
+    """A completed order (one SKU-A) cancelled while the fake refuses its next
+    ``refused_puts`` PUTs: the operation's id and its microservice rollback, once settled."""
+    operation_id = completed_order(pipeline, order_id, **{"SKU-A": 1})
+    pipeline.fake.add_order({**pipeline.fake.order(order_id), "fail_puts": refused_puts})
+    cancel(operation_id)
+    (_, rollback) = adjustments_of(pipeline, operation_id)
+    (settled,) = pipeline.wait_for([rollback.id])
+    return operation_id, settled
 
 
 def test_a_microservice_rollback_that_fails_twice_then_succeeds(pipeline: Pipeline) -> None:
-    operation_id = completed_order(pipeline, "flaky-rollback", **{"SKU-A": 1})
-    pipeline.fake.add_order({**pipeline.fake.order("flaky-rollback"), "fail_puts": 2})
-    cancel(operation_id)
-    (_, rollback) = adjustments_of(pipeline, operation_id)
-    (done,) = pipeline.wait_for([rollback.id])
-    assert done.status == "completed"
+    _, rollback = cancelled_with_refused_puts(pipeline, "flaky-rollback", 2)
+    assert rollback.status == "completed"
     assert pipeline.actions(rollback.id).count("retry_scheduled") == 2
     assert pipeline.fake.order("flaky-rollback")["fulfillment_status"] == "NEW"
 
 
 def test_a_microservice_rollback_that_never_succeeds_fails_alone(pipeline: Pipeline) -> None:
-    operation_id = completed_order(pipeline, "dead-rollback", **{"SKU-A": 1})
-    pipeline.fake.add_order({**pipeline.fake.order("dead-rollback"), "fail_puts": 100_000})
-    cancel(operation_id)
-    (_, rollback) = adjustments_of(pipeline, operation_id)
-    (failed,) = pipeline.wait_for([rollback.id])
-    assert failed.status == "failed"
+    operation_id, rollback = cancelled_with_refused_puts(pipeline, "dead-rollback", 100_000)
+    assert rollback.status == "failed"
     assert "max_retries_reached" in pipeline.actions(rollback.id)
     parent = pipeline.operation(operation_id)
     assert parent.status == "cancelled" and pipeline.stock("SKU-A") == 1
@@ -206,8 +199,7 @@ def test_a_microservice_rollback_that_never_succeeds_fails_alone(pipeline: Pipel
 
 
 def test_failed_and_unknown_operations_are_refused(pipeline: Pipeline) -> None:
-    pipeline.fake.add_order(order("will-fail", ("NOWHERE", 1)), malformed="json")
-    operation_id = submit_operation("will-fail")
+    operation_id = pipeline.submit(order("will-fail", ("NOWHERE", 1)), malformed="json")
     assert pipeline.wait_for([operation_id])[0].status == "failed"
     with pytest.raises(CancellationRefused, match="it is failed"):
         cancel(operation_id)
@@ -300,8 +292,7 @@ def test_cancel_arriving_before_deduct_stock_means_no_deduction(pipeline: Pipeli
 
 def test_cancel_while_the_sync_put_is_in_flight_is_compensated(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-S": 3})
-    pipeline.fake.add_order(order("race-sync", ("SKU-S", 1)), put_latency_s=0.6)
-    operation_id = submit_operation("race-sync")
+    operation_id = pipeline.submit(order("race-sync", ("SKU-S", 1)), put_latency_s=0.6)
     deadline = time.monotonic() + 30
     while not pipeline.applied_puts("race-sync"):  # the PUT has landed, its answer is still coming
         assert time.monotonic() < deadline, "the sync PUT never arrived"

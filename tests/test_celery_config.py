@@ -217,12 +217,17 @@ def test_a_data_dir_that_is_a_file_stops_an_embedded_worker_with_one_line(tmp_pa
     assert result.stderr == f"error: STOCK_SYNC_DATA_DIR: {afile} is a file, not a folder\n"
 
 
+def embedded_in(monkeypatch: pytest.MonkeyPatch, data_dir: str) -> None:
+    """The embedded set-up (no broker URL: its folders) with its data in ``data_dir``."""
+    monkeypatch.setenv("STOCK_SYNC_EMBEDDED", "1")
+    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "")
+    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", data_dir)
+
+
 def test_the_broker_folders_name_a_data_dir_that_cannot_be_created(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("STOCK_SYNC_EMBEDDED", "1")
-    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "")
-    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", "/proc/stock-sync-data")
+    embedded_in(monkeypatch, "/proc/stock-sync-data")
     with pytest.raises(ConfigurationError, match="STOCK_SYNC_DATA_DIR: cannot create"):
         prepare_broker_folders(load_settings())
 
@@ -233,9 +238,7 @@ def test_building_the_configuration_creates_nothing(
     """Every process reads it, commands that only read included: the embedded set-up's
     folders are made by the processes that use them (worker, beat, a producer)."""
     data_dir = tmp_path / "data"
-    monkeypatch.setenv("STOCK_SYNC_EMBEDDED", "1")
-    monkeypatch.setenv("STOCK_SYNC_BROKER_URL", "")
-    monkeypatch.setenv("STOCK_SYNC_DATA_DIR", str(data_dir))
+    embedded_in(monkeypatch, str(data_dir))
 
     config = celeryconfig.build(load_settings())
 

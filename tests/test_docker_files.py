@@ -221,12 +221,17 @@ def test_the_long_running_services_have_healthchecks(services: dict[str, Any]) -
     assert "/healthcheck" in healthcheck_of(services["flower"])
 
 
+def assert_every_app_service_has(services: dict[str, Any], variables: dict[str, str]) -> None:
+    """Each application service's resolved environment holds ``variables``, with their values."""
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert {k: environment.get(k) for k in variables} == variables, name
+
+
 def test_every_process_gets_the_shared_environment_with_its_defaults(
     services: dict[str, Any],
 ) -> None:
-    for name in APP_SERVICES:
-        environment = services[name]["environment"]
-        assert {k: environment.get(k) for k in DEFAULT_ENV} == DEFAULT_ENV, name
+    assert_every_app_service_has(services, DEFAULT_ENV)
 
 
 def test_an_operator_overrides_the_environment_from_the_shell(
@@ -237,10 +242,7 @@ def test_an_operator_overrides_the_environment_from_the_shell(
         "STOCK_SYNC_LOG_LEVEL": "DEBUG",
         "STOCK_SYNC_ALERT_WEBHOOK_URL": "https://hooks.example.com/stock-sync",
     }
-    services = resolved(run_config, **overrides)["services"]
-    for name in APP_SERVICES:
-        environment = services[name]["environment"]
-        assert {k: environment[k] for k in overrides} == overrides, name
+    assert_every_app_service_has(resolved(run_config, **overrides)["services"], overrides)
 
 
 def test_tracing_and_sentry_variables_reach_every_process_only_when_set(
@@ -253,10 +255,8 @@ def test_tracing_and_sentry_variables_reach_every_process_only_when_set(
         "STOCK_SYNC_SENTRY_CRONS": "1",
     }
     unset = resolved(run_config)["services"]
-    services = resolved(run_config, **observability)["services"]
+    assert_every_app_service_has(resolved(run_config, **observability)["services"], observability)
     for name in APP_SERVICES:
-        environment = services[name]["environment"]
-        assert {k: environment[k] for k in observability} == observability, name
         # unset in the shell: no value at all (an empty OTEL endpoint would be a broken one)
         assert unset[name]["environment"].get("OTEL_EXPORTER_OTLP_ENDPOINT") is None, name
         assert unset[name]["environment"]["STOCK_SYNC_SENTRY_CRONS"] == "0", name

@@ -7,19 +7,17 @@ completes is none; passwords in URLs never leave; beat's schedule becomes cron c
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +34,7 @@ from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
-from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
-from tests.support import Pipeline, order
+from tests.support import Pipeline, order, receiving_posts
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 WAIT_S = 60.0
@@ -97,37 +94,58 @@ def parse_envelope(raw: bytes) -> Envelope:
     return Envelope(json.loads(header_line), items, raw)
 
 
+def sentry_variables(receiver: SentryReceiver) -> dict[str, str]:
+    """What points sentry-sdk in a process at ``receiver``."""
+    return {"SENTRY_DSN": receiver.dsn, "SENTRY_ENVIRONMENT": "test"}
+
+
 @contextmanager
 def sentry_receiver() -> Iterator[SentryReceiver]:
     receiver: SentryReceiver
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            receiver.paths.append(self.path)
-            receiver.envelopes.append(parse_envelope(body))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def record(path: str, headers: Message, body: bytes) -> int:
+        receiver.paths.append(path)
+        receiver.envelopes.append(parse_envelope(body))
+        return 200
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver = SentryReceiver(dsn=f"http://publickey@127.0.0.1:{server.server_port}/42")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with receiving_posts(record) as port:
+        receiver = SentryReceiver(dsn=f"http://publickey@127.0.0.1:{port}/42")
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 # --- a real prefork worker reporting to the receiver ----------------------------------------------
+
+
+@dataclass
+class ReportingWorker:
+    """A real worker reporting to :attr:`receiver`, and the services its operations use."""
+
+    receiver: SentryReceiver
+    environment: dict[str, str]
+    process: celery_processes.CeleryProcess
+    database: Database
+    fake: FakeMicroservice
+
+    def run_order(
+        self, an_order: dict[str, Any], stock: dict[str, int], until: str, **fake_options: Any
+    ) -> uuid.UUID:
+        """Set ``stock``, give the fake ``an_order``, submit it with `stock-sync submit` and
+        wait until its operation is in the status ``until``."""
+        with self.database.transaction() as session:
+            for sku, quantity in stock.items():
+                set_stock(session, sku, quantity)
+        self.fake.add_order(an_order, **fake_options)
+        result = subprocess.run(
+            [CLI, "submit", an_order["id"]],
+            capture_output=True,
+            text=True,
+            env=self.environment,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        operation_id = uuid.UUID(result.stdout.strip())
+        wait_for_status(self.database, operation_id, until)
+        return operation_id
 
 
 @pytest.fixture
@@ -136,40 +154,19 @@ def reporting_worker(
     postgres_url: str,
     fake_microservice: FakeMicroservice,
     tmp_path: Path,
-) -> Iterator[tuple[SentryReceiver, dict[str, str], celery_processes.CeleryProcess]]:
+) -> Iterator[ReportingWorker]:
     """`celery worker` (prefork, Sentry initialised by celeryd_init before the fork) with
-    SENTRY_DSN at the receiver; yields the receiver, the environment and the worker."""
+    SENTRY_DSN at the receiver."""
     fake_microservice.reset()
     with sentry_receiver() as receiver, celery_processes.stopped_at_exit() as started:
-        base = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("STOCK_SYNC_", "SENTRY_", "OTEL_"))
-        }
-        env = {
-            **base,
-            **PIPELINE_ENVIRONMENT,
-            "STOCK_SYNC_DATABASE_URL": postgres_url,
-            "STOCK_SYNC_BROKER_URL": REDIS_URL,
-            "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
-            "STOCK_SYNC_QUEUE_NAME": run_queue_name("sentry"),
-            "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
-            "SENTRY_DSN": receiver.dsn,
-            "SENTRY_ENVIRONMENT": "test",
-        }
+        env = celery_processes.process_environment(
+            postgres_url, fake_microservice, tmp_path, "sentry", **sentry_variables(receiver)
+        )
         worker = celery_processes.worker(
             env, tmp_path / "worker.log", "--pool", "prefork", concurrency=1
         )
         started.append(worker)
-        yield receiver, env, worker
-
-
-def submit(env: dict[str, str], order_id: str) -> uuid.UUID:
-    result = subprocess.run(
-        [CLI, "submit", order_id], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return uuid.UUID(result.stdout.strip())
+        yield ReportingWorker(receiver, env, worker, clean_database, fake_microservice)
 
 
 def wait_for_status(database: Database, operation_id: uuid.UUID, status: str) -> None:
@@ -188,19 +185,15 @@ def wait_for_status(database: Database, operation_id: uuid.UUID, status: str) ->
 
 @pytest.mark.slow
 def test_a_failed_operation_is_one_event_tagged_with_its_operation_and_stage(
-    reporting_worker: tuple[SentryReceiver, dict[str, str], celery_processes.CeleryProcess],
-    clean_database: Database,
-    fake_microservice: FakeMicroservice,
+    reporting_worker: ReportingWorker,
 ) -> None:
     """Validation fails four times (three retries: not reported), then FAILED: one event."""
-    receiver, env, worker = reporting_worker
-    with clean_database.transaction() as session:
-        set_stock(session, "SKU-E", 1)
-    fake_microservice.add_order(order("sentry-fail", ("SKU-E", 3)))
-    operation_id = submit(env, "sentry-fail")
-    wait_for_status(clean_database, operation_id, "failed")
+    operation_id = reporting_worker.run_order(
+        order("sentry-fail", ("SKU-E", 3)), {"SKU-E": 1}, until="failed"
+    )
+    receiver = reporting_worker.receiver
     receiver.wait_for("event", 1)
-    worker.stop()  # a warm shutdown: the child flushes what sentry-sdk still holds
+    reporting_worker.process.stop()  # a warm shutdown: the child flushes what sentry-sdk holds
 
     (event,) = receiver.events()
     (envelope,) = [e for e in receiver.envelopes if any(h["type"] == "event" for h, _ in e.items)]
@@ -224,19 +217,15 @@ def test_a_failed_operation_is_one_event_tagged_with_its_operation_and_stage(
 
 @pytest.mark.slow
 def test_an_operation_retried_then_completed_reports_nothing(
-    reporting_worker: tuple[SentryReceiver, dict[str, str], celery_processes.CeleryProcess],
-    clean_database: Database,
-    fake_microservice: FakeMicroservice,
+    reporting_worker: ReportingWorker,
 ) -> None:
-    receiver, env, worker = reporting_worker
-    with clean_database.transaction() as session:
-        set_stock(session, "SKU-R", 5)
-    fake_microservice.add_order(order("sentry-late", ("SKU-R", 1)), ready_after_reads=2)
-    operation_id = submit(env, "sentry-late")
-    wait_for_status(clean_database, operation_id, "completed")
+    reporting_worker.run_order(
+        order("sentry-late", ("SKU-R", 1)), {"SKU-R": 5}, until="completed", ready_after_reads=2
+    )
+    worker = reporting_worker.process
     worker.stop()
     assert "retry_scheduled" in worker.log()  # Celery's Retry was raised twice
-    assert receiver.events() == []
+    assert reporting_worker.receiver.events() == []
 
 
 # --- in this process: scrubbing, crons -----------------------------------------------------------

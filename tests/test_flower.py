@@ -26,7 +26,7 @@ from stock_sync.entrypoints import cli_monitoring
 from stock_sync.entrypoints.cli import cli
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
-from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
+from tests.conftest import REDIS_URL
 from tests.support import order
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +34,12 @@ CLI = str(Path(sys.executable).with_name("stock-sync"))
 CREDENTIALS = "admin:S3CRET-FLOWER-PW"
 
 
+# Not passed on to the processes: settings of this run, Flower's own, and make's.
+FOREIGN_VARIABLES = ("STOCK_SYNC_", "FLOWER_", "MAKE", "MFLAGS")
+
+
 def environment(**variables: str) -> dict[str, str]:
-    kept = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("STOCK_SYNC_", "FLOWER_", "MAKE", "MFLAGS"))
-    }
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_VARIABLES)}
     return {**kept, "STOCK_SYNC_BROKER_URL": REDIS_URL, **variables}
 
 
@@ -271,14 +271,9 @@ def watched_worker(
     dispatcher and answers Flower's enable_events with "event dispatcher unavailable".
     """
     fake_microservice.reset()
-    variables = {
-        **environment(),
-        **PIPELINE_ENVIRONMENT,
-        "STOCK_SYNC_DATABASE_URL": postgres_url,
-        "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
-        "STOCK_SYNC_QUEUE_NAME": run_queue_name("flower"),
-        "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
-    }
+    variables = celery_processes.process_environment(
+        postgres_url, fake_microservice, tmp_path, "flower", dropping=FOREIGN_VARIABLES
+    )
     hostname = f"flower-watched-{uuid.uuid4().hex[:8]}@%h"
     worker = celery_processes.worker(
         variables, tmp_path / "worker.log", "--hostname", hostname, "--without-mingle", quiet=False

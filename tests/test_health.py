@@ -486,7 +486,7 @@ def test_a_real_worker_keeps_its_heartbeat_fresh_without_a_broker_and_removes_it
     }
     with celery_processes.stopped_at_exit() as started:
         worker = celery_processes.CeleryProcess(
-            ["worker", "--pool", "threads", "--concurrency", "1", *celery_processes.QUIET_WORKER],
+            celery_processes.worker_arguments("threads", 1, loglevel=None),
             environment,
             tmp_path / "worker.log",
             ready_marker="Cannot connect to redis",  # started, and retrying the broker

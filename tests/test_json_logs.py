@@ -32,8 +32,9 @@ from stock_sync.adapters.logging_setup import (
     json_handler,
     worker_log_level,
 )
+from stock_sync_dev.processes import celery_command, worker_arguments
 from tests.conftest import REDIS_URL, run_queue_name
-from tests.support import insert_operation
+from tests.support import bare_root_logger, insert_operation
 
 BIN = Path(sys.executable).parent
 ISO_UTC_MILLISECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -129,24 +130,6 @@ def test_without_a_celery_command_line_the_setting_applies() -> None:
 
 
 # --- the CLI and long-running commands ---------------------------------------------------------
-
-
-@contextmanager
-def bare_root_logger() -> Iterator[logging.Logger]:
-    """The root logger without pytest's capturing handlers, as in a `stock-sync` process
-    (pytest adds them again for each phase of a test, so this runs inside the test body)."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    for handler in saved_handlers:
-        root.removeHandler(handler)
-    try:
-        yield root
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
 
 
 def test_a_server_command_replaces_the_cli_handler_with_one_at_its_level() -> None:
@@ -257,19 +240,7 @@ def test_the_metrics_server_logs_its_own_records_as_json(tmp_path: Path) -> None
         env=env,
     )
     assert server.stdout is not None and server.stderr is not None
-    stderr_lines: list[str] = []
-    request_logged = threading.Event()
-
-    def read_stderr() -> None:
-        assert server.stderr is not None
-        for line in server.stderr:
-            stderr_lines.append(line)
-            if "GET /metrics" in line:
-                request_logged.set()
-
-    reader = threading.Thread(target=read_stderr)
-    reader.start()
-    try:
+    with reading_stderr(server, "GET /metrics") as (stderr_lines, request_logged):
         banner = server.stdout.readline()  # "serving metrics on http://127.0.0.1:PORT/metrics"
         url = banner.split(" on ", 1)[1].strip()
         with urllib.request.urlopen(url, timeout=30) as answer:
@@ -277,12 +248,6 @@ def test_the_metrics_server_logs_its_own_records_as_json(tmp_path: Path) -> None
         # wsgiref logs the request line after the answer went out: wait for it, or a stop
         # right after the answer loses it.
         assert request_logged.wait(30), "".join(stderr_lines)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        reader.join(30)
-        server.stdout.close()
-        server.stderr.close()
     stderr = "".join(stderr_lines)
 
     assert "stock_sync_database_up 0.0" in body
@@ -293,6 +258,37 @@ def test_the_metrics_server_logs_its_own_records_as_json(tmp_path: Path) -> None
         assert_record_shape(record)
     assert {record["level"] for record in failures} == {"DEBUG", "ERROR"}, failures
     assert "DB-S3CRET" not in stderr + body
+
+
+@contextmanager
+def reading_stderr(
+    process: subprocess.Popen[str], marker: str
+) -> Iterator[tuple[list[str], threading.Event]]:
+    """The lines ``process`` writes to stderr, as they come, and an event set once one contains
+    ``marker``; on the way out the process is terminated and its pipes closed."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read_stderr() -> None:
+        # Blocking reads in a thread: select() on the pipe cannot see lines already pulled
+        # into the text stream's buffer, so a poll could miss ``marker`` until its deadline.
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    try:
+        yield lines, seen
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        reader.join(30)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 # --- a real worker process ---------------------------------------------------------------------
@@ -309,33 +305,12 @@ def worker_records_until(
         "STOCK_SYNC_QUEUE_NAME": run_queue_name("logs"),
         **env_overrides,
     }
-    command = [str(BIN / "celery"), "-A", "tasks", "worker", "--pool", "solo", *args]
-    command += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    command = celery_command(worker_arguments("solo", 1, *args, loglevel=None))
     process = subprocess.Popen(
         command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
     )
-    assert process.stderr is not None
-    lines: list[str] = []
-    seen = threading.Event()
-
-    def read_stderr() -> None:
-        # Blocking reads in a thread: select() on the pipe cannot see lines already pulled
-        # into the text stream's buffer, so a poll could miss ``done`` until its deadline.
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if done in line:
-                seen.set()
-
-    reader = threading.Thread(target=read_stderr)
-    reader.start()
-    try:
+    with reading_stderr(process, done) as (lines, seen):
         seen.wait(timeout_s)
-    finally:
-        process.terminate()
-        process.wait(30)
-        reader.join(30)
-        process.stderr.close()
     assert any(done in line for line in lines), "".join(lines)[-3000:]
     return json_lines("".join(lines))
 

@@ -11,6 +11,7 @@ import sys
 
 from stock_sync.adapters.logging_setup import configure_cli_logging, json_formatter
 from stock_sync.adapters.redaction import remember_secrets
+from tests.support import bare_root_logger
 
 DATABASE_URL = "postgresql://stock:S3CRETPW@db-host/stock"
 WEBHOOK_TOKEN = "XOXB-WEBHOOK-TOKEN"
@@ -55,11 +56,7 @@ def test_the_cli_prints_a_logged_error_as_one_redacted_json_line_without_traceba
 
 
 def test_cli_logging_leaves_a_configured_root_logger_alone() -> None:
-    root = logging.getLogger()
-    saved = list(root.handlers)
-    for handler in saved:
-        root.removeHandler(handler)
-    try:
+    with bare_root_logger() as root:
         stream = io.StringIO()
         configure_cli_logging(stream)
         (installed,) = root.handlers
@@ -75,8 +72,3 @@ def test_cli_logging_leaves_a_configured_root_logger_alone() -> None:
         fields = json.loads(line)
         assert fields["message"] == "lost postgresql://stock:***@db-host/stock"
         assert fields["exc_info"] == "RuntimeError: boom"
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved:
-            root.addHandler(handler)

@@ -15,7 +15,6 @@ backlog from Redis at the moment each run is seen.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.settings import Settings
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
-from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
+from tests.conftest import REDIS_URL
 from tests.support import order
 
 pytestmark = pytest.mark.slow
@@ -68,17 +67,14 @@ def environment(
     slow_microservice: FakeMicroservice,
     tmp_path: Path,
 ) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STOCK_SYNC_")},
-        **PIPELINE_ENVIRONMENT,
-        "STOCK_SYNC_DATABASE_URL": postgres_url,
-        "STOCK_SYNC_BROKER_URL": REDIS_URL,
-        "STOCK_SYNC_MICROSERVICE_URL": slow_microservice.url,
-        "STOCK_SYNC_QUEUE_NAME": run_queue_name("backlog"),
-        "STOCK_SYNC_SWEEP_INTERVAL_S": str(INTERVAL_S),
-        "STOCK_SYNC_ALERT_INTERVAL_S": str(INTERVAL_S),
-        "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
-    }
+    return celery_processes.process_environment(
+        postgres_url,
+        slow_microservice,
+        tmp_path,
+        "backlog",
+        STOCK_SYNC_SWEEP_INTERVAL_S=str(INTERVAL_S),
+        STOCK_SYNC_ALERT_INTERVAL_S=str(INTERVAL_S),
+    )
 
 
 def queue_backlog(database: Database, environment: dict[str, str]) -> None:

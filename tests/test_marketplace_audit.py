@@ -4,17 +4,16 @@ pipeline's own paths."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation
-from stock_sync.composition import Services
+from stock_sync.composition import Services, audit_for
 from stock_sync.domain import stages
 from stock_sync.domain.marketplace import Drift, drift_of
 from stock_sync.domain.stages import StageOutcome
@@ -25,9 +24,9 @@ from stock_sync_fake import FakeMicroservice
 from tests.stage_driver import (
     deducted_operation,
     fulfillment,
-    make_services,
     outcomes,
     run,
+    services_fixture,  # noqa: F401 (the fixture `services`)
     stock,
     the_rollback,
 )
@@ -36,23 +35,13 @@ from tests.support import Pipeline, order
 HOUR = 3600.0
 
 
-@pytest.fixture
-def services(clean_database: Database, fake_microservice: FakeMicroservice) -> Iterator[Services]:
-    fake_microservice.reset()
-    built = make_services(clean_database, fake_microservice)
-    yield built
-    built.client.close()
-
-
 def audit(services: Services) -> MarketplaceAudit:
-    return MarketplaceAudit(
-        database=services.database,
-        client=services.client,
-        synchronization=services.synchronization,
-        cancellation=services.cancellation,
-        rate_per_s=150,
-        batch_size=2,  # several batches even for a handful of operations
+    """The process's own audit wiring, at the fastest rate and in several batches even for a
+    handful of operations."""
+    quick = services.settings.model_copy(
+        update={"marketplace_audit_rate_per_s": 150, "marketplace_audit_batch_size": 2}
     )
+    return audit_for(dataclasses.replace(services, settings=quick))
 
 
 def completed(services: Services, fake: FakeMicroservice, order_id: str) -> uuid.UUID:
@@ -195,8 +184,7 @@ def test_an_unreadable_order_is_reported_not_drift(
 
 def test_check_marketplace_reports_then_repairs(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-C": 5})
-    pipeline.fake.add_order(order("cli-drift", ("SKU-C", 1)))
-    operation_id = submit_operation("cli-drift")
+    operation_id = pipeline.submit(order("cli-drift", ("SKU-C", 1)))
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
     pipeline.fake.set_fulfillment_status("cli-drift", "NEW")

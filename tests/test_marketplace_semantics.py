@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -28,6 +28,7 @@ from tests.stage_driver import (
     make_services,
     outcomes,
     run,
+    services_fixture,  # noqa: F401 (the fixture `services`)
     stock,
     the_rollback,
     wait_for_outcome,
@@ -42,13 +43,6 @@ def strict_fake(fake_microservice: FakeMicroservice) -> FakeMicroservice:
     fake_microservice.reset()
     assert fake_microservice.strict  # the tests' default: Allegro's semantics
     return fake_microservice
-
-
-@pytest.fixture
-def services(clean_database: Database, strict_fake: FakeMicroservice) -> Iterator[Services]:
-    built = make_services(clean_database, strict_fake)
-    yield built
-    built.client.close()
 
 
 def row(services: Services, operation_id: uuid.UUID) -> PendingStockOperation:

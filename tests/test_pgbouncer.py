@@ -32,7 +32,7 @@ from stock_sync.adapters.db import Database, try_advisory_lock
 from stock_sync.adapters.models import utcnow
 from stock_sync.adapters.settings import get_settings, load_settings
 from stock_sync.composition import build_services, get_services, reset_services, sweeper_for
-from stock_sync.producer import request_cancellation, submit_operation
+from stock_sync.producer import request_cancellation
 from stock_sync.services.sweeps import SWEEP_ADVISORY_LOCK_KEY
 from tests.support import Pipeline, insert_operation, order
 
@@ -226,8 +226,7 @@ def test_an_order_a_cancellation_and_a_sweep_run_through_pgbouncer(
     pipeline: Pipeline, through_pgbouncer: Database
 ) -> None:
     pipeline.set_stock(**{"SKU-P": 5})
-    pipeline.fake.add_order(order("bounced", ("SKU-P", 2)))
-    operation_id = submit_operation("bounced")
+    operation_id = pipeline.submit(order("bounced", ("SKU-P", 2)))
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed" and pipeline.stock("SKU-P") == 3
 

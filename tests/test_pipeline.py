@@ -76,8 +76,7 @@ def retries_of(pipeline: Pipeline, operation_id: uuid.UUID) -> list[logging.LogR
 
 def test_an_order_paid_late_is_retried_until_ready(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-A": 1})
-    pipeline.fake.add_order(order("late", ("SKU-A", 1)), ready_after_reads=2)
-    operation_id = submit_operation("late")
+    operation_id = pipeline.submit(order("late", ("SKU-A", 1)), ready_after_reads=2)
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
     actions = pipeline.actions(operation_id)
@@ -92,16 +91,14 @@ def test_an_order_paid_late_is_retried_until_ready(pipeline: Pipeline) -> None:
 
 def test_a_404_right_after_creation_is_retried(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-A": 1})
-    pipeline.fake.add_order(order("fresh", ("SKU-A", 1)), not_found_reads=1)
-    operation_id = submit_operation("fresh")
+    operation_id = pipeline.submit(order("fresh", ("SKU-A", 1)), not_found_reads=1)
     assert pipeline.wait_for([operation_id])[0].status == "completed"
     assert "OrderNotFound" in {e.error_type for e in pipeline.events(operation_id)}
 
 
 def test_the_account_name_is_filled_from_the_order(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-A": 1})
-    pipeline.fake.add_order(order("no-account", ("SKU-A", 1), account_name="shop-77"))
-    operation_id = submit_operation("no-account")
+    operation_id = pipeline.submit(order("no-account", ("SKU-A", 1), account_name="shop-77"))
     (done,) = pipeline.wait_for([operation_id])
     assert done.account_name == "shop-77"
     actions = pipeline.actions(operation_id)
@@ -113,8 +110,7 @@ def test_validation_retries_until_stock_arrives(
 ) -> None:
     retry_limits(max_retries_processing=200, retry_backoff_base_s=0.02, retry_backoff_max_s=0.05)
     pipeline.set_stock(**{"SKU-A": 0})
-    pipeline.fake.add_order(order("restock", ("SKU-A", 2)))
-    operation_id = submit_operation("restock")
+    operation_id = pipeline.submit(order("restock", ("SKU-A", 2)))
     pipeline.wait_for([operation_id], lambda op: op.status == "processing" and op.retry_count >= 1)
     pipeline.set_stock(**{"SKU-A": 2})
     (done,) = pipeline.wait_for([operation_id])
@@ -129,8 +125,7 @@ def test_validation_retries_until_stock_arrives(
 
 def test_a_failing_sync_is_retried_and_puts_once(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-A": 1})
-    pipeline.fake.add_order(order("flaky-put", ("SKU-A", 1)), fail_puts=2)
-    operation_id = submit_operation("flaky-put")
+    operation_id = pipeline.submit(order("flaky-put", ("SKU-A", 1)), fail_puts=2)
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
     assert pipeline.actions(operation_id).count("microservice_sync_failed") == 2
@@ -139,8 +134,7 @@ def test_a_failing_sync_is_retried_and_puts_once(pipeline: Pipeline) -> None:
 
 
 def test_retries_exhausted_while_pending_end_failed(pipeline: Pipeline) -> None:
-    pipeline.fake.add_order(order("never-paid", ("SKU-A", 1)), ready_after_reads=10_000)
-    operation_id = submit_operation("never-paid")
+    operation_id = pipeline.submit(order("never-paid", ("SKU-A", 1)), ready_after_reads=10_000)
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "failed" and done.retry_count == 3 and done.failed_at
     assert done.last_error_type == "OrderNotReady"
@@ -159,8 +153,7 @@ def test_retries_exhausted_while_processing_end_failed_with_stock_untouched(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="stock_sync.notifications")
     pipeline.set_stock(**{"SKU-A": 1, "SKU-B": 9})
-    pipeline.fake.add_order(order("too-big", ("SKU-A", 3), ("SKU-B", 1)))
-    operation_id = submit_operation("too-big")
+    operation_id = pipeline.submit(order("too-big", ("SKU-A", 3), ("SKU-B", 1)))
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "failed" and done.last_error_type == "InsufficientStock"
     assert (pipeline.stock("SKU-A"), pipeline.stock("SKU-B")) == (1, 9)
@@ -181,8 +174,7 @@ def test_retries_exhausted_after_deduction_end_failed_with_stock_still_deducted(
     pipeline: Pipeline,
 ) -> None:
     pipeline.set_stock(**{"SKU-A": 5})
-    pipeline.fake.add_order(order("sync-down", ("SKU-A", 2)), fail_puts=10_000)
-    operation_id = submit_operation("sync-down")
+    operation_id = pipeline.submit(order("sync-down", ("SKU-A", 2)), fail_puts=10_000)
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "failed"
     assert pipeline.stock("SKU-A") == 3
@@ -194,8 +186,7 @@ def test_retries_exhausted_after_deduction_end_failed_with_stock_still_deducted(
 
 def test_an_order_cancelled_upstream_is_cancelled_by_the_marketplace(pipeline: Pipeline) -> None:
     pipeline.set_stock(**{"SKU-A": 5})
-    pipeline.fake.add_order(order("gone", ("SKU-A", 2), status="CANCELLED"))
-    operation_id = submit_operation("gone")
+    operation_id = pipeline.submit(order("gone", ("SKU-A", 2), status="CANCELLED"))
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "cancelled" and done.cancelled_by == "marketplace"
     assert pipeline.stock("SKU-A") == 5

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -55,13 +56,30 @@ def bound_logger(
     return log, operation_id
 
 
-def test_every_record_carries_the_operation_context(
-    captured: tuple[logging.Logger, io.StringIO],
-) -> None:
+@dataclass
+class BoundLogger:
+    """A StandardizedLogger bound to an operation (see :func:`bound_logger`), writing JSON
+    records to :attr:`stream`."""
+
+    log: StandardizedLogger
+    operation_id: uuid.UUID
+    stream: io.StringIO
+
+    def records(self) -> list[dict[str, Any]]:
+        return records(self.stream)
+
+
+@pytest.fixture
+def bound(captured: tuple[logging.Logger, io.StringIO]) -> BoundLogger:
     logger, stream = captured
     log, operation_id = bound_logger(logger)
+    return BoundLogger(log, operation_id, stream)
+
+
+def test_every_record_carries_the_operation_context(bound: BoundLogger) -> None:
+    log, operation_id = bound.log, bound.operation_id
     log.log_action_with_timing(operation_id, LogAction.LINE_ITEMS_LOADING, "loading", 12)
-    (record,) = records(stream)
+    (record,) = bound.records()
     assert record["operation_id"] == str(operation_id)
     assert record["order_id"] == "order-1"
     assert record["action"] == "line_items_loading"
@@ -73,10 +91,9 @@ def test_every_record_carries_the_operation_context(
 
 
 def test_a_transition_carries_from_to_and_reason_and_moves_the_bound_status(
-    captured: tuple[logging.Logger, io.StringIO],
+    bound: BoundLogger,
 ) -> None:
-    logger, stream = captured
-    log, operation_id = bound_logger(logger)
+    log, operation_id = bound.log, bound.operation_id
     log.log_status_transition(
         operation_id,
         OperationStatus.PENDING,
@@ -85,38 +102,32 @@ def test_a_transition_carries_from_to_and_reason_and_moves_the_bound_status(
         {"lines": 2},
     )
     log.log_action_with_timing(operation_id, LogAction.STOCK_VALIDATION_STARTED, "validating")
-    transition, after = records(stream)
+    transition, after = bound.records()
     assert transition["action"] == "status_transition"
     assert (transition["from_status"], transition["to_status"]) == ("pending", "processing")
     assert transition["status"] == "processing"
     assert after["status"] == "processing"
 
 
-def test_a_validation_failure_lists_each_failing_line(
-    captured: tuple[logging.Logger, io.StringIO],
-) -> None:
-    logger, stream = captured
-    log, operation_id = bound_logger(logger)
+def test_a_validation_failure_lists_each_failing_line(bound: BoundLogger) -> None:
+    log, operation_id = bound.log, bound.operation_id
     lines = [LineItem("1", "o", "A", 3), LineItem("2", "o", "B", 1), LineItem("3", "o", "Q", 1)]
     log.log_validation_failure(operation_id, validate_stock_levels(lines, {"A": 1, "B": 5}))
-    (record,) = records(stream)
+    (record,) = bound.records()
     assert record["action"] == "stock_validation_failed"
     assert record["level"] == "WARNING"
     assert {"sku": "A", "requested": 3, "available": 1} in record["validation_failures"]
     assert record["unknown_skus"] == ["Q"]
 
 
-def test_an_error_carries_type_message_context_and_next_retry(
-    captured: tuple[logging.Logger, io.StringIO],
-) -> None:
-    logger, stream = captured
-    log, operation_id = bound_logger(logger)
+def test_an_error_carries_type_message_context_and_next_retry(bound: BoundLogger) -> None:
+    log, operation_id = bound.log, bound.operation_id
     log.log_error_with_context(
         operation_id,
         MicroserviceTimeout("read timed out"),
         {"next_retry_at": "2026-11-26T10:00:00+00:00", "stage": "load_line_items"},
     )
-    (record,) = records(stream)
+    (record,) = bound.records()
     assert record["action"] == "line_items_load_failed"  # the PENDING stage's failure action
     assert record["error_type"] == "MicroserviceTimeout"
     assert record["error_message"] == "read timed out"
@@ -125,20 +136,18 @@ def test_an_error_carries_type_message_context_and_next_retry(
     assert record["context"] == {"stage": "load_line_items"}
 
 
-def test_a_named_action_overrides_the_default(captured: tuple[logging.Logger, io.StringIO]) -> None:
-    logger, stream = captured
-    log, operation_id = bound_logger(logger)
+def test_a_named_action_overrides_the_default(bound: BoundLogger) -> None:
+    log, operation_id = bound.log, bound.operation_id
     log.log_error_with_context(
         operation_id,
         InsufficientStock([StockShortage("A", 2, 1)]),
         {"action": LogAction.OPERATION_FAILED},
     )
-    assert records(stream)[0]["action"] == "operation_failed"
+    assert bound.records()[0]["action"] == "operation_failed"
 
 
-def test_an_unknown_action_is_refused(captured: tuple[logging.Logger, io.StringIO]) -> None:
-    logger, _ = captured
-    log, operation_id = bound_logger(logger)
+def test_an_unknown_action_is_refused(bound: BoundLogger) -> None:
+    log, operation_id = bound.log, bound.operation_id
     with pytest.raises(ValueError, match="not_an_action"):
         log.log_action_with_timing(operation_id, "not_an_action", "nope")
 

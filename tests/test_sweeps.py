@@ -23,7 +23,6 @@ from stock_sync.adapters.models import (
 from stock_sync.adapters.settings import load_settings
 from stock_sync.composition import build_services, get_services, sweeper_for
 from stock_sync.domain.statuses import OperationStatus, OperationType
-from stock_sync.producer import submit_operation
 from stock_sync.services.stuck import StuckWindow
 from stock_sync.services.sweeps import StuckOperationSweeper, SweepReport
 from tasks.dispatch import CeleryDispatcher
@@ -499,8 +498,7 @@ def test_a_long_retry_waits_in_the_row_with_no_message_until_released(
     records the retry, and only the release brings it back."""
     retry_limits(retry_backoff_base_s=0.4, retry_backoff_max_s=0.4, retry_park_after_s=0.1)
     pipeline.set_stock(**{"SKU-P": 1})
-    pipeline.fake.add_order(order("parked", ("SKU-P", 1)), ready_after_reads=1)
-    operation_id = submit_operation("parked")
+    operation_id = pipeline.submit(order("parked", ("SKU-P", 1)), ready_after_reads=1)
 
     ended = pipeline.task_runs.wait_for_chain_end("stock_sync.load_line_items", operation_id)
     assert ended.state == "SUCCESS"  # it did not retry itself: no countdown message exists

@@ -8,17 +8,15 @@ this test runs on 127.0.0.1, configured by the OTEL_* variables alone.
 
 from __future__ import annotations
 
-import gzip
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,7 @@ from stock_sync.composition import reset_services
 from stock_sync.producer import submit_operation
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
-from tests.conftest import PIPELINE_ENVIRONMENT, REDIS_URL, run_queue_name
-from tests.support import Pipeline, order
+from tests.support import Pipeline, order, receiving_posts
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 STAGES = ("load_line_items", "validate_stock", "deduct_stock", "sync_microservice")
@@ -329,37 +326,30 @@ def _value(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def otlp_variables(receiver: OtlpReceiver) -> dict[str, str]:
+    """What points a process's tracing at ``receiver`` (OTEL_* alone)."""
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: a process exports soon after each span
+    }
+
+
 @contextmanager
 def otlp_receiver() -> Iterator[OtlpReceiver]:
     receiver: OtlpReceiver
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            receiver.paths.append(self.path)
-            receiver.requests.append(request)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def record(path: str, headers: Message, body: bytes) -> int:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        receiver.paths.append(path)
+        receiver.requests.append(request)
+        return 200
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver = OtlpReceiver(endpoint=f"http://127.0.0.1:{server.server_port}")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    protobuf = {"Content-Type": "application/x-protobuf"}
+    with receiving_posts(record, answer_headers=protobuf) as port:
+        receiver = OtlpReceiver(endpoint=f"http://127.0.0.1:{port}")
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.mark.slow
@@ -378,23 +368,9 @@ def test_the_real_processes_export_the_operations_trace_over_otlp_http(
 
         set_stock(session, "SKU-O", 10)
     with otlp_receiver() as receiver, celery_processes.stopped_at_exit() as started:
-        base = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("STOCK_SYNC_", "OTEL_"))
-        }
-        env = {
-            **base,
-            **PIPELINE_ENVIRONMENT,
-            "STOCK_SYNC_DATABASE_URL": postgres_url,
-            "STOCK_SYNC_BROKER_URL": REDIS_URL,
-            "STOCK_SYNC_MICROSERVICE_URL": fake_microservice.url,
-            "STOCK_SYNC_QUEUE_NAME": run_queue_name("otlp"),
-            "STOCK_SYNC_DATA_DIR": str(tmp_path / "data"),
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: the worker exports soon after each span
-        }
+        env = celery_processes.process_environment(
+            postgres_url, fake_microservice, tmp_path, "otlp", **otlp_variables(receiver)
+        )
         started.append(
             celery_processes.worker(
                 {**env, "OTEL_SERVICE_NAME": "stock-sync-worker"},

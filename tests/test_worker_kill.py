@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from stock_sync_dev.processes import ChildProcess
 from stock_sync_fake import FakeMicroservice
 from tests import celery_processes
 from tests.conftest import BROKER_URL, PIPELINE_ENVIRONMENT, TEST_BROKER, run_queue_name
-from tests.support import Pipeline, order
+from tests.support import Pipeline, order, wait_for_lock_waiters
 
 # The shortest stuck threshold the settings accept: the (unenforced, thread pool) hard time
 # limit plus the microservice deadline. A dead attempt is found that long after it started; a
@@ -49,40 +50,34 @@ def worker_environment(
     }
 
 
+@dataclass
+class Workers:
+    """The test's real worker processes on ``environment``, in the order they started."""
+
+    started: list[ChildProcess]
+    environment: dict[str, str]
+    logs: Path
+
+    def start(self) -> None:
+        """One more worker, logging to ``worker-N.log`` (N: 1 for the first) in ``logs``."""
+        log_path = self.logs / f"worker-{len(self.started) + 1}.log"
+        self.started.append(celery_processes.worker(self.environment, log_path))
+
+    def kill_the_first(self) -> None:
+        self.started[0].kill()
+
+
 @pytest.fixture
-def workers(worker_environment: dict[str, str]) -> Iterator[list[ChildProcess]]:
+def workers(worker_environment: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
     """The test's worker processes, stopped after it (before its environment goes)."""
     with celery_processes.stopped_at_exit() as started:
-        yield started
-
-
-def start_worker(workers: list[ChildProcess], environment: dict[str, str], log_path: Path) -> None:
-    workers.append(celery_processes.worker(environment, log_path))
+        yield Workers(started, worker_environment, tmp_path)
 
 
 def cli(environment: dict[str, str], *args: str) -> str:
     result = processes.stock_sync(args, environment, 60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-def wait_for_lock_waiter(postgres_url: str) -> None:
-    engine = create_engine(postgres_url)
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            with engine.connect() as connection:
-                if connection.execute(
-                    text(
-                        "select count(*) from pg_stat_activity"
-                        " where datname = current_database() and wait_event_type = 'Lock'"
-                    )
-                ).scalar():
-                    return
-            time.sleep(0.02)
-        raise AssertionError("deduct_stock never reached the locked stock row")
-    finally:
-        engine.dispose()
 
 
 def sweep_until_redriven(
@@ -114,50 +109,43 @@ def recover(environment: dict[str, str], operation_id: uuid.UUID, found: str) ->
     assert report["redriven"] == [str(operation_id)] and report[found] == 1, report
 
 
-def killed_once_the_put_landed(
-    pipeline: Pipeline,
-    workers: list[ChildProcess],
-    environment: dict[str, str],
-    log_path: Path,
-    order_id: str,
-) -> uuid.UUID:
+def killed_once_the_put_landed(pipeline: Pipeline, workers: Workers, order_id: str) -> uuid.UUID:
     """Order ``order_id`` (one SKU-K of 5, a slow sync PUT) submitted to a worker that is
     SIGKILLed once the PUT has landed: before its answer reaches the worker, so before the
     row could say COMPLETED. The operation's id."""
     pipeline.set_stock(**{"SKU-K": 5})
     pipeline.fake.add_order(order(order_id, ("SKU-K", 1)), put_latency_s=3.0)
-    start_worker(workers, environment, log_path)
-    operation_id = uuid.UUID(cli(environment, "submit", order_id))
+    workers.start()
+    operation_id = uuid.UUID(cli(workers.environment, "submit", order_id))
     deadline = time.monotonic() + 30
     while not pipeline.applied_puts(order_id):
         assert time.monotonic() < deadline, "the sync PUT never arrived"
         time.sleep(0.01)
-    workers[0].kill()
+    workers.kill_the_first()
     assert pipeline.operation(operation_id).status == "stock_deducted"
     return operation_id
 
 
 def test_a_worker_killed_inside_deduct_stock(
-    pipeline: Pipeline, workers: list[ChildProcess], worker_environment: dict[str, str],
-    postgres_url: str, tmp_path: Path,
-) -> None:  # fmt: skip
+    pipeline: Pipeline, workers: Workers, postgres_url: str
+) -> None:
     pipeline.set_stock(**{"SKU-K": 5})
     pipeline.fake.add_order(order("kill-deduct", ("SKU-K", 2)))
-    start_worker(workers, worker_environment, tmp_path / "worker-1.log")
+    workers.start()
     blocker = create_engine(postgres_url).connect()
     blocker_tx = blocker.begin()
     blocker.execute(text("select quantity from stock_levels where sku = 'SKU-K' for update"))
-    operation_id = uuid.UUID(cli(worker_environment, "submit", "kill-deduct"))
-    wait_for_lock_waiter(postgres_url)  # the worker is inside deduct_stock's transaction
-    workers[0].kill()
+    operation_id = uuid.UUID(cli(workers.environment, "submit", "kill-deduct"))
+    wait_for_lock_waiters(pipeline.database, 1)  # the worker is inside deduct_stock's transaction
+    workers.kill_the_first()
     blocker_tx.rollback()
     blocker.close()
     time.sleep(0.3)  # the orphaned transaction is rolled back when its client is gone
     assert pipeline.operation(operation_id).status == "processing"
     assert pipeline.stock("SKU-K") == 5
 
-    start_worker(workers, worker_environment, tmp_path / "worker-2.log")
-    recover(worker_environment, operation_id, "lost")
+    workers.start()
+    recover(workers.environment, operation_id, "lost")
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
     assert pipeline.stock("SKU-K") == 3
@@ -166,17 +154,12 @@ def test_a_worker_killed_inside_deduct_stock(
 
 
 def test_a_worker_killed_while_the_sync_put_is_in_flight(
-    pipeline: Pipeline,
-    workers: list[ChildProcess],
-    worker_environment: dict[str, str],
-    tmp_path: Path,
+    pipeline: Pipeline, workers: Workers
 ) -> None:
-    operation_id = killed_once_the_put_landed(
-        pipeline, workers, worker_environment, tmp_path / "worker-1.log", "kill-sync"
-    )
+    operation_id = killed_once_the_put_landed(pipeline, workers, "kill-sync")
 
-    start_worker(workers, worker_environment, tmp_path / "worker-2.log")
-    recover(worker_environment, operation_id, "dead")
+    workers.start()
+    recover(workers.environment, operation_id, "dead")
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
     assert done.fulfillment_status_before_sync == "NEW"  # recorded before the first PUT
@@ -189,24 +172,19 @@ def test_a_worker_killed_while_the_sync_put_is_in_flight(
 
 
 def test_a_worker_killed_after_the_sync_put_then_a_cancel_puts_the_marketplace_back(
-    pipeline: Pipeline,
-    workers: list[ChildProcess],
-    worker_environment: dict[str, str],
-    tmp_path: Path,
+    pipeline: Pipeline, workers: Workers
 ) -> None:
-    operation_id = killed_once_the_put_landed(
-        pipeline, workers, worker_environment, tmp_path / "worker-1.log", "kill-cancel"
-    )
+    operation_id = killed_once_the_put_landed(pipeline, workers, "kill-cancel")
 
     cancelled = json.loads(
-        cli(worker_environment, "cancel", str(operation_id), "--by", "ops", "--reason", "x",
+        cli(workers.environment, "cancel", str(operation_id), "--by", "ops", "--reason", "x",
             "--json")
     )  # fmt: skip
     assert (cancelled["cancelled_from"], cancelled["microservice_rollback"]) == (
         "stock_deducted",
         "pending",
     )
-    start_worker(workers, worker_environment, tmp_path / "worker-2.log")
+    workers.start()
     pipeline.wait_for(
         [uuid.UUID(i) for i in cancelled["adjustment_operation_ids"]],
         lambda op: op.status == "completed",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from typing import Any
+
+from tests.support import receiving_posts
 
 
 @dataclass
@@ -28,25 +29,11 @@ def recording_webhook() -> Iterator[Webhook]:
     """A webhook at ``http://127.0.0.1:PORT/hooks/secret-token`` answering ``answer_status``."""
     recorder: Webhook
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            recorder.bodies.append(json.loads(self.rfile.read(length)))
-            recorder.content_types.append(self.headers["Content-Type"])
-            self.send_response(recorder.answer_status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def record(path: str, headers: Message, body: bytes) -> int:
+        recorder.bodies.append(json.loads(body))
+        recorder.content_types.append(headers["Content-Type"])
+        return recorder.answer_status
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    recorder = Webhook(url=f"http://127.0.0.1:{server.server_port}/hooks/secret-token")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with receiving_posts(record) as port:
+        recorder = Webhook(url=f"http://127.0.0.1:{port}/hooks/secret-token")
         yield recorder
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
