@@ -22,7 +22,7 @@ from tests.conftest import BROKER_URL, PIPELINE_ENVIRONMENT, TEST_BROKER, run_qu
 from tests.support import Pipeline, order
 
 BIN = Path(sys.executable).parent
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 # The shortest stuck threshold the settings accept: the (unenforced, thread pool) hard time
 # limit plus the microservice deadline. A dead attempt is found that long after it started; a
 # lost message once a probe sent after it came through TASK_TIME_LIMIT_S ago.
