@@ -71,7 +71,8 @@ typecheck: install
 # Each pytest-xdist worker is a run of its own (database, queues, virtual host: tests/conftest.py).
 # Hypothesis runs its `default` profile (100 examples per property) unless HYPOTHESIS_PROFILE says.
 FAST_TESTS := tests/unit tests/integration
-XDIST := -n auto
+# worksteal: a worker that runs out of tests takes some from a busy one (a few run for 30 s).
+XDIST := -n auto --dist worksteal
 test: install services tools
 	$(BIN)/pytest -q $(XDIST) --durations=15 $(FAST_TESTS)
 
