@@ -136,7 +136,7 @@ backoff-rss: install services
 	$(BIN)/python -m stock_sync_dev.backoff_memory $(if $(filter 1,$(COUNTDOWNS)),--countdowns)
 
 # The fault suite: 2,000 orders under broker crashes, worker kills, microservice faults,
-# racing submits and random cancels, then the invariants (README: "Fault suite: make chaos").
+# racing submits and random cancels, then the invariants (docs/fault-suites.md).
 # MODE=backlog: 1,200 orders queued with no worker for 12 stuck thresholds; MODE=outage: the
 # microservice down longer than the retry budgets, then `stock-sync retry --failed`.
 # BROKER=rabbitmq (storm mode): RabbitMQ on a node of its own, stopped and started mid-run.

@@ -43,30 +43,23 @@ def visibility_timeout_s(settings: Settings) -> int:
     return int(max(MIN_VISIBILITY_TIMEOUT_S, 2 * longest))
 
 
+def _every(task: str, interval_s: float) -> dict[str, Any]:
+    """Beat's entry for the task ``stock_sync.<task>`` every ``interval_s`` seconds."""
+    return {
+        "task": f"stock_sync.{task}",
+        "schedule": interval_s,
+        "options": {"expires": interval_s},
+    }
+
+
 def maintenance_schedule(settings: Settings) -> dict[str, Any]:
     """Sweeps, alerts and the daily reconciliation; each expires before its next run so a
     backlog never piles up copies of the same maintenance job."""
     return {
-        "sweep-stuck-operations": {
-            "task": "stock_sync.sweep_stuck_operations",
-            "schedule": settings.sweep_interval_s,
-            "options": {"expires": settings.sweep_interval_s},
-        },
-        "release-due-retries": {
-            "task": "stock_sync.release_due_retries",
-            "schedule": settings.retry_release_interval_s,
-            "options": {"expires": settings.retry_release_interval_s},
-        },
-        "evaluate-alerts": {
-            "task": "stock_sync.evaluate_alerts",
-            "schedule": settings.alert_interval_s,
-            "options": {"expires": settings.alert_interval_s},
-        },
-        "marketplace-audit": {
-            "task": "stock_sync.marketplace_audit",
-            "schedule": settings.marketplace_audit_interval_s,
-            "options": {"expires": settings.marketplace_audit_interval_s},
-        },
+        "sweep-stuck-operations": _every("sweep_stuck_operations", settings.sweep_interval_s),
+        "release-due-retries": _every("release_due_retries", settings.retry_release_interval_s),
+        "evaluate-alerts": _every("evaluate_alerts", settings.alert_interval_s),
+        "marketplace-audit": _every("marketplace_audit", settings.marketplace_audit_interval_s),
         "reconcile-daily": {
             "task": "stock_sync.reconcile",
             "schedule": crontab(hour=3, minute=17),
@@ -156,6 +149,13 @@ def build(settings: Settings) -> dict[str, Any]:
         "beat_scheduler": "tasks.beat:RecordingScheduler",
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
     }
+    _fit_to_broker(settings, config)
+    return config
+
+
+def _fit_to_broker(settings: Settings, config: dict[str, Any]) -> None:
+    """What each kind of broker needs on top of the common settings, written into ``config``."""
+    transport_options = config["broker_transport_options"]
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder
         transport_options.update(
@@ -175,7 +175,6 @@ def build(settings: Settings) -> dict[str, Any]:
         config["result_backend_transport_options"] = {}
     else:
         transport_options.update(socket_timeout=5, socket_connect_timeout=3)
-    return config
 
 
 def rabbitmq_settings() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from stock_sync.services.dispatch import Dispatcher
 from stock_sync.services.marketplace_audit import MarketplaceAudit
 from stock_sync.services.operation_cancellation_service import OperationCancellationService
 from stock_sync.services.recovery import OperationRecoveryService
+from stock_sync.services.stage_runner import StageRunner
 from stock_sync.services.standardized_logger import StandardizedLogger
 from stock_sync.services.stock_synchronization_service import StockSynchronizationService
 from stock_sync.services.sweeps import StuckOperationSweeper
@@ -65,17 +66,18 @@ def build_services(
         max_line_quantity=settings.max_line_quantity,
     )
     logger = StandardizedLogger()
-    cancellation = OperationCancellationService(
-        database=database, client=client, logger=logger, dispatcher=dispatcher
-    )
-    synchronization = StockSynchronizationService(
+    runner = StageRunner(
         database=database,
-        client=client,
         logger=logger,
         notifier=notifier or LoggingNotifier(load_sender(settings.notification_sender)),
         settings=settings,
-        cancellation=cancellation,
         error_reporter=error_reporter or process_error_reporter(),
+    )
+    cancellation = OperationCancellationService(
+        database=database, client=client, logger=logger, dispatcher=dispatcher, runner=runner
+    )
+    synchronization = StockSynchronizationService(
+        database=database, client=client, logger=logger, runner=runner, cancellation=cancellation
     )
     recovery = OperationRecoveryService(database=database, logger=logger, dispatcher=dispatcher)
     return Services(

@@ -32,8 +32,8 @@ from stock_sync.domain.errors import BatchEnqueueFailed, EnqueueFailed, InvalidI
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
-from stock_sync.services.operation_cancellation_service import CancellationResult
-from stock_sync.services.operations import FIRST_DISPATCH, operation_logger
+from stock_sync.services.cancellation_results import CancellationResult
+from stock_sync.services.operations import FIRST_DISPATCH, new_order_deduction, operation_logger
 from stock_sync.services.recovery import RetryResult
 
 
@@ -157,19 +157,7 @@ class NewOperation:
 
     @classmethod
     def pending(cls, order_id: str, account_name: str | None, now: datetime) -> NewOperation:
-        return cls(
-            id=uuid.uuid4(),
-            order_id=order_id,
-            account_name=account_name,
-            operation_type=OperationType.ORDER_DEDUCTION.value,
-            status=OperationStatus.PENDING.value,
-            retry_count=0,
-            deduction_retry_count=0,
-            line_items=None,
-            created_at=now,
-            updated_at=now,
-            dispatch_generation=FIRST_DISPATCH,
-        )
+        return cls(line_items=None, **new_order_deduction(order_id, account_name, now))
 
 
 @traced_submit  # the root span of the operation's trace (when tracing is on)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -31,15 +30,15 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PARKED, PendingStockOperation
 from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.producer import submit_operation
+from stock_sync_dev import cli_args
 from stock_sync_dev.bench.harness import (
-    DEFAULT_ADMIN_URL,
     CeleryProcess,
     Progress,
     configure_this_process,
     run_environment,
     say,
     throwaway_database,
-    worker_arguments,
+    tool_worker_arguments,
 )
 from stock_sync_dev.chaos_faults import ChaosRedis
 from stock_sync_fake import FakeMicroservice
@@ -116,7 +115,7 @@ def rig(admin_url: str, parking: bool) -> Iterator[tuple[Database, int]]:
         database = Database(url)
         stack.callback(database.dispose)
         hostname = f"rss-{uuid.uuid4().hex[:6]}@%h"
-        arguments = worker_arguments("prefork", WORKER_CONCURRENCY, hostname)
+        arguments = tool_worker_arguments("prefork", WORKER_CONCURRENCY, hostname)
         worker = CeleryProcess(arguments, variables, workdir / "worker.log")
         stack.callback(worker.stop)
         beat = CeleryProcess(["beat", "--loglevel", "WARNING"], variables, workdir / "beat.log")
@@ -176,12 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--countdowns", action="store_true", help="turn parking off (the comparison)"
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-    )
+    cli_args.add_postgres_url(parser, help=None)
     args = parser.parse_args(argv)
-    samples = run(args.operations, args.postgres_url, not args.countdowns, args.every)
+    samples = run(args.operations, args.admin_url, not args.countdowns, args.every)
     print(summary(not args.countdowns, samples, args.operations), flush=True)
     return 0
 

@@ -50,8 +50,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -60,16 +58,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
+from stock_sync_dev import chaos_verdict, cli_args
 from stock_sync_dev.bench.harness import (
-    DEFAULT_ADMIN_URL,
     configure_this_process,
     run_environment,
     say,
@@ -80,21 +77,9 @@ from stock_sync_dev.chaos_checks import (
     Assertion,
     Calm,
     Snapshot,
-    cancelled_orders_restored,
-    completed_orders_synced_once,
     errors_by_type,
-    every_operation_terminal,
-    failures_by_design,
-    ledger_sums_to_level,
-    listed,
     lost_answers,
-    no_deadlocks,
-    one_deduction_per_order,
-    read_deadlocks,
     read_progress,
-    read_snapshot,
-    reconciliation_clean,
-    stock_levels_as_expected,
     wait_for_calm,
 )
 from stock_sync_dev.chaos_faults import (
@@ -115,10 +100,10 @@ from stock_sync_dev.chaos_faults import (
     stop_agents,
 )
 from stock_sync_dev.chaos_scenario import BUNDLE, Scenario, build_scenario
+from stock_sync_dev.chaos_verdict import SuiteReport
 from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
-EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_ORDERS = 2000
 DEFAULT_SEED = 1
 BROKERS = ("redis", "rabbitmq")
@@ -197,10 +182,7 @@ CHAOS_SETTINGS = {
     "RETRY_RELEASE_INTERVAL_S": "1",
     "ALERT_INTERVAL_S": "3600",
 }
-RETRY_BUDGETS = {
-    stage: int(CHAOS_SETTINGS[f"MAX_RETRIES_{stage.upper()}"])
-    for stage in ("pending", "processing", "deduction", "stock_deducted", "rollback")
-}
+RETRY_BUDGETS = chaos_verdict.retry_budgets(CHAOS_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -231,33 +213,18 @@ class Rig:
 
 
 @dataclass
-class ChaosReport:
+class ChaosReport(SuiteReport):
     """What a run did and what it found."""
 
+    SUITE: ClassVar[str] = "chaos"
+
     options: Options
-    calm: Calm
     kills: int
-    # Exits the suite did not cause (restarted, as the compose file's restart policy would).
-    process_exits: list[str]
     broker_restarts: int
-    lost_answers: int
     buyer_edits: int
     buyer_cancels: int
     late_puts: int
-    tally: ProducerTally
-    statuses: dict[str, int]
-    errors_by_type: dict[str, int]
-    assertions: list[Assertion]
     fault_s: float
-    total_s: float
-
-    @property
-    def ok(self) -> bool:
-        return all(assertion.ok for assertion in self.assertions)
-
-    @property
-    def violated(self) -> list[str]:
-        return [assertion.name for assertion in self.assertions if not assertion.ok]
 
     def figures(self) -> dict[str, Any]:
         """The summary's figures, in the order the line shows them."""
@@ -282,25 +249,11 @@ class ChaosReport:
             "total_s": round(self.total_s, 1),
         }
 
-    def summary_line(self) -> str:
-        figures = " ".join(f"{name}={value}" for name, value in self.figures().items())
-        verdict = "OK" if self.ok else "FAILED (" + ", ".join(self.violated) + ")"
-        return f"chaos: {figures} : {verdict}"
-
-    def to_dict(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            **self.figures(),
-            "ok": self.ok,
-            "seed": self.options.seed,
-            "calm_reached": self.calm.reached,
             "submits": self.tally.submits,
             "cancels_from": dict(self.tally.cancels_from),
             "cancels_refused": self.tally.cancels_refused,
-            "process_exit_details": self.process_exits,
-            "errors_by_type": self.errors_by_type,
-            "violated": self.violated,
-            "assertions": [assertion.to_dict() for assertion in self.assertions],
-            "summary": self.summary_line(),
         }
 
 
@@ -451,36 +404,17 @@ def stop_everything_moving(rig: Rig, keeper: FleetKeeper, keeper_stop: threading
 
 
 def take_snapshot(rig: Rig) -> Snapshot:
-    fulfillment = {
-        order.order_id: str(rig.fake.order(order.order_id)["fulfillment_status"])
-        for order in rig.scenario.orders
-    }
-    return read_snapshot(
-        rig.database, rig.scenario.initial_stock, fulfillment, rig.fake.fulfillment_requests()
-    )
+    return chaos_verdict.take_snapshot(rig.database, rig.scenario, rig.fake)
 
 
 def judge(rig: Rig, snapshot: Snapshot) -> list[Assertion]:
     """Every assertion of the suite, in the order the report lists them."""
-    restored, rollback_failed = cancelled_orders_restored(snapshot, rig.database)
-    return [
-        every_operation_terminal(snapshot),
-        stock_levels_as_expected(snapshot),
-        ledger_sums_to_level(snapshot),
-        restored,
-        rollback_failed,
-        completed_orders_synced_once(snapshot),
-        failures_by_design(snapshot, rig.database, rig.scenario.short_order_ids(), RETRY_BUDGETS),
-        reconciliation_clean(rig.variables),
-        one_deduction_per_order(rig.database),
-        no_deadlocks(read_deadlocks(rig.database), rig.fleet.log_paths(), rig.tally.errors),
-        listed(
-            "producer_calls_clean",
-            "submit_operation raised nothing but EnqueueFailed (broker down) and "
-            "request_cancellation nothing but a refusal of a FAILED operation",
-            rig.tally.errors,
-        ),
-    ]
+    return chaos_verdict.shared_assertions(
+        snapshot, rig.database, rig.scenario, RETRY_BUDGETS, rig.variables,
+        rig.fleet.log_paths(), rig.tally.errors,
+        "submit_operation raised nothing but EnqueueFailed (broker down) and "
+        "request_cancellation nothing but a refusal of a FAILED operation",
+    )  # fmt: skip
 
 
 def status_counts(snapshot: Snapshot) -> dict[str, int]:
@@ -533,20 +467,9 @@ def shortened_timeline(details: dict[str, Any]) -> dict[str, Any]:
 def save_evidence(rig: Rig, assertions: Sequence[Assertion], folder: Path) -> None:
     """``stock-sync show --json`` of every example operation, the fake's PUTs and the logs."""
     folder.mkdir(parents=True, exist_ok=True)
-    for assertion in assertions:
-        for operation_id in assertion.example_operations(limit=len(assertion.found)):
-            with rig.database.transaction() as session:
-                details = operation_details(session, operation_id)
-            path = folder / f"show-{operation_id}.json"
-            path.write_text(json.dumps(details, indent=2, default=str))
     puts = rig.fake.fulfillment_requests()
     (folder / "fulfillments.json").write_text(json.dumps(puts, indent=2))
-    (folder / "assertions.json").write_text(
-        json.dumps([assertion.to_dict() for assertion in assertions], indent=2)
-    )
-    for log_path in rig.fleet.log_paths():
-        shutil.copy(log_path, folder / log_path.name)
-    say(f"evidence saved in {folder}")
+    chaos_verdict.save_operations_and_logs(rig.database, assertions, rig.fleet.log_paths(), folder)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -647,26 +570,30 @@ def run(options: Options) -> ChaosReport:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
 def default_settle_timeout_s(orders: int) -> float:
     return SETTLE_TIMEOUT_BASE_S + orders * SETTLE_TIMEOUT_PER_ORDER_S
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m stock_sync_dev.chaos",
-        description="Run stock-sync under broker crashes, worker kills, microservice faults, "
+    parser = cli_args.suite_parser(
+        "python -m stock_sync_dev.chaos",
+        "Run stock-sync under broker crashes, worker kills, microservice faults, "
         "racing submits and random cancels; then check its invariants.",
+        DEFAULT_ORDERS,
+        DEFAULT_SEED,
     )
-    parser.add_argument("--orders", type=_positive, default=DEFAULT_ORDERS)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    return cli_args.options_of(
+        Options,
+        args,
+        fault_s=args.fault_seconds or MIN_FAULT_S,
+        settle_timeout_s=args.settle_timeout or default_settle_timeout_s(args.orders),
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How long the faults and the settling last, and what the run stands on."""
     parser.add_argument(
         "--fault-seconds",
         type=float,
@@ -688,11 +615,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         default="en-US",
         help="the throwaway database's collation: ICU en-US (default) or the server's",
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-        help="an admin connection allowed to CREATE/DROP DATABASE",
-    )
+    cli_args.add_postgres_url(parser)
     parser.add_argument(
         "--broker",
         choices=BROKERS,
@@ -712,64 +635,30 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         default=None,
         help="save the example operations' timelines, the fake's PUTs and the logs here",
     )
-    args = parser.parse_args(argv)
-    return Options(
-        orders=args.orders,
-        seed=args.seed,
-        json_output=args.json,
-        fault_s=args.fault_seconds or MIN_FAULT_S,
-        settle_timeout_s=args.settle_timeout or default_settle_timeout_s(args.orders),
-        collation=args.collation,
-        admin_url=args.postgres_url,
-        evidence_dir=args.evidence_dir,
-        broker=args.broker,
-        rabbitmq_node=args.rabbitmq_node,
-    )
 
 
 def report(result: ChaosReport) -> None:
     """The assertion table on stderr, then the summary line (or the JSON) on stdout."""
     say("")
-    for assertion in result.assertions:
-        verdict = "ok" if assertion.ok else f"VIOLATED ({len(assertion.found)})"
-        say(f"  {assertion.name:<32} {verdict}")
+    chaos_verdict.say_assertions(result.assertions)
     cancels = ", ".join(f"{k}={v}" for k, v in sorted(result.tally.cancels_from.items()))
     say(
         f"  cancels by stage: {cancels or 'none'}; refused (already FAILED): "
         f"{result.tally.cancels_refused}"
     )
-    errors = ", ".join(f"{k}={v}" for k, v in result.errors_by_type.items())
-    say(f"  errors recorded on operations: {errors or 'none'}")
+    chaos_verdict.say_errors(result.errors_by_type)
     say(
         f"  processes that exited on their own (restarted, as the compose file's restart "
         f"policy would): {len(result.process_exits)}"
     )
     for exit_line in result.process_exits[:EXAMPLES_SHOWN]:
         say(f"  - {exit_line}")
-    if result.options.json_output:
-        say(result.summary_line())
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary_line(), flush=True)
-
-
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so everything started is stopped
+    chaos_verdict.print_result(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    try:
-        result = run(options)
-    except KeyboardInterrupt:
-        say("interrupted; everything the fault suite started was stopped")
-        return EXIT_INTERRUPTED
-    except HarnessError as error:
-        say(f"chaos: the harness failed: {error}")
-        return EXIT_HARNESS_FAILED
-    report(result)
-    return EXIT_OK if result.ok else EXIT_VIOLATED
+    return chaos_verdict.exit_code_of("chaos", lambda: run(options), report)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,6 @@ process was stopped, so nothing moves while it is judged.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -31,7 +28,8 @@ from stock_sync.adapters.models import (
 )
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus, OperationType
 from stock_sync.domain.stock import MovementReason
-from stock_sync_dev.bench.harness import say, without_stock_sync_variables
+from stock_sync_dev import processes
+from stock_sync_dev.bench.harness import process_environment, say
 
 S = OperationStatus
 TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
@@ -42,7 +40,6 @@ SYNCED = "PROCESSING"
 MAX_EXAMPLES = 8
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0
-BIN = Path(sys.executable).parent
 
 
 # --- waiting for calm -------------------------------------------------------------------------
@@ -521,14 +518,7 @@ def one_deduction_per_order(database: Database) -> Assertion:
 def reconciliation_clean(variables: Mapping[str, str]) -> Assertion:
     """``stock-sync check --json`` as an operator would run it, with the run's settings."""
     check = Assertion("reconciliation_clean", "`stock-sync check` exits 0 (everything reconciles)")
-    environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
-    result = subprocess.run(
-        [str(BIN / "stock-sync"), "check", "--json"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
+    result = processes.stock_sync(["check", "--json"], process_environment(variables), 300)
     if result.returncode == 0:
         return check
     try:
@@ -625,12 +615,18 @@ def lost_answers(puts: Sequence[Mapping[str, Any]]) -> int:
 
 def errors_by_type(database: Database) -> dict[str, int]:
     """How often each error type was recorded on an operation (retries and failures)."""
-    event = OperationEvent
+    error_type = OperationEvent.error_type
+    return dict(event_counts(database, error_type, error_type.is_not(None)))
+
+
+def event_counts(database: Database, column: Any, condition: Any) -> list[tuple[str, int]]:
+    """How many operation events matching ``condition`` have each value of ``column``, the
+    most frequent first."""
     with database.transaction() as session:
         rows = session.execute(
-            select(event.error_type, func.count())
-            .where(event.error_type.is_not(None))
-            .group_by(event.error_type)
+            select(column, func.count())
+            .where(condition)
+            .group_by(column)
             .order_by(func.count().desc())
         )
-        return {str(kind): int(count) for kind, count in rows}
+        return [(str(value), int(count)) for value, count in rows]

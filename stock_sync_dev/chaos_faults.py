@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import socket
@@ -34,8 +35,9 @@ from stock_sync.domain.errors import CancellationRefused, EnqueueFailed
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.producer import request_cancellation, submit_operation
 from stock_sync_dev import rabbitmq
-from stock_sync_dev.bench.harness import CeleryProcess, worker_arguments
+from stock_sync_dev.bench.harness import CeleryProcess, tool_worker_arguments
 from stock_sync_dev.chaos_scenario import PlannedOrder
+from stock_sync_dev.processes import ChildProcess
 from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
@@ -83,6 +85,17 @@ def free_port() -> int:
             return port
 
 
+def redis_queue_length(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue``, 0 while the server is down (nothing is waiting); the
+    client is closed."""
+    try:
+        return int(client.llen(queue))
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
+
+
 class ChaosRedis:
     """A private ``redis-server`` without persistence: a crash loses every queued message."""
 
@@ -105,14 +118,9 @@ class ChaosRedis:
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self._folder),
         ]  # fmt: skip
-        with (self._folder / "redis.log").open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C is ours to handle, not Redis's
-            )
+        # its own session: a terminal's Ctrl-C is ours to handle, not Redis's
+        log_path = self._folder / "redis.log"
+        self._process = ChildProcess(command, dict(os.environ), log_path, cwd=Path.cwd()).process
         self._wait_until_answering()
 
     def _wait_until_answering(self) -> None:
@@ -134,12 +142,7 @@ class ChaosRedis:
     def queue_length(self, queue: str) -> int:
         """Messages waiting in ``queue``; 0 while the server is down (nothing is waiting)."""
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=1)
-        try:
-            return int(client.llen(queue))
-        except redis.RedisError:
-            return 0
-        finally:
-            client.close()
+        return redis_queue_length(client, queue)
 
     def crash(self) -> None:
         """Stop without saving, alternately by ``SHUTDOWN NOSAVE`` and by SIGKILL."""
@@ -285,7 +288,7 @@ def _arguments(role: str, generation: int) -> list[str]:
     # The victim is a prefork worker (its children die with it), the steady one uses threads.
     pool = "prefork" if role == VICTIM else "threads"
     hostname = f"chaos-{role}-{generation}-{uuid.uuid4().hex[:6]}@%h"
-    return worker_arguments(pool, 2, hostname)
+    return tool_worker_arguments(pool, 2, hostname)
 
 
 class Fleet:

@@ -66,8 +66,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg2
 import redis
@@ -79,39 +78,19 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
-from stock_sync_dev import netns
+from stock_sync_dev import chaos_checks, chaos_verdict, cli_args, netns, processes
 from stock_sync_dev.bench.harness import (
     REPOSITORY,
     configure_this_process,
+    process_environment,
     run_environment,
     say,
     stock_skus,
+    tool_worker_arguments,
     with_application_name,
-    without_stock_sync_variables,
-    worker_arguments,
 )
 from stock_sync_dev.chaos import ICU_EN_US, shortened_timeline, status_counts
-from stock_sync_dev.chaos_checks import (
-    Assertion,
-    Calm,
-    Snapshot,
-    cancelled_orders_restored,
-    completed_orders_synced_once,
-    errors_by_type,
-    every_operation_terminal,
-    failures_by_design,
-    ledger_sums_to_level,
-    listed,
-    lost_answers,
-    no_deadlocks,
-    one_deduction_per_order,
-    read_deadlocks,
-    read_progress,
-    read_snapshot,
-    reconciliation_clean,
-    stock_levels_as_expected,
-    wait_for_calm,
-)
+from stock_sync_dev.chaos_checks import Assertion, Snapshot
 from stock_sync_dev.chaos_faults import (
     Agent,
     HarnessError,
@@ -119,11 +98,17 @@ from stock_sync_dev.chaos_faults import (
     ProducerTally,
     Submitter,
     agent_errors,
+    redis_queue_length,
     stop_agents,
 )
 from stock_sync_dev.chaos_scenario import Scenario, build_scenario
-
-EXIT_OK, EXIT_VIOLATED, EXIT_HARNESS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
+from stock_sync_dev.chaos_verdict import (
+    EXIT_HARNESS_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_VIOLATED,
+    SuiteReport,
+)
 
 
 def _app() -> Any:
@@ -190,10 +175,7 @@ PARTITION_SETTINGS = {
     "RETRY_RELEASE_INTERVAL_S": "1",
     "ALERT_INTERVAL_S": "3600",
 }
-RETRY_BUDGETS = {
-    stage: int(PARTITION_SETTINGS[f"MAX_RETRIES_{stage.upper()}"])
-    for stage in ("pending", "processing", "deduction", "stock_deducted", "rollback")
-}
+RETRY_BUDGETS = chaos_verdict.retry_budgets(PARTITION_SETTINGS)
 # The fake's per-order faults of the chaos scenario, but no held PUTs (nothing here releases
 # them): late payment, answers lost after the PUT took effect.
 DROPPED_KNOBS = ("hold_puts",)
@@ -216,8 +198,9 @@ class Options:
 # --- processes on the hosts -------------------------------------------------------------------
 
 
-class HostProcess:
-    """A command run in a host's namespace, in its own session, its output in a log file."""
+class HostProcess(processes.ChildProcess):
+    """A command run in a host's namespace, in its own session (a terminal's Ctrl-C is ours to
+    handle), its output in a log file; this process's environment unless one is given."""
 
     def __init__(
         self,
@@ -229,42 +212,13 @@ class HostProcess:
         cwd: Path = REPOSITORY,
     ) -> None:
         self.host = host
-        self.log_path = log_path
         as_user = ["runuser", "-u", user, "--"] if user else []
         full = netns.in_namespace(host.namespace, [*as_user, *command])
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                full,
-                cwd=cwd,
-                env=dict(environment) if environment is not None else None,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C is ours to handle
-            )
+        variables = dict(os.environ if environment is None else environment)
+        super().__init__(full, variables, log_path, cwd=cwd)
 
-    def exit_code(self) -> int | None:
-        return self.process.poll()
-
-    def log_tail(self, characters: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-characters:]
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to the process group (a warm shutdown), SIGKILL after ``timeout_s``."""
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+    def stop(self, grace_s: float = 20.0) -> None:
+        super().stop(grace_s)
 
 
 def wait_until(what: str, ready: Callable[[], bool], process: HostProcess | None) -> None:
@@ -387,13 +341,7 @@ class PrivateRedis:
             client.close()
 
     def queue_length(self, queue: str) -> int:
-        client = self.client()
-        try:
-            return int(client.llen(queue))
-        except redis.RedisError:
-            return 0
-        finally:
-            client.close()
+        return redis_queue_length(self.client(), queue)
 
     def unacked_task_ids(self) -> set[str]:
         """The task ids of the messages delivered to a consumer and not acknowledged yet."""
@@ -419,10 +367,10 @@ class RemoteFake:
     def __init__(self, host: netns.Host, folder: Path, variables: Mapping[str, str]) -> None:
         self.url = f"http://{host.address}:{MICRO_PORT}"
         command = [
-            str(Path(sys.executable).parent / "stock-sync"), "fake-microservice",
+            str(processes.STOCK_SYNC), "fake-microservice",
             "--host", host.address, "--port", str(MICRO_PORT),
         ]  # fmt: skip
-        environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
+        environment = process_environment(variables)
         self.process = HostProcess(host, command, folder / "fake-microservice.log", environment)
         wait_until("the fake microservice", self._answers, self.process)
 
@@ -494,12 +442,11 @@ class Fleet:
         if role == BEAT:
             arguments = ["beat", "--loglevel", "WARNING"]
         else:
-            arguments = worker_arguments(WORKER_POOLS[role], CONCURRENCY, self.node_names[role])
-        environment = {
-            **without_stock_sync_variables(dict(os.environ)),
-            **self._variables[role],
-        }
-        command = [sys.executable, "-m", "celery", "-A", "tasks", *arguments]
+            arguments = tool_worker_arguments(
+                WORKER_POOLS[role], CONCURRENCY, self.node_names[role]
+            )
+        environment = process_environment(self._variables[role])
+        command = processes.celery_command(arguments)
         self._processes[role] = HostProcess(
             self._hosts[role], command, self._logs / f"{role}.log", environment
         )
@@ -819,7 +766,7 @@ class Partitioner(Agent):
         waiting = set(WORKERS)
         while waiting and time.monotonic() - healed_at < HEAL_TIMEOUT_S:
             self._watch_orphan()
-            idle = read_progress(self._rig.database).calm
+            idle = chaos_checks.read_progress(self._rig.database).calm
             for worker in sorted(waiting):
                 count = tasks_done(self._rig.fleet.node_names[worker])
                 if count is None:
@@ -851,28 +798,14 @@ class Rig:
 
 
 @dataclass
-class PartitionReport:
+class PartitionReport(SuiteReport):
+    SUITE: ClassVar[str] = "chaos-partition"
+
     options: Options
     partitions: list[Partition]
     heal: HealReport
     orphan_s: float
-    calm: Calm
     settle_s: float
-    process_exits: list[str]
-    lost_answers: int
-    tally: ProducerTally
-    statuses: dict[str, int]
-    errors_by_type: dict[str, int]
-    assertions: list[Assertion]
-    total_s: float
-
-    @property
-    def ok(self) -> bool:
-        return all(assertion.ok for assertion in self.assertions)
-
-    @property
-    def violated(self) -> list[str]:
-        return [assertion.name for assertion in self.assertions if not assertion.ok]
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -893,27 +826,13 @@ class PartitionReport:
             "total_s": round(self.total_s, 1),
         }
 
-    def summary_line(self) -> str:
-        figures = " ".join(f"{name}={value}" for name, value in self.figures().items())
-        verdict = "OK" if self.ok else "FAILED (" + ", ".join(self.violated) + ")"
-        return f"chaos-partition: {figures} : {verdict}"
-
-    def to_dict(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            **self.figures(),
-            "ok": self.ok,
-            "seed": self.options.seed,
-            "calm_reached": self.calm.reached,
             "partition_details": [partition.to_dict() for partition in self.partitions],
             "workers_back_s": {k: round(v, 1) for k, v in self.heal.back_s.items()},
             "workers_not_back": self.heal.not_back,
             "submits": self.tally.submits,
             "enqueue_failed": self.tally.enqueue_failed,
-            "process_exit_details": self.process_exits,
-            "errors_by_type": self.errors_by_type,
-            "violated": self.violated,
-            "assertions": [assertion.to_dict() for assertion in self.assertions],
-            "summary": self.summary_line(),
         }
 
 
@@ -1034,7 +953,7 @@ def run_partition_phase(rig: Rig, options: Options, keeper: Keeper) -> Partition
             check_agents([*agents, keeper])
             if time.monotonic() - started >= next_line:
                 next_line += PROGRESS_EVERY_S
-                progress = read_progress(rig.database)
+                progress = chaos_checks.read_progress(rig.database)
                 say(
                     f"    {time.monotonic() - started:.0f} s: submitted "
                     f"{submitter.submitted_orders}/{len(rig.scenario.orders)}, "
@@ -1049,16 +968,6 @@ def run_partition_phase(rig: Rig, options: Options, keeper: Keeper) -> Partition
     return partitioner
 
 
-def take_snapshot(rig: Rig) -> Snapshot:
-    fulfillment = {
-        order.order_id: str(rig.fake.order(order.order_id)["fulfillment_status"])
-        for order in rig.scenario.orders
-    }
-    return read_snapshot(
-        rig.database, rig.scenario.initial_stock, fulfillment, rig.fake.fulfillment_requests()
-    )
-
-
 def workers_back(heal: HealReport) -> Assertion:
     check = Assertion(
         "workers_back_after_heal",
@@ -1071,26 +980,13 @@ def workers_back(heal: HealReport) -> Assertion:
 
 
 def judge(rig: Rig, snapshot: Snapshot, heal: HealReport) -> list[Assertion]:
-    restored, rollback_failed = cancelled_orders_restored(snapshot, rig.database)
-    return [
-        every_operation_terminal(snapshot),
-        stock_levels_as_expected(snapshot),
-        ledger_sums_to_level(snapshot),
-        restored,
-        rollback_failed,
-        completed_orders_synced_once(snapshot),
-        failures_by_design(snapshot, rig.database, rig.scenario.short_order_ids(), RETRY_BUDGETS),
-        reconciliation_clean(rig.variables),
-        one_deduction_per_order(rig.database),
-        no_deadlocks(read_deadlocks(rig.database), rig.fleet.log_paths(), rig.tally.errors),
-        listed(
-            "producer_calls_clean",
-            "submit_operation raised nothing but EnqueueFailed and request_cancellation "
-            "nothing but a refusal of a FAILED operation",
-            rig.tally.errors,
-        ),
-        workers_back(heal),
-    ]
+    shared = chaos_verdict.shared_assertions(
+        snapshot, rig.database, rig.scenario, RETRY_BUDGETS, rig.variables,
+        rig.fleet.log_paths(), rig.tally.errors,
+        "submit_operation raised nothing but EnqueueFailed and request_cancellation "
+        "nothing but a refusal of a FAILED operation",
+    )  # fmt: skip
+    return [*shared, workers_back(heal)]
 
 
 def show_violations(rig: Rig, assertions: Sequence[Assertion]) -> None:
@@ -1108,20 +1004,7 @@ def show_violations(rig: Rig, assertions: Sequence[Assertion]) -> None:
 
 
 def save_evidence(rig: Rig, assertions: Sequence[Assertion], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for assertion in assertions:
-        for operation_id in assertion.example_operations(limit=len(assertion.found)):
-            with rig.database.transaction() as session:
-                details = operation_details(session, operation_id)
-            (folder / f"show-{operation_id}.json").write_text(
-                json.dumps(details, indent=2, default=str)
-            )
-    (folder / "assertions.json").write_text(
-        json.dumps([assertion.to_dict() for assertion in assertions], indent=2)
-    )
-    for log_path in rig.fleet.log_paths():
-        shutil.copy(log_path, folder / log_path.name)
-    say(f"evidence saved in {folder}")
+    chaos_verdict.save_operations_and_logs(rig.database, assertions, rig.fleet.log_paths(), folder)
 
 
 @contextlib.contextmanager
@@ -1158,7 +1041,7 @@ def run(options: Options) -> PartitionReport:
             + (f"; NOT back: {partitioner.heal.not_back}" if partitioner.heal.not_back else "")
         )
         say(f"[3/4] settling (at most {options.settle_timeout_s:.0f} s)")
-        calm = wait_for_calm(
+        calm = chaos_checks.wait_for_calm(
             rig.database, options.settle_timeout_s, on_poll=lambda: check_agents([keeper])
         )
         settle_s = time.monotonic() - healed_at
@@ -1167,7 +1050,7 @@ def run(options: Options) -> PartitionReport:
         reset_databases()
         rig.database.dispose()
         say("[4/4] judging")
-        snapshot = take_snapshot(rig)
+        snapshot = chaos_verdict.take_snapshot(rig.database, rig.scenario, rig.fake)
         assertions = judge(rig, snapshot, partitioner.heal)
         show_violations(rig, assertions)
         if options.evidence_dir is not None:
@@ -1180,10 +1063,10 @@ def run(options: Options) -> PartitionReport:
             calm=calm,
             settle_s=settle_s,
             process_exits=rig.fleet.unexpected_exits,
-            lost_answers=lost_answers(snapshot.puts),
+            lost_answers=chaos_checks.lost_answers(snapshot.puts),
             tally=rig.tally,
             statuses=status_counts(snapshot),
-            errors_by_type=errors_by_type(rig.database),
+            errors_by_type=chaos_checks.errors_by_type(rig.database),
             assertions=assertions,
             total_s=time.monotonic() - started,
         )
@@ -1193,50 +1076,57 @@ def run(options: Options) -> PartitionReport:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
-    return number
-
-
 def parse_options(argv: Sequence[str] | None = None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m stock_sync_dev.chaos_partition",
-        description="Run stock-sync on separate hosts (network namespaces), cut the links "
+    parser = cli_args.suite_parser(
+        "python -m stock_sync_dev.chaos_partition",
+        "Run stock-sync on separate hosts (network namespaces), cut the links "
         "between them while orders flow, heal them, then check its invariants.",
+        DEFAULT_ORDERS,
+        DEFAULT_SEED,
     )
-    parser.add_argument("--orders", type=_positive_int, default=DEFAULT_ORDERS)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _add_partition_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.gap < 0:
+        parser.error(f"--gap must be >= 0, got {args.gap}")
+    settle_timeout_s = (
+        args.settle_timeout or SETTLE_TIMEOUT_BASE_S + args.orders * SETTLE_TIMEOUT_PER_ORDER_S
+    )
+    return cli_args.options_of(
+        Options,
+        args,
+        gap_s=args.gap,
+        hold_s=args.hold,
+        backoff_max_s=args.backoff_max,
+        settle_timeout_s=settle_timeout_s,
+    )
+
+
+def _add_partition_arguments(parser: argparse.ArgumentParser) -> None:
+    """The partitions' pace, the run's retry backoff and settling, and the experiment."""
     parser.add_argument(
-        "--rate", type=_positive_float, default=SUBMITS_PER_S, help="orders a second, at most"
+        "--rate",
+        type=cli_args.positive_seconds,
+        default=SUBMITS_PER_S,
+        help="orders a second, at most",
     )
     parser.add_argument(
         "--gap", type=float, default=GAP_S, help=f"seconds between partitions (default {GAP_S:g})"
     )
     parser.add_argument(
         "--hold",
-        type=_positive_float,
+        type=cli_args.positive_seconds,
         default=HOLD_S,
         help=f"seconds from the last partition to the heal (default {HOLD_S:g})",
     )
     parser.add_argument(
         "--backoff-max",
-        type=_positive_float,
+        type=cli_args.positive_seconds,
         default=float(PARTITION_SETTINGS["RETRY_BACKOFF_MAX_S"]),
         help="STOCK_SYNC_RETRY_BACKOFF_MAX_S of the run",
     )
     parser.add_argument(
         "--settle-timeout",
-        type=_positive_float,
+        type=cli_args.positive_seconds,
         default=None,
         help=f"seconds to wait for calm after the heal (default {SETTLE_TIMEOUT_BASE_S:g} + "
         f"{SETTLE_TIMEOUT_PER_ORDER_S:g} per order)",
@@ -1249,22 +1139,6 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         "'keepalives_idle=5&options=-c idle_in_transaction_session_timeout=10000'",
     )
     parser.add_argument("--evidence-dir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.gap < 0:
-        parser.error(f"--gap must be >= 0, got {args.gap}")
-    return Options(
-        orders=args.orders,
-        seed=args.seed,
-        json_output=args.json,
-        rate=args.rate,
-        gap_s=args.gap,
-        hold_s=args.hold,
-        backoff_max_s=args.backoff_max,
-        settle_timeout_s=args.settle_timeout
-        or SETTLE_TIMEOUT_BASE_S + args.orders * SETTLE_TIMEOUT_PER_ORDER_S,
-        database_options=args.database_options,
-        evidence_dir=args.evidence_dir,
-    )
 
 
 def report(result: PartitionReport) -> None:
@@ -1277,28 +1151,17 @@ def report(result: PartitionReport) -> None:
         )
     back = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(result.heal.back_s.items()))
     say(f"  workers working again after the heal: {back or 'none'}")
-    for assertion in result.assertions:
-        verdict = "ok" if assertion.ok else f"VIOLATED ({len(assertion.found)})"
-        say(f"  {assertion.name:<32} {verdict}")
-    errors = ", ".join(f"{k}={v}" for k, v in result.errors_by_type.items())
-    say(f"  errors recorded on operations: {errors or 'none'}")
+    chaos_verdict.say_assertions(result.assertions)
+    chaos_verdict.say_errors(result.errors_by_type)
     for exit_line in result.process_exits[:5]:
         say(f"  process exit: {exit_line}")
-    if result.options.json_output:
-        say(result.summary_line())
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary_line(), flush=True)
-
-
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: everything made is removed
+    chaos_verdict.print_result(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    signal.signal(signal.SIGHUP, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
+    signal.signal(signal.SIGHUP, cli_args.interrupt_on_sigterm)
     try:
         for removed in netns.sweep_leftovers():
             say(f"removed a leftover of a run that died: {removed}")

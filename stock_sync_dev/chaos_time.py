@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +38,13 @@ from stock_sync.adapters.settings import ENV_PREFIX
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.stock import MovementReason
 from stock_sync.producer import submit_operation
-from stock_sync_dev import chaos
-from stock_sync_dev.bench.harness import DEFAULT_ADMIN_URL, say, without_stock_sync_variables
+from stock_sync_dev import chaos, chaos_verdict, cli_args, processes
+from stock_sync_dev.bench.harness import process_environment, say
 from stock_sync_dev.chaos_checks import (
-    BIN,
     Assertion,
     Calm,
     completed_orders_synced_once,
+    event_counts,
     every_operation_terminal,
     ledger_sums_to_level,
     one_deduction_per_order,
@@ -121,14 +118,8 @@ class TimeReport:
 
 def stage_runs(database: Any) -> Counter[str]:
     """How many times each stage started, over every operation (its start events)."""
-    event = OperationEvent
-    with database.transaction() as session:
-        rows = session.execute(
-            select(event.action, func.count())
-            .where(event.action.in_(STAGE_STARTS))
-            .group_by(event.action)
-        )
-        return Counter({action: int(count) for action, count in rows})
+    action = OperationEvent.action
+    return Counter(dict(event_counts(database, action, action.in_(STAGE_STARTS))))
 
 
 def sweep_redrives(database: Any) -> int:
@@ -385,14 +376,8 @@ def _failed_after_deduction(database: Any) -> int:
 
 def _retry_failed(variables: dict[str, str]) -> dict[str, Any]:
     """``stock-sync retry --failed --yes --json`` as an operator runs it."""
-    environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
-    result = subprocess.run(
-        [str(BIN / "stock-sync"), "retry", "--failed", "--yes", "--json"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=600,
-    )
+    arguments = ["retry", "--failed", "--yes", "--json"]
+    result = processes.stock_sync(arguments, process_environment(variables), 600)
     if result.returncode != 0:
         raise _harness_error(f"stock-sync retry exited {result.returncode}: {result.stderr}")
     payload: dict[str, Any] = json.loads(result.stdout)
@@ -455,11 +440,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
         f"(default {DEFAULT_BACKLOG_AGE:g})",
     )
     parser.add_argument("--settle-timeout", type=float, default=None)
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-        help="an admin connection allowed to CREATE/DROP DATABASE",
-    )
+    cli_args.add_postgres_url(parser)
     args = parser.parse_args(argv)
     orders = args.orders or DEFAULT_ORDERS[args.mode]
     if orders < 2:
@@ -471,7 +452,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
         fault_s=0.0,
         settle_timeout_s=args.settle_timeout or chaos.default_settle_timeout_s(orders),
         collation="en-US",
-        admin_url=args.postgres_url,
+        admin_url=args.admin_url,
         evidence_dir=None,
     )
     return options, args.mode, args.backlog_age
@@ -479,17 +460,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[chaos.Options, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     options, mode, backlog_age = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, chaos._interrupt_on_sigterm)
-    try:
-        result = run_backlog(options, backlog_age) if mode == "backlog" else run_outage(options)
-    except KeyboardInterrupt:
-        say("interrupted; everything the fault suite started was stopped")
-        return chaos.EXIT_INTERRUPTED
-    except HarnessError as error:
-        say(f"chaos {mode}: the harness failed: {error}")
-        return chaos.EXIT_HARNESS_FAILED
-    report(result, json_output=options.json_output)
-    return chaos.EXIT_OK if result.ok else chaos.EXIT_VIOLATED
+    return chaos_verdict.exit_code_of(
+        f"chaos {mode}",
+        lambda: run_backlog(options, backlog_age) if mode == "backlog" else run_outage(options),
+        lambda result: report(result, json_output=options.json_output),
+    )
 
 
 if __name__ == "__main__":

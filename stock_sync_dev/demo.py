@@ -19,7 +19,6 @@ import contextlib
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -46,6 +45,7 @@ from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import TERMINAL_STATUSES, OperationStatus
 from stock_sync.entrypoints import render
 from stock_sync.services.queries import operation_details
+from stock_sync_dev import processes
 from stock_sync_fake import FakeMicroservice
 
 S = OperationStatus
@@ -248,18 +248,13 @@ class WorkerProcess:
         self.log_path = folder / "worker.log"
         self._run = run
         self._folder = folder
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._process: processes.CeleryProcess | None = None
 
-    def command(self) -> list[str]:
-        return [
-            sys.executable, "-m", "celery", "-A", "tasks", "worker",
-            # no --loglevel: the worker then logs at STOCK_SYNC_LOG_LEVEL (INFO, set above)
-            "--pool", "threads", "--concurrency", "4",
-            "--hostname", f"{self._run.queue}@%h",
-            # nothing to sync with or gossip to: skip the second these cost at startup
-            "--without-mingle", "--without-gossip", "--without-heartbeat",
-        ]  # fmt: skip
+    def arguments(self) -> list[str]:
+        # no --loglevel: the worker then logs at STOCK_SYNC_LOG_LEVEL (INFO, set above)
+        return processes.worker_arguments(
+            "threads", 4, loglevel=None, hostname=f"{self._run.queue}@%h"
+        )
 
     def start(self) -> int:
         """Start the worker with this process's environment; returns its pid."""
@@ -267,40 +262,26 @@ class WorkerProcess:
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")])
         )
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            cwd=self._folder,
-            start_new_session=True,
+        self._process = processes.CeleryProcess(
+            self.arguments(), environment, self.log_path, cwd=self._folder
         )
         return self._process.pid
 
     def ensure_alive(self) -> None:
         """Raise DemoError with the end of the worker's log if it exited."""
-        if self._process is None or self._process.poll() is None:
+        code = None if self._process is None else self._process.exit_code()
+        if code is None:
             return
         raise DemoError(
-            f"the worker exited with code {self._process.returncode}; "
+            f"the worker exited with code {code}; "
             f"end of {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
     def stop(self, grace_s: float = WORKER_GRACE_S) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL after ``grace_s``; safe to call twice."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if process is not None:
+            process.stop(grace_s)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

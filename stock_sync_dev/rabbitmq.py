@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stock_sync_dev.processes import ChildProcess
+
 RABBITMQCTL_TIMEOUT_S = 60.0
 DEFAULT_NODE = "rabbit@localhost"
 # A test run's virtual host carries the pid of the process that made it, so that a later run
@@ -191,15 +193,11 @@ class PrivateNode:
             "HOME": os.path.expanduser(f"~{RABBITMQ_USER}"),  # where its Erlang cookie is
         }
         command = [*prefix, "env", *(f"{k}={v}" for k, v in variables.items()), SERVER_SCRIPT]
-        with (folder / "node.log").open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                cwd=variables["HOME"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C is ours to handle, not the node's
-            )
+        # its own session: a terminal's Ctrl-C is ours to handle, not the node's
+        node = ChildProcess(
+            command, dict(os.environ), folder / "node.log", cwd=Path(variables["HOME"])
+        )
+        self._process = node.process
         self._wait_until_booted()
 
     def _wait_until_booted(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from stock_sync.adapters.maintenance_runs import (
@@ -17,27 +18,31 @@ from stock_sync.composition import audit_for, get_services, sweeper_for
 from stock_sync.services.alert_notices import update_alert_states
 from stock_sync.services.alerts import RECONCILIATION_MISMATCH, Alert
 from stock_sync.services.reconciliation import ReconciliationReport, reconcile_database
+from stock_sync.services.sweeps import ReleaseReport, StuckOperationSweeper, SweepReport
 from tasks.app import app
 
 logger = logging.getLogger("stock_sync.tasks")
+Report = SweepReport | ReleaseReport
 
 
 @app.task(name="stock_sync.sweep_stuck_operations", ignore_result=True, acks_late=False)
 def sweep_stuck_operations_task() -> dict[str, Any]:
     """Re-drive stuck operations (acks early: a lost sweep is simply the next one)."""
-    services = get_services()
-    with recorded_run(services.database, SWEEP) as run:
-        run.summary = sweeper_for(services).sweep().to_dict()
-    return run.summary
+    return _sweeper_run(SWEEP, lambda sweeper: sweeper.sweep())
 
 
 @app.task(name="stock_sync.release_due_retries", ignore_result=True, acks_late=False)
 def release_due_retries_task() -> dict[str, Any]:
     """Re-enqueue the retries parked in the database that are due (acks early: a lost release
     is simply the next one)."""
+    return _sweeper_run(RELEASE, lambda sweeper: sweeper.release_due_retries())
+
+
+def _sweeper_run(kind: str, work: Callable[[StuckOperationSweeper], Report]) -> dict[str, Any]:
+    """One round of the sweeper, recorded as a maintenance run; its report is the summary."""
     services = get_services()
-    with recorded_run(services.database, RELEASE) as run:
-        run.summary = sweeper_for(services).release_due_retries().to_dict()
+    with recorded_run(services.database, kind) as run:
+        run.summary = work(sweeper_for(services)).to_dict()
     return run.summary
 
 

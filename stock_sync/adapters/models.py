@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import (
     JSON,
@@ -103,7 +103,28 @@ FIRST_ORDER_DEDUCTION = "operation_type = 'order_deduction' AND predecessor_oper
 PARKED = "dispatched_at IS NULL AND next_retry_at IS NOT NULL"
 
 
-class PendingStockOperation(Base):
+class _StatusAndType(Protocol):
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def operation_type(self) -> str: ...
+
+
+class OperationKinds:
+    """An operation's ``status`` and ``operation_type`` read as enums: the ORM model and the
+    Core row (adapters.operation_rows.OperationRow) alike."""
+
+    @property
+    def status_enum(self: _StatusAndType) -> OperationStatus:
+        return OperationStatus(self.status)
+
+    @property
+    def type_enum(self: _StatusAndType) -> OperationType:
+        return OperationType(self.operation_type)
+
+
+class PendingStockOperation(Base, OperationKinds):
     """A stock operation: an order's deduction, or an adjustment created by a rollback."""
 
     __tablename__ = "pending_stock_operations"
@@ -218,14 +239,6 @@ class PendingStockOperation(Base):
             "status",
         ),
     )
-
-    @property
-    def status_enum(self) -> OperationStatus:
-        return OperationStatus(self.status)
-
-    @property
-    def type_enum(self) -> OperationType:
-        return OperationType(self.operation_type)
 
 
 class StockLevel(Base):

@@ -49,7 +49,20 @@ _FINAL_STATUSES = frozenset(
 )
 
 
-class SqlEventStore:
+class _EventRows:
+    """An event store that keeps each recorded event as a row of the event table (``_keep``
+    says where the row waits to be written)."""
+
+    def record(self, **event: Any) -> None:
+        """One event: operation_id, action, from_status, to_status, error_type and details
+        (services.standardized_logger.EventStore types them), stamped with the time now."""
+        self._keep({**event, "at": utcnow()})
+
+    def _keep(self, row: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class SqlEventStore(_EventRows):
     """Writes audit events into the current transaction of a Session or a Connection (never
     commits).
 
@@ -61,41 +74,19 @@ class SqlEventStore:
     def __init__(self, owner: TransactionOwner) -> None:
         self._owner = owner
 
-    def record(
-        self,
-        *,
-        operation_id: UUID,
-        action: str,
-        from_status: str | None,
-        to_status: str | None,
-        error_type: str | None,
-        details: dict[str, Any],
-    ) -> None:
-        pending_events(self._owner).append(
-            _event_row(operation_id, action, from_status, to_status, error_type, details)
-        )
+    def _keep(self, row: dict[str, Any]) -> None:
+        pending_events(self._owner).append(row)
 
 
-class DeferredEvents:
+class DeferredEvents(_EventRows):
     """Events of a step that ran outside any transaction (a lock-free check, an HTTP call),
     kept until the transaction that records its outcome writes them, in order, first."""
 
     def __init__(self) -> None:
         self._events: list[dict[str, Any]] = []
 
-    def record(
-        self,
-        *,
-        operation_id: UUID,
-        action: str,
-        from_status: str | None,
-        to_status: str | None,
-        error_type: str | None,
-        details: dict[str, Any],
-    ) -> None:
-        self._events.append(
-            _event_row(operation_id, action, from_status, to_status, error_type, details)
-        )
+    def _keep(self, row: dict[str, Any]) -> None:
+        self._events.append(row)
 
     def write_into(self, owner: TransactionOwner) -> None:
         pending_events(owner).extend(self._events)
@@ -244,25 +235,6 @@ def _counter_parameters(increments: Counter[tuple[str, str]]) -> dict[str, Any]:
         parameters.update({f"name_{index}": name, f"label_{index}": label, f"shard_{index}": shard})
         parameters[f"value_{index}"] = value
     return parameters
-
-
-def _event_row(
-    operation_id: UUID,
-    action: str,
-    from_status: str | None,
-    to_status: str | None,
-    error_type: str | None,
-    details: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "operation_id": operation_id,
-        "action": action,
-        "from_status": from_status,
-        "to_status": to_status,
-        "error_type": error_type,
-        "details": details,
-        "at": utcnow(),
-    }
 
 
 def timeline(session: Session, operation_id: UUID) -> list[OperationEvent]:

@@ -17,13 +17,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import Connection, Update, bindparam, func, select, update
 
-from stock_sync.adapters.models import OPERATIONS_TABLE, db_now, utcnow
+from stock_sync.adapters.models import OPERATIONS_TABLE, OperationKinds, db_now, utcnow
 from stock_sync.domain.errors import OperationNotFound
 from stock_sync.domain.settlement import transition_details
 from stock_sync.domain.statuses import (
     FINAL_STATUSES,
     OperationStatus,
-    OperationType,
     ensure_transition,
 )
 
@@ -84,7 +83,7 @@ DATABASE_NOW: Any = _DatabaseNow()
 
 
 @dataclass
-class OperationRow:
+class OperationRow(OperationKinds):
     """The columns a stage reads, as locked; attribute names match the ORM model's."""
 
     id: uuid.UUID
@@ -102,14 +101,6 @@ class OperationRow:
     dispatch_generation: int
     sync_puts: list[dict[str, str]] | None
     revision_reads: int
-
-    @property
-    def status_enum(self) -> OperationStatus:
-        return OperationStatus(self.status)
-
-    @property
-    def type_enum(self) -> OperationType:
-        return OperationType(self.operation_type)
 
 
 def lock_row(connection: Connection, operation_id: uuid.UUID) -> OperationRow:

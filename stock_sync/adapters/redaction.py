@@ -190,20 +190,38 @@ def _secret_pattern(secret: str) -> re.Pattern[str]:
 _UNSAFE_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 
 
-def _escaped(char: str) -> str:
-    if unicodedata.category(char) not in _UNSAFE_CATEGORIES:
+def _escaped(char: str, every_unprintable: bool) -> str:
+    if every_unprintable:
+        safe = char.isprintable()
+    else:
+        safe = unicodedata.category(char) not in _UNSAFE_CATEGORIES
+    if safe:
         return char
     code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def one_line(text: str, max_chars: int | None = MAX_SHOWN_CHARS * 4) -> str:
-    """``text`` as one printable line: control characters escaped, cut at ``max_chars``
-    (None: never cut)."""
-    line = "".join(_escaped(char) for char in text)
+def one_line(
+    text: str,
+    max_chars: int | None = MAX_SHOWN_CHARS * 4,
+    *,
+    every_unprintable: bool = False,
+    line_break: str | None = None,
+    cut_marker: str = "…",
+) -> str:
+    """``text`` as one printable line: control characters escaped (with ``every_unprintable``,
+    every character ``str.isprintable`` refuses, as ``unicode_escape`` writes it), cut at
+    ``max_chars`` (None: never cut), the cut ending in ``cut_marker``. ``line_break``: what
+    a newline becomes instead of its escape (a stored error message reads "a b", not
+    "a\\x0ab")."""
+    if line_break is not None:
+        text = text.replace("\n", line_break)
+    line = "".join(_escaped(char, every_unprintable) for char in text)
     if max_chars is None or len(line) <= max_chars:
         return line
-    return line[: max_chars - 1] + "…"
+    return line[: max_chars - len(cut_marker)] + cut_marker
 
 
 def shown_value(value: object, max_chars: int = MAX_SHOWN_CHARS) -> str:

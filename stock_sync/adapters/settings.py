@@ -17,14 +17,14 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stock_sync.adapters.redaction import (
@@ -151,6 +151,15 @@ def _http_url(value: str) -> str:
     return value
 
 
+# The URLs and queue names checked for their shape: (the check, whether it may be left empty).
+SHAPE_CHECKS: dict[str, tuple[Callable[[str], str], bool]] = {
+    "microservice_url": (_http_url, False),
+    "alert_webhook_url": (_http_url, True),
+    "queue_name": (_queue_name, False),
+    "maintenance_queue_name": (_queue_name, True),
+}
+
+
 class Settings(BaseSettings):
     """Every knob of stock-sync. The database and broker URLs have no default: with
     ``embedded`` (STOCK_SYNC_EMBEDDED=1) a missing one is the embedded demo set-up's (a SQLite
@@ -264,25 +273,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown broker transport {transport!r} (e.g. redis, filesystem)")
         return value
 
-    @field_validator("microservice_url")
+    @field_validator(*SHAPE_CHECKS)
     @classmethod
-    def _microservice_http_url(cls, value: str) -> str:
-        return _http_url(value)
-
-    @field_validator("alert_webhook_url")
-    @classmethod
-    def _webhook_http_url(cls, value: str) -> str:
-        return _http_url(value) if value else value
-
-    @field_validator("queue_name")
-    @classmethod
-    def _plain_queue_name(cls, value: str) -> str:
-        return _queue_name(value)
-
-    @field_validator("maintenance_queue_name")
-    @classmethod
-    def _plain_maintenance_queue_name(cls, value: str) -> str:
-        return _queue_name(value) if value else value
+    def _checked_shape(cls, value: str, info: ValidationInfo) -> str:
+        check, optional = SHAPE_CHECKS[str(info.field_name)]
+        return value if optional and not value else check(value)
 
     @field_validator("worker_heartbeat_file")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any, cast
 import click
 
 from stock_sync.adapters import schema
-from stock_sync.adapters.db import configured_database_url, get_database
+from stock_sync.adapters.db import configured_database_url, get_database, reset_databases
 from stock_sync.adapters.logging_setup import configure_cli_logging
 from stock_sync.adapters.redaction import one_line, redact_url
 from stock_sync.adapters.settings import EMBEDDED_VARIABLE, get_settings
@@ -46,6 +46,7 @@ from stock_sync.entrypoints.cli_monitoring import flower, metrics_server, stats
 from stock_sync.entrypoints.cli_params import DURATION, PLAIN_TEXT, QUANTITY, FiniteFloatRange
 from stock_sync.entrypoints.cli_retry import retry
 from stock_sync.entrypoints.cli_rollback import rollback
+from stock_sync.entrypoints.cli_settings import settings
 from stock_sync.entrypoints.cli_submit import submit
 from stock_sync.services.queries import list_operations, operation_details
 
@@ -454,7 +455,13 @@ cli.add_command(flower)
 cli.add_command(rollback)
 cli.add_command(retry)
 cli.add_command(health)
+cli.add_command(settings)
 
 
 def main() -> None:
-    cli(prog_name="stock-sync")
+    try:
+        cli(prog_name="stock-sync")
+    finally:
+        # SQLite removes its -wal and -shm files when the last connection closes: closed here,
+        # not left to the garbage collection at exit, which does not promise to close them.
+        reset_databases()

@@ -10,14 +10,15 @@ again every ``STOCK_SYNC_ALERT_REPEAT_S`` while it fires, and when it clears.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 from stock_sync.adapters.db import Database
+from stock_sync.adapters.probes import queue_length
 from stock_sync.adapters.settings import Settings
 from stock_sync.services.alert_notices import ALERTS_LOGGER, Notice, update_alert_states
-from stock_sync.services.metrics import MetricsSnapshot, queue_length, read_metrics
+from stock_sync.services.metrics import MetricsSnapshot, read_metrics
 
 __all__ = ["ALERTS_LOGGER", "RULES", "Alert", "AlertCheck", "evaluate_alerts", "run_alert_check"]
 
@@ -52,92 +53,67 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON the log record carries and the webhook receives."""
-        return {
-            "rule": self.rule,
-            "value": self.value,
-            "threshold": self.threshold,
-            "window_s": self.window_s,
-            "sample_operation_ids": list(self.sample_operation_ids),
-            "message": self.message,
-        }
+        return asdict(self)  # the fields in order, the id list a copy
 
 
 # --- the rules ------------------------------------------------------------------------------
 
 
+def _alert(
+    rule: str, snapshot: MetricsSnapshot, measured: tuple[float, float], ids: Sequence[str]
+) -> Callable[[str], Alert]:
+    """The alert ``rule`` breaks, its (value, threshold) ``measured`` over the snapshot's
+    window, with its sample operation ids: given the rule's own message, the :class:`Alert`."""
+    value, threshold = measured
+    return lambda message: Alert(rule, value, threshold, snapshot.window_s, list(ids), message)
+
+
 def stuck_operations(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
     """Fires when at least ``alert_stuck_threshold`` operations are stuck."""
-    if snapshot.stuck_count < settings.alert_stuck_threshold:
+    stuck, threshold = snapshot.stuck_count, settings.alert_stuck_threshold
+    if stuck < threshold:
         return None
-    return Alert(
-        rule=STUCK_OPERATIONS,
-        value=snapshot.stuck_count,
-        threshold=settings.alert_stuck_threshold,
-        window_s=snapshot.window_s,
-        sample_operation_ids=list(snapshot.stuck_sample_ids),
-        message=(
-            f"{snapshot.stuck_count} operation(s) made no progress for over "
-            f"{settings.stuck_after_s:g}s (threshold {settings.alert_stuck_threshold})"
-        ),
-    )
+    alert = _alert(STUCK_OPERATIONS, snapshot, (stuck, threshold), snapshot.stuck_sample_ids)
+    over = f"{settings.stuck_after_s:g}s"
+    return alert(f"{stuck} operation(s) made no progress for over {over} (threshold {threshold})")
 
 
 def high_error_rate(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
     """Fires when failed / settled order deductions in the window reaches the threshold, once
     at least ``alert_min_operations`` settled (stock_sync/domain/settlement.py: the definition
     docker/prometheus-alerts.yml's StockSyncHighErrorRate applies to the same counters)."""
-    settled = snapshot.settled
+    settled, ratio = snapshot.settled, snapshot.error_ratio
     threshold = settings.alert_error_rate_threshold
-    if settled < settings.alert_min_operations or snapshot.error_ratio < threshold:
+    if settled < settings.alert_min_operations or ratio < threshold:
         return None
-    return Alert(
-        rule=HIGH_ERROR_RATE,
-        value=snapshot.error_ratio,
-        threshold=threshold,
-        window_s=snapshot.window_s,
-        sample_operation_ids=list(snapshot.failed_sample_ids),
-        message=(
-            f"{snapshot.error_ratio:.0%} of {settled} settled order deductions failed in the "
-            f"last {snapshot.window_s:g}s (threshold {threshold:.0%})"
-        ),
+    alert = _alert(HIGH_ERROR_RATE, snapshot, (ratio, threshold), snapshot.failed_sample_ids)
+    return alert(
+        f"{ratio:.0%} of {settled} settled order deductions failed in the "
+        f"last {snapshot.window_s:g}s (threshold {threshold:.0%})"
     )
 
 
 def processing_time_exceeded(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
     """Fires when the p95 processing time is above the threshold."""
-    threshold = settings.alert_processing_time_threshold_s
-    if snapshot.processing_seconds_p95 <= threshold:
+    threshold, p95 = settings.alert_processing_time_threshold_s, snapshot.processing_seconds_p95
+    if p95 <= threshold:
         return None
-    return Alert(
-        rule=PROCESSING_TIME_EXCEEDED,
-        value=snapshot.processing_seconds_p95,
-        threshold=threshold,
-        window_s=snapshot.window_s,
-        sample_operation_ids=list(snapshot.slowest_operation_ids),
-        message=(
-            f"p95 processing time {snapshot.processing_seconds_p95:.1f}s over the last "
-            f"{snapshot.window_s:g}s exceeds {threshold:g}s"
-        ),
-    )
+    slowest = snapshot.slowest_operation_ids
+    window = f"{snapshot.window_s:g}s"
+    alert = _alert(PROCESSING_TIME_EXCEEDED, snapshot, (p95, threshold), slowest)
+    return alert(f"p95 processing time {p95:.1f}s over the last {window} exceeds {threshold:g}s")
 
 
 def frequent_cancellations(snapshot: MetricsSnapshot, settings: Settings) -> Alert | None:
     """Fires when cancelled / created reaches the threshold, once enough were created."""
     threshold = settings.alert_cancellation_rate_threshold
-    created = snapshot.created_in_window
-    if created < settings.alert_min_operations or snapshot.cancellation_ratio < threshold:
+    created, ratio = snapshot.created_in_window, snapshot.cancellation_ratio
+    if created < settings.alert_min_operations or ratio < threshold:
         return None
-    return Alert(
-        rule=FREQUENT_CANCELLATIONS,
-        value=snapshot.cancellation_ratio,
-        threshold=threshold,
-        window_s=snapshot.window_s,
-        sample_operation_ids=list(snapshot.cancelled_sample_ids),
-        message=(
-            f"{snapshot.cancellations} cancellation(s) against {created} order deductions "
-            f"created in the last {snapshot.window_s:g}s "
-            f"({snapshot.cancellation_ratio:.0%}, threshold {threshold:.0%})"
-        ),
+    cancelled = snapshot.cancelled_sample_ids
+    return _alert(FREQUENT_CANCELLATIONS, snapshot, (ratio, threshold), cancelled)(
+        f"{snapshot.cancellations} cancellation(s) against {created} order deductions "
+        f"created in the last {snapshot.window_s:g}s ({ratio:.0%}, threshold {threshold:.0%})"
     )
 
 
@@ -146,17 +122,13 @@ def failed_rollbacks(snapshot: MetricsSnapshot, settings: Settings) -> Alert | N
     (counted by state, not by window: it stays wrong until someone acts)."""
     if snapshot.failed_rollbacks < 1:
         return None
-    return Alert(
-        rule=FAILED_ROLLBACKS,
-        value=snapshot.failed_rollbacks,
-        threshold=1,
-        window_s=snapshot.window_s,
-        sample_operation_ids=list(snapshot.failed_rollback_ids),
-        message=(
-            f"{snapshot.failed_rollbacks} microservice rollback(s) of cancelled operations "
-            "gave up: their fulfillment status was not put back (see `stock-sync show` of "
-            "each; `stock-sync rollback retry OP_ID` runs one again)"
-        ),
+    alert = _alert(
+        FAILED_ROLLBACKS, snapshot, (snapshot.failed_rollbacks, 1), snapshot.failed_rollback_ids
+    )
+    return alert(
+        f"{snapshot.failed_rollbacks} microservice rollback(s) of cancelled operations "
+        "gave up: their fulfillment status was not put back (see `stock-sync show` of "
+        "each; `stock-sync rollback retry OP_ID` runs one again)"
     )
 
 

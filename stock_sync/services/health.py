@@ -25,33 +25,35 @@ anyone's readiness.
 :func:`run_health_checks` runs them concurrently, each in a daemon thread with its own short
 timeout, so a hung check costs its timeout and never delays or hides the others. A failure is
 a check result with a one-line reason, passwords masked: never a traceback.
+
+The questions themselves (a connection, a GET, a file read) are asked by
+stock_sync/adapters/probes.py and stock_sync/adapters/heartbeat.py; this module judges the
+answers. The metrics server's ``/readyz`` serves :func:`run_health_checks` over WSGI
+(stock_sync/entrypoints/metrics_server.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
-
-from stock_sync.adapters.db import describe_database_error, normalise_database_url
 from stock_sync.adapters.heartbeat import read_heartbeat
-from stock_sync.adapters.maintenance_runs import ALERTS, BEAT, RELEASE, SWEEP, LastRun, last_runs
+from stock_sync.adapters.maintenance_runs import ALERTS, BEAT, RELEASE, SWEEP, LastRun
+from stock_sync.adapters.probes import (
+    Unreachable,
+    connect_broker,
+    database_revision,
+    describe_database_failure,
+    http_status,
+    maintenance_runs,
+)
 from stock_sync.adapters.redaction import one_line, redact, redact_url
-from stock_sync.adapters.settings import Settings, database_kind
+from stock_sync.adapters.settings import Settings
 
 logger = logging.getLogger("stock_sync.health")
 
@@ -116,8 +118,7 @@ class HealthReport:
 
     @property
     def status(self) -> str:
-        statuses = {check.status for check in self.checks}
-        return FAILED if FAILED in statuses else WARNING if WARNING in statuses else OK
+        return worst(check.status for check in self.checks)
 
     @property
     def failed(self) -> list[str]:
@@ -196,72 +197,23 @@ def _run_isolated(
 # --- database ---------------------------------------------------------------------------------
 
 
-def _probe_engine(settings: Settings, timeout_s: float) -> Engine:
-    """An engine of its own for one check: no pool, short connect and statement timeouts."""
-    url = normalise_database_url(settings.effective_database_url)
-    if database_kind(url) == "sqlite":
-        database = make_url(url).database or ""
-        if database and database != ":memory:" and not Path(database).exists():
-            # Connecting would create an empty file: a health check must change nothing.
-            raise FileNotFoundError(f"no database file at {database}: run 'stock-sync db upgrade'")
-        return create_engine(url, poolclass=NullPool, connect_args={"timeout": timeout_s})
-    return create_engine(
-        url,
-        poolclass=NullPool,
-        # libpq takes whole seconds (and at least 2)
-        connect_args={"connect_timeout": max(2, round(timeout_s))},
-    )
-
-
-def _limit_statements(connection: Connection, timeout_s: float) -> None:
-    """A statement timeout for this transaction only: SET LOCAL rather than a startup
-    ``options`` parameter, which PgBouncer refuses unless told to ignore it."""
-    if connection.dialect.name == "postgresql":
-        connection.execute(text(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}"))
-
-
-@contextlib.contextmanager
-def _probe(settings: Settings, timeout_s: float) -> Iterator[Engine]:
-    engine = _probe_engine(settings, timeout_s)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
-def _database_failure(error: Exception, settings: Settings) -> str:
-    if isinstance(error, SQLAlchemyError):
-        return describe_database_error(error, settings.effective_database_url)
-    if isinstance(error, FileNotFoundError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
-
-
 def check_database(settings: Settings, _now: datetime, timeout_s: float) -> CheckResult:
     """Reachable and at the migration head."""
-    # imported here: alembic costs every worker ~80 ms at start, and only this check needs it
-    from stock_sync.adapters.schema import revision_of
-
     where = redact_url(settings.effective_database_url)
     try:
-        with _probe(settings, timeout_s) as engine, engine.connect() as connection:
-            _limit_statements(connection, timeout_s)
-            state = revision_of(connection)
+        state = database_revision(settings, timeout_s)
     except Exception as error:
-        return CheckResult(DATABASE, FAILED, _database_failure(error, settings))
+        return CheckResult(DATABASE, FAILED, describe_database_failure(error, settings))
     data = {"current": list(state.current), "heads": list(state.heads)}
     heads = ", ".join(state.heads)
-    if not state.current:
-        detail = f"{where} has no schema (head {heads}): run 'stock-sync db upgrade'"
-        return CheckResult(DATABASE, FAILED, detail, data)
     current = ", ".join(state.current)
-    if not state.is_head:
-        detail = (
-            f"{where} is at revision {current}, not at the head {heads}: "
-            "run 'stock-sync db upgrade'"
-        )
-        return CheckResult(DATABASE, FAILED, detail, data)
-    return CheckResult(DATABASE, OK, f"{where} at revision {current} (head)", data)
+    if not state.current:
+        problem = f"has no schema (head {heads})"
+    elif not state.is_head:
+        problem = f"is at revision {current}, not at the head {heads}"
+    else:
+        return CheckResult(DATABASE, OK, f"{where} at revision {current} (head)", data)
+    return CheckResult(DATABASE, FAILED, f"{where} {problem}: run 'stock-sync db upgrade'", data)
 
 
 # --- broker -----------------------------------------------------------------------------------
@@ -275,18 +227,10 @@ def check_broker(settings: Settings, _now: datetime, timeout_s: float) -> CheckR
             return CheckResult(BROKER, OK, f"filesystem transport at {folder}")
         detail = f"filesystem transport: no queue folder at {folder} (no worker started here yet)"
         return CheckResult(BROKER, FAILED, detail)
-    from kombu.connection import Connection
-
-    connect: Any = Connection  # kombu is untyped
     url = settings.effective_broker_url
     where = redact_url(url)
-
-    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     try:
-        with connect(url, connect_timeout=timeout_s, transport_options=options) as connection:
-            connection.ensure_connection(
-                max_retries=1, interval_start=0, interval_step=0, interval_max=0, timeout=timeout_s
-            )
+        connect_broker(url, timeout_s)
     except Exception as error:
         return CheckResult(BROKER, FAILED, f"cannot reach the broker at {where}: {error}")
     return CheckResult(BROKER, OK, f"{where} answers")
@@ -294,41 +238,21 @@ def check_broker(settings: Settings, _now: datetime, timeout_s: float) -> CheckR
 
 # --- microservice -----------------------------------------------------------------------------
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")\]]+")
-
-
-def _connection_problem(error: Exception) -> str:
-    """The telling part of a requests error (its message nests urllib3's several deep)."""
-    import requests
-
-    if isinstance(error, requests.Timeout):
-        return "no answer in time"
-    found = _ERRNO.search(str(error))
-    return found.group(0).strip() if found else type(error).__name__
-
 
 def check_microservice(settings: Settings, _now: datetime, timeout_s: float) -> CheckResult:
     """Any HTTP answer from the base URL counts; a 5xx is a warning (reachable, but a proxy
     or the wrapper itself reports an error)."""
-    import requests
-
     url = settings.microservice_url
     where = redact_url(url)
-    with requests.Session() as session:
-        session.trust_env = False  # as the microservice client: no proxy the worker would skip
-        try:
-            answer = session.get(
-                url, timeout=(min(timeout_s, 3.0), timeout_s), allow_redirects=False, stream=True
-            )
-            answer.close()
-        except requests.RequestException as error:
-            detail = f"cannot reach {where}: {_connection_problem(error)}"
-            return CheckResult(MICROSERVICE, FAILED, detail)
-    data = {"http_status": answer.status_code}
-    if answer.status_code >= 500:
-        detail = f"{where} answers HTTP {answer.status_code} (a server error)"
+    try:
+        status = http_status(url, timeout_s)
+    except Unreachable as error:
+        return CheckResult(MICROSERVICE, FAILED, f"cannot reach {where}: {error}")
+    data = {"http_status": status}
+    if status >= 500:
+        detail = f"{where} answers HTTP {status} (a server error)"
         return CheckResult(MICROSERVICE, WARNING, detail, data)
-    return CheckResult(MICROSERVICE, OK, f"{where} answers (HTTP {answer.status_code})", data)
+    return CheckResult(MICROSERVICE, OK, f"{where} answers (HTTP {status})", data)
 
 
 def microservice_up(settings: Settings, timeout_s: float = MICROSERVICE_PROBE_TIMEOUT_S) -> bool:
@@ -337,76 +261,7 @@ def microservice_up(settings: Settings, timeout_s: float = MICROSERVICE_PROBE_TI
     return check_microservice(settings, datetime.now(UTC), timeout_s).status == OK
 
 
-class CachedProbe:
-    """Runs ``probe`` at most once every ``max_age_s`` seconds; callers meanwhile (and those
-    arriving while it runs) share its answer. Thread-safe."""
-
-    def __init__(
-        self,
-        probe: Callable[[], bool],
-        max_age_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._probe = probe
-        self._max_age_s = max_age_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._answer: bool | None = None
-        self._asked_at = 0.0
-
-    def get(self) -> bool:
-        with self._lock:
-            if self._answer is None or self._clock() - self._asked_at >= self._max_age_s:
-                self._answer = self._probe()
-                self._asked_at = self._clock()
-            return self._answer
-
-
-# --- worker ---------------------------------------------------------------------------------
-
-
-def check_worker(
-    settings: Settings, now: datetime, _timeout_s: float, *, required: bool = False
-) -> CheckResult:
-    """The heartbeat file of this host's worker is younger than three of its intervals."""
-    path = settings.effective_worker_heartbeat_file
-    try:
-        heartbeat = read_heartbeat(path)
-    except ValueError as error:
-        return CheckResult(WORKER, FAILED, f"unreadable heartbeat file {path}: {error}")
-    if heartbeat is None:
-        detail = (
-            f"no worker heartbeat at {path}: no worker runs on this host"
-            " (or it writes STOCK_SYNC_WORKER_HEARTBEAT_FILE elsewhere)"
-        )
-        return CheckResult(WORKER, FAILED if required else WARNING, detail, {"file": str(path)})
-    age = max(0.0, (now - heartbeat.written_at).total_seconds())
-    allowed = heartbeat.stale_after_s
-    worker = f"worker {heartbeat.node or '?'} (pid {heartbeat.pid})"
-    data = {
-        "file": str(path),
-        "node": heartbeat.node,
-        "pid": heartbeat.pid,
-        "written_at": heartbeat.written_at.isoformat(),
-        "age_s": round(age, 1),
-        "allowed_s": allowed,
-    }
-    if age > allowed:
-        detail = (
-            f"{worker} last beat {describe_age(age)} ago (allowed {describe_age(allowed)}):"
-            " it is hung or was killed"
-        )
-        return CheckResult(WORKER, FAILED, detail, data)
-    return CheckResult(WORKER, OK, f"{worker} beat {describe_age(age)} ago", data)
-
-
-def check_this_hosts_worker(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
-    """:func:`check_worker` where a missing heartbeat file is a failure (the worker's own
-    healthcheck: ``stock-sync health --only worker``)."""
-    return check_worker(settings, now, timeout_s, required=True)
-
-
-# --- beat and the maintenance tasks -----------------------------------------------------------
+# --- ages ------------------------------------------------------------------------------------
 
 
 def allowed_age_s(interval_s: float) -> float:
@@ -435,33 +290,86 @@ def describe_age(seconds: float) -> str:
     return f"{days} d {hours % 24} h"
 
 
-def _read_runs(settings: Settings, timeout_s: float) -> dict[str, LastRun]:
-    with _probe(settings, timeout_s) as engine, Session(engine) as session:
-        _limit_statements(session.connection(), timeout_s)
-        return last_runs(session)
+def _age_s(now: datetime, moment: datetime) -> float:
+    return max(0.0, (now - moment).total_seconds())
+
+
+def _timing(key: str, moment: datetime, age: float, allowed: float) -> dict[str, Any]:
+    """The figures of a check measured by age: when (under ``key``), how old, how old allowed."""
+    return {key: moment.isoformat(), "age_s": round(age, 1), "allowed_s": allowed}
+
+
+def worst(statuses: Iterable[str]) -> str:
+    """Failed over warning over ok."""
+    found = set(statuses)
+    return FAILED if FAILED in found else WARNING if WARNING in found else OK
+
+
+# --- worker ---------------------------------------------------------------------------------
+
+
+def check_worker(
+    settings: Settings, now: datetime, _timeout_s: float, *, required: bool = False
+) -> CheckResult:
+    """The heartbeat file of this host's worker is younger than three of its intervals."""
+    path = settings.effective_worker_heartbeat_file
+    try:
+        heartbeat = read_heartbeat(path)
+    except ValueError as error:
+        return CheckResult(WORKER, FAILED, f"unreadable heartbeat file {path}: {error}")
+    if heartbeat is None:
+        detail = (
+            f"no worker heartbeat at {path}: no worker runs on this host"
+            " (or it writes STOCK_SYNC_WORKER_HEARTBEAT_FILE elsewhere)"
+        )
+        return CheckResult(WORKER, FAILED if required else WARNING, detail, {"file": str(path)})
+    age, allowed = _age_s(now, heartbeat.written_at), heartbeat.stale_after_s
+    worker = f"worker {heartbeat.node or '?'} (pid {heartbeat.pid})"
+    data = {
+        "file": str(path),
+        "node": heartbeat.node,
+        "pid": heartbeat.pid,
+        **_timing("written_at", heartbeat.written_at, age, allowed),
+    }
+    if age > allowed:
+        detail = (
+            f"{worker} last beat {describe_age(age)} ago (allowed {describe_age(allowed)}):"
+            " it is hung or was killed"
+        )
+        return CheckResult(WORKER, FAILED, detail, data)
+    return CheckResult(WORKER, OK, f"{worker} beat {describe_age(age)} ago", data)
+
+
+def check_this_hosts_worker(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
+    """:func:`check_worker` where a missing heartbeat file is a failure (the worker's own
+    healthcheck: ``stock-sync health --only worker``)."""
+    return check_worker(settings, now, timeout_s, required=True)
+
+
+# --- beat and the maintenance tasks -----------------------------------------------------------
+
+MAINTENANCE_LABELS = {
+    SWEEP: "sweep",
+    RELEASE: "release of parked retries",
+    ALERTS: "alert evaluation",
+}
 
 
 def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
     """Beat sent a scheduled entry within :func:`beat_allowed_age_s` (its own record: whether
     a worker ran it is the maintenance check's question)."""
     try:
-        sent = _read_runs(settings, timeout_s).get(BEAT)
+        sent = maintenance_runs(settings, timeout_s).get(BEAT)
     except Exception as error:
-        detail = f"cannot read beat's last send: {_database_failure(error, settings)}"
+        detail = f"cannot read beat's last send: {describe_database_failure(error, settings)}"
         return CheckResult(BEAT_CHECK, FAILED, detail)
     allowed = beat_allowed_age_s(settings)
     if sent is None:
         detail = "beat never recorded a send: is beat running (celery -A tasks beat)?"
         return CheckResult(BEAT_CHECK, FAILED, detail, {"sent_at": None, "allowed_s": allowed})
-    age = max(0.0, (now - sent.finished_at).total_seconds())
+    age = _age_s(now, sent.finished_at)
     entry = sent.summary.get("entry", "an entry")
-    data = {
-        "sent_at": sent.finished_at.isoformat(),
-        "age_s": round(age, 1),
-        "allowed_s": allowed,
-        "entry": entry,
-        "host": sent.host,
-    }
+    data = {**_timing("sent_at", sent.finished_at, age, allowed), "entry": entry, "host": sent.host}
     if age > allowed:
         detail = (
             f"beat last sent {entry} {describe_age(age)} ago on {sent.host} (allowed "
@@ -471,53 +379,54 @@ def check_beat(settings: Settings, now: datetime, timeout_s: float) -> CheckResu
     return CheckResult(BEAT_CHECK, OK, f"sent {entry} {describe_age(age)} ago", data)
 
 
+def judge_maintenance_run(
+    label: str, run: LastRun | None, now: datetime, allowed: float
+) -> tuple[str, str, dict[str, Any]]:
+    """One maintenance task's verdict: its status, its part of the detail, its figures."""
+    if run is None:
+        data: dict[str, Any] = {
+            "finished_at": None,
+            "age_s": None,
+            "allowed_s": allowed,
+            "ok": None,
+        }
+        return FAILED, f"the {label} never ran", data
+    age = _age_s(now, run.finished_at)
+    data = {**_timing("finished_at", run.finished_at, age, allowed), "ok": run.ok, "host": run.host}
+    if age > allowed:
+        ago = f"{describe_age(age)} ago (allowed {describe_age(allowed)})"
+        return FAILED, f"the last {label} was {ago}", data
+    if not run.ok:
+        reason = run.summary.get("error", "an error")
+        return WARNING, f"the last {label}, {describe_age(age)} ago, failed: {reason}", data
+    return OK, f"{label} {describe_age(age)} ago", data
+
+
 def check_maintenance(settings: Settings, now: datetime, timeout_s: float) -> CheckResult:
     """The stuck sweep, the release of parked retries and the alert evaluation each finished
     within :func:`allowed_age_s` of their interval."""
     try:
-        runs = _read_runs(settings, timeout_s)
+        runs = maintenance_runs(settings, timeout_s)
     except Exception as error:
-        detail = f"cannot read the maintenance runs: {_database_failure(error, settings)}"
+        detail = f"cannot read the maintenance runs: {describe_database_failure(error, settings)}"
         return CheckResult(MAINTENANCE, FAILED, detail)
     intervals = {
         SWEEP: settings.sweep_interval_s,
         RELEASE: settings.retry_release_interval_s,
         ALERTS: settings.alert_interval_s,
     }
-    labels = {SWEEP: "sweep", RELEASE: "release of parked retries", ALERTS: "alert evaluation"}
-    status, parts, data = OK, [], dict[str, dict[str, Any]]()
-    for task, interval in intervals.items():
-        allowed, run = allowed_age_s(interval), runs.get(task)
-        if run is None:
-            status = FAILED
-            parts.append(f"the {labels[task]} never ran")
-            data[task] = {"finished_at": None, "age_s": None, "allowed_s": allowed, "ok": None}
-            continue
-        age = max(0.0, (now - run.finished_at).total_seconds())
-        data[task] = {
-            "finished_at": run.finished_at.isoformat(),
-            "age_s": round(age, 1),
-            "allowed_s": allowed,
-            "ok": run.ok,
-            "host": run.host,
-        }
-        if age > allowed:
-            status = FAILED
-            parts.append(
-                f"the last {labels[task]} was {describe_age(age)} ago "
-                f"(allowed {describe_age(allowed)})"
-            )
-        elif not run.ok:
-            status = WARNING if status == OK else status
-            reason = run.summary.get("error", "an error")
-            parts.append(f"the last {labels[task]}, {describe_age(age)} ago, failed: {reason}")
-        else:
-            parts.append(f"{labels[task]} {describe_age(age)} ago")
-    detail = "; ".join(parts)
+    verdicts = {
+        task: judge_maintenance_run(
+            MAINTENANCE_LABELS[task], runs.get(task), now, allowed_age_s(interval)
+        )
+        for task, interval in intervals.items()
+    }
+    status = worst(verdict[0] for verdict in verdicts.values())
+    detail = "; ".join(verdict[1] for verdict in verdicts.values())
     if status == FAILED:
         queue = settings.effective_maintenance_queue_name
         detail += f": is a worker consuming the queue {queue} (and beat running)?"
-    return CheckResult(MAINTENANCE, status, detail, data)
+    return CheckResult(MAINTENANCE, status, detail, {task: v[2] for task, v in verdicts.items()})
 
 
 # --- the embedded default ---------------------------------------------------------------------
@@ -567,51 +476,3 @@ def log_embedded_warning(settings: Settings, process: str) -> None:
             warning.removeprefix("WARNING: "),
             extra={"action": "embedded_default", "embedded": embedded_parts(settings)},
         )
-
-
-# --- readiness over WSGI ----------------------------------------------------------------------
-
-StartResponse = Callable[..., Any]
-WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-
-def readiness_app(
-    settings: Settings,
-    *,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    only: Collection[str] | None = None,
-) -> WsgiApp:
-    """A WSGI app for ``/readyz``: 200 and the JSON report when ready, 503 when a check
-    failed, 405 for anything but GET and HEAD. Requests arriving while a run is under way
-    share its report, so a burst of probes opens one set of connections, not one per probe."""
-    lock = threading.Lock()
-    latest: list[tuple[float, HealthReport]] = []  # (when it finished, the report)
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
-        if method not in ("GET", "HEAD"):
-            start_response(
-                "405 Method Not Allowed",
-                [("Content-Type", "text/plain; charset=utf-8"), ("Allow", "GET, HEAD")],
-            )
-            return [b"method not allowed\n"]
-        arrived = time.monotonic()
-        with lock:
-            if latest and latest[0][0] >= arrived:
-                report = latest[0][1]  # finished while this request waited for it
-            else:
-                report = run_health_checks(settings, timeout_s=timeout_s, only=only)
-                latest[:] = [(time.monotonic(), report)]
-        body = (json.dumps(report.to_dict()) + "\n").encode()
-        status = "200 OK" if report.ready else "503 Service Unavailable"
-        start_response(
-            status,
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Cache-Control", "no-store"),
-            ],
-        )
-        return [] if method == "HEAD" else [body]
-
-    return app

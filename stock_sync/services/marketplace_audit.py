@@ -221,7 +221,9 @@ class MarketplaceAudit:
             rollback = self._cancellation.roll_back_again(found.operation_id, reason)
             if rollback is None:
                 return f"{REPAIRED}: a microservice rollback is pending already"
-            return f"{REPAIRED}: microservice rollback {rollback} enqueued"
+            if not rollback.enqueued:  # recorded: it waits for the stuck sweep's re-drive
+                return f"{REPAIRED}: microservice rollback {rollback.rollback_id} not enqueued"
+            return f"{REPAIRED}: microservice rollback {rollback.rollback_id} enqueued"
         except StockSyncError as error:
             return f"not repaired: {one_line(str(error))}"
 

@@ -4,7 +4,8 @@ A rollback reverses exactly what was recorded: the operation's own deduction row
 in the ledger, and the microservice is put back to the fulfillment status recorded before the
 sync. Each undo step is an adjustment operation (its own row, ledger rows and status). The
 stock part happens in the same transaction as the move to CANCELLED; the microservice part
-is HTTP, so it runs afterwards as the ``rollback`` task, with the usual retries.
+is HTTP, so it runs afterwards as the ``rollback`` stage, registered with the StageRunner
+(which gives it the usual retries). The results it reports are in cancellation_results.py.
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any, Protocol
+from typing import Protocol
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database
+from stock_sync.adapters.marketplace_contract import MicroserviceOrder
 from stock_sync.adapters.microservice_client import MicroserviceClient
-from stock_sync.adapters.models import PendingStockOperation, StockMovement
-from stock_sync.adapters.operation_events import timeline
+from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.operation_rows import start_attempt
 from stock_sync.adapters.redaction import one_line
-from stock_sync.adapters.stock_ledger import Movement, restore_for_operation
+from stock_sync.adapters.stock_ledger import restore_for_operation
 from stock_sync.domain.errors import (
     CancellationRefused,
     IdempotencyKeyReused,
@@ -36,9 +36,17 @@ from stock_sync.domain.idempotency import RecordedPut, rollback_key
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.marketplace import SYNCED_FULFILLMENT_STATUS
 from stock_sync.domain.revisions import revision_from_text, revision_to_text
-from stock_sync.domain.stages import StageOutcome
+from stock_sync.domain.stages import ROLLBACK, StageOutcome
 from stock_sync.domain.statuses import OperationStatus, OperationType
 from stock_sync.domain.text import checked_text
+from stock_sync.services.cancellation_results import (
+    CancellationResult,
+    RollbackAgain,
+    RollbackRetry,
+    cancellation_result,
+    last_rollback_seq,
+    latest_microservice_rollback,
+)
 from stock_sync.services.operations import (
     FIRST_DISPATCH,
     load_operation,
@@ -46,6 +54,7 @@ from stock_sync.services.operations import (
     operation_logger,
     transition,
 )
+from stock_sync.services.stage_runner import StageRunner
 from stock_sync.services.standardized_logger import (
     StandardizedLogger,
     Timer,
@@ -66,61 +75,6 @@ class RollbackDispatcher(Protocol):
     def enqueue_rollback(self, adjustment_operation_id: uuid.UUID, generation: int) -> None: ...
 
 
-@dataclass(frozen=True)
-class CancellationResult:
-    """What a cancellation did, as the caller (CLI, shop backend) reports it."""
-
-    operation_id: uuid.UUID
-    cancelled_from: OperationStatus
-    final_status: OperationStatus
-    stock_restored: bool
-    restored_movements: tuple[Movement, ...]
-    # not_needed | pending | completed | failed
-    microservice_rollback: str
-    adjustment_operation_ids: tuple[uuid.UUID, ...]
-    message: str
-    cancelled_by: str | None = None
-    reason: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "operation_id": str(self.operation_id),
-            "cancelled_from": self.cancelled_from.value,
-            "final_status": self.final_status.value,
-            "stock_restored": self.stock_restored,
-            "restored_movements": [
-                {"sku": m.sku, "quantity": m.delta, "line_item_id": m.line_item_id}
-                for m in self.restored_movements
-            ],
-            "microservice_rollback": self.microservice_rollback,
-            "adjustment_operation_ids": [str(i) for i in self.adjustment_operation_ids],
-            "cancelled_by": self.cancelled_by,
-            "reason": self.reason,
-            "message": self.message,
-        }
-
-
-@dataclass(frozen=True)
-class RollbackRetry:
-    """A failed microservice rollback run again as a new adjustment of the cancelled operation."""
-
-    operation_id: uuid.UUID  # the cancelled order deduction
-    failed_rollback_id: uuid.UUID
-    retry_rollback_id: uuid.UUID
-    target_fulfillment_status: str
-    enqueued: bool  # False: the broker refused; the stuck sweep re-drives it
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "operation_id": str(self.operation_id),
-            "failed_rollback_id": str(self.failed_rollback_id),
-            "retry_rollback_id": str(self.retry_rollback_id),
-            "target_fulfillment_status": self.target_fulfillment_status,
-            "enqueued": self.enqueued,
-        }
-
-
 class OperationCancellationService:
     """Cancels operations (the seed's interface) and runs the microservice rollback step."""
 
@@ -131,11 +85,14 @@ class OperationCancellationService:
         client: MicroserviceClient,
         logger: StandardizedLogger,
         dispatcher: RollbackDispatcher,
+        runner: StageRunner,
     ) -> None:
         self._database = database
         self._client = client
         self._logger = logger
         self._dispatcher = dispatcher
+        runner.register(ROLLBACK, self.rollback_microservice)
+        runner.on_failed(OperationType.MICROSERVICE_ROLLBACK, self.report_rollback_failed)
 
     # --- cancel ------------------------------------------------------------------------
 
@@ -155,53 +112,57 @@ class OperationCancellationService:
         reason = checked_text(
             "reason", "cancelled" if reason is None else reason, max_length=REASON_MAX_LENGTH
         )
-        rollback_to_enqueue: uuid.UUID | None = None
         timer = Timer()
         with self._database.transaction() as session:
-            operation = load_operation(session, operation_id, for_update=True)
-            if operation.type_enum is not OperationType.ORDER_DEDUCTION:
-                raise CancellationRefused(
-                    operation_id, f"an adjustment ({operation.operation_type})"
-                )
+            operation = _cancellable(session, operation_id)
             if operation.status_enum is S.CANCELLED:
-                return self._result_of(session, operation)
-            if operation.status_enum is S.FAILED:
-                raise CancellationRefused(operation_id, operation.status)
-            log = operation_logger(session, operation, self._logger)
-            cancelled_from = operation.status_enum
-            log.log_action_with_timing(
-                operation_id,
-                LogAction.CANCELLATION_REQUESTED,
-                f"cancellation requested by {cancelled_by}: {reason}",
+                return cancellation_result(session, operation)
+            rollback = self._cancel(session, operation, cancelled_by, reason, timer)
+        if rollback is not None and not self._enqueue_rollback(rollback):
+            result = self.result_of(operation_id)  # the rollback waits for the stuck sweep
+            return replace(result, details={**result.details, "rollback_enqueued": False})
+        return self.result_of(operation_id)
+
+    def _cancel(
+        self,
+        session: Session,
+        operation: PendingStockOperation,
+        cancelled_by: str,
+        reason: str,
+        timer: Timer,
+    ) -> uuid.UUID | None:
+        """Cancel ``operation`` (locked) in ``session``: its stock restored, a microservice
+        rollback recorded when a sync PUT may have left. Returns that rollback, to enqueue
+        once this commits."""
+        log = operation_logger(session, operation, self._logger)
+        log.log_action_with_timing(
+            operation.id,
+            LogAction.CANCELLATION_REQUESTED,
+            f"cancellation requested by {cancelled_by}: {reason}",
+        )
+        restoration = None
+        if operation.status_enum in (S.STOCK_DEDUCTED, S.COMPLETED):
+            restoration = self._rollback_stock_changes(session, operation, log)
+        # Not only from COMPLETED: a sync PUT whose answer was lost (timeout, reset, 5xx,
+        # killed worker) may have landed while the row still says STOCK_DEDUCTED.
+        rollback = None
+        if cancelled_by != MARKETPLACE:
+            rollback = self._create_adjustment_operation(
+                session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
             )
-            adjustments: list[uuid.UUID] = []
-            if cancelled_from in (S.STOCK_DEDUCTED, S.COMPLETED):
-                restoration = self._rollback_stock_changes(session, operation, log)
-                if restoration is not None:
-                    adjustments.append(restoration)
-            # Not only from COMPLETED: a sync PUT whose answer was lost (timeout, reset, 5xx,
-            # killed worker) may have landed while the row still says STOCK_DEDUCTED.
-            if cancelled_by != MARKETPLACE:
-                rollback_to_enqueue = self._create_adjustment_operation(
-                    session, operation, OperationType.MICROSERVICE_ROLLBACK.value, log
-                )
-            if rollback_to_enqueue is not None:
-                adjustments.append(rollback_to_enqueue)
-            operation.cancelled_by = cancelled_by
-            operation.cancellation_reason = reason
-            operation.rollback_operations = [str(i) for i in adjustments]
-            transition(operation, S.CANCELLED, f"cancelled by {cancelled_by}: {reason}", log)
-            if rollback_to_enqueue is None:
-                log.log_action_with_timing(
-                    operation_id,
-                    LogAction.CANCELLATION_COMPLETED,
-                    "cancellation completed",
-                    timer.elapsed_ms,
-                )
-        if rollback_to_enqueue is not None:
-            self._rollback_microservice_status(rollback_to_enqueue)
-        with self._database.transaction() as session:
-            return self._result_of(session, load_operation(session, operation_id))
+        adjustments = [i for i in (restoration, rollback) if i is not None]
+        operation.cancelled_by = cancelled_by
+        operation.cancellation_reason = reason
+        operation.rollback_operations = [str(i) for i in adjustments]
+        transition(operation, S.CANCELLED, f"cancelled by {cancelled_by}: {reason}", log)
+        if rollback is None:
+            log.log_action_with_timing(
+                operation.id,
+                LogAction.CANCELLATION_COMPLETED,
+                "cancellation completed",
+                timer.elapsed_ms,
+            )
+        return rollback
 
     def _rollback_stock_changes(
         self, session: Session, operation: PendingStockOperation, log: StandardizedLogger
@@ -253,14 +214,14 @@ class OperationCancellationService:
         """
         if operation.sync_put_sent_at is None or operation.fulfillment_status_before_sync is None:
             return None
-        latest = self._microservice_rollback_of(session, operation)
+        latest = latest_microservice_rollback(session, operation)
         if latest is not None and (not after_landed_put or latest.status_enum is S.PENDING):
             return None
         return self._add_microservice_rollback(
             session, operation, log, adjustment_type=OperationType(adjustment_type)
         )
 
-    def _rollback_microservice_status(self, adjustment_operation_id: uuid.UUID) -> bool:
+    def _enqueue_rollback(self, adjustment_operation_id: uuid.UUID) -> bool:
         """Enqueue the rollback task; False (logged) when the broker refused: the adjustment
         is recorded as dispatched, so the sweep re-drives it once a probe has passed it."""
         try:
@@ -294,12 +255,11 @@ class OperationCancellationService:
                 after_landed_put=put_landed,
             )
             if adjustment_id is not None:
-                operation.rollback_operations = [
-                    *(operation.rollback_operations or []),
-                    str(adjustment_id),
-                ]
+                _list_rollback(operation, adjustment_id)
         if adjustment_id is not None:
-            self._rollback_microservice_status(adjustment_id)
+            # stopping is right either way: a rollback not enqueued (logged) waits in its row
+            # for the stuck sweep, which re-drives it
+            self._enqueue_rollback(adjustment_id)
         return True
 
     # --- an operator's way out of a failed rollback ----------------------------------------
@@ -317,34 +277,33 @@ class OperationCancellationService:
         with self._database.transaction() as session:
             parent = _cancelled_parent(session, operation_id)
             failed = _failed_latest_rollback(
-                operation_id, self._microservice_rollback_of(session, parent)
+                operation_id, latest_microservice_rollback(session, parent)
             )
             log = operation_logger(session, parent, self._logger)
             retry_id = self._add_microservice_rollback(
                 session, parent, log, note=f"retry of the failed rollback {failed.id}: "
             )
-            parent.rollback_operations = [*(parent.rollback_operations or []), str(retry_id)]
+            _list_rollback(parent, retry_id)
             target = str(parent.fulfillment_status_before_sync)
-        enqueued = self._rollback_microservice_status(retry_id)
+        enqueued = self._enqueue_rollback(retry_id)
         return RollbackRetry(parent.id, failed.id, retry_id, target, enqueued)
 
-    def roll_back_again(self, operation_id: uuid.UUID, reason: str) -> uuid.UUID | None:
+    def roll_back_again(self, operation_id: uuid.UUID, reason: str) -> RollbackAgain | None:
         """A new microservice rollback of the CANCELLED operation ``operation_id``, enqueued
         (the marketplace audit found its order still at the sync's status); None when one is
         pending already (it claims and reads after any PUT) or the operation is not CANCELLED
         any more."""
         with self._database.transaction() as session:
             parent = load_operation(session, operation_id, for_update=True)
-            latest = self._microservice_rollback_of(session, parent)
+            latest = latest_microservice_rollback(session, parent)
             if parent.status_enum is not S.CANCELLED or (
                 latest is not None and latest.status_enum is S.PENDING
             ):
                 return None
             log = operation_logger(session, parent, self._logger)
             rollback_id = self._add_microservice_rollback(session, parent, log, note=f"{reason}: ")
-            parent.rollback_operations = [*(parent.rollback_operations or []), str(rollback_id)]
-        self._rollback_microservice_status(rollback_id)
-        return rollback_id
+            _list_rollback(parent, rollback_id)
+        return RollbackAgain(rollback_id, enqueued=self._enqueue_rollback(rollback_id))
 
     def _add_microservice_rollback(
         self,
@@ -360,7 +319,7 @@ class OperationCancellationService:
         adjustment.target_fulfillment_status = operation.fulfillment_status_before_sync
         # numbered under the parent's lock (every caller holds it): "latest" never depends
         # on which host's clock stamped created_at
-        adjustment.rollback_seq = 1 + (self._last_rollback_seq(session, operation) or 0)
+        adjustment.rollback_seq = 1 + (last_rollback_seq(session, operation) or 0)
         session.add(adjustment)
         session.flush()
         log.log_action_with_timing(
@@ -388,6 +347,30 @@ class OperationCancellationService:
         sent when it is back already, when the seller moved it on, or when the order was
         cancelled upstream.
         """
+        plan = self._rollback_plan(adjustment_operation_id, generation)
+        if isinstance(plan, StageOutcome):
+            return plan
+        with measure_execution_time() as timer:
+            for put in plan.claims:
+                self._claim(plan.order_id, put)
+            order = self._client.get_order(plan.order_id)
+            action = _rollback_action(order.status, order.fulfillment_status, plan.target)
+            if action is _RollbackAction.PUT_BACK:
+                self._client.set_fulfillment_status(
+                    plan.order_id,
+                    status=plan.target,
+                    expected_revision=order.revision,
+                    idempotency_key=rollback_key(
+                        adjustment_operation_id, revision_to_text(order.revision)
+                    ),
+                )
+        return self._complete_rollback(plan, _describe(action, plan.target, order), timer)
+
+    def _rollback_plan(
+        self, adjustment_operation_id: uuid.UUID, generation: int | None
+    ) -> _RollbackPlan | StageOutcome:
+        """What a rollback run must do, read with its attempt stamped; or the outcome to
+        return at once (it completed already, or this is a copy of an older dispatch)."""
         with self._database.single_statement() as connection:
             started = start_attempt(connection, adjustment_operation_id, S.PENDING, generation)
         with self._database.transaction() as session:
@@ -396,45 +379,31 @@ class OperationCancellationService:
                 return StageOutcome.ALREADY_PAST
             if started is None:  # a copy of an older dispatch: the newer one runs it
                 return StageOutcome.STOPPED
-            order_id, target = adjustment.order_id, adjustment.target_fulfillment_status
-            parent_id = adjustment.parent_operation_id
+            target, parent_id = adjustment.target_fulfillment_status, adjustment.parent_operation_id
             assert target is not None and parent_id is not None
             parent = load_operation(session, parent_id)
-            claims = [RecordedPut.from_dict(raw) for raw in parent.sync_puts or []]
-        with measure_execution_time() as timer:
-            for put in claims:
-                self._claim(order_id, put)
-            order = self._client.get_order(order_id)
-            action = _rollback_action(order.status, order.fulfillment_status, target)
-            if action is _RollbackAction.PUT_BACK:
-                revision = revision_to_text(order.revision)
-                self._client.set_fulfillment_status(
-                    order_id,
-                    status=target,
-                    expected_revision=order.revision,
-                    idempotency_key=rollback_key(adjustment_operation_id, revision),
-                )
+            claims = tuple(RecordedPut.from_dict(raw) for raw in parent.sync_puts or [])
+            return _RollbackPlan(adjustment.id, parent_id, adjustment.order_id, target, claims)
+
+    def _complete_rollback(self, plan: _RollbackPlan, outcome: str, timer: Timer) -> StageOutcome:
+        """COMPLETED for the rollback, and the cancellation it belongs to completed."""
         with self._database.transaction() as session:
-            parent = load_operation(session, parent_id, for_update=True)  # parent first: lock order
-            adjustment = load_operation(session, adjustment_operation_id, for_update=True)
+            # parent first: the lock order of every writer
+            parent = load_operation(session, plan.parent_id, for_update=True)
+            adjustment = load_operation(session, plan.adjustment_id, for_update=True)
             if adjustment.status_enum is not S.PENDING:
                 return StageOutcome.ALREADY_PAST
-            outcome = _describe(action, target, order.fulfillment_status)
-            transition(
-                adjustment,
-                S.COMPLETED,
-                outcome,
-                operation_logger(session, adjustment, self._logger),
-            )
+            adjustment_log = operation_logger(session, adjustment, self._logger)
+            transition(adjustment, S.COMPLETED, outcome, adjustment_log)
             log = operation_logger(session, parent, self._logger)
             log.log_action_with_timing(
-                parent_id,
+                parent.id,
                 LogAction.MICROSERVICE_ROLLBACK_COMPLETED,
-                f"{outcome} ({len(claims)} sync PUT(s) claimed first)",
+                f"{outcome} ({len(plan.claims)} sync PUT(s) claimed first)",
                 timer.elapsed_ms,
             )
             log.log_action_with_timing(
-                parent_id, LogAction.CANCELLATION_COMPLETED, "cancellation completed"
+                parent.id, LogAction.CANCELLATION_COMPLETED, "cancellation completed"
             )
         return StageOutcome.DONE
 
@@ -468,67 +437,27 @@ class OperationCancellationService:
 
     # --- results ---------------------------------------------------------------------------
 
-    def _microservice_rollback_of(
-        self, session: Session, operation: PendingStockOperation
-    ) -> PendingStockOperation | None:
-        """The operation's latest microservice rollback adjustment (the highest number), if
-        any."""
-        adjustment = PendingStockOperation
-        return session.scalar(
-            select(adjustment)
-            .where(
-                adjustment.parent_operation_id == operation.id,
-                adjustment.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
-            )
-            .order_by(adjustment.rollback_seq.desc().nulls_last(), adjustment.id)
-            .limit(1)
-        )
-
-    @staticmethod
-    def _last_rollback_seq(session: Session, operation: PendingStockOperation) -> int | None:
-        adjustment = PendingStockOperation
-        return session.scalar(
-            select(func.max(adjustment.rollback_seq)).where(
-                adjustment.parent_operation_id == operation.id,
-                adjustment.operation_type == OperationType.MICROSERVICE_ROLLBACK.value,
-            )
-        )
-
     def result_of(self, operation_id: uuid.UUID) -> CancellationResult:
         """The CancellationResult of a cancelled operation, read back from the database."""
         with self._database.transaction() as session:
-            return self._result_of(session, load_operation(session, operation_id))
+            return cancellation_result(session, load_operation(session, operation_id))
 
-    def _result_of(self, session: Session, operation: PendingStockOperation) -> CancellationResult:
-        adjustment_ids = tuple(uuid.UUID(i) for i in operation.rollback_operations or [])
-        restored = (
-            tuple(
-                Movement(row.sku, row.delta, row.line_item_id)
-                for row in session.scalars(
-                    select(StockMovement)
-                    .where(StockMovement.operation_id.in_(adjustment_ids))
-                    .order_by(StockMovement.sku, StockMovement.line_item_id)
-                )
-            )
-            if adjustment_ids
-            else ()
-        )
-        rollback = self._microservice_rollback_of(session, operation)
-        microservice = _ROLLBACK_STATE.get(rollback.status, "pending") if rollback else "not_needed"
-        cancelled_from = _cancelled_from(session, operation)
-        message = _message(cancelled_from, restored, microservice)
-        return CancellationResult(
-            operation_id=operation.id,
-            cancelled_from=cancelled_from,
-            final_status=operation.status_enum,
-            stock_restored=bool(restored),
-            restored_movements=restored,
-            microservice_rollback=microservice,
-            adjustment_operation_ids=adjustment_ids,
-            message=message,
-            cancelled_by=operation.cancelled_by,
-            reason=operation.cancellation_reason,
-        )
+
+def _list_rollback(operation: PendingStockOperation, adjustment_id: uuid.UUID) -> None:
+    """List a new rollback adjustment among ``operation``'s (what its result reports)."""
+    operation.rollback_operations = [*(operation.rollback_operations or []), str(adjustment_id)]
+
+
+def _cancellable(session: Session, operation_id: uuid.UUID) -> PendingStockOperation:
+    """The order deduction ``operation_id``, locked, when a cancel may act on it (CANCELLED
+    already: the cancel returns its first result); refused for an adjustment or a FAILED
+    operation."""
+    operation = load_operation(session, operation_id, for_update=True)
+    if operation.type_enum is not OperationType.ORDER_DEDUCTION:
+        raise CancellationRefused(operation_id, f"an adjustment ({operation.operation_type})")
+    if operation.status_enum is S.FAILED:
+        raise CancellationRefused(operation_id, operation.status)
+    return operation
 
 
 def _cancelled_parent(session: Session, operation_id: uuid.UUID) -> PendingStockOperation:
@@ -566,21 +495,15 @@ def _failed_latest_rollback(
     return latest
 
 
-_ROLLBACK_STATE = {
-    S.PENDING.value: "pending",
-    S.COMPLETED.value: "completed",
-    S.FAILED.value: "failed",
-}
+@dataclass(frozen=True)
+class _RollbackPlan:
+    """A microservice rollback to run: the sync PUTs to claim, then the status to put back."""
 
-
-def _cancelled_from(session: Session, operation: PendingStockOperation) -> OperationStatus:
-    for event in reversed(timeline(session, operation.id)):
-        if (
-            event.action == LogAction.STATUS_TRANSITION.value
-            and event.to_status == S.CANCELLED.value
-        ):
-            return OperationStatus(event.from_status)
-    return operation.status_enum
+    adjustment_id: uuid.UUID
+    parent_id: uuid.UUID
+    order_id: str
+    target: str  # the fulfillment status recorded before the sync
+    claims: tuple[RecordedPut, ...]
 
 
 class _RollbackAction(str, Enum):
@@ -602,29 +525,11 @@ def _rollback_action(order_status: str, fulfillment: str, target: str) -> _Rollb
     return _RollbackAction.MOVED_ON  # READY_FOR_SHIPMENT, SENT...: not ours to undo
 
 
-def _describe(action: _RollbackAction, target: str, found: str) -> str:
+def _describe(action: _RollbackAction, target: str, order: MicroserviceOrder) -> str:
+    found = order.fulfillment_status
     return {
         _RollbackAction.PUT_BACK: f"fulfillment put back to {target}",
         _RollbackAction.NOTHING: f"fulfillment already at {target}",
         _RollbackAction.MOVED_ON: f"fulfillment left at {found}: the seller moved it on",
         _RollbackAction.CANCELLED_UPSTREAM: "order cancelled upstream: fulfillment left as is",
     }[action]
-
-
-def _message(
-    cancelled_from: OperationStatus, restored: tuple[Movement, ...], microservice: str
-) -> str:
-    parts = [f"cancelled from {cancelled_from.value}"]
-    if restored:
-        parts.append("stock restored (" + ", ".join(f"{m.sku} +{m.delta}" for m in restored) + ")")
-    else:
-        parts.append("no stock to restore")
-    parts.append(
-        {
-            "not_needed": "microservice untouched",
-            "pending": "microservice rollback pending",
-            "completed": "microservice status rolled back",
-            "failed": "microservice rollback FAILED (needs an operator)",
-        }[microservice]
-    )
-    return "; ".join(parts)

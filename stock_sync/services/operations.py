@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -88,6 +89,12 @@ def operation_logger(
 ) -> StandardizedLogger:
     """A StandardizedLogger bound to ``operation`` that writes events into ``session``."""
     log = base.with_events(SqlEventStore(session) if session is not None else None)
+    bind_operation(log, operation)
+    return log
+
+
+def bind_operation(log: StandardizedLogger, operation: OperationLike) -> None:
+    """Put ``operation``'s context (order, status, attempt, type) on ``log``'s records."""
     log.bind(
         operation.id,
         order_id=operation.order_id,
@@ -95,7 +102,6 @@ def operation_logger(
         attempt=operation.retry_count + 1,
         operation_type=operation.operation_type,
     )
-    return log
 
 
 def transition(
@@ -134,6 +140,23 @@ def transition(
 
 def line_items_of(operation: OperationLike) -> list[LineItem]:
     return [LineItem.from_dict(item) for item in operation.line_items or []]
+
+
+def new_order_deduction(order_id: str, account_name: str | None, now: datetime) -> dict[str, Any]:
+    """The columns a new order deduction starts with: PENDING, no retry used, at its first
+    dispatch (a submit's row, or a FAILED operation's successor)."""
+    return {
+        "id": uuid.uuid4(),
+        "order_id": order_id,
+        "account_name": account_name,
+        "operation_type": OperationType.ORDER_DEDUCTION.value,
+        "status": S.PENDING.value,
+        "retry_count": 0,
+        "deduction_retry_count": 0,
+        "created_at": now,
+        "updated_at": now,
+        "dispatch_generation": FIRST_DISPATCH,
+    }
 
 
 def new_adjustment(

@@ -41,6 +41,7 @@ from stock_sync.services.dispatch import Dispatcher
 from stock_sync.services.operations import (
     FIRST_DISPATCH,
     load_operation,
+    new_order_deduction,
     operation_logger,
     transition,
 )
@@ -145,17 +146,8 @@ class OperationRecoveryService:
         deducted = bool(outstanding_deductions(session, failed.id))
         now = utcnow()
         successor = PendingStockOperation(
-            id=uuid.uuid4(),
-            order_id=failed.order_id,
-            account_name=failed.account_name,
-            operation_type=OperationType.ORDER_DEDUCTION.value,
+            **new_order_deduction(failed.order_id, failed.account_name, now),
             predecessor_operation_id=failed.id,
-            status=S.PENDING.value,
-            retry_count=0,
-            deduction_retry_count=0,
-            created_at=now,
-            updated_at=now,
-            dispatch_generation=FIRST_DISPATCH,
             dispatched_at=db_now(),
         )
         session.add(successor)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.orm import Session
 
 from stock_sync.adapters.db import Database, try_advisory_lock
 from stock_sync.adapters.models import (
@@ -215,63 +216,39 @@ class StuckOperationSweeper:
         again after that, the operation is failed. Lost (its message never started): no
         attempt was made, so nothing is counted.
         """
-        op = PendingStockOperation
         with self._database.transaction() as session:
-            operation = lock_operation(session, operation_id)
-            stage = stage_to_redrive(operation)
-            still_stuck = session.scalar(
-                select(op.id).where(op.id == operation_id, is_stuck(window))
-            )
-            if stage is None or still_stuck is None:
+            found = _still_stuck(session, operation_id, window)
+            if found is None:
                 return  # it moved on, started or was re-driven meanwhile
-            dead = (
-                session.scalar(select(op.id).where(op.id == operation_id, is_dead(window)))
-                is not None
-            )
+            operation, stage, dead = found
             log = operation_logger(session, operation, self._logger)
-            if dead:
-                policy = self._settings.retry_policy(stage.retry_budget)
-                used = retries_used(operation, stage)
-                if used > policy.max_retries:
-                    exhausted = True
-                else:
-                    exhausted = False
-                    set_retries_used(operation, stage, used + 1)
-                    last_run = " (its last run)" if used + 1 > policy.max_retries else ""
-                    why = (
-                        f"its attempt started at {_shown(operation.attempt_started_at)} and "
-                        f"never finished{last_run} (retries used: {used + 1} of "
-                        f"{policy.max_retries})"
-                    )
-            else:
-                exhausted = False
-                why = (
-                    f"its message, published at {_shown(operation.dispatched_at)}, was lost "
-                    "(the queue has moved past it); no retry counted"
-                )
-            if not exhausted:
-                generation = operation.dispatch_generation + 1
-                operation.dispatch_generation = generation
-                operation.dispatched_at = db_now()
-                operation.attempt_started_at = None
-                operation.next_retry_at = None
-                operation.updated_at = utcnow()
-                log.log_action_with_timing(
-                    operation_id,
-                    LogAction.RETRY_SCHEDULED,
-                    f"re-driven by the stuck sweep from {stage.name}: {why}",
-                    status="warning",
-                )
-            status, is_rollback = operation.status_enum, stage is ROLLBACK
-        if exhausted:
+            why = self._count_dead_attempt(operation, stage) if dead else _why_lost(operation)
+            if why is not None:
+                generation = _new_dispatch(operation, stage, why, log)
+            status = operation.status_enum
+        if why is None:  # dead once more past its budget
             if self._synchronization.fail_exhausted(operation_id, stage):
                 report.failed.append(operation_id)
             return
         (report.dead if dead else report.lost).append(operation_id)
-        if self._enqueue(operation_id, status, is_rollback, generation):
+        if self._enqueue(operation_id, status, stage is ROLLBACK, generation):
             report.redriven.append(operation_id)
         else:
             report.not_enqueued.append(operation_id)
+
+    def _count_dead_attempt(self, operation: PendingStockOperation, stage: Stage) -> str | None:
+        """Count a dead attempt as one of ``stage``'s retries and say why it is re-driven;
+        None when the stage was past its budget already (the operation is to be failed)."""
+        policy = self._settings.retry_policy(stage.retry_budget)
+        used = retries_used(operation, stage)
+        if used > policy.max_retries:
+            return None
+        set_retries_used(operation, stage, used + 1)
+        last_run = " (its last run)" if used + 1 > policy.max_retries else ""
+        return (
+            f"its attempt started at {_shown(operation.attempt_started_at)} and "
+            f"never finished{last_run} (retries used: {used + 1} of {policy.max_retries})"
+        )
 
     def _enqueue(
         self, operation_id: uuid.UUID, status: OperationStatus, is_rollback: bool, generation: int
@@ -394,6 +371,47 @@ class StuckOperationSweeper:
             return
         with _file_lock(self._settings.data_dir / "sweep.lock") as acquired:
             yield acquired
+
+
+def _still_stuck(
+    session: Session, operation_id: uuid.UUID, window: StuckWindow
+) -> tuple[PendingStockOperation, Stage, bool] | None:
+    """The operation locked, the stage it waits for and whether its attempt is dead; None
+    when it is no longer stuck (checked again under its lock)."""
+    op = PendingStockOperation
+    operation = lock_operation(session, operation_id)
+    stage = stage_to_redrive(operation)
+    still_stuck = session.scalar(select(op.id).where(op.id == operation_id, is_stuck(window)))
+    if stage is None or still_stuck is None:
+        return None
+    dead = session.scalar(select(op.id).where(op.id == operation_id, is_dead(window)))
+    return operation, stage, dead is not None
+
+
+def _why_lost(operation: PendingStockOperation) -> str:
+    return (
+        f"its message, published at {_shown(operation.dispatched_at)}, was lost "
+        "(the queue has moved past it); no retry counted"
+    )
+
+
+def _new_dispatch(
+    operation: PendingStockOperation, stage: Stage, why: str, log: StandardizedLogger
+) -> int:
+    """Make the operation's next dispatch (a copy of the old one is dropped) and log why."""
+    generation = operation.dispatch_generation + 1
+    operation.dispatch_generation = generation
+    operation.dispatched_at = db_now()
+    operation.attempt_started_at = None
+    operation.next_retry_at = None
+    operation.updated_at = utcnow()
+    log.log_action_with_timing(
+        operation.id,
+        LogAction.RETRY_SCHEDULED,
+        f"re-driven by the stuck sweep from {stage.name}: {why}",
+        status="warning",
+    )
+    return generation
 
 
 def _shown(value: datetime | None) -> str:

@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal
 
 import redis
@@ -60,9 +58,10 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.instrumentation import LabelledSqlCounter
 from stock_sync.adapters.instrumentation import install as count_own_sql
 from stock_sync.adapters.instrumentation import uninstall as uninstall_sql_counter
+from stock_sync.adapters.settings import Settings
+from stock_sync_dev import cli_args
 from stock_sync_dev.bench import phases, profiling, report
 from stock_sync_dev.bench.harness import (
-    DEFAULT_ADMIN_URL,
     DEFAULT_REDIS_URL,
     TASK_EVENTS_VARIABLE,
     BenchmarkError,
@@ -236,83 +235,97 @@ def measurement_notes(options: Options, results: report.Results, probe: Probe) -
 def run(options: Options) -> report.Results:
     """Every phase, with everything it starts stopped and removed before returning or raising."""
     results = report.Results(options.shown())
-    run_id = uuid.uuid4().hex[:8]
-    queue = f"stock-sync-bench-{run_id}"
-    done_prefix = f"stock-sync-bench:{run_id}:"
-    client = redis.Redis.from_url(options.redis_url)
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stock-sync-bench-")))
-        say("preparing: throwaway database, fake microservice")
-        database_url = stack.enter_context(throwaway_database(options.admin_url))
-        stack.callback(forget_redis_keys, client, queue, done_prefix)
-        fake = FakeProcess(workdir / "fake.log")
-        stack.callback(fake.stop)
-        variables = run_environment(
-            database_url, options.redis_url, fake.url, queue, workdir, options.task_events
-        )
-        settings = configure_this_process(harness_variables(variables))
-        from tasks.app import app
-
-        results.task_events_effective = {
-            "worker_send_task_events": bool(app.conf.worker_send_task_events),
-            "task_send_sent_event": bool(app.conf.task_send_sent_event),
-        }
-        database_name = str(make_url(database_url).database)
-        own_sql = LabelledSqlCounter(database_name)
-        count_own_sql(own_sql)
-        stack.callback(uninstall_sql_counter)
-        database = Database(settings.effective_database_url)
-        stack.callback(database.dispose)
-        probe = Probe(options.admin_url, database_name, client)
-        stack.callback(probe.close)
-        profile_folder = Path(options.profile) if options.profile else None
-        rig = phases.Rig(
-            client=client,
-            variables=variables,
-            fake=fake,
-            database=database,
-            workdir=workdir,
-            done_prefix=done_prefix,
-            probe=probe,
-            own_sql=own_sql,
-            profiler=(
-                (lambda roles: profiling.recording(profile_folder, roles))
-                if profile_folder
-                else None
-            ),
-        )
-        results.notes = measurement_notes(options, results, probe)
+        rig, settings = start_rig(stack, options, results)
+        results.notes = measurement_notes(options, results, rig.probe)
         say(results.notes[0])
         rate = 0.0 if options.soak_only else measure_ratio(options, rig, results)
+        profile_folder = Path(options.profile) if options.profile else None
         if profile_folder is not None:
             results.profile_summary = profiling.summarise_folder(profile_folder)
             (profile_folder / "summary.txt").write_text(results.profile_summary + "\n")
         if not options.ratio_only:
             measure_costs(options, rig, results, rate)
-        fake.stop()
+        rig.fake.stop()
         if not (options.soak_only or options.ratio_only):
             say(f"[queries] {options.rows:,} finished operations")
-            timings = query_phase(database, settings, options.rows, options.query_runs)
+            timings = query_phase(rig.database, settings, options.rows, options.query_runs)
             results.metrics += report.query_metrics(timings)
             results.sweep_plan = timings.sweep_plan
     return results
 
 
+def start_rig(
+    stack: contextlib.ExitStack, options: Options, results: report.Results
+) -> tuple[phases.Rig, Settings]:
+    """The run's database, fake microservice, Redis keys, SQL counter and probe, each removed
+    by ``stack``; this process configured as the harness."""
+    run_id = uuid.uuid4().hex[:8]
+    queue = f"stock-sync-bench-{run_id}"
+    done_prefix = f"stock-sync-bench:{run_id}:"
+    client = redis.Redis.from_url(options.redis_url)
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stock-sync-bench-")))
+    say("preparing: throwaway database, fake microservice")
+    database_url = stack.enter_context(throwaway_database(options.admin_url))
+    stack.callback(forget_redis_keys, client, queue, done_prefix)
+    fake = FakeProcess(workdir / "fake.log")
+    stack.callback(fake.stop)
+    variables = run_environment(
+        database_url, options.redis_url, fake.url, queue, workdir, options.task_events
+    )
+    settings = configure_this_process(harness_variables(variables))
+    results.task_events_effective = effective_task_events()
+    database_name = str(make_url(database_url).database)
+    own_sql = LabelledSqlCounter(database_name)
+    count_own_sql(own_sql)
+    stack.callback(uninstall_sql_counter)
+    database = Database(settings.effective_database_url)
+    stack.callback(database.dispose)
+    probe = Probe(options.admin_url, database_name, client)
+    stack.callback(probe.close)
+    rig = phases.Rig(
+        client=client,
+        variables=variables,
+        fake=fake,
+        database=database,
+        workdir=workdir,
+        done_prefix=done_prefix,
+        probe=probe,
+        own_sql=own_sql,
+        profiler=profiler(options.profile),
+    )
+    return rig, settings
+
+
+def effective_task_events() -> dict[str, bool]:
+    """Whether the configured app sends task events (imported once this process is set up)."""
+    from tasks.app import app
+
+    return {
+        "worker_send_task_events": bool(app.conf.worker_send_task_events),
+        "task_send_sent_event": bool(app.conf.task_send_sent_event),
+    }
+
+
+def profiler(profile: str | None) -> Callable[[dict[str, list[int]]], Any] | None:
+    """What records the ratio's profiles into the ``--profile`` folder, if one was given."""
+    if not profile:
+        return None
+    folder = Path(profile)
+    return lambda roles: profiling.recording(folder, roles)
+
+
 # --- command line -------------------------------------------------------------------------
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def _not_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
+# (flag, option, default, help) of each size of the run
+SIZES = (
+    ("--orders", "orders", DEFAULT_ORDERS, "chains / orders of the ratio and the batch"),
+    ("--counted", "counted", DEFAULT_COUNTED, "orders whose SQL and HTTP are counted"),
+    ("--contention", "contention", DEFAULT_CONTENTION, "orders per contention run"),
+    ("--latency-ops", "latency_ops", DEFAULT_LATENCY_OPS, "orders of the latency phase"),
+    ("--rows", "rows", DEFAULT_ROWS, "finished operations for the query phase"),
+)
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
@@ -320,43 +333,46 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         prog="python -m stock_sync_dev.benchmark",
         description="Measure stock-sync's performance the way users run it, then its costs.",
     )
-    sizes = (
-        ("--orders", "orders", DEFAULT_ORDERS, "chains / orders of the ratio and the batch"),
-        ("--counted", "counted", DEFAULT_COUNTED, "orders whose SQL and HTTP are counted"),
-        ("--contention", "contention", DEFAULT_CONTENTION, "orders per contention run"),
-        ("--latency-ops", "latency_ops", DEFAULT_LATENCY_OPS, "orders of the latency phase"),
-        ("--rows", "rows", DEFAULT_ROWS, "finished operations for the query phase"),
-    )
-    for flag, name, default, text in sizes:
+    _add_size_arguments(parser)
+    _add_run_arguments(parser)
+    _add_phase_arguments(parser)
+    return _options_of(parser, parser.parse_args(argv))
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, name, default, text in SIZES:
         parser.add_argument(
             flag,
             dest=name,
-            type=_positive,
+            type=cli_args.positive_int,
             default=None,
             help=f"{text} (default {default:,}, {QUICK[name]:,} with --quick)",
         )
     parser.add_argument("--quick", action="store_true", help="everything sized down (smoke run)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", choices=("prefork", "threads"), default=DEFAULT_POOL)
-    parser.add_argument("--concurrency", type=_positive, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--concurrency", type=cli_args.positive_int, default=DEFAULT_CONCURRENCY)
     parser.add_argument(
         "--runs",
-        type=_positive,
+        type=cli_args.positive_int,
         default=DEFAULT_QUERY_RUNS,
         help="timed runs per query (the median is reported)",
     )
-    parser.add_argument(
-        "--postgres-url",
-        default=os.environ.get("STOCK_SYNC_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL),
-        help="an admin connection allowed to CREATE/DROP DATABASE",
-    )
+    cli_args.add_postgres_url(parser)
     parser.add_argument(
         "--redis-url",
         default=DEFAULT_REDIS_URL,
         help=f"the broker (default {DEFAULT_REDIS_URL}: a database of its own, out of reach "
         "of other workers' remote control and events)",
     )
+
+
+def _add_phase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
+        dest="json_output",
         action="store_true",
         help="print the results as JSON on stdout (the tables go to stderr)",
     )
@@ -369,7 +385,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--soak",
-        type=_not_negative,
+        type=cli_args.not_negative_int,
         default=None,
         help=f"operations of the soak phase, 0 for none (default 0, {QUICK_SOAK_OPS} with "
         f"--quick; make soak runs {MAKE_SOAK_OPS:,})",
@@ -391,7 +407,9 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         help="py-spy profiles (raw collapsed stacks) of the worker's processes and the "
         "producer during the ratio's pipeline run, written to DIR with a summary",
     )
-    args = parser.parse_args(argv)
+
+
+def _options_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Options:
     soak = args.soak
     if soak is None:
         soak = MAKE_SOAK_OPS if args.soak_only else QUICK_SOAK_OPS if args.quick else 0
@@ -399,41 +417,17 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         parser.error("--soak-only needs a soak of at least one operation")
     if args.soak_only and args.ratio_only:
         parser.error("--soak-only and --ratio-only exclude each other")
-    defaults = {
-        "orders": DEFAULT_ORDERS,
-        "counted": DEFAULT_COUNTED,
-        "contention": DEFAULT_CONTENTION,
-        "latency_ops": DEFAULT_LATENCY_OPS,
-        "rows": DEFAULT_ROWS,
-    }
     size = {
         name: getattr(args, name) or (QUICK[name] if args.quick else default)
-        for name, default in defaults.items()
+        for _, name, default, _ in SIZES
     }
-    return Options(
-        **size,
-        pool=args.pool,
-        concurrency=args.concurrency,
-        query_runs=args.runs,
-        admin_url=args.postgres_url,
-        redis_url=args.redis_url,
-        json_output=args.json,
-        task_events=args.task_events,
-        soak=soak,
-        soak_only=args.soak_only,
-        ratio_only=args.ratio_only,
-        profile=args.profile,
-    )
-
-
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    return cli_args.options_of(Options, args, query_runs=args.runs, soak=soak, **size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """0 when measured (targets missed or not), 1 on an error, 130 when interrupted."""
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, cli_args.interrupt_on_sigterm)
     try:
         results = run(options)
     except KeyboardInterrupt:

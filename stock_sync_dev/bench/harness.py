@@ -8,26 +8,25 @@ import contextlib
 import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from stock_sync.adapters import schema
-from stock_sync.adapters.db import Database, normalise_database_url, reset_databases
+from stock_sync.adapters.db import Database, reset_databases
 from stock_sync.adapters.settings import ENV_PREFIX, Settings, get_settings
 from stock_sync.adapters.stock_ledger import set_stock
 from stock_sync.composition import reset_services
+from stock_sync_dev import databases, processes
 from stock_sync_dev.bench import NOOP_TASKS_MODULE
 from stock_sync_dev.bench.procstat import (
     HARNESS_APPLICATION_NAME,
@@ -35,7 +34,7 @@ from stock_sync_dev.bench.procstat import (
     WORKER_APPLICATION_NAME,
 )
 
-REPOSITORY = Path(__file__).resolve().parents[3]
+REPOSITORY = processes.REPOSITORY
 DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@localhost:5432/postgres"
 # A Redis database of the benchmark's own: Celery's remote control and events travel on pub/sub
 # channels named after the database, and another tenant's Flower (which broadcasts
@@ -100,15 +99,6 @@ class Progress:
 # --- the database -----------------------------------------------------------------------------
 
 
-def _admin_execute(admin_url: str, statement: str) -> None:
-    engine = create_engine(normalise_database_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
 @contextlib.contextmanager
 def throwaway_database(
     admin_url: str, *, prefix: str = "stock_sync_bench", create_options: str = ""
@@ -116,15 +106,8 @@ def throwaway_database(
     """A new, migrated PostgreSQL database's URL; dropped (connections forced out) on exit.
 
     ``create_options`` is appended to CREATE DATABASE (a template, a locale, ...)."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    _admin_execute(admin_url, f'CREATE DATABASE "{name}" {create_options}'.rstrip())
-    try:
-        url = normalise_database_url(admin_url.rsplit("/", 1)[0] + f"/{name}")
-        schema.upgrade(url)
+    with databases.throwaway_database(admin_url, prefix, create_options) as url:
         yield url
-    finally:
-        reset_databases()
-        _admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def reset_tables(database: Database) -> None:
@@ -187,6 +170,12 @@ def without_stock_sync_variables(environment: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in environment.items() if not name.startswith(ENV_PREFIX)}
 
 
+def process_environment(variables: Mapping[str, str]) -> dict[str, str]:
+    """A run's process environment: this process's without its STOCK_SYNC_* variables, plus
+    ``variables``."""
+    return {**without_stock_sync_variables(dict(os.environ)), **variables}
+
+
 def configure_this_process(variables: dict[str, str]) -> Settings:
     """Make this process (its sweeps, metrics, polling) use exactly ``variables``."""
     for name in [name for name in os.environ if name.startswith(ENV_PREFIX)]:
@@ -212,8 +201,9 @@ def harness_variables(run_variables: dict[str, str]) -> dict[str, str]:
 # --- processes --------------------------------------------------------------------------------
 
 
-class ChildProcess:
-    """A process of the run in its own process group, its output in a log file."""
+class ChildProcess(processes.ChildProcess):
+    """A process of the run (see ``stock_sync_dev.processes``): this process's environment
+    without its STOCK_SYNC_* variables, plus ``variables``."""
 
     def __init__(
         self,
@@ -224,29 +214,8 @@ class ChildProcess:
         stdin: int = subprocess.DEVNULL,
         stdout: int | None = None,
     ) -> None:
-        self.log_path = log_path
-        environment = {**without_stock_sync_variables(dict(os.environ)), **variables}
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                list(command),
-                cwd=REPOSITORY,
-                env=environment,
-                stdout=log if stdout is None else stdout,
-                stderr=log,
-                stdin=stdin,
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def exit_code(self) -> int | None:
-        """The exit code once the process has ended, None while it runs."""
-        return self.process.poll()
-
-    def log_tail(self, characters: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-characters:]
+        environment = process_environment(variables)
+        super().__init__(command, environment, log_path, stdin=stdin, stdout=stdout)
 
     def check_alive(self, name: str) -> None:
         """Raise BenchmarkError (with the end of its log) if the process has exited."""
@@ -254,55 +223,33 @@ class ChildProcess:
         if code is not None:
             raise BenchmarkError(f"the {name} exited with {code}:\n{self.log_tail()}")
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group (a prefork worker's children too), then reap."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        """Warm shutdown of the process group; killed if it takes over 30 s."""
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
 
 class CeleryProcess(ChildProcess):
     """``python -m celery -A tasks <arguments>``."""
 
     def __init__(self, arguments: Sequence[str], variables: dict[str, str], log_path: Path) -> None:
-        super().__init__(
-            [sys.executable, "-m", "celery", "-A", "tasks", *arguments], variables, log_path
-        )
+        super().__init__(processes.celery_command(arguments), variables, log_path)
 
 
-def worker_arguments(pool: str, concurrency: int, hostname: str) -> list[str]:
-    """``celery worker`` arguments of the chaos and memory tools: no mingle, gossip or
-    heartbeat (nothing to sync with, and they cost a second at start)."""
-    return [
-        "worker", "--pool", pool, "--concurrency", str(concurrency),
-        "--loglevel", "WARNING", "--hostname", hostname,
-        "--without-heartbeat", "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
+def tool_worker_arguments(pool: str, concurrency: int, hostname: str) -> list[str]:
+    """``celery worker`` arguments of the chaos and memory tools: log level WARNING, no
+    mingle, gossip or heartbeat."""
+    return processes.worker_arguments(pool, concurrency, loglevel="WARNING", hostname=hostname)
 
 
 class WorkerProcess(CeleryProcess):
     """The benchmark's worker as users run it (``celery -A tasks worker -c 2``, the project's
-    configuration, log level WARNING), with the bare chain's tasks included."""
+    configuration, heartbeats and gossip on, log level WARNING), with the bare chain's tasks
+    included."""
 
     def __init__(
         self, variables: dict[str, str], log_path: Path, pool: str, concurrency: int
     ) -> None:
         hostname = f"bench-{uuid.uuid4().hex[:8]}@%h"
-        arguments = [
-            "worker", "--pool", pool, "--concurrency", str(concurrency),
-            "--loglevel", "WARNING", "--hostname", hostname, "--include", NOOP_TASKS_MODULE,
-        ]  # fmt: skip
+        arguments = processes.worker_arguments(
+            pool, concurrency, "--include", NOOP_TASKS_MODULE,
+            loglevel="WARNING", hostname=hostname, quiet=False,
+        )  # fmt: skip
         super().__init__(arguments, variables, log_path)
 
 
@@ -339,7 +286,7 @@ class FakeProcess(ChildProcess):
     through its admin API."""
 
     def __init__(self, log_path: Path, timeout_s: float = 30.0) -> None:
-        command = [str(Path(sys.executable).with_name("stock-sync")), "fake-microservice"]
+        command = [str(processes.STOCK_SYNC), "fake-microservice"]
         super().__init__([*command, "--port", "0"], {}, log_path)
         self.url = self._wait_for_url(timeout_s)
         self._session = requests.Session()
@@ -372,9 +319,9 @@ class FakeProcess(ChildProcess):
         fulfillments = self._call("GET", "fulfillments")["fulfillments"]
         return sum(1 for put in fulfillments if put["outcome"] == "applied")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 30.0) -> None:
         self._session.close()
-        super().stop()
+        super().stop(grace_s)
 
 
 # --- producer processes -----------------------------------------------------------------------

@@ -100,7 +100,7 @@ LIBRARIES = (
     ("requests, urllib3, http.client", ("requests/", "urllib3/", "http/client.py")),
     ("pydantic", ("pydantic/", "pydantic_core/", "pydantic_settings/")),
     ("OpenTelemetry, Sentry", ("opentelemetry/", "sentry_sdk/")),
-    ("stock_sync, tasks (ours)", ("stock_sync/", "tasks/")),
+    ("stock_sync, tasks (ours)", ("stock_sync/", "tasks/", "stock_sync_fake/")),
     ("sockets, selectors, ssl", ("socket.py", "selectors.py", "ssl.py")),
     ("uuid, datetime, copy, enum...", ("uuid.py", "datetime.py", "copy.py", "enum.py")),
     ("threading, queue", ("threading.py", "queue.py")),
@@ -115,10 +115,25 @@ THROUGH = (
     ("JSON log formatting", ("pythonjsonlogger/",)),
     ("the event rows (SqlEventStore, counters)", ("stock_sync/adapters/operation_events.py",)),
     ("StandardizedLogger", ("stock_sync/services/standardized_logger.py",)),
-    ("the HTTP client (MicroserviceClient)", ("stock_sync/adapters/microservice_client.py",)),
+    (
+        "the HTTP client (MicroserviceClient)",
+        (
+            "stock_sync/adapters/microservice_client.py",
+            "stock_sync/adapters/deadline_session.py",
+            "stock_sync/adapters/marketplace_contract.py",
+        ),
+    ),
     ("requests/urllib3", ("requests/", "urllib3/")),
     ("pydantic", ("pydantic", "pydantic_core")),
-    ("the stage services", ("stock_sync/services/stock_synchronization_service.py",)),
+    (
+        "the stage services",
+        (
+            "stock_sync/services/stock_synchronization_service.py",
+            "stock_sync/services/operation_cancellation_service.py",
+            "stock_sync/services/stage_runner.py",
+            "stock_sync/services/stage_gate.py",
+        ),
+    ),
     ("submit_operation", ("stock_sync/producer.py",)),
 )
 

@@ -65,6 +65,11 @@ class Metric:
         }
 
 
+def none_allowed(name: str, value: float, unit: str, note: str = "") -> Metric:
+    """A count that must be zero (lost work, oversold units, mismatches...)."""
+    return Metric(name, value, unit, Target("==", 0), note=note)
+
+
 def _format(value: float, unit: str) -> str:
     if unit == "ratio":
         return f"{value * 100:.1f}%"
@@ -191,7 +196,7 @@ def ratio_metrics(ratio: RatioRun) -> list[Metric]:
             "a producer process; first submit to the last operation terminal",
         ),
         Metric("pipeline_vs_bare_chain", ratio.ratio, "ratio", Target(">=", 0.60)),
-        Metric("pipeline_not_completed", pipeline.not_completed, "ops", Target("==", 0)),
+        none_allowed("pipeline_not_completed", pipeline.not_completed, "ops"),
         Metric(
             "pipeline_orders_submitted_per_s",
             pipeline.producer.submit_rate,
@@ -218,7 +223,7 @@ def batch_metrics(batch: PipelineRun) -> list[Metric]:
             "ops/s",
             note="end to end: the call's start to the last operation terminal",
         ),
-        Metric("batch_not_completed", batch.not_completed, "ops", Target("==", 0)),
+        none_allowed("batch_not_completed", batch.not_completed, "ops"),
         *cpu_metrics("batch", batch.cpu, batch.submitted, "ms/op"),
     ]
 
@@ -230,7 +235,7 @@ def counted_metrics(counted: CountedRun) -> list[Metric]:
     requests = sum(counted.http.values())
     return [
         Metric("counted_operations", counted.run.submitted, "ops"),
-        Metric("counted_not_completed", counted.run.not_completed, "ops", Target("==", 0)),
+        none_allowed("counted_not_completed", counted.run.not_completed, "ops"),
         retries_metric("pipeline_retries_scheduled", counted.retries),
         Metric(
             "pipeline_sql_statements_per_op",
@@ -300,11 +305,10 @@ def latency_metrics(latency: LatencyRun) -> list[Metric]:
         Metric("latency_p50_ms", latency.percentile(0.50), "ms", note=where),
         Metric("latency_p95_ms", latency.percentile(0.95), "ms", note=where),
         Metric("latency_p99_ms", latency.percentile(0.99), "ms", note=where),
-        Metric(
+        none_allowed(
             "latency_not_completed",
             latency.submitted - latency.completed,
             "ops",
-            Target("==", 0),
         ),
         retries_metric("latency_retries_scheduled", latency.retries),
     ]
@@ -316,11 +320,10 @@ def soak_metrics(soak: SoakRun) -> list[Metric]:
     return [
         Metric("soak_operations", soak.operations, "ops"),
         Metric("soak_ops_per_s", soak.completed / max(soak.seconds, 1e-6), "ops/s"),
-        Metric(
+        none_allowed(
             "soak_not_completed",
             soak.operations - soak.completed,
             "ops",
-            Target("==", 0),
         ),
         Metric(
             "soak_worker_rss_after_warm_up_mb",
@@ -366,17 +369,15 @@ def contention_metrics(
             "ratio",
             Target(">=", 0.90),
         ),
-        Metric(
+        none_allowed(
             "contention_not_completed",
             distinct_run.not_completed + hot_run.not_completed,
             "ops",
-            Target("==", 0),
         ),
-        Metric(
+        none_allowed(
             "oversold_units",
             distinct_check.oversold_units + hot_check.oversold_units,
             "units",
-            Target("==", 0),
         ),
         Metric(
             "hot_sku_lowest_level_seen",
@@ -385,18 +386,16 @@ def contention_metrics(
             Target(">=", 0),
             note="polled while the hot run went on",
         ),
-        Metric(
+        none_allowed(
             "hot_sku_final_level",
             hot_check.final_levels.get(HOT_SKU, -1),
             "units",
-            Target("==", 0),
             note="stocked with exactly what the orders need",
         ),
-        Metric(
+        none_allowed(
             "ledger_mismatches",
             distinct_check.ledger_mismatches + hot_check.ledger_mismatches,
             "",
-            Target("==", 0),
             note="reconciliation: level == sum of movements, ...",
         ),
         Metric(
@@ -433,11 +432,10 @@ def query_metrics(timings: QueryTimings) -> list[Metric]:
             Target("==", 1.0),
             note=SWEEP_INDEX,
         ),
-        Metric(
+        none_allowed(
             "sweep_found_stuck",
             timings.stuck_found,
             "ops",
-            Target("==", 0),
             note="every loaded operation is finished",
         ),
     ]

@@ -213,10 +213,12 @@ def test_two_racing_submits_with_and_without_an_account_make_one_operation(
     pending = producer.NewOperation.pending
     look_up = producer._existing
     looks: list[uuid.UUID | None] = []  # every look-up, in the order they answered
+    past_the_barrier: list[str] = []  # the race happened only if both submits got here
 
     def pending_then_wait(*args: Any) -> Any:
         row = pending(*args)
         both_ready.wait()  # both built their row: both INSERTs go at once
+        past_the_barrier.append(threading.current_thread().name)
         return row
 
     def recorded_look_up(*args: Any) -> uuid.UUID | None:
@@ -234,6 +236,7 @@ def test_two_racing_submits_with_and_without_an_account_make_one_operation(
         futures = {str(a): pool.submit(submit, a) for a in (None, "shop")}
         results = {name: future.result(timeout=30) for name, future in futures.items()}
 
+    assert len(set(past_the_barrier)) == 2, past_the_barrier
     assert results["None"] == results["shop"]
     assert looks == [results["None"]]  # only the loser looked, and found the winner's
     with services.database.transaction() as session:

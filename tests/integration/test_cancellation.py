@@ -16,7 +16,7 @@ from stock_sync.composition import get_services
 from stock_sync.domain.errors import CancellationRefused, OperationNotFound
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.producer import request_cancellation, submit_operation
-from stock_sync.services.operation_cancellation_service import CancellationResult
+from stock_sync.services.cancellation_results import CancellationResult
 from tasks.stages import deduct_stock, load_line_items, sync_microservice
 from tests.support import Pipeline, insert_operation, order
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from stock_sync.adapters.db import Database
 from stock_sync.adapters.models import PendingStockOperation, utcnow
@@ -27,7 +28,11 @@ SKEW = timedelta(hours=1)
 
 
 @pytest.fixture
-def services(clean_database: Database, fake_microservice: FakeMicroservice) -> Iterator[Services]:
+def services(
+    clean_database: Database, fake_microservice: FakeMicroservice, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Services]:
+    # no retry parked in the database: the test runs each one itself until the rollback FAILS
+    monkeypatch.setenv("STOCK_SYNC_RETRY_PARK_AFTER_S", "86400")
     fake_microservice.reset()
     built = make_services(clean_database, fake_microservice)
     yield built
@@ -35,10 +40,9 @@ def services(clean_database: Database, fake_microservice: FakeMicroservice) -> I
 
 
 def created(services: Services, operation_id: uuid.UUID) -> datetime:
+    query = select(PendingStockOperation.created_at).where(PendingStockOperation.id == operation_id)
     with services.database.transaction() as session:
-        found = session.get(PendingStockOperation, operation_id)
-        assert found is not None
-        return found.created_at
+        return session.execute(query).scalar_one()
 
 
 def test_the_latest_rollback_is_the_last_made_whatever_the_clocks(

@@ -17,9 +17,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from stock_sync.adapters.settings import Settings
+from stock_sync.entrypoints.metrics_exposition import render_prometheus
 from stock_sync.producer import request_cancellation, retry_operation, submit_operation
 from stock_sync.services.alerts import HIGH_ERROR_RATE, run_alert_check
-from stock_sync.services.metrics import read_metrics, render_prometheus
+from stock_sync.services.metrics import read_metrics
 from tests.promtool import alert_rules, run_rule_tests
 from tests.support import Pipeline, order
 

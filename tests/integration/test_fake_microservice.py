@@ -23,7 +23,7 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from stock_sync.adapters.microservice_client import MicroserviceClient, Revision
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.domain.errors import (
     ContractViolation,
     InvalidInput,
@@ -34,45 +34,47 @@ from stock_sync.domain.errors import (
     OrderNotFound,
     RevisionConflict,
 )
+from stock_sync.domain.revisions import Revision
 from stock_sync_fake import (
     DEFAULT_STRICT,
     FakeMicroservice,
     load_orders_file,
     serve,
 )
+from tests import support
 
 
 def an_order(order_id: str = "o-1", **changes: Any) -> dict[str, Any]:
-    order: dict[str, Any] = {
-        "id": order_id,
-        "account_name": "shop-a",
-        "revision": 1,
-        "status": "READY_FOR_PROCESSING",
-        "fulfillment_status": "NEW",
-        "line_items": [{"id": "li-1", "offer_id": "off-1", "sku": "SKU-1", "quantity": 2}],
-    }
-    order.update(changes)
-    return order
+    """Revision 1, READY_FOR_PROCESSING, fulfillment NEW, two of SKU-1; ``changes`` on top."""
+    return {**support.order(order_id, ("SKU-1", 2), account_name="shop-a", revision=1), **changes}
+
+
+def started_fake(strict: bool = DEFAULT_STRICT) -> Iterator[FakeMicroservice]:
+    """Order o-1 at revision 1; integer revisions, as some wrappers send them: these tests
+    compare revisions as numbers. The default, Allegro's string tokens, is tested under
+    "revision forms" below."""
+    with FakeMicroservice(orders=[an_order()], revision_form="integer", strict=strict) as started:
+        yield started
+
+
+def open_client(fake: FakeMicroservice, timeout_s: float) -> Iterator[MicroserviceClient]:
+    with MicroserviceClient(fake.url, timeout_s=timeout_s) as microservice:
+        yield microservice
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeMicroservice]:
-    """Integer revisions, as some wrappers send them: these tests compare revisions as numbers.
-    The default, Allegro's string tokens, is tested under "revision forms" below."""
-    with FakeMicroservice(orders=[an_order()], revision_form="integer") as started:
-        yield started
+    yield from started_fake()
 
 
 @pytest.fixture
 def client(fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
-    with MicroserviceClient(fake.url, timeout_s=2.0) as microservice:
-        yield microservice
+    yield from open_client(fake, timeout_s=2.0)
 
 
 @pytest.fixture
 def impatient_client(fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
-    with MicroserviceClient(fake.url, timeout_s=0.2) as microservice:
-        yield microservice
+    yield from open_client(fake, timeout_s=0.2)
 
 
 def sync(client: MicroserviceClient, *, revision: Revision, key: str = "op-1:sync") -> None:
@@ -210,56 +212,61 @@ def test_fail_gets_answer_a_retryable_503_then_the_order(
     assert client.get_order("o-2").id == "o-2"
 
 
-def test_fail_puts_answer_503_without_effect(
-    fake: FakeMicroservice, client: MicroserviceClient
+@pytest.mark.parametrize(
+    ("knob", "timeout_s", "error", "match", "status_after_the_error", "outcomes_after_a_retry"),
+    [
+        ({"fail_puts": 1}, 2.0, MicroserviceServerError, "HTTP 503", "NEW", ["fault", "applied"]),
+        (
+            {"fail_puts_after_apply": 1},
+            2.0,
+            MicroserviceServerError,
+            "HTTP 502",
+            "PROCESSING",
+            ["applied", "replayed"],
+        ),
+        (
+            {"drop_puts_after_apply": 1},
+            2.0,
+            MicroserviceUnavailable,
+            None,
+            "PROCESSING",
+            ["applied", "replayed"],
+        ),
+        (
+            {"put_latency_s": 1.0},
+            0.2,
+            MicroserviceTimeout,
+            None,
+            "PROCESSING",
+            ["applied", "replayed"],
+        ),
+    ],
+    ids=[
+        "fail_puts: 503 without effect",
+        "fail_puts_after_apply: 502 after the effect",
+        "drop_puts_after_apply: no answer after the effect",
+        "put_latency_s past the timeout",
+    ],
+)
+def test_a_put_knob_loses_one_answer_and_the_retry_with_the_key_takes_effect_once(
+    fake: FakeMicroservice,
+    knob: dict[str, Any],
+    timeout_s: float,
+    error: type[Exception],
+    match: str | None,
+    status_after_the_error: str,
+    outcomes_after_a_retry: list[str],
 ) -> None:
-    fake.add_order(an_order(), fail_puts=1)
+    fake.add_order(an_order(), **knob)
 
-    with pytest.raises(MicroserviceServerError):
-        sync(client, revision=1)
-    sync(client, revision=1)
+    with MicroserviceClient(fake.url, timeout_s=timeout_s) as microservice:
+        with pytest.raises(error, match=match):
+            sync(microservice, revision=1)
+        assert fake.order("o-1")["fulfillment_status"] == status_after_the_error
+        sync(microservice, revision=1)
 
-    assert outcomes(fake) == ["fault", "applied"]
+    assert outcomes(fake) == outcomes_after_a_retry
     assert fake.order("o-1")["revision"] == 2
-
-
-def test_put_latency_past_the_timeout_applies_once_and_the_replay_succeeds(
-    fake: FakeMicroservice, impatient_client: MicroserviceClient
-) -> None:
-    fake.add_order(an_order(), put_latency_s=1.0)
-
-    with pytest.raises(MicroserviceTimeout):
-        sync(impatient_client, revision=1)
-    sync(impatient_client, revision=1)
-
-    assert outcomes(fake) == ["applied", "replayed"]
-    assert fake.order("o-1")["revision"] == 2
-
-
-def test_fail_puts_after_apply_take_effect_then_answer_502(
-    fake: FakeMicroservice, client: MicroserviceClient
-) -> None:
-    fake.add_order(an_order(), fail_puts_after_apply=1)
-
-    with pytest.raises(MicroserviceServerError) as caught:
-        sync(client, revision=1)
-
-    assert caught.value.status_code == 502
-    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
-    sync(client, revision=1)
-    assert outcomes(fake) == ["applied", "replayed"]
-
-
-def test_drop_puts_after_apply_take_effect_then_close_without_an_answer(
-    fake: FakeMicroservice, client: MicroserviceClient
-) -> None:
-    fake.add_order(an_order(), drop_puts_after_apply=1)
-
-    with pytest.raises(MicroserviceUnavailable):
-        sync(client, revision=1)
-
-    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
-    assert outcomes(fake) == ["applied"]
 
 
 def test_held_puts_take_effect_only_when_released_after_the_sender_gave_up(
@@ -936,21 +943,17 @@ def read_slow_order(url: str, outcome: Any) -> None:
 
 @pytest.fixture
 def strict_fake() -> Iterator[FakeMicroservice]:
-    """Strict mode, integer revisions (compared as numbers below)."""
-    with FakeMicroservice(orders=[an_order()], revision_form="integer", strict=True) as started:
-        yield started
+    yield from started_fake(strict=True)
 
 
 @pytest.fixture
 def strict_client(strict_fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
-    with MicroserviceClient(strict_fake.url, timeout_s=5.0) as microservice:
-        yield microservice
+    yield from open_client(strict_fake, timeout_s=5.0)
 
 
 @pytest.fixture
 def lenient_fake() -> Iterator[FakeMicroservice]:
-    with FakeMicroservice(orders=[an_order()], revision_form="integer", strict=False) as started:
-        yield started
+    yield from started_fake(strict=False)
 
 
 @pytest.fixture

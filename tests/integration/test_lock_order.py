@@ -26,8 +26,8 @@ from stock_sync.domain import stages
 from stock_sync.domain.stages import StageOutcome
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.domain.stock import LineItem, in_lock_order
-from stock_sync.services.operation_cancellation_service import CancellationResult
-from stock_sync.services.stock_synchronization_service import StageResult
+from stock_sync.services.cancellation_results import CancellationResult
+from stock_sync.services.stage_runner import StageResult
 from stock_sync_fake import FakeMicroservice
 from tests.support import RecordingDispatcher, insert_operation, wait_for_lock_waiters
 

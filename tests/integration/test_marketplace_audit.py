@@ -217,7 +217,8 @@ def test_check_marketplace_reports_then_repairs(pipeline: Pipeline) -> None:
 def test_the_beat_task_repairs_and_its_counts_are_the_drift_metric(pipeline: Pipeline) -> None:
     from stock_sync.adapters.models import utcnow
     from stock_sync.composition import get_services
-    from stock_sync.services.metrics import read_metrics, render_prometheus
+    from stock_sync.entrypoints.metrics_exposition import render_prometheus
+    from stock_sync.services.metrics import read_metrics
     from tasks.maintenance import marketplace_audit_task
 
     pipeline.set_stock(**{"SKU-C": 5})

@@ -37,27 +37,25 @@ from stock_sync.adapters.maintenance_runs import (
 )
 from stock_sync.adapters.models import COUNTER_SHARDS, MetricCounter, OperationEvent
 from stock_sync.adapters.operation_events import SqlEventStore
+from stock_sync.adapters.probes import queue_length
 from stock_sync.adapters.settings import Settings
 from stock_sync.domain.log_actions import LogAction
 from stock_sync.domain.statuses import OperationType
-from stock_sync.entrypoints.cli_monitoring import (
+from stock_sync.entrypoints.metrics_exposition import CachedProbe, MetricsCache, render_prometheus
+from stock_sync.entrypoints.metrics_server import (
     IDLE_TIMEOUT_S,
     MetricsServer,
     make_metrics_server,
     metrics_registry,
     metrics_server_app,
 )
-from stock_sync.services.health import CachedProbe, microservice_up
+from stock_sync.services.health import microservice_up
+from stock_sync.services.metric_reads import counter_values, percentile_cont
 from stock_sync.services.metrics import (
     KNOWN_ERROR_TYPES,
-    MetricsCache,
     MetricsSnapshot,
     collect_metrics,
-    counter_values,
-    percentile_cont,
-    queue_length,
     read_metrics,
-    render_prometheus,
 )
 from tests.conftest import REDIS_URL, run_queue_name
 from tests.promtool import check_metrics

@@ -22,11 +22,8 @@ import responses
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from stock_sync.adapters.microservice_client import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    MicroserviceClient,
-    MicroserviceOrder,
-)
+from stock_sync.adapters.marketplace_contract import MicroserviceOrder
+from stock_sync.adapters.microservice_client import DEFAULT_MAX_RESPONSE_BYTES, MicroserviceClient
 from stock_sync.domain.errors import (
     ContractViolation,
     MicroserviceError,
@@ -371,7 +368,7 @@ def assert_agrees_with_the_contract(
     assert isinstance(outcome, ContractViolation), (expected, outcome)
     named = named_paths(str(outcome))
     assert named & expected, (expected, str(outcome))
-    truncated = str(outcome).endswith("...")
+    truncated = str(outcome).endswith("…")
     assert truncated or named <= expected, (expected, str(outcome))
 
 

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from stock_sync.adapters.db import Database
-from stock_sync.adapters.microservice_client import MicroserviceClient, MicroserviceOrder
+from stock_sync.adapters.marketplace_contract import MicroserviceOrder
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation
 from stock_sync.adapters.notifications import Notification
 from stock_sync.adapters.settings import load_settings

@@ -20,7 +20,7 @@ from stock_sync.composition import Services, build_services
 from stock_sync.domain.errors import CancellationRefused, InvalidInput, OperationNotFound
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.producer import request_cancellation, submit_operation
-from stock_sync.services.operation_cancellation_service import CancellationResult
+from stock_sync.services.cancellation_results import CancellationResult
 from tests.support import RecordingDispatcher, insert_operation
 
 CASES = settings(

@@ -30,7 +30,7 @@ from stock_sync.adapters.db import Database
 from stock_sync.adapters.operation_events import SqlEventStore
 from stock_sync.adapters.settings import Settings
 from stock_sync.domain.log_actions import LogAction
-from stock_sync.entrypoints.cli_monitoring import make_metrics_server
+from stock_sync.entrypoints.metrics_server import make_metrics_server
 from tests.support import insert_operation
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,12 +14,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from stock_sync.adapters.db import Database
+from stock_sync_dev import processes
+from stock_sync_dev.processes import ChildProcess
 from stock_sync_fake import FakeMicroservice
+from tests import celery_processes
 from tests.conftest import BROKER_URL, PIPELINE_ENVIRONMENT, TEST_BROKER, run_queue_name
 from tests.support import Pipeline, order
 
-BIN = Path(sys.executable).parent
-REPOSITORY = Path(__file__).resolve().parents[2]
 # The shortest stuck threshold the settings accept: the (unenforced, thread pool) hard time
 # limit plus the microservice deadline. A dead attempt is found that long after it started; a
 # lost message once a probe sent after it came through TASK_TIME_LIMIT_S ago.
@@ -51,59 +49,19 @@ def worker_environment(
     }
 
 
-class WorkerProcess:
-    """``celery -A tasks worker`` in its own process group, its log in a file."""
-
-    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.process = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "tasks", "worker", "--pool", "threads",
-             "--concurrency", "2", "--loglevel", "INFO",
-             "--without-heartbeat", "--without-mingle", "--without-gossip"],
-            cwd=REPOSITORY,
-            env=environment,
-            stdout=log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        self._wait_until_ready()
-
-    def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while "ready." not in self.log_path.read_text(errors="replace"):
-            assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
-def workers(tmp_path: Path, worker_environment: dict[str, str]) -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.stop()
+def workers(worker_environment: dict[str, str]) -> Iterator[list[ChildProcess]]:
+    """The test's worker processes, stopped after it (before its environment goes)."""
+    with celery_processes.stopped_at_exit() as started:
+        yield started
+
+
+def start_worker(workers: list[ChildProcess], environment: dict[str, str], log_path: Path) -> None:
+    workers.append(celery_processes.worker(environment, log_path))
 
 
 def cli(environment: dict[str, str], *args: str) -> str:
-    result = subprocess.run(
-        [str(BIN / "stock-sync"), *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=60,
-    )
+    result = processes.stock_sync(args, environment, 60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -156,13 +114,36 @@ def recover(environment: dict[str, str], operation_id: uuid.UUID, found: str) ->
     assert report["redriven"] == [str(operation_id)] and report[found] == 1, report
 
 
+def killed_once_the_put_landed(
+    pipeline: Pipeline,
+    workers: list[ChildProcess],
+    environment: dict[str, str],
+    log_path: Path,
+    order_id: str,
+) -> uuid.UUID:
+    """Order ``order_id`` (one SKU-K of 5, a slow sync PUT) submitted to a worker that is
+    SIGKILLed once the PUT has landed: before its answer reaches the worker, so before the
+    row could say COMPLETED. The operation's id."""
+    pipeline.set_stock(**{"SKU-K": 5})
+    pipeline.fake.add_order(order(order_id, ("SKU-K", 1)), put_latency_s=3.0)
+    start_worker(workers, environment, log_path)
+    operation_id = uuid.UUID(cli(environment, "submit", order_id))
+    deadline = time.monotonic() + 30
+    while not pipeline.applied_puts(order_id):
+        assert time.monotonic() < deadline, "the sync PUT never arrived"
+        time.sleep(0.01)
+    workers[0].kill()
+    assert pipeline.operation(operation_id).status == "stock_deducted"
+    return operation_id
+
+
 def test_a_worker_killed_inside_deduct_stock(
-    pipeline: Pipeline, workers: list[WorkerProcess], worker_environment: dict[str, str],
+    pipeline: Pipeline, workers: list[ChildProcess], worker_environment: dict[str, str],
     postgres_url: str, tmp_path: Path,
 ) -> None:  # fmt: skip
     pipeline.set_stock(**{"SKU-K": 5})
     pipeline.fake.add_order(order("kill-deduct", ("SKU-K", 2)))
-    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-1.log"))
+    start_worker(workers, worker_environment, tmp_path / "worker-1.log")
     blocker = create_engine(postgres_url).connect()
     blocker_tx = blocker.begin()
     blocker.execute(text("select quantity from stock_levels where sku = 'SKU-K' for update"))
@@ -175,7 +156,7 @@ def test_a_worker_killed_inside_deduct_stock(
     assert pipeline.operation(operation_id).status == "processing"
     assert pipeline.stock("SKU-K") == 5
 
-    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-2.log"))
+    start_worker(workers, worker_environment, tmp_path / "worker-2.log")
     recover(worker_environment, operation_id, "lost")
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
@@ -186,22 +167,15 @@ def test_a_worker_killed_inside_deduct_stock(
 
 def test_a_worker_killed_while_the_sync_put_is_in_flight(
     pipeline: Pipeline,
-    workers: list[WorkerProcess],
+    workers: list[ChildProcess],
     worker_environment: dict[str, str],
     tmp_path: Path,
 ) -> None:
-    pipeline.set_stock(**{"SKU-K": 5})
-    pipeline.fake.add_order(order("kill-sync", ("SKU-K", 1)), put_latency_s=3.0)
-    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-1.log"))
-    operation_id = uuid.UUID(cli(worker_environment, "submit", "kill-sync"))
-    deadline = time.monotonic() + 30
-    while not pipeline.applied_puts("kill-sync"):
-        assert time.monotonic() < deadline, "the sync PUT never arrived"
-        time.sleep(0.01)
-    workers[0].kill()  # the PUT landed; its answer never reaches the worker
-    assert pipeline.operation(operation_id).status == "stock_deducted"
+    operation_id = killed_once_the_put_landed(
+        pipeline, workers, worker_environment, tmp_path / "worker-1.log", "kill-sync"
+    )
 
-    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-2.log"))
+    start_worker(workers, worker_environment, tmp_path / "worker-2.log")
     recover(worker_environment, operation_id, "dead")
     (done,) = pipeline.wait_for([operation_id])
     assert done.status == "completed"
@@ -216,20 +190,13 @@ def test_a_worker_killed_while_the_sync_put_is_in_flight(
 
 def test_a_worker_killed_after_the_sync_put_then_a_cancel_puts_the_marketplace_back(
     pipeline: Pipeline,
-    workers: list[WorkerProcess],
+    workers: list[ChildProcess],
     worker_environment: dict[str, str],
     tmp_path: Path,
 ) -> None:
-    pipeline.set_stock(**{"SKU-K": 5})
-    pipeline.fake.add_order(order("kill-cancel", ("SKU-K", 1)), put_latency_s=3.0)
-    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-1.log"))
-    operation_id = uuid.UUID(cli(worker_environment, "submit", "kill-cancel"))
-    deadline = time.monotonic() + 30
-    while not pipeline.applied_puts("kill-cancel"):
-        assert time.monotonic() < deadline, "the sync PUT never arrived"
-        time.sleep(0.01)
-    workers[0].kill()  # SIGKILL after the PUT landed, before the row could say COMPLETED
-    assert pipeline.operation(operation_id).status == "stock_deducted"
+    operation_id = killed_once_the_put_landed(
+        pipeline, workers, worker_environment, tmp_path / "worker-1.log", "kill-cancel"
+    )
 
     cancelled = json.loads(
         cli(worker_environment, "cancel", str(operation_id), "--by", "ops", "--reason", "x",
@@ -239,7 +206,7 @@ def test_a_worker_killed_after_the_sync_put_then_a_cancel_puts_the_marketplace_b
         "stock_deducted",
         "pending",
     )
-    workers.append(WorkerProcess(worker_environment, tmp_path / "worker-2.log"))
+    start_worker(workers, worker_environment, tmp_path / "worker-2.log")
     pipeline.wait_for(
         [uuid.UUID(i) for i in cancelled["adjustment_operation_ids"]],
         lambda op: op.status == "completed",

@@ -22,20 +22,28 @@ HANG_GUARD_S = 600  # only stops a hung run from hanging the suite
 EXIT_HARNESS_FAILED = 2
 
 
-def run_chaos(evidence: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def run_suite(
+    module: str, *arguments: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``python -m stock_sync_dev.MODULE --json ARGUMENTS``: its result and its JSON report
+    (the harness itself must not have failed)."""
     result = subprocess.run(
-        [
-            sys.executable, "-m", "stock_sync_dev.chaos", "--orders", str(ORDERS),
-            "--fault-seconds", str(FAULT_SECONDS), "--json", "--evidence-dir", str(evidence),
-        ],
+        [sys.executable, "-m", f"stock_sync_dev.{module}", "--json", *arguments],
         cwd=REPOSITORY,
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
-    )  # fmt: skip
+    )
     assert result.returncode != EXIT_HARNESS_FAILED, result.stderr[-6000:]
     report: dict[str, Any] = json.loads(result.stdout)
     return result, report
+
+
+def run_chaos(evidence: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    return run_suite(
+        "chaos", "--orders", str(ORDERS), "--fault-seconds", str(FAULT_SECONDS),
+        "--evidence-dir", str(evidence),
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -59,16 +67,7 @@ def test_every_invariant_holds_under_the_fault_suite(tmp_path: Path) -> None:
 
 
 def run_time_mode(mode: str, *arguments: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "stock_sync_dev.chaos_time", "--mode", mode, "--json",
-         *arguments],
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )  # fmt: skip
-    assert result.returncode != EXIT_HARNESS_FAILED, result.stderr[-6000:]
-    report: dict[str, Any] = json.loads(result.stdout)
+    result, report = run_suite("chaos_time", "--mode", mode, *arguments)
     violated = [a["name"] for a in report["assertions"] if not a["ok"]]
     assert violated == [] and result.returncode == 0, report["summary"] + result.stderr[-6000:]
     return report

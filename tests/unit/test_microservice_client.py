@@ -5,33 +5,27 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
 import responses
 
-from stock_sync.adapters.microservice_client import (
+from stock_sync.adapters.marketplace_contract import (
     FULFILLMENT_STATUS_MAX_CHARS,
     TEXT_MAX_CHARS,
-    MicroserviceClient,
     MicroserviceOrder,
     OrderLineItem,
-    Revision,
 )
+from stock_sync.adapters.microservice_client import MicroserviceClient
 from stock_sync.adapters.models import PendingStockOperation, StockLevel, StockMovement
-from stock_sync.domain.errors import (
-    ContractViolation,
-    InvalidInput,
-    MicroserviceRateLimited,
-    MicroserviceServerError,
-    MicroserviceTimeout,
-    MicroserviceUnavailable,
-    OrderNotFound,
-    RevisionConflict,
-    UnprocessableRequest,
-)
+from stock_sync.domain import errors
+from stock_sync.domain.revisions import Revision
+
+E = TypeVar("E", bound=Exception)
 
 BASE_URL = "http://microservice.test"
 ORDER_URL = f"{BASE_URL}/v1/orders/o-1"
@@ -71,6 +65,20 @@ def put_processing(client: MicroserviceClient) -> None:
     client.set_fulfillment_status(
         "o-1", status="PROCESSING", expected_revision=3, idempotency_key="op-1:sync"
     )
+
+
+def get_error(client: MicroserviceClient, expected: type[E], match: str | None = None) -> E:
+    """The error of ``expected`` type that GET of order o-1 raises (its message matching)."""
+    with pytest.raises(expected, match=match) as caught:
+        client.get_order("o-1")
+    return caught.value
+
+
+def put_error(client: MicroserviceClient, expected: type[E], match: str | None = None) -> E:
+    """The error of ``expected`` type that the PUT of ``put_processing`` raises."""
+    with pytest.raises(expected, match=match) as caught:
+        put_processing(client)
+    return caught.value
 
 
 # --- GET /v1/orders/{id} ------------------------------------------------------------------
@@ -167,17 +175,15 @@ def test_classifies_404_on_get_as_order_not_found(
 ) -> None:
     mocked.get(ORDER_URL, status=404, json=error_body("ORDER_NOT_FOUND", "no such order"))
 
-    with pytest.raises(OrderNotFound) as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.OrderNotFound)
 
-    assert (caught.value.order_id, caught.value.status_code) == ("o-1", 404)
-    assert caught.value.retryable
+    assert (error.order_id, error.status_code, error.retryable) == ("o-1", 404, True)
 
 
 def test_rejects_an_empty_order_id_without_calling_the_microservice(
     client: MicroserviceClient,
 ) -> None:
-    with pytest.raises(InvalidInput, match="order_id"):
+    with pytest.raises(errors.InvalidInput, match="order_id"):
         client.get_order("")
 
 
@@ -189,10 +195,7 @@ def test_classifies_a_connection_error_as_unavailable(
 ) -> None:
     mocked.get(ORDER_URL, body=requests.ConnectionError("Connection refused"))
 
-    with pytest.raises(MicroserviceUnavailable, match="Connection refused") as caught:
-        client.get_order("o-1")
-
-    assert caught.value.retryable
+    assert get_error(client, errors.MicroserviceUnavailable, match="Connection refused").retryable
 
 
 @pytest.mark.parametrize(
@@ -203,10 +206,7 @@ def test_classifies_read_and_connect_timeouts_as_microservice_timeout(
 ) -> None:
     mocked.get(ORDER_URL, body=timeout)
 
-    with pytest.raises(MicroserviceTimeout, match="no answer within 5s") as caught:
-        client.get_order("o-1")
-
-    assert caught.value.retryable
+    assert get_error(client, errors.MicroserviceTimeout, match="no answer within 5s").retryable
 
 
 # --- error statuses -------------------------------------------------------------------------
@@ -222,34 +222,22 @@ def test_classifies_429_as_rate_limited_with_retry_after(
         json=error_body("RATE_LIMITED", "slow down", retryable=True),
     )
 
-    with pytest.raises(MicroserviceRateLimited) as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.MicroserviceRateLimited, match="RATE_LIMITED: slow down")
 
-    assert caught.value.retry_after_s == 7.0
-    assert caught.value.status_code == 429
-    assert "RATE_LIMITED: slow down" in str(caught.value)
+    assert (error.retry_after_s, error.status_code) == (7.0, 429)
 
 
-def test_classifies_429_without_retry_after_as_rate_limited_without_a_delay(
-    mocked: responses.RequestsMock, client: MicroserviceClient
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}],
+    ids=["no Retry-After", "a Retry-After that is not a number of seconds"],
+)
+def test_classifies_429_as_rate_limited_without_a_delay_unless_told_in_seconds(
+    mocked: responses.RequestsMock, client: MicroserviceClient, headers: dict[str, str]
 ) -> None:
-    mocked.get(ORDER_URL, status=429)
+    mocked.get(ORDER_URL, status=429, headers=headers)
 
-    with pytest.raises(MicroserviceRateLimited) as caught:
-        client.get_order("o-1")
-
-    assert caught.value.retry_after_s is None
-
-
-def test_ignores_a_retry_after_that_is_not_a_number_of_seconds(
-    mocked: responses.RequestsMock, client: MicroserviceClient
-) -> None:
-    mocked.get(ORDER_URL, status=429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
-
-    with pytest.raises(MicroserviceRateLimited) as caught:
-        client.get_order("o-1")
-
-    assert caught.value.retry_after_s is None
+    assert get_error(client, errors.MicroserviceRateLimited).retry_after_s is None
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
@@ -258,13 +246,11 @@ def test_classifies_5xx_as_a_retryable_server_error(
 ) -> None:
     mocked.get(ORDER_URL, status=status, json=error_body("UPSTREAM", "allegro down"))
 
-    with pytest.raises(MicroserviceServerError) as caught:
-        client.get_order("o-1")
+    error = get_error(
+        client, errors.MicroserviceServerError, match=f"HTTP {status}: UPSTREAM: allegro"
+    )
 
-    assert caught.value.status_code == status
-    assert caught.value.retryable
-    assert caught.value.retry_after_s is None
-    assert f"HTTP {status}: UPSTREAM: allegro down" in str(caught.value)
+    assert (error.status_code, error.retryable, error.retry_after_s) == (status, True, None)
 
 
 def test_keeps_the_retry_after_of_a_503(
@@ -272,34 +258,29 @@ def test_keeps_the_retry_after_of_a_503(
 ) -> None:
     mocked.get(ORDER_URL, status=503, headers={"Retry-After": "1.5"})
 
-    with pytest.raises(MicroserviceServerError) as caught:
-        client.get_order("o-1")
-
-    assert caught.value.retry_after_s == 1.5
+    assert get_error(client, errors.MicroserviceServerError).retry_after_s == 1.5
 
 
-def test_classifies_409_as_revision_conflict(
-    mocked: responses.RequestsMock, client: MicroserviceClient
+@pytest.mark.parametrize(
+    ("status", "code", "expected", "retryable"),
+    [
+        (409, "REVISION_CONFLICT", errors.RevisionConflict, True),
+        (422, "INVALID_STATUS", errors.UnprocessableRequest, False),
+    ],
+)
+def test_classifies_409_as_a_revision_conflict_and_422_as_a_permanent_refusal(
+    mocked: responses.RequestsMock,
+    client: MicroserviceClient,
+    status: int,
+    code: str,
+    expected: type[errors.MicroserviceError],
+    retryable: bool,
 ) -> None:
-    mocked.put(FULFILLMENT_URL, status=409, json=error_body("REVISION_CONFLICT", "stale"))
+    mocked.put(FULFILLMENT_URL, status=status, json=error_body(code, "not this time"))
 
-    with pytest.raises(RevisionConflict, match="REVISION_CONFLICT: stale") as caught:
-        put_processing(client)
+    error = put_error(client, expected, match=f"{code}: not this time")
 
-    assert caught.value.status_code == 409
-    assert caught.value.retryable
-
-
-def test_classifies_422_as_a_permanent_unprocessable_request(
-    mocked: responses.RequestsMock, client: MicroserviceClient
-) -> None:
-    mocked.put(FULFILLMENT_URL, status=422, json=error_body("INVALID_STATUS", "no such status"))
-
-    with pytest.raises(UnprocessableRequest, match="INVALID_STATUS: no such status") as caught:
-        put_processing(client)
-
-    assert caught.value.status_code == 422
-    assert not caught.value.retryable
+    assert (error.status_code, error.retryable) == (status, retryable)
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -308,10 +289,7 @@ def test_classifies_other_4xx_on_put_as_unprocessable(
 ) -> None:
     mocked.put(FULFILLMENT_URL, status=status)
 
-    with pytest.raises(UnprocessableRequest) as caught:
-        put_processing(client)
-
-    assert caught.value.status_code == status
+    assert put_error(client, errors.UnprocessableRequest).status_code == status
 
 
 def test_does_not_follow_redirects(
@@ -319,7 +297,7 @@ def test_does_not_follow_redirects(
 ) -> None:
     mocked.put(FULFILLMENT_URL, status=302, headers={"Location": ORDER_URL})
 
-    with pytest.raises(ContractViolation, match=r"unexpected PUT \S+: HTTP 302"):
+    with pytest.raises(errors.ContractViolation, match=r"unexpected PUT \S+: HTTP 302"):
         put_processing(client)
 
 
@@ -328,11 +306,10 @@ def test_keeps_an_error_message_on_one_line(
 ) -> None:
     mocked.get(ORDER_URL, status=500, json=error_body("BOOM", "first line\nsecond line"))
 
-    with pytest.raises(MicroserviceServerError) as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.MicroserviceServerError)
 
-    assert "\n" not in str(caught.value)
-    assert "BOOM: first line second line" in str(caught.value)
+    assert "\n" not in str(error)
+    assert "BOOM: first line second line" in str(error)
 
 
 # --- broken answers -------------------------------------------------------------------------
@@ -343,10 +320,9 @@ def test_reports_malformed_json_as_a_contract_violation(
 ) -> None:
     mocked.get(ORDER_URL, body='{"id": "o-1", "line_items": [', content_type="application/json")
 
-    with pytest.raises(ContractViolation, match="not valid JSON") as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.ContractViolation, match="not valid JSON")
 
-    assert not caught.value.retryable
+    assert not error.retryable
 
 
 def test_names_a_missing_field_in_the_contract_violation(
@@ -356,7 +332,7 @@ def test_names_a_missing_field_in_the_contract_violation(
     del body["line_items"][0]["sku"]
     mocked.get(ORDER_URL, json=body)
 
-    with pytest.raises(ContractViolation, match=r"line_items\.0\.sku: Field required"):
+    with pytest.raises(errors.ContractViolation, match=r"line_items\.0\.sku: Field required"):
         client.get_order("o-1")
 
 
@@ -367,10 +343,9 @@ def test_names_a_zero_quantity_in_the_contract_violation(
     body["line_items"][0]["quantity"] = 0
     mocked.get(ORDER_URL, json=body)
 
-    with pytest.raises(ContractViolation) as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.ContractViolation)
 
-    assert str(caught.value) == (
+    assert str(error) == (
         "microservice response breaks the contract: "
         "line_items.0.quantity: Input should be greater than or equal to 1"
     )
@@ -389,7 +364,7 @@ def test_names_a_field_with_a_value_outside_the_contract(
 ) -> None:
     mocked.get(ORDER_URL, json=order_body(**changes))
 
-    with pytest.raises(ContractViolation, match=f"breaks the contract: {field}: "):
+    with pytest.raises(errors.ContractViolation, match=f"breaks the contract: {field}: "):
         client.get_order("o-1")
 
 
@@ -398,7 +373,7 @@ def test_rejects_an_answer_about_another_order(
 ) -> None:
     mocked.get(ORDER_URL, json=order_body(id="o-2"))
 
-    with pytest.raises(ContractViolation, match="id: asked for order 'o-1', got 'o-2'"):
+    with pytest.raises(errors.ContractViolation, match="id: asked for order 'o-1', got 'o-2'"):
         client.get_order("o-1")
 
 
@@ -433,7 +408,7 @@ def test_put_does_not_retry_by_itself(
 ) -> None:
     mocked.put(FULFILLMENT_URL, status=503)
 
-    with pytest.raises(MicroserviceServerError):
+    with pytest.raises(errors.MicroserviceServerError):
         put_processing(client)
 
     assert len(mocked.calls) == 1
@@ -442,14 +417,14 @@ def test_put_does_not_retry_by_itself(
 def test_put_rejects_a_missing_idempotency_key_without_calling_the_microservice(
     client: MicroserviceClient,
 ) -> None:
-    with pytest.raises(InvalidInput, match="idempotency_key"):
+    with pytest.raises(errors.InvalidInput, match="idempotency_key"):
         client.set_fulfillment_status(
             "o-1", status="PROCESSING", expected_revision=3, idempotency_key=""
         )
 
 
 def test_refuses_a_base_url_that_is_not_http() -> None:
-    with pytest.raises(InvalidInput, match="base_url"):
+    with pytest.raises(errors.InvalidInput, match="base_url"):
         MicroserviceClient("microservice.test:8765")
 
 
@@ -515,17 +490,16 @@ def test_refuses_a_revision_outside_the_contract(
 ) -> None:
     mocked.get(ORDER_URL, body=json.dumps(order_body(revision=revision)))
 
-    with pytest.raises(ContractViolation) as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.ContractViolation)
 
-    assert str(caught.value) == f"microservice response breaks the contract: revision: {problem}"
+    assert str(error) == f"microservice response breaks the contract: revision: {problem}"
 
 
 @pytest.mark.parametrize("revision", [True, 1.5, "", "x" * 65, "a\x1bb", None])
 def test_put_refuses_a_revision_outside_the_contract_without_sending(
     client: MicroserviceClient, revision: Any
 ) -> None:
-    with pytest.raises(InvalidInput, match=r"^expected_revision must"):
+    with pytest.raises(errors.InvalidInput, match=r"^expected_revision must"):
         client.set_fulfillment_status(
             "o-1", status="PROCESSING", expected_revision=revision, idempotency_key="k"
         )
@@ -537,11 +511,10 @@ def test_put_refuses_a_revision_outside_the_contract_without_sending(
 def contract_violation(
     mocked: responses.RequestsMock, client: MicroserviceClient, body: Any
 ) -> str:
-    """The message of the ContractViolation that GET answered with ``body`` raises."""
+    """The message of the errors.ContractViolation that GET answered with ``body`` raises."""
     mocked.get(ORDER_URL, body=body if isinstance(body, bytes) else json.dumps(body))
-    with pytest.raises(ContractViolation) as caught:
-        client.get_order("o-1")
-    message = str(caught.value)
+    error = get_error(client, errors.ContractViolation)
+    message = str(error)
     assert len(message.splitlines()) == 1
     assert message.isprintable()
     return message
@@ -579,7 +552,7 @@ def test_accepts_the_largest_quantity_and_takes_the_maximum_from_the_constructor
     with MicroserviceClient(BASE_URL, max_line_quantity=5) as microservice:
         assert microservice.get_order("o-1").line_items[1].quantity == 5
         with pytest.raises(
-            ContractViolation,
+            errors.ContractViolation,
             match=r"line_items\.1\.quantity: Input should be less than or equal to 5$",
         ):
             microservice.get_order("o-1")
@@ -617,7 +590,9 @@ def test_refuses_an_order_id_longer_than_its_column(
     long_id = "o" * 129
     mocked.get(f"{BASE_URL}/v1/orders/{long_id}", json=order_body(id=long_id))
 
-    with pytest.raises(ContractViolation, match=r"id: String should have at most 128 characters$"):
+    with pytest.raises(
+        errors.ContractViolation, match=r"id: String should have at most 128 characters$"
+    ):
         client.get_order(long_id)
 
 
@@ -680,7 +655,7 @@ def test_refuses_a_control_character_in_the_order_id(
     mocked.get(re.compile(r".*/v1/orders/.*"), body=json.dumps(order_body(id="o-1\x1b[2J")))
 
     with pytest.raises(
-        ContractViolation, match=r"id: must not contain a control character U\+001B"
+        errors.ContractViolation, match=r"id: must not contain a control character U\+001B"
     ):
         client.get_order("o-1\x1b[2J")
 
@@ -761,11 +736,10 @@ def test_escapes_control_characters_of_an_error_body_into_the_message(
 ) -> None:
     mocked.get(ORDER_URL, status=500, json=error_body("BO\x1b[31mOM", "bad\x00\ud800 news"))
 
-    with pytest.raises(MicroserviceServerError) as caught:
-        client.get_order("o-1")
+    error = get_error(client, errors.MicroserviceServerError)
 
-    assert str(caught.value).endswith(r"HTTP 500: BO\x1b[31mOM: bad\x00\ud800 news")
-    assert str(caught.value).isprintable()
+    assert str(error).endswith(r"HTTP 500: BO\x1b[31mOM: bad\x00\ud800 news")
+    assert str(error).isprintable()
 
 
 @pytest.mark.parametrize(
@@ -781,7 +755,7 @@ def test_an_odd_error_body_leaves_the_status_classification_alone(
 ) -> None:
     mocked.get(ORDER_URL, status=503, body=body)
 
-    with pytest.raises(MicroserviceServerError, match=r"HTTP 503$"):
+    with pytest.raises(errors.MicroserviceServerError, match=r"HTTP 503$"):
         client.get_order("o-1")
 
 
@@ -794,7 +768,7 @@ def test_refuses_an_answer_larger_than_the_cap(mocked: responses.RequestsMock) -
 
     with (
         MicroserviceClient(BASE_URL, max_response_bytes=1000) as microservice,
-        pytest.raises(ContractViolation) as caught,
+        pytest.raises(errors.ContractViolation) as caught,
     ):
         microservice.get_order("o-1")
 
@@ -817,7 +791,7 @@ def test_counts_the_cap_on_the_decoded_body(mocked: responses.RequestsMock) -> N
 
     with (
         MicroserviceClient(BASE_URL, max_response_bytes=100_000) as microservice,
-        pytest.raises(ContractViolation, match="response larger than 100000 bytes"),
+        pytest.raises(errors.ContractViolation, match="response larger than 100000 bytes"),
     ):
         microservice.get_order("o-1")
 
@@ -836,7 +810,7 @@ def test_reports_a_body_that_cannot_be_decoded(
 ) -> None:
     mocked.get(ORDER_URL, body=b"not gzip at all", headers={"Content-Encoding": "gzip"})
 
-    with pytest.raises(ContractViolation, match="body cannot be decoded"):
+    with pytest.raises(errors.ContractViolation, match="body cannot be decoded"):
         client.get_order("o-1")
 
 
@@ -845,7 +819,7 @@ def test_a_large_error_body_still_classifies_by_status(mocked: responses.Request
 
     with (
         MicroserviceClient(BASE_URL, max_response_bytes=1000) as microservice,
-        pytest.raises(MicroserviceServerError, match=r"HTTP 503$"),
+        pytest.raises(errors.MicroserviceServerError, match=r"HTTP 503$"),
     ):
         microservice.get_order("o-1")
 
@@ -866,7 +840,7 @@ def test_an_undecodable_error_body_still_classifies_by_status(
 ) -> None:
     mocked.put(FULFILLMENT_URL, status=409, body=b"not gzip", headers={"Content-Encoding": "gzip"})
 
-    with pytest.raises(RevisionConflict, match=r"HTTP 409$"):
+    with pytest.raises(errors.RevisionConflict, match=r"HTTP 409$"):
         put_processing(client)
 
 
@@ -903,7 +877,7 @@ def test_the_default_deadline_is_three_read_timeouts_capped_at_thirty_seconds() 
     ],
 )
 def test_refuses_a_bad_bound(kwargs: dict[str, Any], name: str) -> None:
-    with pytest.raises(InvalidInput, match=f"^{name} must"):
+    with pytest.raises(errors.InvalidInput, match=f"^{name} must"):
         MicroserviceClient(BASE_URL, **kwargs)
 
 
@@ -924,3 +898,42 @@ def test_the_string_bounds_match_the_database_columns() -> None:
         "line_item_id": TEXT_MAX_CHARS,
         "sku": TEXT_MAX_CHARS,
     }
+
+
+NO_DEADLINE_THREAD_UNTIL_A_REQUEST = """
+import threading
+
+from stock_sync.adapters import deadline_session, marketplace_contract, microservice_client
+from stock_sync.domain.errors import OrderNotFound
+from stock_sync_fake import FakeMicroservice
+
+
+def watchdogs():
+    return [t.name for t in threading.enumerate() if t.name == "microservice-deadlines"]
+
+
+print("after import:", watchdogs(), deadline_session._WATCHDOG)
+with FakeMicroservice().start() as fake, microservice_client.MicroserviceClient(fake.url) as c:
+    print("after a client:", watchdogs())
+    try:
+        c.get_order("missing")
+    except OrderNotFound:
+        pass
+    print("after a request:", watchdogs())
+"""
+
+
+def test_the_deadline_watchdog_starts_with_the_first_request_not_at_import() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-c", NO_DEADLINE_THREAD_UNTIL_A_REQUEST],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert ran.stdout.splitlines() == [
+        "after import: [] None",
+        "after a client: []",
+        "after a request: ['microservice-deadlines']",
+    ]
