@@ -1,4 +1,5 @@
-# stock-sync: `make demo` runs the whole thing with no server; `make test` is what CI runs.
+# stock-sync: `make demo` runs the whole thing with no server; `make test` the unit and
+# integration tests (a few minutes); `make test-all` everything, which is what CI runs.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # The development tools (stock_sync_dev) are not installed with the project: they run from here.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install lock test lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark profile soak backoff-rss chaos chaos-partition clean
+.PHONY: install lock test test-all lint typecheck services tools netlab demo worker beat flower metrics fake-microservice benchmark profile soak backoff-rss chaos chaos-partition clean
 
 install: $(STAMP)
 
@@ -50,8 +51,8 @@ services:
 	@bash tests/ensure_services.sh
 
 # The checkers of docker/: Debian's docker-compose; promtool and the prometheus server
-# (tests/test_prometheus.py) unpacked into .venv/bin; Debian's pgbouncer (tests/test_pgbouncer.py
-# starts its own in front of the test database).
+# (tests/integration/test_prometheus.py) unpacked into .venv/bin; Debian's pgbouncer
+# (tests/integration/test_pgbouncer.py starts its own in front of the test database).
 tools: install
 	@bash tests/ensure_docker_compose.sh
 	@bash tests/ensure_promtool.sh
@@ -65,14 +66,28 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# The whole suite on Redis, then the pipeline, cancellation and fault tests again on RabbitMQ
-# (quorum queues, in a virtual host of the run's own: tests/conftest.py).
-RABBITMQ_TESTS := tests/test_pipeline.py tests/test_cancellation.py tests/test_agreement_under_faults.py \
-	tests/test_worker_kill.py tests/test_sweeps.py tests/test_rabbitmq.py
+# `make test`: the unit and integration tests (real PostgreSQL and Redis, the in-process worker,
+# killed worker processes, the CLI) on every core, a few minutes; the 15 slowest are listed.
+# Each pytest-xdist worker is a run of its own (database, queues, virtual host: tests/conftest.py).
+# Hypothesis runs its `default` profile (100 examples per property) unless HYPOTHESIS_PROFILE says.
+FAST_TESTS := tests/unit tests/integration
+# worksteal: a worker that runs out of tests takes some from a busy one (a few run for 30 s).
+XDIST := -n auto --dist worksteal
+test: install services tools
+	$(BIN)/pytest -q $(XDIST) --durations=15 $(FAST_TESTS)
 
-test: install services tools netlab lint typecheck
-	$(BIN)/pytest -q
-	STOCK_SYNC_TEST_BROKER=rabbitmq $(BIN)/pytest -q $(RABBITMQ_TESTS)
+# `make test-all` (what CI runs): lint and types; the same tests with 1,000 examples per property
+# (HYPOTHESIS_PROFILE=ci); the system tests one at a time (the fault suites, the partition
+# suite, the benchmark smoke run, the demo, packaging, the backlog: each starts its own workers
+# and brokers and runs for minutes); then the pipeline, cancellation and fault tests again on
+# RabbitMQ (quorum queues, in a virtual host of each run's own: tests/conftest.py).
+RABBITMQ_TESTS := tests/integration/test_pipeline.py tests/integration/test_cancellation.py \
+	tests/integration/test_agreement_under_faults.py tests/integration/test_worker_kill.py \
+	tests/integration/test_sweeps.py tests/integration/test_rabbitmq.py
+test-all: install services tools netlab lint typecheck
+	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q $(XDIST) --durations=15 $(FAST_TESTS)
+	$(BIN)/pytest -q --durations=15 tests/system
+	STOCK_SYNC_TEST_BROKER=rabbitmq $(BIN)/pytest -q $(XDIST) --durations=15 $(RABBITMQ_TESTS)
 
 demo: install
 	$(BIN)/python -m stock_sync_dev.demo

@@ -1,5 +1,15 @@
 """Shared fixtures: a throwaway PostgreSQL database per run, clean tables per test.
 
+The tests live in three folders: ``tests/unit`` (no database, broker or network),
+``tests/integration`` (the real PostgreSQL and Redis, the in-process worker, worker processes
+killed, the CLI) and ``tests/system`` (the fault suites, the benchmark, the demo, packaging:
+minutes each). ``make test`` runs the first two on every core (pytest-xdist: each worker
+process is a run of its own here, with its own database, queues and virtual host);
+``make test-all`` adds the system tests and the hypothesis profile ``ci``.
+
+Hypothesis profiles, chosen by HYPOTHESIS_PROFILE: ``default`` (100 examples per property)
+and ``ci`` (1,000).
+
 PostgreSQL and Redis must answer on localhost (``make test`` makes sure they do). Override with
 STOCK_SYNC_TEST_POSTGRES_URL (an admin connection) and STOCK_SYNC_TEST_REDIS_URL.
 
@@ -19,6 +29,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from hypothesis import settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -47,6 +58,9 @@ if TEST_BROKER not in TEST_BROKERS:
         f"STOCK_SYNC_TEST_BROKER must be one of {', '.join(TEST_BROKERS)} (got {TEST_BROKER!r})"
     )
 RUN_ID = uuid.uuid4().hex[:8]
+# Under pytest-xdist each worker process is a run of its own; its id ("gw0", ...) is in the
+# names of its databases so that they can be told apart (and "main" without xdist).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 RABBITMQ_VHOST_PREFIX = "stock-sync-test"
 RABBITMQ_VHOST = rabbitmq.owned_vhost_name(RABBITMQ_VHOST_PREFIX, RUN_ID)
 # The broker of the pipeline tests and of the workers they start.
@@ -55,6 +69,9 @@ BROKER_URL = REDIS_URL if TEST_BROKER == "redis" else f"{RABBITMQ_URL}/{RABBITMQ
 # any fixture runs, and production settings refuse a Celery configuration without a broker.
 # The database URL follows with the postgres_url fixture.
 os.environ["STOCK_SYNC_BROKER_URL"] = BROKER_URL
+settings.register_profile("default", max_examples=100)
+settings.register_profile("ci", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 TABLES = (
     "operation_events",
     "stock_movements",
@@ -94,7 +111,7 @@ def make_throwaway_database() -> Iterator[object]:
     created: list[str] = []
 
     def make(options: str = "") -> str:
-        name = f"stock_sync_test_{uuid.uuid4().hex[:12]}"
+        name = f"stock_sync_test_{XDIST_WORKER}_{uuid.uuid4().hex[:12]}"
         _admin_execute(f'CREATE DATABASE "{name}" {options}')
         created.append(name)
         return normalise_database_url(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
@@ -230,8 +247,8 @@ def pipeline_environment(postgres_url: str, fake_microservice: FakeMicroservice)
 # celery_session_worker runs a real worker in a thread of this process, here against the real
 # Redis (or RabbitMQ), configured by the three overrides below. Its Docker-based fixtures
 # (celery_setup, celery_worker, celery_broker, ...) are never requested: this machine has no
-# Docker engine (tests/test_in_process_worker.py checks that the pipeline's fixtures use none
-# of them).
+# Docker engine (tests/integration/test_in_process_worker.py checks that the pipeline's
+# fixtures use none of them).
 
 
 @pytest.fixture(scope="session")

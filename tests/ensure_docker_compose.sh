@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure `docker-compose` is on PATH (tests/test_docker_files.py runs `docker-compose config`).
+# Makes sure `docker-compose` is on PATH (tests/unit/test_docker_files.py runs `docker-compose config`).
 # Present: exits 0 at once. Missing: installs Debian's docker-compose package with apt-get
 # (running `apt-get update` only when the first attempt fails); cannot install: says what to
 # install and exits 1. No Docker engine is needed: `docker-compose config` only parses the file.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the partition suite (`make chaos-partition`, tests/test_chaos_partition.py) needs beyond
+# What the partition suite (`make chaos-partition`, tests/system/test_chaos_partition.py) needs beyond
 # the services: iproute2 (ip netns, veth, bridge, tuntap), nftables (the cuts), runuser
 # (PostgreSQL refuses root) and the PostgreSQL 15 server binaries for a private cluster, and
 # redis-server. Installs the missing ones from Debian's packages when it can (root, apt-get).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes sure `pgbouncer` is installed (tests/test_pgbouncer.py starts its own, on a port of its
-# own, in front of the run's test database): Debian's package, installed with apt-get when
+# Makes sure `pgbouncer` is installed (tests/integration/test_pgbouncer.py starts its own, on
+# a port of its own, in front of the run's test database): Debian's package, installed with apt-get when
 # missing. The package's own service is not started here (the test never uses it).
 set -u
 

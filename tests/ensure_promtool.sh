@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes sure `promtool` (tests/test_docker_files.py) and the `prometheus` server
-# (tests/test_prometheus.py) are available: on PATH, or in .venv/bin. Missing ones are
+# Makes sure `promtool` (tests/unit/test_docker_files.py) and the `prometheus` server
+# (tests/integration/test_prometheus.py) are available: on PATH, or in .venv/bin. Missing ones are
 # unpacked from Debian's prometheus package into .venv/bin (the package is only downloaded
 # and unpacked, never installed: no Prometheus service is set up; the test starts its own).
 set -u

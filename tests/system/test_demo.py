@@ -18,7 +18,7 @@ import redis
 
 from tests.conftest import REDIS_URL
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HANG_GUARD_S = 300  # only stops a hung demo from hanging the suite; the demo's own limit is 120 s
 
 ROW = re.compile(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 ORDERS = 200
 FAULT_SECONDS = 35
 HANG_GUARD_S = 600  # only stops a hung run from hanging the suite

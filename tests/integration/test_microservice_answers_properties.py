@@ -41,8 +41,6 @@ ORDER_URL = f"{BASE_URL}/v1/orders/{ORDER_ID}"
 MAX_QUANTITY = 1_000_000
 CAP = 4096  # small, so that generated answers fall on both sides of it
 ORDER_STATUSES = ("BOUGHT", "FILLED_IN", "READY_FOR_PROCESSING", "CANCELLED")
-EXAMPLES = 1000
-HTTP_EXAMPLES = 1000
 
 # --- the contract, stated independently of the client --------------------------------------
 
@@ -375,7 +373,6 @@ def assert_agrees_with_the_contract(
 
 
 @settings(
-    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -398,7 +395,7 @@ def test_any_answer_gives_a_bounded_order_or_one_clear_error(
     assert_agrees_with_the_contract(outcome, answer)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(order=near_valid_orders())
 def test_a_near_valid_order_is_refused_naming_the_changed_field(
     roomy_client: MicroserviceClient, order: dict[str, Any]
@@ -412,7 +409,7 @@ def test_a_near_valid_order_is_refused_naming_the_changed_field(
     assert isinstance(outcome, MicroserviceOrder) or str(outcome).isprintable()
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(order=valid_orders())
 def test_a_valid_order_comes_back_as_sent(
     roomy_client: MicroserviceClient, order: dict[str, Any]
@@ -453,7 +450,7 @@ def fake_client(fake: FakeMicroservice) -> Iterator[MicroserviceClient]:
         yield microservice
 
 
-@settings(max_examples=HTTP_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=fake_orders())
 def test_an_order_stored_in_the_fake_comes_back_equal_over_http(
     fake: FakeMicroservice, fake_client: MicroserviceClient, case: tuple[str, dict[str, Any]]

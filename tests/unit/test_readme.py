@@ -18,7 +18,7 @@ import yaml
 from stock_sync.adapters.settings import Settings
 from stock_sync.entrypoints import cli_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 ALERTS_FILE = REPO / "docker" / "prometheus-alerts.yml"
 TABLE_BEGIN = "<!-- settings-table:begin (generated: stock-sync settings --markdown) -->"

@@ -25,9 +25,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from tests.promtool import alert_rules, promtool, run_rule_tests
-from tests.test_packaging import WHEEL_SOURCES  # what the image's wheel is built from
+from tests.system.test_packaging import WHEEL_SOURCES  # what the image's wheel is built from
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"

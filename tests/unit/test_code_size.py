@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 RUNTIME = ("stock_sync", "stock_sync_fake", "tasks")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 50

@@ -29,7 +29,7 @@ from tests import celery_processes
 from tests.conftest import REDIS_URL
 from tests.support import order
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).with_name("stock-sync"))
 CREDENTIALS = "admin:S3CRET-FLOWER-PW"
 

@@ -28,8 +28,8 @@ from sqlalchemy import create_engine, inspect
 
 from stock_sync.adapters import schema
 
-REPO = Path(__file__).resolve().parent.parent
-# What docker/Dockerfile's wheel stage copies (tests/test_docker_files.py checks that it does).
+REPO = Path(__file__).resolve().parents[2]
+# What docker/Dockerfile's wheel stage copies (tests/unit/test_docker_files.py checks that it does).
 WHEEL_SOURCES = (
     "pyproject.toml",
     "README.md",

@@ -1,6 +1,7 @@
 """Property-based tests of the shop backend's API: whatever the caller passes, either the call
 succeeds or it raises a documented error with a one-line message naming the argument, and a
-refused call writes nothing. 1,000 generated calls per property, on real PostgreSQL."""
+refused call writes nothing. On real PostgreSQL, as many generated calls per property as the
+hypothesis profile says."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from stock_sync.services.cancellation_results import CancellationResult
 from tests.support import RecordingDispatcher, insert_operation
 
 CASES = settings(
-    max_examples=1000,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

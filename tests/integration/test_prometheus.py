@@ -33,7 +33,7 @@ from stock_sync.domain.log_actions import LogAction
 from stock_sync.entrypoints.metrics_server import make_metrics_server
 from tests.support import insert_operation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ALERTS_FILE = REPO / "docker" / "prometheus-alerts.yml"
 STUCK_AFTER_S = 900.0
 SETTINGS = Settings(stuck_after_s=STUCK_AFTER_S, metrics_cache_s=0)

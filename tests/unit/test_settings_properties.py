@@ -14,7 +14,6 @@ from stock_sync.adapters.settings import load_settings
 from stock_sync.domain.errors import ConfigurationError
 from tests.settings_support import DOCUMENTED_BOUNDS, environment, out_of_bounds
 
-EXAMPLES = 1000
 VARIABLES = sorted(DOCUMENTED_BOUNDS)
 PASSWORD_MARK = "PWMARK"
 
@@ -74,19 +73,19 @@ def check(variables: dict[str, str]) -> None:
     assert out_of_bounds(loaded) == [], variables
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(deadline=None)
 @given(variable=st.sampled_from(VARIABLES), value=values)
 def test_any_value_of_any_one_variable(variable: str, value: str) -> None:
     check({variable: value})
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(deadline=None)
 @given(variable=st.sampled_from(VARIABLES), value=number_like)
 def test_any_number_for_any_one_variable(variable: str, value: str) -> None:
     check({variable: value})
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(deadline=None)
 @given(variables=st.dictionaries(st.sampled_from(VARIABLES), values, min_size=2, max_size=12))
 def test_any_combination_of_variables(variables: dict[str, str]) -> None:
     check(variables)

@@ -30,9 +30,7 @@ from stock_sync.composition import Services, build_services
 from stock_sync.domain.statuses import OperationStatus
 from stock_sync.entrypoints.cli import cli
 
-EXAMPLES = 1000
 PROPERTY = settings(
-    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -15,7 +15,7 @@ from stock_sync.adapters import schema
 from stock_sync.adapters.redaction import redact_url
 
 CLI = str(Path(sys.executable).with_name("stock-sync"))
-VERSIONS = Path(__file__).resolve().parent.parent / "migrations" / "versions"
+VERSIONS = Path(__file__).resolve().parents[2] / "migrations" / "versions"
 
 
 def run(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ import pytest
 
 from stock_sync_dev import netns
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 ORDERS = 60
 HANG_GUARD_S = 300  # only stops a hung run from hanging the suite
 EXIT_HARNESS_FAILED = 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grimp
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 CONTRACTS = 3  # domain purity, domain independence, the layers
 

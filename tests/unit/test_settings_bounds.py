@@ -12,7 +12,7 @@ from stock_sync.adapters.settings import Settings, load_settings, prepared_data_
 from stock_sync.domain.errors import ConfigurationError
 from tests.settings_support import DOCUMENTED_BOUNDS, environment
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def refusal(**variables: str) -> str:

@@ -1,4 +1,4 @@
-"""RabbitMQ as the broker (STOCK_SYNC_TEST_BROKER=rabbitmq, the second run of `make test`): the
+"""RabbitMQ as the broker (STOCK_SYNC_TEST_BROKER=rabbitmq, the last run of `make test-all`): the
 queues the workers declare are durable quorum queues with a delivery limit, a countdown retry
 waits in the broker (native delayed delivery) rather than in a worker, and a message handed
 out past the limit is dropped: lost, which the stuck sweep exists for."""
@@ -21,7 +21,7 @@ from tests.conftest import BROKER_URL, TEST_BROKER, run_queue_name
 from tests.support import Pipeline, order
 
 pytestmark = pytest.mark.skipif(
-    TEST_BROKER != "rabbitmq", reason="runs with STOCK_SYNC_TEST_BROKER=rabbitmq (make test)"
+    TEST_BROKER != "rabbitmq", reason="runs with STOCK_SYNC_TEST_BROKER=rabbitmq (make test-all)"
 )
 S = OperationStatus
 DELAY_LEVELS = 28  # kombu's native delayed delivery: queues celery_delayed_0 .. _27
