@@ -30,14 +30,15 @@ from typing import Any
 import pytest
 from celery import Celery
 from hypothesis import settings
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from stock_sync.adapters import schema
-from stock_sync.adapters.db import Database, normalise_database_url, reset_databases
+from stock_sync.adapters.db import Database
 from stock_sync.adapters.settings import get_settings
 from stock_sync.composition import reset_services
 from stock_sync_dev import rabbitmq
+from stock_sync_dev.databases import ThrowawayDatabases
 from stock_sync_fake import FakeMicroservice
 from tests.support import Pipeline, TaskRuns, capture_operation_logs
 
@@ -84,13 +85,6 @@ TABLES = (
 )
 
 
-def _admin_execute(statement: str) -> None:
-    engine = create_engine(normalise_database_url(ADMIN_URL), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(statement))
-    engine.dispose()
-
-
 @pytest.fixture(autouse=True)
 def settings_follow_the_environment() -> Iterator[None]:
     """After each test, the process's settings (and the services built from them) match the
@@ -106,26 +100,18 @@ def settings_follow_the_environment() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def make_throwaway_database() -> Iterator[object]:
-    """A factory of empty PostgreSQL databases, all dropped at the end of the run."""
-    created: list[str] = []
-
-    def make(options: str = "") -> str:
-        name = f"stock_sync_test_{XDIST_WORKER}_{uuid.uuid4().hex[:12]}"
-        _admin_execute(f'CREATE DATABASE "{name}" {options}')
-        created.append(name)
-        return normalise_database_url(ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
-
-    yield make
-    reset_databases()
-    for name in created:
-        _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def make_throwaway_database() -> Iterator[Callable[..., str]]:
+    """A factory of empty PostgreSQL databases (named for this xdist worker), all dropped at
+    the end of the run."""
+    databases = ThrowawayDatabases(ADMIN_URL, prefix=f"stock_sync_test_{XDIST_WORKER}")
+    yield databases.create
+    databases.drop_all()
 
 
 @pytest.fixture(scope="session")
-def postgres_url(make_throwaway_database: object) -> str:
+def postgres_url(make_throwaway_database: Callable[..., str]) -> str:
     """The run's migrated test database; also the configured database of this process."""
-    url: str = make_throwaway_database()  # type: ignore[operator]
+    url = make_throwaway_database()
     schema.upgrade(url)
     os.environ["STOCK_SYNC_DATABASE_URL"] = url
     get_settings.cache_clear()

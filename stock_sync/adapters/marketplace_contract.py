@@ -56,7 +56,7 @@ FULFILLMENT_STATUSES = frozenset(
 
 # Bounds of an answer. The string limits are the lengths of the columns the values end up in
 # (stock_sync/adapters/models.py: order_id, account_name, line_item_id, sku: 128; the fulfillment
-# status recorded before a sync: 32); tests/test_microservice_client.py checks that they still
+# status recorded before a sync: 32); tests/unit/test_microservice_client.py checks that they still
 # agree.
 TEXT_MAX_CHARS = 128
 FULFILLMENT_STATUS_MAX_CHARS = 32

@@ -219,7 +219,7 @@ def traced_engine(engine: Engine) -> Engine:
     The instrumentation's per-engine tracer, not ``SQLAlchemyInstrumentor().instrument()``:
     that one also wraps ``create_async_engine``, which on SQLAlchemy 2.1 needs greenlet (not
     installed), and it declares itself for SQLAlchemy < 2.1 only; the engine events it
-    listens to are the same in 2.1 (tests/test_telemetry.py checks the SQL spans).
+    listens to are the same in 2.1 (tests/integration/test_telemetry.py checks the SQL spans).
     """
     if not tracing_enabled():
         return engine

@@ -4,7 +4,7 @@ and meaning.
 Names, defaults and numeric bounds are read from the model (``Settings.model_fields``), so they
 cannot drift from it; what pydantic's field metadata cannot say (a validator's rule, a default
 computed when the value is empty, what the setting is for) is written here, one entry per
-field. ``--markdown`` prints the README's Configuration table (tests/test_readme.py checks
+field. ``--markdown`` prints the README's Configuration table (tests/unit/test_readme.py checks
 that the two are equal); a field without a meaning here is refused, so a new setting cannot be
 added undocumented.
 
