@@ -50,6 +50,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -518,6 +519,14 @@ def start_rig(
     return Rig(scenario, broker, fake, database, fleet, variables)
 
 
+def remove_unless_kept(workdir: Path, clean_verdict: threading.Event) -> None:
+    """Remove the run's folder after a clean verdict; otherwise keep it and say where."""
+    if clean_verdict.is_set():
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        say(f"the run's logs are kept in {workdir / 'logs'}")
+
+
 def chaos_broker(options: Options, tag: str, workdir: Path) -> ChaosRedis | ChaosRabbit:
     if options.broker == "rabbitmq":
         return ChaosRabbit(tag, node=options.rabbitmq_node, amqp_url=RABBITMQ_URL)
@@ -528,7 +537,10 @@ def run(options: Options) -> ChaosReport:
     """One run, with everything it started stopped and removed before returning or raising."""
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stock-sync-chaos-")))
+        workdir = Path(tempfile.mkdtemp(prefix="stock-sync-chaos-"))
+        # The logs are the evidence of a failed run: removed only once the verdict is clean.
+        clean_verdict = threading.Event()
+        stack.callback(remove_unless_kept, workdir, clean_verdict)
         say(f"[1/4] setting up: {options.orders} orders, seed {options.seed}")
         rig = start_rig(stack, options, workdir)
         keeper_stop = threading.Event()
@@ -545,6 +557,8 @@ def run(options: Options) -> ChaosReport:
         snapshot = take_snapshot(rig)
         assertions = judge(rig, snapshot)
         show_violations(rig, assertions)
+        if all(assertion.ok for assertion in assertions):
+            clean_verdict.set()
         if options.evidence_dir is not None:
             save_evidence(rig, assertions, options.evidence_dir)
         result = ChaosReport(
