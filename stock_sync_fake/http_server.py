@@ -76,6 +76,9 @@ class FakeHTTPServerV6(FakeHTTPServer):
     address_family = socket.AF_INET6
 
 
+_SENDER_GONE = b"<the sender hung up inside its body>"  # compared by identity
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Routes contract and admin requests; each answer leaves in a single write."""
 
@@ -93,6 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         body = self._read_body()
+        if body is _SENDER_GONE:
+            # The sender hung up inside its body (killed mid-request): no server hands an
+            # incomplete request on, so nothing is bound, applied or answered.
+            self.close_connection = True
+            return
         path = urlsplit(self.path).path
         segments = [unquote(segment) for segment in path.split("/")[1:]]
         try:
@@ -109,7 +117,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client gave up (e.g. its read timeout)
 
     def _read_body(self) -> bytes | None:
-        """The request body; None when it cannot be read safely (chunked, bad length)."""
+        """The request body; None when it cannot be read safely (chunked, bad length),
+        ``_SENDER_GONE`` when the connection ended before Content-Length bytes came."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return None
         length = self.headers.get("Content-Length")
@@ -121,7 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if not 0 <= size <= _MAX_BODY_BYTES:
             return None
-        return self.rfile.read(size)
+        body = self.rfile.read(size)
+        return body if len(body) == size else _SENDER_GONE
 
     def _send(self, reply: Reply) -> None:
         if reply.delay_s > 0:

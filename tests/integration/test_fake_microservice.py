@@ -129,6 +129,31 @@ def test_records_what_each_put_sent(fake: FakeMicroservice, client: Microservice
     }
 
 
+def test_a_put_whose_sender_died_inside_its_body_never_arrived(
+    fake: FakeMicroservice, client: MicroserviceClient
+) -> None:
+    """A sender killed between the PUT's headers and the end of its body (a worker SIGKILLed
+    mid-request): no server hands an incomplete request on, so its key stays unbound and the
+    retry, the whole request under the same key, takes effect (it was refused 422
+    IDEMPOTENCY_KEY_REUSED when the fake bound the key to the cut-off body)."""
+    body = json.dumps({"status": "PROCESSING", "expected_revision": 1}).encode()
+    host, port = fake.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sender:
+        sender.sendall(
+            b"PUT /v1/orders/o-1/fulfillment HTTP/1.1\r\n"
+            + f"Host: {host}\r\nIdempotency-Key: op-1:sync\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        sender.shutdown(socket.SHUT_WR)  # the sender is gone: the rest never comes
+        assert sender.recv(1024) == b""  # closed without an answer: nobody to answer
+
+    sync(client, revision=1)
+
+    assert outcomes(fake) == ["applied"]
+    assert fake.order("o-1")["fulfillment_status"] == "PROCESSING"
+
+
 def test_put_with_a_stale_revision_is_a_conflict_without_effect(
     fake: FakeMicroservice, client: MicroserviceClient
 ) -> None:
