@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import re
 import signal
 import socket
@@ -1513,16 +1514,38 @@ def test_the_command_takes_the_mode(flag: str, strict: bool) -> None:
         mode = requests.get(f"{url}/_admin/mode", timeout=5).json()
     finally:
         process.send_signal(signal.SIGINT)  # how an operator stops it
-        process.wait(30)
+        stop_or_show(process)
 
     assert mode == {"strict": strict}
     assert process.returncode == 0
 
 
+def stop_or_show(process: subprocess.Popen[str], timeout_s: float = 30) -> None:
+    """Wait for ``process`` to end; if it does not, kill it and fail with what it printed."""
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, printed = process.communicate()
+        pytest.fail(f"still running {timeout_s:g} s after SIGINT; its stderr: {printed[-2000:]!r}")
+
+
 def start_command(*arguments: str) -> tuple[str, subprocess.Popen[str]]:
-    """``stock-sync ARGUMENTS`` started; the URL it announces on stderr."""
+    """``stock-sync ARGUMENTS`` started as an operator starts it, in an environment of its own
+    (nothing a test left in this process's: the pipeline's settings, tracing, Sentry, which
+    the fake's command does not read); the URL it announces on stderr."""
+    own = ("STOCK_SYNC_", "OTEL_", "SENTRY_")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(own)}
+    # A shell starts it with SIGINT neither blocked nor ignored; a child inherits both from
+    # the thread that starts it, and a test process that ran workers may have changed them.
+    as_from_a_shell = (
+        "import signal; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from stock_sync.entrypoints.cli import main; main()"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-c", "from stock_sync.entrypoints.cli import main; main()", *arguments],
+        [sys.executable, "-c", as_from_a_shell, *arguments],
+        env=environment,
         stderr=subprocess.PIPE,
         text=True,
     )
