@@ -86,7 +86,7 @@ RABBITMQ_TESTS := tests/integration/test_pipeline.py tests/integration/test_canc
 	tests/integration/test_sweeps.py tests/integration/test_rabbitmq.py
 test-all: install services tools netlab lint typecheck
 	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q $(XDIST) --durations=15 $(FAST_TESTS)
-	$(BIN)/pytest -q --durations=15 tests/system
+	STOCK_SYNC_TEST_REQUIRE_NAMESPACES=1 $(BIN)/pytest -q --durations=15 tests/system
 	STOCK_SYNC_TEST_BROKER=rabbitmq $(BIN)/pytest -q $(XDIST) --durations=15 $(RABBITMQ_TESTS)
 
 demo: install
